@@ -1,0 +1,260 @@
+"""Write a class-labelled synthetic image dataset as WebDataset tar shards.
+
+    python data_tools/make_synthetic.py --out data/synthetic --num-samples 20000 --num-classes 10 \
+        --size 32 --samples-per-shard 2000 --seed 0
+
+or from Python:
+
+    from make_synthetic import make_synthetic   # with data_tools/ on sys.path
+    shard_paths = make_synthetic("data/synthetic", num_samples=20000, num_classes=10, size=32,
+                                 samples_per_shard=2000, seed=0)
+
+Class c is a (shape, colour) pair: shape SHAPES[c % 10] in colour COLOURS[(c + 3 * (c // 10)) % 10], so every
+class up to 100 is a distinct pair and the first 10 differ in both shape and colour. Each image is the shape,
+filled, on a light background whose tint varies mildly per sample, with small random jitter in position, size
+and colour; shapes always stay inside the image. Drawing happens at 4x resolution and is box-downsampled, so
+edges are anti-aliased.
+
+Output in --out: shard-000000.tar, shard-000001.tar, ... (sample KEY = "%08d" global index, members KEY.png and
+KEY.cls with the ASCII class id), manifest.json (shards with sample counts, image size, channels, num_classes,
+class names, generation parameters) and preview.png (one row per class, 8 examples, 2x upscaled).
+
+Everything is deterministic from --seed: shard i draws from numpy.random.default_rng([seed, i]) and tar headers
+carry fixed metadata, so a shard rebuilt later is byte-identical. Each shard is written to a temporary name and
+renamed, and a re-run with the same arguments skips shards that already exist complete. Do not run two
+generators on the same --out at once.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ["circle", "square", "triangle", "ring", "plus", "hbars", "vbars", "diamond", "xcross", "checker"]
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (20, 150, 40),
+    "blue": (30, 60, 220),
+    "orange": (245, 130, 0),
+    "purple": (120, 40, 170),
+    "teal": (0, 140, 140),
+    "magenta": (225, 30, 170),
+    "brown": (120, 65, 20),
+    "black": (15, 15, 15),
+    "olive": (130, 130, 0),
+}
+COLOUR_NAMES = list(COLOURS)
+MAX_CLASSES = len(SHAPES) * len(COLOURS)
+SUPERSAMPLE = 4
+FORMAT_VERSION = 1
+
+
+def class_spec(c: int) -> tuple[str, str]:
+    """(shape, colour name) of class c; distinct for every c < MAX_CLASSES."""
+    return SHAPES[c % len(SHAPES)], COLOUR_NAMES[(c + 3 * (c // len(SHAPES))) % len(COLOUR_NAMES)]
+
+
+def class_names(num_classes: int) -> list[str]:
+    return ["%s_%s" % (colour, shape) for shape, colour in map(class_spec, range(num_classes))]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """Draw `shape` centred at (cx, cy) inside the square of half-side r."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = 0.85 * r
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(1, round(0.4 * r)))
+    elif shape == "plus":
+        t = 0.3 * r
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    elif shape in ("hbars", "vbars"):
+        step = 2 * r / 5                      # three bars and two gaps of equal width
+        for k in (0, 2, 4):
+            lo, hi = -r + k * step, -r + (k + 1) * step
+            if shape == "hbars":
+                draw.rectangle([cx - r, cy + lo, cx + r, cy + hi], fill=fill)
+            else:
+                draw.rectangle([cx + lo, cy - r, cx + hi, cy + r], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "xcross":
+        a, w = 0.75 * r, max(1, round(0.5 * r))
+        draw.line([(cx - a, cy - a), (cx + a, cy + a)], fill=fill, width=w)
+        draw.line([(cx - a, cy + a), (cx + a, cy - a)], fill=fill, width=w)
+    elif shape == "checker":
+        h = 0.85 * r
+        draw.rectangle([cx - h, cy - h, cx, cy], fill=fill)
+        draw.rectangle([cx, cy, cx + h, cy + h], fill=fill)
+    else:
+        raise ValueError("unknown shape %r" % shape)
+
+
+def render_sample(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """One size x size RGB image of class `label` with random jitter drawn from rng."""
+    shape, colour = class_spec(label)
+    big = size * SUPERSAMPLE
+    grey = rng.uniform(200, 240)
+    background = tuple(int(v) for v in np.clip(grey + rng.uniform(-12, 12, 3), 0, 255))
+    foreground = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.uniform(-15, 15, 3), 0, 255))
+    cx, cy = big * (0.5 + rng.uniform(-0.1, 0.1, 2))
+    r = big * rng.uniform(0.26, 0.34)         # centre offset + r <= 0.44 * big: always inside
+    image = Image.new("RGB", (big, big), background)
+    _draw_shape(ImageDraw.Draw(image), shape, float(cx), float(cy), float(r), foreground)
+    return image.resize((size, size), Image.BOX)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)              # fixed metadata: identical bytes on every run
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
+    return [(s, min(num_samples, s + samples_per_shard)) for s in range(0, num_samples, samples_per_shard)]
+
+
+def _write_shard(path: str, index: int, start: int, end: int, num_classes: int, size: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, index])
+    labels = rng.permutation(np.arange(start, end) % num_classes)   # balanced classes, shuffled
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, label in zip(range(start, end), labels):
+            _add_member(tar, "%08d.png" % key, _png_bytes(render_sample(int(label), size, rng)))
+            _add_member(tar, "%08d.cls" % key, str(int(label)).encode("ascii"))
+    os.replace(tmp, path)
+
+
+def _count_samples(path: str) -> int:
+    """Number of .cls members in a tar, or -1 when it cannot be read."""
+    try:
+        with tarfile.open(path, "r") as tar:
+            return sum(1 for m in tar.getmembers() if m.name.endswith(".cls"))
+    except (OSError, tarfile.TarError):
+        return -1
+
+
+def _read_png_members(path: str):
+    """Yield (label, image) from one of our shards."""
+    with tarfile.open(path, "r") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(members):
+            if name.endswith(".png"):
+                label = int(tar.extractfile(members[name[:-4] + ".cls"]).read())
+                yield label, Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")
+
+
+def write_preview(out: str, shard_paths: list[str], num_classes: int, size: int, per_class: int = 8) -> str:
+    """preview.png: one row per class (name on the left), `per_class` examples read back from the shards."""
+    examples: dict[int, list[Image.Image]] = {c: [] for c in range(num_classes)}
+    for path in shard_paths:
+        for label, image in _read_png_members(path):
+            if len(examples[label]) < per_class:
+                examples[label].append(image)
+        if all(len(v) >= per_class for v in examples.values()):
+            break
+    scale, pad, text_w = max(1, 64 // size), 2, 110
+    cell = size * scale + pad
+    grid = Image.new("RGB", (text_w + per_class * cell, num_classes * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, name in enumerate(class_names(num_classes)):
+        draw.text((4, c * cell + cell // 2 - 6), "%d %s" % (c, name), fill=(0, 0, 0))
+        for j, image in enumerate(examples[c]):
+            grid.paste(image.resize((size * scale, size * scale), Image.NEAREST), (text_w + j * cell, c * cell))
+    path = os.path.join(out, "preview.png")
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, size: int = 32,
+                   samples_per_shard: int = 2000, seed: int = 0, verbose: bool = False) -> list[str]:
+    """Write (or complete) the dataset in `out`; returns the shard paths in order."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError("num_classes must be in 1..%d, got %d" % (MAX_CLASSES, num_classes))
+    if num_samples < 1 or samples_per_shard < 1 or size < 8 or seed < 0:
+        raise ValueError("need num_samples >= 1, samples_per_shard >= 1, size >= 8 and seed >= 0")
+    params = dict(num_samples=num_samples, num_classes=num_classes, size=size,
+                  samples_per_shard=samples_per_shard, seed=seed, version=FORMAT_VERSION)
+    os.makedirs(out, exist_ok=True)
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f).get("params")
+        if old != params:
+            raise ValueError("%s was generated with %s, not %s; use another --out or delete it first"
+                             % (out, old, params))
+    for name in os.listdir(out):              # leftovers of an interrupted run
+        if name.startswith("shard-") and ".tar.tmp-" in name:
+            os.remove(os.path.join(out, name))
+
+    shards, paths = [], []
+    for index, (start, end) in enumerate(_shard_ranges(num_samples, samples_per_shard)):
+        name = "shard-%06d.tar" % index
+        path = os.path.join(out, name)
+        if _count_samples(path) == end - start:
+            status = "exists"
+        else:
+            t0 = time.time()
+            _write_shard(path, index, start, end, num_classes, size, seed)
+            status = "wrote in %.1fs" % (time.time() - t0)
+        if verbose:
+            print("%s: %d samples, %s" % (path, end - start, status), flush=True)
+        shards.append({"name": name, "num_samples": end - start})
+        paths.append(path)
+
+    manifest = dict(format="webdataset", image_key="png", label_key="cls", image_size=size, channels=3,
+                    num_classes=num_classes, class_names=class_names(num_classes), num_samples=num_samples,
+                    shards=shards, params=params)
+    tmp = "%s.tmp-%d" % (manifest_path, os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, manifest_path)
+    preview = write_preview(out, paths, num_classes, size)
+    if verbose:
+        print("wrote %s and %s" % (manifest_path, preview), flush=True)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/synthetic")
+    parser.add_argument("--num-samples", type=int, default=20000)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--samples-per-shard", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    try:
+        paths = make_synthetic(args.out, num_samples=args.num_samples, num_classes=args.num_classes,
+                               size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed,
+                               verbose=True)
+    except ValueError as e:
+        sys.exit("error: %s" % e)
+    print("%d shards in %s (%.1fs)" % (len(paths), args.out, time.time() - t0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Deterministic samplers with classifier-free guidance: one entry point, `sample`.
+
+- Flow matching: integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on a uniform grid of `num_steps`
+  intervals, with "euler" (default) or "heun" (Heun's 2nd-order method; the last step, which ends at t = 0,
+  is a plain Euler step as in EDM/SiT).
+- DDPM: "ddim" with eta = 0 over `num_steps` evenly spaced integer steps from T-1 down to 0 (the same steps as
+  DiT's timestep respacing). With learn_sigma only the eps half of the model output is used.
+
+Classifier-free guidance (cfg_scale != 1): the model runs once on the doubled batch [x, x] with labels
+[y, null_label] and the two halves are combined as uncond + cfg_scale * (cond - uncond). Guidance is applied only
+at times inside `guidance_interval` = (lo, hi), inclusive, where time is t in [0, 1] for flow and step / T for
+DDPM; elsewhere the model runs on the conditional batch only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .ddpm import GaussianDiffusion
+from .flow import FlowMatching
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
+DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddim"}
+
+
+def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_steps: int,
+           sampler: Optional[str] = None, cfg_scale: float = 1.0, null_label: Optional[int] = None,
+           guidance_interval: Tuple[float, float] = (0.0, 1.0),
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Turn `noise` [B, C, ...] into samples x0 of the same shape.
+
+    Args:
+        objective: a FlowMatching or GaussianDiffusion (from `build_objective`).
+        model_fn: model_fn(x, t_model, y) -> output with the training channel layout; t_model is a float [B]
+            tensor on DiT's 0..1000 scale.
+        noise: the starting point, standard normal.
+        y: class labels [B] (may be None for an unconditional model when cfg_scale == 1).
+        num_steps: number of integration / denoising steps.
+        sampler: flow "euler" (default) or "heun"; ddpm "ddim" (default).
+        cfg_scale: guidance weight; 1 disables guidance.
+        null_label: the class id meaning "no class" (num_classes); required when cfg_scale != 1.
+        guidance_interval: (lo, hi) times at which guidance is applied (see the module docstring).
+        generator: accepted so stochastic samplers can share this signature; the current samplers are all
+            deterministic and draw no random numbers.
+    """
+    if isinstance(objective, FlowMatching):
+        kind = "flow"
+    elif isinstance(objective, GaussianDiffusion):
+        kind = "ddpm"
+    else:
+        raise TypeError(f"sample() needs a FlowMatching or GaussianDiffusion objective, "
+                        f"got {type(objective).__name__}.")
+    if sampler is None:
+        sampler = DEFAULT_SAMPLER[kind]
+    if sampler not in SAMPLERS[kind]:
+        allowed = ", ".join(repr(name) for name in SAMPLERS[kind])
+        raise ValueError(f"Unknown sampler {sampler!r} for the {kind} objective; allowed values: {allowed}.")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+    if cfg_scale != 1.0 and null_label is None:
+        raise ValueError("cfg_scale != 1 needs null_label, the class id the model uses for 'no class' "
+                         "(usually num_classes).")
+    if cfg_scale != 1.0 and y is None:
+        raise ValueError("cfg_scale != 1 needs class labels y to guide towards.")
+
+    guide = _Guidance(model_fn, y, cfg_scale, null_label, guidance_interval)
+    with torch.no_grad():
+        if sampler == "euler":
+            return _flow_euler(objective, guide, noise, num_steps)
+        if sampler == "heun":
+            return _flow_heun(objective, guide, noise, num_steps)
+        return _ddim(objective, guide, noise, num_steps)
+
+
+class _Guidance:
+    """Calls the model at one time value, with classifier-free guidance when that time is inside the interval."""
+
+    def __init__(self, model_fn: ModelFn, y: Optional[torch.Tensor], cfg_scale: float,
+                 null_label: Optional[int], interval: Tuple[float, float]):
+        self.model_fn = model_fn
+        self.y = y
+        self.cfg_scale = float(cfg_scale)
+        self.low, self.high = float(interval[0]), float(interval[1])
+        if self.cfg_scale != 1.0:
+            self.y_doubled = torch.cat([y, torch.full_like(y, null_label)])
+
+    def __call__(self, x: torch.Tensor, t_model_value: float, time: float) -> torch.Tensor:
+        """Model output at `x` for the (Python float) model timestep; `time` in [0, 1] decides guidance."""
+        use_guidance = self.cfg_scale != 1.0 and self.low <= time <= self.high
+        batch = 2 * x.shape[0] if use_guidance else x.shape[0]
+        t_model = torch.full((batch,), t_model_value, device=x.device, dtype=torch.float32)
+        if not use_guidance:
+            return self.model_fn(x, t_model, self.y)
+        out = self.model_fn(torch.cat([x, x]), t_model, self.y_doubled)
+        cond, uncond = out.chunk(2, dim=0)
+        return uncond + self.cfg_scale * (cond - uncond)
+
+
+def _flow_time_grid(num_steps: int):
+    """Uniform grid 1 = t_0 > t_1 > ... > t_N = 0 as Python floats."""
+    return [1.0 - i / num_steps for i in range(num_steps + 1)]
+
+
+def _flow_euler(objective: FlowMatching, guide: _Guidance, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Euler steps x <- x + (t_next - t_cur) * v(x, t_cur)."""
+    times = _flow_time_grid(num_steps)
+    x = noise
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        velocity = guide(x, objective.model_time(t_cur), t_cur)
+        x = x + (t_next - t_cur) * velocity.to(x.dtype)
+    return x
+
+
+def _flow_heun(objective: FlowMatching, guide: _Guidance, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """Heun steps: an Euler predictor, then the average of the velocities at both ends (Euler on the last step)."""
+    times = _flow_time_grid(num_steps)
+    x = noise
+    for step, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
+        dt = t_next - t_cur
+        velocity = guide(x, objective.model_time(t_cur), t_cur).to(x.dtype)
+        x_euler = x + dt * velocity
+        if step == num_steps - 1:
+            x = x_euler
+        else:
+            velocity_next = guide(x_euler, objective.model_time(t_next), t_next).to(x.dtype)
+            x = x + dt * 0.5 * (velocity + velocity_next)
+    return x
+
+
+def _ddim(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """DDIM with eta = 0: x_prev = sqrt(abar_prev) * x0_pred + sqrt(1 - abar_prev) * eps_pred."""
+    num_timesteps = objective.num_timesteps
+    if num_steps > num_timesteps:
+        raise ValueError(f"DDIM num_steps ({num_steps}) cannot exceed num_timesteps ({num_timesteps}).")
+    steps = torch.linspace(num_timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
+    # Plain Python floats (from the float64 schedule) so the loop never synchronises with the device.
+    abar = objective.alphas_cumprod[steps].tolist()
+    abar_prev = abar[1:] + [1.0]  # after the last step (t = 0) comes the clean image: abar = 1
+    steps = steps.tolist()
+    channels = noise.shape[1]
+    x = noise
+    for step, a_cur, a_prev in zip(steps, abar, abar_prev):
+        out = guide(x, float(step), step / num_timesteps)
+        eps = out[:, :channels] if objective.learn_sigma else out
+        eps = eps.to(x.dtype)
+        x0_pred = (x - math.sqrt(1.0 - a_cur) * eps) / math.sqrt(a_cur)
+        x = math.sqrt(a_prev) * x0_pred + math.sqrt(1.0 - a_prev) * eps
+    return x

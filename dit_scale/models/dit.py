@@ -1,0 +1,166 @@
+"""Diffusion transformer with adaLN-Zero blocks whose FFN is dense (DiT) or a mixture of experts (DiT-MoE).
+
+    model = build_model(cfg)                 # from a resolved dit_scale config
+    out, aux = model(x_t, t, y)              # aux: MoE loss and routing statistics (tensors, detached stats)
+
+The model is single-device PyTorch: no process groups, no engine. Distribution wraps it from the outside.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from dit_scale.models.layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+                                     sincos_pos_embed)
+from dit_scale.models.moe import MoEFFN, init_moe_
+from dit_scale.models.registry import parse_model_name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ffn = ffn
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        h = self.ffn(modulate(self.norm2(x), shift_f, scale_f))
+        h, moe = h if isinstance(h, tuple) else (h, None)
+        return x + gate_f.unsqueeze(1) * h, moe
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DiT
+# ----------------------------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=4, hidden_size=384, depth=12,
+                 num_heads=6, mlp_ratio=4.0, num_classes=1000, class_dropout=0.1, qk_norm=False,
+                 moe: Optional[dict] = None):
+        """`moe`: None for dense FFNs, else the keyword arguments of `MoEFFN` minus `hidden_size`."""
+        super().__init__()
+        self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        grid = input_size // patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0), persistent=False)
+
+        def make_ffn():
+            if moe is None:
+                return Mlp(hidden_size, int(hidden_size * mlp_ratio))
+            return MoEFFN(hidden_size, **moe)
+
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, make_ffn(), qk_norm) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier Linear weights, zero biases, N(0, 0.02) embedders, zeroed adaLN and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoEFFN):
+                init_moe_(module)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def moe_layers(self):
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]
+
+    def unpatchify(self, x):
+        p, c = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, force_drop=None):
+        """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids -> (output [B, C_out, H, W], aux dict)."""
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)
+        moe_outputs = []
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x, moe = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x, moe = block(x, c)
+            if moe is not None:
+                moe_outputs.append(moe)
+        out = self.unpatchify(self.final_layer(x, c))
+        return out, collect_moe_aux(moe_outputs, x)
+
+
+def collect_moe_aux(moe_outputs, like):
+    if not moe_outputs:
+        return {"moe_loss": like.new_zeros((), dtype=torch.float32)}
+    return {
+        "moe_loss": torch.stack([m.loss for m in moe_outputs]).sum(),
+        "tokens_per_expert": torch.stack([m.tokens_per_expert for m in moe_outputs]),   # [L, E]
+        "router_entropy": torch.stack([m.entropy for m in moe_outputs]),                # [L]
+        "dropped_tokens": torch.stack([m.dropped for m in moe_outputs]),                # [L]
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Construction from a config
+# ----------------------------------------------------------------------------------------------------------------
+
+def model_kwargs(cfg, out_channels: Optional[int] = None) -> dict:
+    """DiT keyword arguments from a resolved config (model + moe sections)."""
+    from dit_scale.config import resolved_moe
+    spec = parse_model_name(cfg.model.name)
+    width = cfg.model.hidden_size or spec.hidden_size
+    num_experts, top_k = resolved_moe(cfg)
+    moe = None
+    if num_experts:
+        m = cfg.moe
+        moe = dict(num_experts=num_experts, top_k=top_k, expert_hidden=int(width * m.expert_mlp_ratio),
+                   shared_hidden=int(width * m.shared_mlp_ratio), router=m.router, score_function=m.score_function,
+                   normalize_topk=m.normalize_topk, aux_loss_coeff=m.aux_loss_coeff, z_loss_coeff=m.z_loss_coeff,
+                   capacity_factor=m.capacity_factor, bias_update_rate=m.bias_update_rate,
+                   expert_impl=m.expert_impl)
+    in_ch = cfg.model.in_channels
+    return dict(input_size=cfg.model.input_size, patch_size=spec.patch_size, in_channels=in_ch,
+                out_channels=out_channels or (2 * in_ch if cfg.model.learn_sigma else in_ch), hidden_size=width,
+                depth=cfg.model.depth or spec.depth, num_heads=cfg.model.num_heads or spec.num_heads,
+                mlp_ratio=cfg.model.mlp_ratio, num_classes=cfg.model.num_classes,
+                class_dropout=cfg.model.class_dropout, qk_norm=cfg.model.qk_norm, moe=moe)
+
+
+def build_model(cfg, out_channels: Optional[int] = None) -> DiT:
+    return DiT(**model_kwargs(cfg, out_channels))

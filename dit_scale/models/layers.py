@@ -1,0 +1,135 @@
+"""Building blocks of the DiT: embedders, attention, dense FFNs, positional embeddings.
+
+Everything here is plain single-device PyTorch; the MoE FFN lives in `moe.py`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D] with a strided convolution (DiT / timm layout)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (DiT scale 0..1000) -> sinusoidal features -> 2-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoidal(t, dim: int, max_period: float = 10000.0):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        return self.mlp(self.sinusoidal(t, self.frequency_size).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; during training labels are replaced by the null class `num_classes` with
+    probability `dropout` (classifier-free guidance). `force_drop` (bool [B]) drops exactly those labels."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.table = nn.Embedding(num_classes + int(dropout > 0), hidden_size)
+
+    def drop_labels(self, labels, force_drop=None):
+        if force_drop is None:
+            force_drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout
+        return torch.where(force_drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train: bool, force_drop=None):
+        if (train and self.dropout > 0) or force_drop is not None:
+            labels = self.drop_labels(labels, force_drop)
+        return self.table(labels)
+
+
+def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positional embedding [grid*grid, D] (MAE / DiT)."""
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid_w, grid_h = np.meshgrid(coords, coords)
+    emb = np.concatenate([one_axis(hidden_size // 2, grid_w), one_axis(hidden_size // 2, grid_h)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and dense FFNs
+# ----------------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention`; optional RMS qk-norm per head."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """DiT's dense FFN: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Bias-free SwiGLU FFN (DiT-MoE's expert MLP); used for the always-on shared experts."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, mlp_hidden, bias=False)
+        self.up = nn.Linear(hidden_size, mlp_hidden, bias=False)
+        self.down = nn.Linear(mlp_hidden, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))

@@ -1,0 +1,189 @@
+"""Mixture-of-experts FFN: fp32 router, shared experts, routed SwiGLU experts as one grouped GEMM.
+
+    y = shared(x) + Σ_{e ∈ topk(x)} w_e(x) · SwiGLU_e(x)
+
+Routing (which experts, which weights) is computed here with megatron-core's routing utilities; token movement
+goes through the dispatcher slot (see `dispatch.py`). Options:
+  * token choice (default): top-k over softmax (or sigmoid) scores, DiT-MoE's expert-level balance loss
+    `α·Σ_i P_i·f_i`, f_i = E·count_i/(T·k) (megatron's switch load-balancing loss), router z-loss;
+  * aux-loss-free balancing: a selection-only bias updated after each optimizer step (sigmoid scores);
+  * expert choice (micro_diffusion): every expert takes its top-C tokens, C = capacity_factor·k·T/E.
+The forward of the local path has no host-device synchronisation; statistics are returned as tensors.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; we only use its plain-torch routing.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megatron.core.transformer.moe.moe_utils import (
+    compute_routing_scores_for_aux_loss,
+    switch_load_balancing_loss_func,
+    topk_routing_with_score_function,
+    z_loss_func,
+)  # noqa: E402
+
+from dit_scale.models.dispatch import LocalDispatcher
+from dit_scale.models.layers import SwiGLU
+
+
+class MoEOutput(NamedTuple):
+    loss: torch.Tensor                # scalar: balance + z-loss (already scaled by their coefficients)
+    tokens_per_expert: torch.Tensor   # [E] float, this micro-batch (detached)
+    entropy: torch.Tensor             # scalar: mean router entropy in nats (detached)
+    dropped: torch.Tensor             # scalar: tokens routed to no expert (detached)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router
+# ----------------------------------------------------------------------------------------------------------------
+
+class Router(nn.Module):
+    def __init__(self, hidden_size, num_experts, top_k, kind="token_choice", score_function="softmax",
+                 normalize_topk=False, aux_loss_coeff=0.01, z_loss_coeff=0.0, capacity_factor=1.0,
+                 bias_update_rate=0.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.kind = num_experts, top_k, kind
+        self.score_function, self.normalize_topk = score_function, normalize_topk
+        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
+        self.capacity_factor, self.bias_update_rate = capacity_factor, bias_update_rate
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        # Selection-only bias (aux-loss-free balancing) and the token counts it is updated from.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))
+
+    def forward(self, x):
+        """x [T, D] -> (probs [T, E], routing_map [T, E] bool, num_routed, loss, stats...)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        num_tokens = logits.shape[0]
+        loss = logits.new_zeros(())
+        if self.z_loss_coeff > 0:
+            loss = loss + z_loss_func(logits, self.z_loss_coeff)
+
+        if self.kind == "expert_choice":
+            scores = torch.softmax(logits, dim=-1)
+            cap = self.capacity(num_tokens)
+            top_w, top_tok = scores.t().topk(cap, dim=1)                           # [E, C]
+            routing_map = torch.zeros_like(scores, dtype=torch.bool).t().scatter(1, top_tok, True).t()
+            probs = torch.zeros_like(scores).t().scatter(1, top_tok, top_w).t()
+            num_routed = cap * self.num_experts
+        else:
+            bias = self.expert_bias if self.bias_update_rate > 0 else None
+            probs, routing_map = topk_routing_with_score_function(
+                logits, self.top_k, use_pre_softmax=True, score_function=self.score_function, expert_bias=bias)
+            if self.normalize_topk and self.score_function == "softmax":
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            num_routed = num_tokens * self.top_k
+            if self.aux_loss_coeff > 0:
+                aux_map, aux_scores = compute_routing_scores_for_aux_loss(logits, self.top_k, self.score_function)
+                loss = loss + switch_load_balancing_loss_func(
+                    aux_scores, aux_map.sum(dim=0), num_tokens, self.top_k, self.num_experts, self.aux_loss_coeff)
+            scores = torch.softmax(logits, dim=-1) if self.score_function == "softmax" else None
+
+        counts = routing_map.sum(dim=0).float().detach()
+        if self.bias_update_rate > 0 and self.training:
+            self.pending_counts.add_(counts)
+        with torch.no_grad():
+            p = scores if scores is not None else torch.sigmoid(logits)
+            p = p / p.sum(dim=-1, keepdim=True)
+            entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+            dropped = (~routing_map.any(dim=1)).sum().float()
+        return probs, routing_map, num_routed, MoEOutput(loss, counts, entropy, dropped)
+
+    @torch.no_grad()
+    def update_bias(self, global_counts):
+        """Aux-loss-free balancing step (after the optimizer step): raise the bias of under-loaded experts."""
+        offset = global_counts.mean() - global_counts
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(offset))
+        self.pending_counts.zero_()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experts
+# ----------------------------------------------------------------------------------------------------------------
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """`torch._grouped_mm` runs on CPU (fp32, bf16) and on Hopper+ GPUs in bf16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0) and dtype == torch.bfloat16
+    return False
+
+
+class GroupedExperts(nn.Module):
+    """Routed SwiGLU experts as stacked weights: w13 [E, D, 2H] (gate | up) and w2 [E, H, D].
+
+    Tokens arrive grouped by expert (`tokens_per_expert` [E]); one grouped GEMM per projection. The
+    expert-parallel layer keeps the slice [E_local, ...] of these tensors; the math is the same.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+        self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * expert_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden_size))
+
+    def forward(self, x, tokens_per_expert):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
+        use_grouped = self.impl == "grouped_mm" or (self.impl == "auto" and grouped_mm_available(x.device, dtype))
+        if use_grouped:
+            offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+            gate, up = torch._grouped_mm(x, w13, offs=offsets).chunk(2, dim=-1)
+            return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2, offs=offsets)
+        # Fallback: one matmul per expert; needs the counts on the host (one sync).
+        outs = []
+        for e, chunk in enumerate(x.split(tokens_per_expert.tolist())):
+            gate, up = (chunk @ w13[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ w2[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The MoE FFN
+# ----------------------------------------------------------------------------------------------------------------
+
+class MoEFFN(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, expert_hidden: int, shared_hidden: int = 0,
+                 router: str = "token_choice", score_function: str = "softmax", normalize_topk: bool = False,
+                 aux_loss_coeff: float = 0.01, z_loss_coeff: float = 0.0, capacity_factor: float = 1.0,
+                 bias_update_rate: float = 0.0, expert_impl: str = "auto"):
+        super().__init__()
+        self.router = Router(hidden_size, num_experts, top_k, router, score_function, normalize_topk,
+                             aux_loss_coeff, z_loss_coeff, capacity_factor, bias_update_rate)
+        self.experts = GroupedExperts(num_experts, hidden_size, expert_hidden, expert_impl)
+        self.shared = SwiGLU(hidden_size, shared_hidden) if shared_hidden > 0 else None
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x):
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        probs, routing_map, num_routed, aux = self.router(tokens)
+        expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(tokens, routing_map, probs, num_routed)
+        expert_out = self.experts(expert_in, tokens_per_expert)
+        out = self.dispatcher.combine(expert_out, handle).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+        return out.reshape(shape), aux
+
+
+def init_moe_(moe: MoEFFN) -> None:
+    """Xavier-uniform per expert matrix (as DiT initialises its Linear layers), small normal router."""
+    for w, fan_out in ((moe.experts.w13, moe.experts.w2.shape[1]), (moe.experts.w2, moe.experts.w2.shape[2])):
+        fan_in = w.shape[1]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        nn.init.uniform_(w, -bound, bound)
+    nn.init.normal_(moe.router.weight, std=0.02)

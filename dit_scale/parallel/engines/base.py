@@ -1,0 +1,80 @@
+"""The engine interface the trainer talks to, and the pieces every engine shares.
+
+    engine = build_engine(cfg, model, topology)
+    out, aux = engine.module(x_t, t, y)
+    engine.backward(loss)                 # once per micro-batch
+    norm = engine.clip_grad_norm(max_norm)  # true global norm (tensor, no sync)
+    engine.step(ok)                       # optimizer + LR schedule + EMA; `ok` (bool tensor) skips on device
+    engine.zero_grad()
+    engine.all_reduce_sum_(tensor)        # over data-parallel ranks (statistics, expert counts)
+    engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler
+    engine.ema_module()                   # full-weight EMA model for sampling
+
+The trainer never branches on the engine name. Parameter groups come from parameter roles (`dit_scale.mup`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dit_scale.mup import param_groups
+
+
+def lr_lambda(cfg):
+    """Linear warmup to optim.lr, then constant or cosine decay to optim.min_lr_ratio · lr over train.steps."""
+    o, steps = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(cfg, model, lr_mults=None):
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, lr_mults)
+    for g in groups:
+        g["lr"] = o.lr * g["lr_mult"]
+    # fused AdamW honours `found_inf`, so a non-finite step is skipped on the device without a host sync.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    return optimizer, scheduler
+
+
+class Engine:
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def backward(self, loss):
+        raise NotImplementedError
+
+    def clip_grad_norm(self, max_norm: float):
+        raise NotImplementedError
+
+    def step(self, ok):
+        raise NotImplementedError
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce_sum_(self, tensor):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict):
+        raise NotImplementedError
+
+    def ema_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_mult"]

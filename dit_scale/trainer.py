@@ -1,0 +1,218 @@
+"""The training loop: data → diffusion targets → DiT(-MoE) → loss → engine step → EMA → metrics / samples / ckpt.
+
+    python launch/train.py --config configs/quickstart.yaml train.steps=200 train.run_dir=runs/try
+
+One step: `train.grad_accum` micro-batches of `data.batch_size`; loss = denoising loss + MoE aux terms; the engine
+clips by the global norm and steps. A non-finite loss or gradient skips the step on the device (no host sync);
+`train.max_bad_steps` in a row abort with a message. Statistics are accumulated on the device and read every
+`logging.log_every` steps.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from dit_scale.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dit_scale.config import ConfigError, save_config, to_yaml
+from dit_scale.data import build_loader
+from dit_scale.diffusion import build_objective
+from dit_scale.metrics import MetricsLogger, MoEStats, peak_flops, plot_expert_load
+from dit_scale.models import build_model, model_kwargs
+from dit_scale.models.flops import count_params, forward_macs
+from dit_scale.parallel import build_engine, init_topology
+from dit_scale.sampling import class_grid, save_grid
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def autocast_context(cfg, device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        t = cfg.train
+        self.topo = init_topology(cfg)
+        self.device = self.topo.device
+        seed_everything(t.seed + self.topo.rank, t.deterministic)
+        self.run_dir = t.run_dir
+        if self.topo.is_main:
+            save_config(cfg, self.run_dir)
+
+        self.objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+        out_channels = self.objective.out_channels(cfg.model.in_channels)
+        self.model = build_model(cfg, out_channels)
+        self.model.grad_checkpointing = t.activation_checkpointing
+        self.sizes = count_params(self.model)
+        self.flops_per_image = 6 * forward_macs(model_kwargs(cfg, out_channels))   # fwd + bwd, 2 FLOPs / MAC
+        self.loader = build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=t.seed)
+        self.engine = build_engine(cfg, self.model, self.topo)
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + self.topo.rank)
+        self.autocast = autocast_context(cfg, self.device)
+        self.step = 0
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, **self.engine.state_dict(), "data": self.loader.state_dict(),
+                "rng": rng_state(self.generator), "config": to_yaml(self.cfg)}
+
+    def _resume(self):
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        path = find_latest(self.run_dir) if resume == "auto" else resume
+        if path is None:
+            return   # auto-resume on a fresh run directory starts from scratch
+        state = load_checkpoint(path)
+        try:
+            self.engine.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
+                              f"resume with the config it was trained with.") from None
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> str:
+        return save_checkpoint(self.run_dir, self.step, self.state_dict())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One optimizer step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def train_step(self, moe_stats: MoEStats):
+        """Returns device tensors (loss, denoise loss, moe loss, grad norm, finite flag); no host sync."""
+        accum = self.cfg.train.grad_accum
+        totals = torch.zeros(3, device=self.device)
+        for _ in range(accum):
+            batch = next(self.loader)
+            x = batch["x"].to(self.device, non_blocking=True)
+            y = batch["y"].to(self.device, non_blocking=True)
+            with self.autocast:
+                targets = self.objective.training_targets(x, generator=self.generator)
+                out, aux = self.engine.module(targets["x_t"], targets["t_model"], y)
+                denoise = self.objective.loss(out.float(), targets).mean()
+                loss = denoise + aux["moe_loss"]
+            self.engine.backward(loss / accum)
+            totals += torch.stack([loss.detach(), denoise.detach(), aux["moe_loss"].detach().float()]) / accum
+            moe_stats.add(aux)
+        grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
+        ok = torch.isfinite(totals[0]) & torch.isfinite(grad_norm)
+        self.engine.step(ok)
+        self.engine.zero_grad()
+        self._update_router_bias()
+        return totals, grad_norm, ok
+
+    def _update_router_bias(self):
+        """Aux-loss-free balancing: counts summed over data-parallel ranks, then each router's sign update."""
+        for layer in self.model.moe_layers():
+            if layer.router.bias_update_rate > 0:
+                layer.router.update_bias(self.engine.all_reduce_sum_(layer.router.pending_counts.clone()))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, t, lg = self.cfg, self.cfg.train, self.cfg.logging
+        log = MetricsLogger(cfg, self.run_dir, self.topo.is_main, t.steps, self.step)
+        log.write(f"{cfg.model.name}: {self.sizes['params'] / 1e6:.2f}M params, "
+                  f"{self.sizes['active_params'] / 1e6:.2f}M active, device {self.device}, run dir {self.run_dir}")
+        peak = peak_flops(self.device)
+        images_per_step = cfg.data.batch_size * t.grad_accum * self.topo.dp_size
+        moe_stats, interval = MoEStats(), torch.zeros(4, device=self.device)
+        consecutive_bad = torch.zeros((), device=self.device)
+        worst_bad = torch.zeros((), device=self.device)
+        skipped = torch.zeros((), device=self.device)
+        tic, steps_in_interval, last = time.perf_counter(), 0, {}
+        try:
+            while self.step < t.steps:
+                totals, grad_norm, ok = self.train_step(moe_stats)
+                self.step += 1
+                steps_in_interval += 1
+                bad = (~ok).float()
+                consecutive_bad = (consecutive_bad + 1) * bad
+                worst_bad = torch.maximum(worst_bad, consecutive_bad)
+                skipped += bad
+                interval += torch.cat([torch.nan_to_num(totals, nan=0.0, posinf=0.0) * ok,
+                                      torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
+                log.advance()
+
+                if self.step % lg.log_every == 0 or self.step == t.steps:
+                    if worst_bad.item() >= t.max_bad_steps:
+                        raise TrainingAborted(
+                            f"{int(worst_bad.item())} consecutive steps had a non-finite loss or gradient "
+                            f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr or check the data. "
+                            f"The last checkpoint is in {self.run_dir}/checkpoints.")
+                    elapsed = time.perf_counter() - tic
+                    values = interval.tolist()
+                    n_ok = max(1.0, steps_in_interval - (skipped.item() - last.get("skipped", 0.0)))
+                    images_per_s = images_per_step * steps_in_interval / elapsed
+                    last = {"loss": values[0] / n_ok, "loss_denoise": values[1] / n_ok, "loss_moe": values[2] / n_ok,
+                            "grad_norm": values[3] / steps_in_interval, "lr": self.engine.lr,
+                            "images_per_s": images_per_s, "skipped_steps": skipped.item(),
+                            **moe_stats.summary()}
+                    if peak:
+                        last["mfu"] = images_per_s * self.flops_per_image / (peak * self.topo.world_size)
+                    log.log(self.step, last)
+                    self._moe_counts = moe_stats.counts
+                    moe_stats.reset()
+                    interval.zero_()
+                    tic, steps_in_interval = time.perf_counter(), 0
+
+                if lg.sample_every and self.step % lg.sample_every == 0 and self.step < t.steps:
+                    self.write_samples()
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save()
+            self.save()
+            self.write_samples()
+            self.write_expert_load()
+        finally:
+            log.close()
+        return {"step": self.step, **last}
+
+    def write_samples(self) -> str:
+        if not self.topo.is_main:
+            return ""
+        images = class_grid(self.engine.ema_module(), self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        path = os.path.join(self.run_dir, "samples", f"step_{self.step:08d}.png")
+        return save_grid(images, self.cfg.logging.samples_per_class, path, upscale=2)
+
+    def write_expert_load(self):
+        counts = getattr(self, "_moe_counts", None)
+        if self.topo.is_main and counts is not None:
+            plot_expert_load(counts, os.path.join(self.run_dir, "expert_load.png"),
+                             f"{self.cfg.model.name}: tokens per expert, last {self.cfg.logging.log_every} steps")
+
+
+def train(cfg) -> dict:
+    return Trainer(cfg).fit()

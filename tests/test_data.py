@@ -1,0 +1,275 @@
+"""Synthetic dataset writer and shard loader.
+
+    .venv/bin/python -m pytest tests/test_data.py -q
+"""
+import importlib.util
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dit_scale.data import ShardLoader, build_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "data_tools" / "make_synthetic.py")
+make_synthetic_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_synthetic_module)
+make_synthetic = make_synthetic_module.make_synthetic
+
+TINY = dict(num_samples=120, num_classes=10, size=32, samples_per_shard=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, make_synthetic(str(out), **TINY)
+
+
+def read_tar(path):
+    """{key: {ext: bytes}} of a tar, in file order."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def cfg(path, batch_size=8, shuffle_buffer=0, hflip=False, image_key="png"):
+    return SimpleNamespace(path=str(path), batch_size=batch_size, shuffle_buffer=shuffle_buffer, hflip=hflip,
+                           image_key=image_key)
+
+
+def write_npy_shards(directory, num_shards, per_shard):
+    """Shards of [1, 2, 2] float32 samples filled with their global index i (label i % 3)."""
+    os.makedirs(directory, exist_ok=True)
+    for s in range(num_shards):
+        with tarfile.open(os.path.join(directory, "part-%03d.tar" % s), "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                buf = io.BytesIO()
+                np.save(buf, np.full((1, 2, 2), i, np.float32))
+                for name, data in (("%06d.npy" % i, buf.getvalue()), ("%06d.cls" % i, str(i % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return directory
+
+
+def ids(batch):
+    return batch["x"][:, 0, 0, 0].long().tolist()
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+# -- writer ---------------------------------------------------------------------------------------------------------
+def test_manifest_matches_tars(synthetic):
+    out, paths = synthetic
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [os.path.basename(p) for p in paths] == ["shard-%06d.tar" % i for i in range(3)]
+    assert [s["name"] for s in manifest["shards"]] == [os.path.basename(p) for p in paths]
+    assert manifest["num_samples"] == 120 and manifest["num_classes"] == 10
+    assert manifest["image_size"] == 32 and manifest["channels"] == 3 and len(manifest["class_names"]) == 10
+    keys, labels = [], []
+    for path, entry in zip(paths, manifest["shards"]):
+        samples = read_tar(path)
+        assert len(samples) == entry["num_samples"] == 40
+        for key, sample in samples.items():
+            assert set(sample) == {"png", "cls"} and len(key) == 8
+            keys.append(int(key))
+            labels.append(int(sample["cls"].decode("ascii")))
+    assert sorted(keys) == list(range(120))
+    assert np.bincount(labels, minlength=10).tolist() == [12] * 10       # balanced, every class present
+    assert Image.open(out / "preview.png").size[1] >= 10 * 32
+
+
+def test_images_vary_and_classes_differ(synthetic):
+    _, paths = synthetic
+    per_class = {}
+    for path in paths:
+        for sample in read_tar(path).values():
+            image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"), dtype=np.float64)
+            assert image.shape == (32, 32, 3)
+            assert image.std() > 20                                       # a shape on a background
+            per_class.setdefault(int(sample["cls"]), []).append(image)
+    means = np.stack([np.mean(per_class[c], axis=(0, 1, 2)) for c in range(10)])   # [class, RGB]
+    distances = np.linalg.norm(means[:, None] - means[None], axis=-1)
+    assert distances[~np.eye(10, dtype=bool)].min() > 3.0
+    first = per_class[0]
+    assert all(not np.array_equal(first[0], other) for other in first[1:])   # jittered examples
+
+
+def test_rerun_skips_complete_shards_and_rebuilds_deleted_one_identically(tmp_path):
+    paths = make_synthetic(str(tmp_path), **TINY)
+    before = {p: (os.stat(p).st_mtime_ns, Path(p).read_bytes()) for p in paths}
+    os.remove(paths[1])
+    assert make_synthetic(str(tmp_path), **TINY) == paths
+    for p in (paths[0], paths[2]):
+        assert os.stat(p).st_mtime_ns == before[p][0]
+    assert Path(paths[1]).read_bytes() == before[paths[1]][1]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    with pytest.raises(ValueError, match="another --out"):
+        make_synthetic(str(tmp_path), **dict(TINY, seed=1))
+
+
+def test_cli(tmp_path):
+    script = ROOT / "data_tools" / "make_synthetic.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--num-samples", "12", "--num-classes",
+                    "16", "--size", "16", "--samples-per-shard", "5", "--seed", "3"], check=True, capture_output=True)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["num_samples"] for s in manifest["shards"]] == [5, 5, 2]
+    assert len(set(manifest["class_names"])) == 16
+
+
+# -- loader ---------------------------------------------------------------------------------------------------------
+def test_batches_shapes_dtypes_ranges(synthetic):
+    out, paths = synthetic
+    loader = build_loader(cfg(out, batch_size=16, shuffle_buffer=32, hflip=True))
+    assert len(loader.shards) == 3 and loader.num_samples == 120
+    batch = next(loader)
+    assert set(batch) == {"x", "y"}
+    assert batch["x"].shape == (16, 3, 32, 32) and batch["x"].dtype == torch.float32
+    assert batch["y"].shape == (16,) and batch["y"].dtype == torch.long
+    assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and batch["x"].std() > 0.1
+    assert 0 <= batch["y"].min() and batch["y"].max() < 10
+    assert loader.state_dict() == {"epoch": 0, "samples_in_epoch": 16}
+    assert all(type(v) is int for v in loader.state_dict().values())
+
+
+def test_same_seed_same_batches_different_seed_different(synthetic):
+    out, _ = synthetic
+    c = cfg(out, batch_size=8, shuffle_buffer=16, hflip=True)
+    a, b = take(build_loader(c, seed=5), 4), take(build_loader(c, seed=5), 4)
+    other = take(build_loader(c, seed=6), 4)
+    assert all(torch.equal(p["x"], q["x"]) and torch.equal(p["y"], q["y"]) for p, q in zip(a, b))
+    assert not all(torch.equal(p["x"], q["x"]) for p, q in zip(a, other))
+
+
+def test_hflip_flips_some_images(synthetic):
+    out, _ = synthetic
+    plain = next(build_loader(cfg(out, batch_size=40), seed=1))["x"]
+    flipped = next(build_loader(cfg(out, batch_size=40, hflip=True), seed=1))["x"]
+    same = [torch.equal(p, f) for p, f in zip(plain, flipped)]
+    mirrored = [torch.equal(p.flip(-1), f) for p, f in zip(plain, flipped)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 40
+
+
+def test_one_epoch_without_shuffle_visits_every_sample_once(tmp_path):
+    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=6, image_key="npy"))
+    batches = take(loader, 5)
+    assert batches[0]["x"].shape == (6, 1, 2, 2) and batches[0]["x"].dtype == torch.float32
+    seen = [i for b in batches for i in ids(b)]
+    assert sorted(seen) == list(range(30))
+    assert [i % 3 for i in seen] == [y for b in batches for y in b["y"].tolist()]
+    for start in range(0, 30, 10):                                       # no sample shuffle: shards stay in order
+        assert seen[start:start + 10] == list(range(seen[start], seen[start] + 10))
+    assert loader.state_dict() == {"epoch": 0, "samples_in_epoch": 30}
+    next(loader)
+    assert loader.state_dict() == {"epoch": 1, "samples_in_epoch": 6}
+
+
+@pytest.mark.parametrize("k", [3, 4, 6])                                # before, across and after an epoch end
+def test_resume_continues_identically(tmp_path, k):
+    c = cfg(write_npy_shards(tmp_path, 3, 10), batch_size=7, shuffle_buffer=8, hflip=True, image_key="npy")
+    reference = take(build_loader(c, seed=3), k + 4)
+    interrupted = build_loader(c, seed=3)
+    take(interrupted, k)
+    state = interrupted.state_dict()
+    resumed = build_loader(c, seed=3)
+    resumed.load_state_dict(state)
+    assert [ids(b) for b in take(resumed, 4)] == [ids(b) for b in reference[k:]]
+
+
+def test_resume_png_with_flips(synthetic):
+    out, _ = synthetic
+    c = cfg(out, batch_size=16, shuffle_buffer=20, hflip=True)
+    reference = take(build_loader(c, seed=2), 10)                       # 160 samples: crosses 120
+    loader = build_loader(c, seed=2)
+    take(loader, 7)
+    resumed = build_loader(c, seed=2)
+    resumed.load_state_dict(loader.state_dict())
+    for got, want in zip(take(resumed, 3), reference[7:]):
+        assert torch.equal(got["x"], want["x"]) and torch.equal(got["y"], want["y"])
+
+
+def test_epochs_reshuffle(tmp_path):
+    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=30, shuffle_buffer=10, image_key="npy"))
+    first, second = ids(next(loader)), ids(next(loader))
+    assert sorted(first) == sorted(second) == list(range(30)) and first != second
+
+
+def test_data_parallel_split(tmp_path):
+    directory = write_npy_shards(tmp_path, 5, 4)
+    ranks = [build_loader(cfg(directory, batch_size=1, image_key="npy"), dp_rank=r, dp_size=2) for r in range(2)]
+    assert set(ranks[0].shards).isdisjoint(ranks[1].shards)
+    assert sorted(ranks[0].shards + ranks[1].shards) == sorted(ranks[0].all_shards)
+    assert len(ranks[0].shards) == 3 and len(ranks[1].shards) == 2
+    seen = [ids(next(r))[0] for r, n in zip(ranks, (12, 8)) for _ in range(n)]
+    assert sorted(seen) == list(range(20))
+    with pytest.raises(ValueError, match="5 shards cannot be split over 8"):
+        build_loader(cfg(directory, image_key="npy"), dp_rank=0, dp_size=8)
+
+
+def test_path_forms(synthetic):
+    out, _ = synthetic
+    for path in (out, out / "shard-*.tar", out / "shard-{000000..000002}.tar"):
+        assert len(build_loader(cfg(path)).shards) == 3
+    assert len(build_loader(cfg(out / "shard-{000000,000002}.tar")).shards) == 2
+
+
+def test_missing_path_error(tmp_path):
+    missing = tmp_path / "nothing_here"
+    with pytest.raises(FileNotFoundError) as info:
+        build_loader(cfg(missing))
+    message = str(info.value)
+    assert repr(str(missing)) in message and "data_tools/make_synthetic.py --out" in message
+
+
+class _Payload:
+    """Unpickling this creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickle_members_are_ignored(tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(_Payload(str(marker)))
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image, format="PNG")
+    members = [("000000.png", image.getvalue()), ("000000.cls", b"1"), ("000000.pickle", payload),
+               ("000001.pyd", payload), ("000002.pickle", payload), ("000002.png", image.getvalue()),
+               ("000002.cls", b"2")]
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "evil.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loader = build_loader(cfg(tmp_path / "shards", batch_size=4))
+    batch = next(loader)
+    assert batch["y"].tolist() == [1, 2, 1, 2] and batch["x"].shape == (4, 3, 8, 8)
+    assert torch.all(batch["x"][:, 0] == 1) and torch.all(batch["x"][:, 1] == -1)
+    assert not marker.exists()
+
+
+def test_bad_arguments(synthetic):
+    out, _ = synthetic
+    with pytest.raises(ValueError, match="image_key"):
+        build_loader(cfg(out, image_key="pickle"))
+    with pytest.raises(ValueError, match="dp_rank"):
+        ShardLoader([str(out / "shard-000000.tar")], batch_size=1, dp_rank=1, dp_size=1)
