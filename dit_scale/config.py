@@ -152,6 +152,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.wandb": ("offline", "online", "disabled"),
     "parallel.engine": ("local",),
+    "data.image_key": ("png", "jpg", "jpeg", "npy"),
 }
 SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
 

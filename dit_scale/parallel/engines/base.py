@@ -35,6 +35,11 @@ def lr_lambda(cfg):
     return factor
 
 
+def ema_decay(decay: float, num_updates: int) -> float:
+    """EMA decay with warm-up: min(decay, (1 + n) / (10 + n)), so early averages do not drag in the init."""
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
 def build_optimizer(cfg, model, lr_mults=None):
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, lr_mults)

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from dit_scale.parallel.engines.base import Engine, build_optimizer
+from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay
 
 
 class LocalEngine(Engine):
@@ -21,6 +21,7 @@ class LocalEngine(Engine):
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_pairs = list(zip(self.ema.parameters(), self.model.parameters()))
+        self.num_updates = 0
 
     def backward(self, loss):
         loss.backward()
@@ -37,7 +38,8 @@ class LocalEngine(Engine):
         self.optimizer.found_inf = (~ok).float()
         self.optimizer.step()
         self.scheduler.step()
-        weight = (1.0 - self.cfg.optim.ema_decay) * ok.float()
+        self.num_updates += 1
+        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
         with torch.no_grad():
             ema, cur = zip(*self.ema_pairs)
             torch._foreach_lerp_(list(ema), list(cur), weight)
@@ -48,12 +50,13 @@ class LocalEngine(Engine):
         return tensor
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "ema_updates": self.num_updates,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        self.num_updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -1,0 +1,120 @@
+"""Benchmarks that print JSON, measured side by side in one run.
+
+    python launch/bench.py model --model DiT-S/2-8E2A                 # CPU: batch 2, 256 tokens per image
+    python launch/bench.py model --model DiT-XL/2-8E2A --batch 32     # GPU: bf16 autocast, reports MFU
+
+`model`: forward+backward time per step of the sparse model and of a dense model with the same *active*
+parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
+token visits), timed alternately step by step so both see the same machine state. `ratio` = sparse / dense.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from dit_scale.config import ConfigError, load_config  # noqa: E402
+from dit_scale.metrics import peak_flops  # noqa: E402
+from dit_scale.models import model_kwargs  # noqa: E402
+from dit_scale.models.dit import DiT  # noqa: E402
+from dit_scale.models.flops import count_params, forward_macs  # noqa: E402
+from dit_scale.parallel.topology import pick_device  # noqa: E402
+
+
+def dense_twin(kwargs: dict) -> dict:
+    """Same DiT without experts; FFN hidden chosen so active parameters (and FLOPs) match the sparse model."""
+    moe = kwargs["moe"]
+    swiglu_hidden = moe["top_k"] * moe["expert_hidden"] + moe["shared_hidden"]
+    twin = dict(kwargs, moe=None)
+    twin["mlp_ratio"] = 1.5 * swiglu_hidden / kwargs["hidden_size"]     # 2·D·h = 3·D·swiglu_hidden
+    return twin
+
+
+def bench_model(args):
+    cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
+                             f"model.in_channels={args.in_channels}"] + args.overrides)
+    device = pick_device(args.device)
+    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
+    sparse_kwargs = model_kwargs(cfg)
+    if sparse_kwargs["moe"] is None:
+        raise ConfigError(f"--model {args.model} is dense; pass a sparse name such as DiT-S/2-8E2A.")
+    variants = {"moe": sparse_kwargs, "dense": dense_twin(sparse_kwargs)}
+    torch.manual_seed(0)
+    models = {k: DiT(**kw).to(device).train() for k, kw in variants.items()}
+    if args.compile:
+        for m in models.values():
+            for block in m.blocks:
+                block.compile()
+    batch = args.batch or (32 if device.type == "cuda" else 2)
+    x = torch.randn(batch, args.in_channels, args.input_size, args.input_size, device=device)
+    t = torch.rand(batch, device=device) * 1000
+    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
+
+    def step(model):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out, aux = model(x, t, y)
+            loss = out.float().square().mean() + aux["moe_loss"]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def timed(model):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        for m in models.values():
+            step(m)
+    times = {k: [] for k in models}
+    for _ in range(args.steps):
+        for k, m in models.items():
+            times[k].append(timed(m))
+
+    peak = peak_flops(device)
+    result = {"bench": "model", "model": args.model, "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch": batch,
+              "precision": "bf16" if bf16 else "fp32", "steps": args.steps}
+    for k, kw in variants.items():
+        sec = statistics.median(times[k])
+        sizes = count_params(models[k])
+        result[k] = {"step_s": round(sec, 5), "images_per_s": round(batch / sec, 2),
+                     "params": sizes["params"], "active_params": sizes["active_params"],
+                     "gflops_fwd": round(forward_macs(kw) / 1e9, 3)}
+        if peak:
+            result[k]["mfu"] = round(6 * forward_macs(kw) * batch / sec / peak, 4)
+    result["ratio"] = round(result["moe"]["step_s"] / result["dense"]["step_s"], 3)
+    print(json.dumps(result))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="sparse vs dense (same active parameters) forward+backward step time")
+    m.add_argument("--model", default="DiT-S/2-8E2A")
+    m.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 32 on GPU")
+    m.add_argument("--steps", type=int, default=5)
+    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--input-size", type=int, default=32)
+    m.add_argument("--in-channels", type=int, default=4)
+    m.add_argument("--device", default="auto")
+    m.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    m.add_argument("--compile", action="store_true")
+    m.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.expert_impl=loop")
+    args = parser.parse_args(argv)
+    try:
+        bench_model(args)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

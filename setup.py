@@ -1,0 +1,30 @@
+"""dit_scale: train large sparse diffusion transformers (DiT-MoE) from a laptop CPU to GPU clusters.
+
+Install with `bash launch/setup_env.sh` (creates ./.venv). It installs torch first, then DeepSpeed without build
+isolation (its build imports torch; isolation would fetch a second, CUDA-sized torch), then this package.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dit_scale",
+    version="0.1.0",
+    description="Sparse diffusion transformers (DiT-MoE) at scale: expert parallelism, FSDP2/DeepSpeed, muP",
+    packages=find_packages(include=["dit_scale", "dit_scale.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.13,<2.14",
+        "deepspeed>=0.19,<0.20",
+        "megatron-core>=0.16,<0.17",
+        "webdataset>=1.0,<2",
+        "wandb>=0.19,<1",
+        "omegaconf>=2.3,<2.5",
+        "numpy>=1.26,<3",
+        "pillow>=10,<13",
+        "safetensors>=0.4,<1",
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10"],
+    },
+)
