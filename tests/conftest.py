@@ -44,7 +44,7 @@ def tiny_overrides(data_path, run_dir, **extra):
         "model.depth": 2, "model.hidden_size": 64, "model.num_heads": 2,
         "moe.expert_mlp_ratio": 1.0, "moe.shared_mlp_ratio": 1.0,
         "data.path": data_path, "data.batch_size": 16, "data.shuffle_buffer": 64,
-        "optim.lr": 2e-3, "optim.ema_decay": 0.9, "train.steps": 20, "train.run_dir": run_dir,
+        "optim.lr": 2e-3, "optim.warmup_steps": 0, "optim.ema_decay": 0.9, "train.steps": 20, "train.run_dir": run_dir,
         "train.deterministic": True, "logging.log_every": 5, "logging.wandb": "disabled",
         "logging.progress_bar": False, "logging.samples_per_class": 2, "diffusion.sample_steps": 4,
     }

@@ -22,7 +22,7 @@ def test_train_end_to_end(tiny_shards, tmp_path):
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
-    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"]
+    assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
     for key in ("loss_denoise", "loss_moe", "grad_norm", "lr", "images_per_s", "moe/max_load",
                 "moe/router_entropy", "moe/dropped_tokens", "skipped_steps"):
         assert key in rows[-1]
@@ -41,7 +41,8 @@ def test_train_end_to_end(tiny_shards, tmp_path):
 
 def test_bad_config_exits_with_one_sentence(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
-                           os.path.join(ROOT, "configs", "quickstart.yaml"), "moe.top_k=9"],
+                           os.path.join(ROOT, "configs", "quickstart.yaml"), "model.name=DiT-XS/4",
+                           "moe.num_experts=4", "moe.top_k=9"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: moe.top_k=9 must be between 1 and moe.num_experts=4."
