@@ -52,9 +52,8 @@ def find_latest(run_dir: str) -> Optional[str]:
 
 
 def load_checkpoint(path: str) -> dict:
-    if os.path.isdir(path):
-        latest = find_latest(os.path.dirname(path.rstrip("/"))) if os.path.basename(path.rstrip("/")) == \
-            "checkpoints" else find_latest(path)
+    if os.path.isdir(path):                       # a run directory: its newest checkpoint
+        latest = find_latest(path)
         if latest is None:
             raise CheckpointError(f"No checkpoint found in '{path}'; pass a run directory with checkpoints/ "
                                   f"or a step_*.pt file.")

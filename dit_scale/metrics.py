@@ -139,11 +139,12 @@ def plot_expert_load(counts: torch.Tensor, path: str, title: str = "expert load"
     import matplotlib.pyplot as plt
 
     load = (counts / counts.mean(dim=1, keepdim=True).clamp_min(1e-9)).cpu().numpy()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.0 + 0.3 * load.shape[0]))
-    im = ax.imshow(load, cmap="viridis", aspect="auto", vmin=0)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.4 * load.shape[1]), max(3.0, 1.2 + 0.25 * load.shape[0])))
+    # diverging around 1.0 (balanced): blue = under-loaded, red = over-loaded
+    im = ax.imshow(load, cmap="RdBu_r", aspect="auto", vmin=0.0, vmax=max(2.0, float(load.max())))
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="tokens / mean")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -73,6 +73,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + self.topo.rank)
         self.autocast = autocast_context(cfg, self.device)
         self.step = 0
+        self._moe_counts = None      # tokens per expert of the last logging interval, for expert_load.png
         self._resume()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -208,10 +209,10 @@ class Trainer:
         return save_grid(images, self.cfg.logging.samples_per_class, path, upscale=2)
 
     def write_expert_load(self):
-        counts = getattr(self, "_moe_counts", None)
-        if self.topo.is_main and counts is not None:
-            plot_expert_load(counts, os.path.join(self.run_dir, "expert_load.png"),
-                             f"{self.cfg.model.name}: tokens per expert, last {self.cfg.logging.log_every} steps")
+        if self.topo.is_main and self._moe_counts is not None:
+            plot_expert_load(self._moe_counts, os.path.join(self.run_dir, "expert_load.png"),
+                             f"{self.cfg.model.name} step {self.step}: tokens per expert / mean\n"
+                             f"(last logging interval)")
 
 
 def train(cfg) -> dict:
