@@ -189,10 +189,12 @@ class Trainer:
                     interval.zero_()
                     tic, steps_in_interval = time.perf_counter(), 0
 
+                paused = time.perf_counter()        # sampling / saving time is not training throughput
                 if lg.sample_every and self.step % lg.sample_every == 0 and self.step < t.steps:
                     self.write_samples()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save()
+                tic += time.perf_counter() - paused
             self.save()
             self.write_samples()
             self.write_expert_load()
