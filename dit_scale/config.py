@@ -125,7 +125,7 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "local"               # local (single process); more engines plug in behind parallel/engines
+    engine: str = "local"               # local (one process) | fsdp (FSDP2, any number of processes)
     ep: int = 1                         # expert-parallel size
 
 
@@ -151,7 +151,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.wandb": ("offline", "online", "disabled"),
-    "parallel.engine": ("local",),
+    "parallel.engine": ("local", "fsdp"),
     "data.image_key": ("png", "jpg", "jpeg", "npy"),
 }
 SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}

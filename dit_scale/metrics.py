@@ -46,6 +46,13 @@ class MoEStats:
             self.dropped += d
         self.n += 1
 
+    def all_reduce(self, reduce_sum, world_size: int):
+        """Combine the interval's statistics over data-parallel ranks (reduce_sum: in-place sum over ranks)."""
+        if self.counts is not None:
+            self.counts = reduce_sum(self.counts)
+            self.entropy = reduce_sum(self.entropy) / world_size
+            self.dropped = reduce_sum(self.dropped)
+
     def summary(self) -> dict:
         """Max/mean expert load (1.0 = perfectly balanced), averaged and worst over layers; entropy; dropped."""
         if self.counts is None:

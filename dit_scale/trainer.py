@@ -57,7 +57,7 @@ class Trainer:
         t = cfg.train
         self.topo = init_topology(cfg)
         self.device = self.topo.device
-        seed_everything(t.seed + self.topo.rank, t.deterministic)
+        seed_everything(t.seed, t.deterministic)            # the same initial model on every rank
         self.run_dir = t.run_dir
         if self.topo.is_main:
             save_config(cfg, self.run_dir)
@@ -70,6 +70,7 @@ class Trainer:
         self.flops_per_image = 6 * forward_macs(model_kwargs(cfg, out_channels))   # fwd + bwd, 2 FLOPs / MAC
         self.loader = build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=t.seed)
         self.engine = build_engine(cfg, self.model, self.topo)
+        seed_everything(t.seed + self.topo.rank, t.deterministic)   # per-rank randomness from here on
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + self.topo.rank)
         self.autocast = autocast_context(cfg, self.device)
         self.step = 0
@@ -103,7 +104,10 @@ class Trainer:
         print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> str:
-        return save_checkpoint(self.run_dir, self.step, self.state_dict())
+        state = self.state_dict()                           # collective for sharded engines: every rank
+        if self.topo.is_main:
+            return save_checkpoint(self.run_dir, self.step, state)
+        return ""
 
     # ------------------------------------------------------------------------------------------------------------
     # One optimizer step
@@ -126,7 +130,9 @@ class Trainer:
             totals += torch.stack([loss.detach(), denoise.detach(), aux["moe_loss"].detach().float()]) / accum
             moe_stats.add(aux)
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
-        ok = torch.isfinite(totals[0]) & torch.isfinite(grad_norm)
+        # every rank must take the same decision: count non-finite losses over the data-parallel ranks
+        bad_ranks = self.engine.all_reduce_sum_((~torch.isfinite(totals[0])).float())
+        ok = (bad_ranks == 0) & torch.isfinite(grad_norm)
         self.engine.step(ok)
         self.engine.zero_grad()
         self._update_router_bias()
@@ -174,8 +180,9 @@ class Trainer:
                             f"(train.max_bad_steps={t.max_bad_steps}); lower optim.lr or check the data. "
                             f"The last checkpoint is in {self.run_dir}/checkpoints.")
                     elapsed = time.perf_counter() - tic
-                    values = interval.tolist()
-                    n_ok = max(1.0, steps_in_interval - (skipped.item() - last.get("skipped", 0.0)))
+                    values = (self.engine.all_reduce_sum_(interval.clone()) / self.topo.world_size).tolist()
+                    moe_stats.all_reduce(self.engine.all_reduce_sum_, self.topo.world_size)
+                    n_ok = max(1.0, steps_in_interval - (skipped.item() - last.get("skipped_steps", 0.0)))
                     images_per_s = images_per_step * steps_in_interval / elapsed
                     last = {"loss": values[0] / n_ok, "loss_denoise": values[1] / n_ok, "loss_moe": values[2] / n_ok,
                             "grad_norm": values[3] / steps_in_interval, "lr": self.engine.lr,
@@ -203,9 +210,10 @@ class Trainer:
         return {"step": self.step, **last}
 
     def write_samples(self) -> str:
+        with self.engine.sampling_module() as model:        # every rank samples the same grid (collective)
+            images = class_grid(model, self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
         if not self.topo.is_main:
             return ""
-        images = class_grid(self.engine.ema_module(), self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
         path = os.path.join(self.run_dir, "samples", f"step_{self.step:08d}.png")
         return save_grid(images, self.cfg.logging.samples_per_class, path, upscale=2)

@@ -34,7 +34,7 @@ def error_of(overrides, path=None):
                                      "moe.score_function=sigmoid"),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0."),
     (["model.input_size=31"], "model.input_size=31 must be divisible by the patch size 2"),
-    (["parallel.engine=megatron"], "parallel.engine='megatron' is not allowed; choose one of: local."),
+    (["parallel.engine=megatron"], "parallel.engine='megatron' is not allowed; choose one of: local, fsdp."),
     (["train.steps"], "Override 'train.steps' must look like key=value"),
 ])
 def test_invalid_values_name_the_field(overrides, message):

@@ -63,8 +63,9 @@ class Router(nn.Module):
 
     def forward(self, x):
         """x [T, D] -> (probs [T, E], routing_map [T, E] bool, num_routed, loss, stats...)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)          # fp32 at least (fp64 stays fp64)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))
         num_tokens = logits.shape[0]
         loss = logits.new_zeros(())
         if self.z_loss_coeff > 0:
@@ -123,6 +124,19 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` (see GroupedExperts.grad_scale)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class GroupedExperts(nn.Module):
     """Routed SwiGLU experts as stacked weights: w13 [E, D, 2H] (gate | up) and w2 [E, H, D].
 
@@ -133,12 +147,18 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, impl: str = "auto"):
         super().__init__()
         self.impl = impl
+        # Factor on the expert weights' gradients. Expert parallelism sets 1/ep: an expert's gradient already sums
+        # the tokens of every rank in its EP group, while each rank's loss is a mean over its own batch.
+        self.grad_scale = 1.0
         self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * expert_hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden_size))
 
     def forward(self, x, tokens_per_expert):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
+        w13, w2 = self.w13, self.w2
+        if self.grad_scale != 1.0:
+            w13, w2 = _ScaleGrad.apply(w13, self.grad_scale), _ScaleGrad.apply(w2, self.grad_scale)
+        x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
         use_grouped = self.impl == "grouped_mm" or (self.impl == "auto" and grouped_mm_available(x.device, dtype))
         if use_grouped:
             offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)

@@ -1,17 +1,23 @@
-"""Process layout of a run: global rank, data-parallel rank, expert-parallel rank, device.
+"""Process layout of a run: global rank, data-parallel rank, expert-parallel rank, device, DeviceMesh.
 
-The data loader and everything that must differ per model replica use `dp_rank` / `dp_size`, never the global
-rank. This build trains with one process per job (`parallel.engine=local`); the multi-process layout (DeviceMesh
-over data- and expert-parallel dimensions) plugs in here without changing the trainer.
+    topo = init_topology(cfg)      # reads the torchrun / SLURM environment, creates the process group
+
+Dense parameters are data-parallel over all ranks. Experts are split over `parallel.ep` consecutive ranks (the
+"ep" mesh dimension) and data-parallel over the other dimension ("edp": ranks holding the same experts). The data
+loader and everything that must differ per model replica use `dp_rank` / `dp_size`, never the global rank.
+Backend: NCCL on GPU, gloo on CPU. Layout errors are raised on every rank before the process group exists.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from dit_scale.config import ConfigError
+from dit_scale.config import ConfigError, to_yaml
 
 
 @dataclass(frozen=True)
@@ -23,29 +29,83 @@ class Topology:
     ep_rank: int = 0
     ep_size: int = 1
     device: torch.device = torch.device("cpu")
+    mesh: Optional[object] = None          # DeviceMesh ("edp", "ep") when a process group exists
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
 
-def pick_device(name: str) -> torch.device:
+    def group(self, dim: str):
+        """Process group of a mesh dimension: "ep" (experts split), "edp" (same experts), "dp" (all ranks)."""
+        if dim == "dp":
+            return dist.group.WORLD
+        return self.mesh.get_group(dim)
+
+
+def env_rank() -> tuple:
+    """(rank, world_size, local_rank) from torchrun's or SLURM's environment (1 process when neither is set)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    return 0, 1, 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto.")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_topology(cfg) -> Topology:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.parallel.engine == "local" and world != 1:
-        raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; "
-                          f"launch without torchrun (or with --nproc_per_node 1).")
-    if cfg.parallel.ep != 1:
-        raise ConfigError(f"parallel.ep={cfg.parallel.ep} needs as many processes; "
+def check_layout(cfg, world: int) -> None:
+    """Errors every rank computes identically from the config, before any collective."""
+    engine, ep = cfg.parallel.engine, cfg.parallel.ep
+    if engine == "local" and world != 1:
+        raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; use "
+                          f"parallel.engine=fsdp for several processes (or launch a single one).")
+    if world % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the number of processes (WORLD_SIZE={world}).")
+    if engine == "local" and ep != 1:
+        raise ConfigError(f"parallel.ep={ep} needs as many processes and parallel.engine=fsdp; "
                           f"parallel.engine=local runs one, so set parallel.ep=1.")
-    device = pick_device(cfg.train.device)
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def check_same_config(cfg, rank: int, world: int) -> None:
+    """Every rank must run the same resolved config; a mismatch is an error on every rank (no hang)."""
+    hashes = [None] * world
+    dist.all_gather_object(hashes, config_hash(cfg))
+    if len(set(hashes)) > 1:
+        differing = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        raise ConfigError(f"The resolved config differs between ranks (ranks {differing} differ from rank 0); "
+                          f"launch every rank with the same --config file and overrides.")
+
+
+def init_topology(cfg) -> Topology:
+    rank, world, local_rank = env_rank()
+    check_layout(cfg, world)
+    device = pick_device(cfg.train.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return Topology(device=device)
+    if cfg.parallel.engine == "local":
+        return Topology(device=device)
+
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    check_same_config(cfg, rank, world)
+    ep = cfg.parallel.ep
+    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    return Topology(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank % ep, ep_size=ep,
+                    device=device, mesh=mesh)

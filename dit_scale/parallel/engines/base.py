@@ -8,7 +8,7 @@
     engine.zero_grad()
     engine.all_reduce_sum_(tensor)        # over data-parallel ranks (statistics, expert counts)
     engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler
-    engine.ema_module()                   # full-weight EMA model for sampling
+    with engine.sampling_module() as m:   # the EMA model for sampling (every rank calls it: forwards may be collective)
 
 The trainer never branches on the engine name. Parameter groups come from parameter roles (`dit_scale.mup`).
 """
@@ -52,6 +52,16 @@ def build_optimizer(cfg, model, lr_mults=None):
     return optimizer, scheduler
 
 
+def guarded_step(optimizer, ok) -> None:
+    """optimizer.step() unless `ok` (bool tensor) is False. Fused AdamW skips on the device (`found_inf`); other
+    implementations (e.g. float64 parameters) need one host sync to decide."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif bool(ok):
+        optimizer.step()
+
+
 class Engine:
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -77,7 +87,8 @@ class Engine:
     def load_state_dict(self, state: dict):
         raise NotImplementedError
 
-    def ema_module(self) -> torch.nn.Module:
+    def sampling_module(self):
+        """Context manager yielding the EMA model; called on every rank."""
         raise NotImplementedError
 
     @property

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 
-from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay
+from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay, guarded_step
 
 
 class LocalEngine(Engine):
@@ -35,8 +36,7 @@ class LocalEngine(Engine):
 
     def step(self, ok):
         """Optimizer step unless `ok` is False (checked on the device by fused AdamW), then LR schedule and EMA."""
-        self.optimizer.found_inf = (~ok).float()
-        self.optimizer.step()
+        guarded_step(self.optimizer, ok)
         self.scheduler.step()
         self.num_updates += 1
         weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
@@ -60,5 +60,6 @@ class LocalEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def ema_module(self):
-        return self.ema
+    @contextmanager
+    def sampling_module(self):
+        yield self.ema

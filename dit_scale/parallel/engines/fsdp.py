@@ -1,0 +1,171 @@
+"""FSDP2 engine: dense parameters sharded over all ranks, experts split over `ep` ranks and sharded over the
+ranks that hold the same experts ("edp"); bf16 compute / fp32 reduction on GPU.
+
+Gradient scaling: the loss of each rank is a mean over its own batch, so the gradient of the global loss is the
+sum over ranks divided by the world size. Dense parameters get that from FSDP's mean over all ranks. An expert's
+gradient already sums the contributions of every rank of its EP group (through the all-to-all): the experts scale
+it by 1/ep (`GroupedExperts.grad_scale`, set by `shard_experts`) and FSDP averages it over the edp ranks.
+
+`state_dict()` returns the same consolidated format as the local engine (full tensors, experts stacked over their
+global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from dit_scale.models.moe import MoEFFN
+from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay, guarded_step
+from dit_scale.parallel.expert_parallel import shard_experts
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg, model, topology):
+        self.cfg, self.topo = cfg, topology
+        device = topology.device
+        self.model = model.to(device)
+        self.expert_names = {n for n, _ in model.named_parameters() if ".experts." in n}
+        shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        dp_mesh = init_device_mesh(device.type, (topology.world_size,), mesh_dim_names=("dp",))
+        for block in model.blocks:
+            if isinstance(block.ffn, MoEFFN):
+                fully_shard(block.ffn.experts, mesh=topology.mesh["edp"], mp_policy=mp)
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+        if cfg.train.compile:
+            for block in model.blocks:
+                block.compile()
+        self.module = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for p in model.parameters()]
+        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        self.ema = [_local(p).detach().clone() for p in self.params]
+        self.num_updates = 0
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float):
+        """Global norm: every element of every (dense or expert) gradient lives in exactly one local shard, so the
+        sum of local squares over all ranks counts each once."""
+        grads = [_local(p.grad) for p in self.params if p.grad is not None]
+        sq = torch.stack([g.float().square().sum() for g in grads]).sum()
+        dist.all_reduce(sq)
+        norm = sq.sqrt()
+        if max_norm > 0:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    def step(self, ok):
+        guarded_step(self.optimizer, ok)
+        self.scheduler.step()
+        self.num_updates += 1
+        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [_local(p) for p in self.params], weight)
+
+    def all_reduce_sum_(self, tensor):
+        dist.all_reduce(tensor)
+        return tensor
+
+    @contextmanager
+    def sampling_module(self):
+        """The model with EMA weights swapped in; every rank must call it (forward passes are collective)."""
+        with torch.no_grad():
+            backup = [_local(p).clone() for p in self.params]
+            for p, e in zip(self.params, self.ema):
+                _local(p).copy_(e)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    _local(p).copy_(b)
+
+    # -- consolidated state ---------------------------------------------------------------------------------------
+    def _full(self, name, local_shard_like, param):
+        """Full tensor of a parameter-shaped value; experts also gathered over the EP group into [E, ...]."""
+        value = DTensor.from_local(local_shard_like, param.device_mesh, param.placements, shape=param.shape,
+                                   stride=param.stride()).full_tensor() if isinstance(param, DTensor) \
+            else local_shard_like
+        if name in self.expert_names and self.topo.ep_size > 1:
+            parts = [torch.empty_like(value) for _ in range(self.topo.ep_size)]
+            dist.all_gather(parts, value.contiguous(), group=self.topo.group("ep"))
+            value = torch.cat(parts)
+        return value.cpu()
+
+    def _local_slice(self, name, full, param):
+        if name in self.expert_names and self.topo.ep_size > 1:
+            n = full.shape[0] // self.topo.ep_size
+            full = full[self.topo.ep_rank * n:(self.topo.ep_rank + 1) * n]
+        full = full.to(self.topo.device, dtype=_local(param).dtype)
+        if isinstance(param, DTensor):
+            return distribute_tensor(full, param.device_mesh, param.placements).to_local()
+        return full
+
+    def state_dict(self) -> dict:
+        model, ema = {}, {}
+        for name, p, e in zip(self.names, self.params, self.ema):
+            model[name] = self._full(name, _local(p).detach(), p)
+            ema[name] = self._full(name, e, p)
+        for name, buf in self.model.named_buffers():
+            if name in self._persistent_buffers():
+                model[name] = ema[name] = buf.detach().cpu()
+        opt = self.optimizer.state_dict()
+        state = {}
+        for i, (name, p) in enumerate(self._optimizer_order()):
+            s = self.optimizer.state.get(p)
+            if s:
+                state[i] = {"step": s["step"].cpu(), "exp_avg": self._full(name, _local(s["exp_avg"]), p),
+                            "exp_avg_sq": self._full(name, _local(s["exp_avg_sq"]), p)}
+        return {"model": model, "ema": ema, "ema_updates": self.num_updates,
+                "optimizer": {"state": state, "param_groups": opt["param_groups"]},
+                "scheduler": self.scheduler.state_dict()}
+
+    def _optimizer_order(self):
+        """(name, param) in the order torch's optimizer state_dict numbers them: group by group."""
+        name_of = {id(p): n for n, p in zip(self.names, self.params)}
+        return [(name_of[id(p)], p) for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _persistent_buffers(self):
+        return {n for n in self.model.state_dict() if n not in set(self.names)}
+
+    def load_state_dict(self, state: dict):
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                _local(p).copy_(self._local_slice(name, state["model"][name], p))
+            self.ema = [self._local_slice(n, state["ema"][n], p).clone() for n, p in zip(self.names, self.params)]
+            for name, buf in self.model.named_buffers():
+                if name in state["model"]:
+                    buf.copy_(state["model"][name])
+        self.num_updates = int(state["ema_updates"])
+        opt_state = state["optimizer"]
+        local = {"param_groups": opt_state["param_groups"], "state": {}}
+        for i, (name, p) in enumerate(self._optimizer_order()):
+            s = opt_state["state"].get(i)
+            if s:
+                local["state"][i] = {"step": s["step"],
+                                     "exp_avg": self._as_param(self._local_slice(name, s["exp_avg"], p), p),
+                                     "exp_avg_sq": self._as_param(self._local_slice(name, s["exp_avg_sq"], p), p)}
+        self.optimizer.load_state_dict(local)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @staticmethod
+    def _as_param(local, param):
+        if isinstance(param, DTensor):
+            return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                                      stride=param.stride())
+        return local
