@@ -2,10 +2,15 @@
 
     python launch/bench.py model --model DiT-S/2-8E2A                 # CPU: batch 2, 256 tokens per image
     python launch/bench.py model --model DiT-XL/2-8E2A --batch 32     # GPU: bf16 autocast, reports MFU
+    python launch/bench.py moe-parallel --model DiT-S/2-8E2A           # 2 processes (gloo): EP=2 vs EP=1
 
 `model`: forward+backward time per step of the sparse model and of a dense model with the same *active*
 parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
 token visits), timed alternately step by step so both see the same machine state. `ratio` = sparse / dense.
+
+`moe-parallel`: one MoE layer's forward+backward on `--procs` processes with experts split over all of them
+(EP=procs, tokens exchanged by all-to-all) vs every process holding all experts (EP=1), timed alternately, plus
+the share of the EP step spent in the all-to-all (torch profiler).
 """
 import argparse
 import json
@@ -95,6 +100,76 @@ def bench_model(args):
     print(json.dumps(result))
 
 
+def _moe_parallel_worker(rank, world, args, results):
+    """One process of `bench moe-parallel`: the same MoE layer with EP=1 (all experts here) and EP=ep."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from dit_scale.models.moe import MoEFFN, init_moe_
+    from dit_scale.parallel.expert_parallel import shard_experts
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, args.threads))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = load_config(None, [f"model.name={args.model}"] + args.overrides)
+    moe_kwargs = model_kwargs(cfg)["moe"]
+    width = model_kwargs(cfg)["hidden_size"]
+    layers = {}
+    for ep in (1, world):
+        torch.manual_seed(0)
+        layer = MoEFFN(width, **moe_kwargs)
+        init_moe_(layer)
+        holder = torch.nn.Module()
+        holder.ffn = layer
+        shard_experts(holder, rank % ep, ep, dist.group.WORLD)
+        layers[f"ep{ep}"] = layer
+    x = torch.randn(args.tokens, width, generator=torch.Generator().manual_seed(rank))
+
+    def step(layer):
+        out, aux = layer(x)
+        (out.square().mean() + aux.loss).backward()
+
+    for _ in range(args.warmup):
+        for layer in layers.values():
+            step(layer)
+    times = {k: [] for k in layers}
+    for _ in range(args.steps):
+        for k, layer in layers.items():
+            dist.barrier()
+            start = time.perf_counter()
+            step(layer)
+            times[k].append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step(layers[f"ep{world}"])
+    comm = sum(e.self_cpu_time_total for e in prof.key_averages() if "all_to_all" in e.key or "alltoall" in e.key)
+    total = max(e.cpu_time_total for e in prof.key_averages())
+    record = {k: statistics.median(v) for k, v in times.items()}
+    record["all_to_all_share"] = comm / total if total else 0.0
+    results[rank] = record                     # a Manager dict: assign whole values
+    dist.destroy_process_group()
+
+
+def bench_moe_parallel(args):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        args.port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_moe_parallel_worker, args=(args.procs, args, results), nprocs=args.procs, join=True)
+    per_rank = [results[r] for r in range(args.procs)]
+    ep = args.procs
+    out = {"bench": "moe-parallel", "model": args.model, "procs": args.procs, "tokens_per_rank": args.tokens,
+           "threads_per_proc": args.threads, "backend": "gloo (CPU)",
+           "ep1_step_s": round(max(r["ep1"] for r in per_rank), 5),
+           f"ep{ep}_step_s": round(max(r[f"ep{ep}"] for r in per_rank), 5),
+           "all_to_all_share": round(sum(r["all_to_all_share"] for r in per_rank) / len(per_rank), 3)}
+    out["ratio"] = round(out[f"ep{ep}_step_s"] / out["ep1_step_s"], 3)
+    print(json.dumps(out))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -109,9 +184,17 @@ def main(argv=None):
     m.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     m.add_argument("--compile", action="store_true")
     m.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.expert_impl=loop")
+    mp_ = sub.add_parser("moe-parallel", help="one MoE layer, fwd+bwd: EP=procs vs EP=1, and the all-to-all share")
+    mp_.add_argument("--model", default="DiT-S/2-8E2A")
+    mp_.add_argument("--procs", type=int, default=2)
+    mp_.add_argument("--tokens", type=int, default=2048, help="tokens per process (8 images × 256)")
+    mp_.add_argument("--steps", type=int, default=5)
+    mp_.add_argument("--warmup", type=int, default=2)
+    mp_.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    mp_.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
-        bench_model(args)
+        bench_model(args) if args.what == "model" else bench_moe_parallel(args)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 
