@@ -1,6 +1,7 @@
 """Checkpoints: everything needed to continue a run, as one nested dict of tensors and plain values.
 
-    state = {"step", "model", "ema", "optimizer", "scheduler", "data", "rng", "config"}
+    state = {"step", "model", "ema", "ema_updates", "optimizer", "scheduler", "config",
+             "per_rank": [{"data": loader state, "rng": RNG states} for each rank]}
 
 This is the single-process format: `checkpoints/step_XXXXXXXX.pt` written to a temporary name and renamed into
 place, then `checkpoints/latest` (a text file naming it) updated. Files are read with `weights_only=True`, so

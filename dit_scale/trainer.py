@@ -82,8 +82,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"step": self.step, **self.engine.state_dict(), "data": self.loader.state_dict(),
-                "rng": rng_state(self.generator), "config": to_yaml(self.cfg)}
+        # Loader position and RNG streams differ per rank: one entry per data-parallel rank.
+        per_rank = self.engine.all_gather_object({"data": self.loader.state_dict(), "rng": rng_state(self.generator)})
+        return {"step": self.step, **self.engine.state_dict(), "per_rank": per_rank, "config": to_yaml(self.cfg)}
 
     def _resume(self):
         resume = self.cfg.train.resume
@@ -98,8 +99,12 @@ class Trainer:
         except RuntimeError as e:
             raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
                               f"resume with the config it was trained with.") from None
-        self.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"], self.generator)
+        if len(state["per_rank"]) != self.topo.world_size:
+            raise ConfigError(f"Checkpoint '{path}' was written by {len(state['per_rank'])} process(es) and this run "
+                              f"has {self.topo.world_size}; resume with the same number of processes.")
+        mine = state["per_rank"][self.topo.rank]
+        self.loader.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"], self.generator)
         self.step = int(state["step"])
         print(f"resumed from {path} at step {self.step}", flush=True)
 

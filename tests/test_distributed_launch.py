@@ -46,3 +46,17 @@ def test_config_differing_between_ranks_is_an_error(tiny_shards, tmp_path):
     proc = torchrun(*overrides)
     assert proc.returncode != 0
     assert proc.stderr.count("error: The resolved config differs between ranks (ranks [1] differ from rank 0)") == 2
+
+
+def test_fsdp_resume_continues_exactly(tiny_shards, tmp_path):
+    def run(dir_, **extra):
+        proc = torchrun(*tiny_overrides(tiny_shards, str(dir_), **{
+            "parallel.engine": "fsdp", "parallel.ep": 2, "data.batch_size": 8, "logging.log_every": 1,
+            "train.steps": 6, "optim.schedule": "constant", **extra}))  # cosine would depend on train.steps
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {r["step"]: r["loss"] for r in read_metrics(str(dir_))}
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", **{"train.steps": 3})
+    resumed = run(tmp_path / "part", **{"train.resume": "auto"})
+    assert resumed == full and len(full) == 6

@@ -7,6 +7,7 @@
     engine.step(ok)                       # optimizer + LR schedule + EMA; `ok` (bool tensor) skips on device
     engine.zero_grad()
     engine.all_reduce_sum_(tensor)        # over data-parallel ranks (statistics, expert counts)
+    engine.all_gather_object(obj)         # [obj of every rank] (per-rank loader / RNG state for checkpoints)
     engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler
     with engine.sampling_module() as m:   # the EMA model for sampling (every rank calls it: forwards may be collective)
 
@@ -79,6 +80,10 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def all_reduce_sum_(self, tensor):
+        raise NotImplementedError
+
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] over all ranks (small host objects, e.g. per-rank loader state)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:

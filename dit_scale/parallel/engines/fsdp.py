@@ -81,6 +81,11 @@ class FSDPEngine(Engine):
         dist.all_reduce(tensor)
         return tensor
 
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.topo.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     @contextmanager
     def sampling_module(self):
         """The model with EMA weights swapped in; every rank must call it (forward passes are collective)."""

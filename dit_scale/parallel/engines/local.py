@@ -49,6 +49,9 @@ class LocalEngine(Engine):
     def all_reduce_sum_(self, tensor):
         return tensor
 
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "ema_updates": self.num_updates,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
