@@ -25,6 +25,8 @@ setup(
         "matplotlib>=3.8,<4",
     ],
     extras_require={
+        # tests/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
+        # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.
         "dev": ["pytest>=8,<10"],
     },
 )

@@ -130,6 +130,15 @@ class ParallelConfig:
 
 
 @dataclass
+class MuPConfig:
+    enabled: bool = False               # false: standard parameterisation (every multiplier 1)
+    base_width: int = 128               # width at which μP equals SP; width multiplier m = hidden_size / base_width
+    output_mult: float = 1.0            # readout output multiplier (μP only)
+    attn_scale: str = "sqrt"            # sqrt: 1/sqrt(head_dim) | inverse: 1/head_dim (μP only)
+    zero_init_query: bool = False       # zero the query projection at init (μP only)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -139,6 +148,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    mup: MuPConfig = field(default_factory=MuPConfig)
 
 
 CHOICES = {
@@ -153,6 +163,7 @@ CHOICES = {
     "logging.wandb": ("offline", "online", "disabled"),
     "parallel.engine": ("local", "fsdp"),
     "data.image_key": ("png", "jpg", "jpeg", "npy"),
+    "mup.attn_scale": ("sqrt", "inverse"),
 }
 SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
 
@@ -345,8 +356,24 @@ def validate(cfg: DictConfig) -> None:
               f"{d.guidance_low}, {d.guidance_high}.")
     if d.logit_normal_std <= 0 or d.beta_start <= 0 or not d.beta_start < d.beta_end < 1:
         _fail("diffusion.logit_normal_std must be > 0 and 0 < diffusion.beta_start < diffusion.beta_end < 1.")
+    _validate_mup(cfg, width, heads)
     if not (t.resume in ("none", "auto") or t.resume):
         _fail("train.resume must be none, auto or a checkpoint path.")
+
+
+def _validate_mup(cfg, width: int, heads: int) -> None:
+    mp = cfg.mup
+    if not mp.enabled:
+        for key, default in (("output_mult", 1.0), ("attn_scale", "sqrt"), ("zero_init_query", False)):
+            if mp[key] != default:
+                _fail(f"mup.{key}={mp[key]} only applies with mup.enabled=true; set mup.enabled=true or remove it.")
+        return
+    head_dim = width // heads
+    if mp.base_width < 1 or mp.base_width % head_dim:
+        _fail(f"mup.base_width={mp.base_width} must be a positive multiple of the head dim {head_dim} "
+              f"(model.hidden_size / model.num_heads), since heads scale with width.")
+    if mp.output_mult <= 0:
+        _fail(f"mup.output_mult must be > 0, got {mp.output_mult}.")
 
 
 def resolved_moe(cfg: DictConfig) -> tuple:

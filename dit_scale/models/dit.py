@@ -24,10 +24,10 @@ from dit_scale.models.registry import parse_model_name
 # ----------------------------------------------------------------------------------------------------------------
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False, attn_scale=None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ffn = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -41,15 +41,19 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    """adaLN + the readout; `output_mult` multiplies the readout's input (μP's tunable output multiplier)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, output_mult: float = 1.0):
         super().__init__()
+        self.output_mult = output_mult
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        h = modulate(self.norm(x), shift, scale)
+        return self.linear(h if self.output_mult == 1.0 else h * self.output_mult)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,8 +63,9 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=4, hidden_size=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, num_classes=1000, class_dropout=0.1, qk_norm=False,
-                 moe: Optional[dict] = None):
-        """`moe`: None for dense FFNs, else the keyword arguments of `MoEFFN` minus `hidden_size`."""
+                 moe: Optional[dict] = None, attn_scale: Optional[float] = None, output_mult: float = 1.0):
+        """`moe`: None for dense FFNs, else the keyword arguments of `MoEFFN` minus `hidden_size`.
+        `attn_scale` (None: 1/sqrt(head_dim)) and `output_mult` are μP's forward-time knobs (`dit_scale.mup`)."""
         super().__init__()
         self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
         self.num_classes = num_classes
@@ -76,8 +81,9 @@ class DiT(nn.Module):
                 return Mlp(hidden_size, int(hidden_size * mlp_ratio))
             return MoEFFN(hidden_size, **moe)
 
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, make_ffn(), qk_norm) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, make_ffn(), qk_norm, attn_scale)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, output_mult)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -155,12 +161,21 @@ def model_kwargs(cfg, out_channels: Optional[int] = None) -> dict:
                    capacity_factor=m.capacity_factor, bias_update_rate=m.bias_update_rate,
                    expert_impl=m.expert_impl)
     in_ch = cfg.model.in_channels
+    heads = cfg.model.num_heads or spec.num_heads
+    mup = cfg.mup
     return dict(input_size=cfg.model.input_size, patch_size=spec.patch_size, in_channels=in_ch,
                 out_channels=out_channels or (2 * in_ch if cfg.model.learn_sigma else in_ch), hidden_size=width,
-                depth=cfg.model.depth or spec.depth, num_heads=cfg.model.num_heads or spec.num_heads,
+                depth=cfg.model.depth or spec.depth, num_heads=heads,
                 mlp_ratio=cfg.model.mlp_ratio, num_classes=cfg.model.num_classes,
-                class_dropout=cfg.model.class_dropout, qk_norm=cfg.model.qk_norm, moe=moe)
+                class_dropout=cfg.model.class_dropout, qk_norm=cfg.model.qk_norm, moe=moe,
+                attn_scale=heads / width if mup.enabled and mup.attn_scale == "inverse" else None,
+                output_mult=mup.output_mult if mup.enabled else 1.0)
 
 
 def build_model(cfg, out_channels: Optional[int] = None) -> DiT:
-    return DiT(**model_kwargs(cfg, out_channels))
+    """The model with DiT's init, or with μP's init when `mup.enabled` (see `dit_scale.mup.mup_init_`)."""
+    model = DiT(**model_kwargs(cfg, out_channels))
+    if cfg.mup.enabled:
+        from dit_scale.mup import mup_init_   # mup builds base-shape models from here: import lazily
+        mup_init_(model, cfg, out_channels)
+    return model

@@ -91,12 +91,14 @@ def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `scaled_dot_product_attention`; optional RMS qk-norm per head."""
+    """Multi-head self-attention through `scaled_dot_product_attention`; optional RMS qk-norm per head.
+    `scale`: softmax temperature, None for 1/sqrt(head_dim) (μP's option is 1/head_dim)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, scale=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
+        self.scale = scale
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
@@ -106,7 +108,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

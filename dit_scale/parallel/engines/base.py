@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from dit_scale.mup import param_groups
+from dit_scale.mup import mup_table, param_groups
 
 
 def lr_lambda(cfg):
@@ -43,7 +43,7 @@ def ema_decay(decay: float, num_updates: int) -> float:
 
 def build_optimizer(cfg, model, lr_mults=None):
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay, lr_mults)
+    groups = param_groups(model, o.weight_decay, lr_mults, mup=mup_table(cfg) if cfg.mup.enabled else None)
     for g in groups:
         g["lr"] = o.lr * g["lr_mult"]
     # fused AdamW honours `found_inf`, so a non-finite step is skipped on the device without a host sync.

@@ -1,0 +1,155 @@
+"""Coordinate check: does the size of each layer's activations stay put as the model gets wider?
+
+    python launch/coord_check.py --config configs/sweeps/mutransfer_train.yaml --widths 64,128,256,512 --steps 4 \
+        --out docs/mup_coord_check.png
+
+For each width (heads grow with it at a fixed head dim, `dit_scale.mup.width_overrides`) and for μP and standard
+parameterisation, the model trains `--steps` AdamW steps (the engine's parameter groups, `build_optimizer`) on one
+fixed batch of the config's data; after each step t = 1..steps a forward pass records the mean |activation| of each
+layer type: patch embedding, attention output, FFN / routed-expert output, router logits, model output. The PNG has
+one panel per step, μP on the top row and SP below (log-log against width); the JSON next to it holds the values
+and the slope of log2 |activation| against log2 width per layer type and step. Under μP the lines are flat (slope
+near 0); under SP they grow with width. Runs on CPU in about a minute for the command above.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dit_scale.config import ConfigError, load_config  # noqa: E402
+from dit_scale.data import build_loader  # noqa: E402
+from dit_scale.diffusion import build_objective  # noqa: E402
+from dit_scale.models import build_model  # noqa: E402
+from dit_scale.models.moe import MoEFFN  # noqa: E402
+from dit_scale.mup import width_overrides  # noqa: E402
+from dit_scale.parallel.engines.base import build_optimizer  # noqa: E402
+
+LAYER_TYPES = ("embedding", "attention", "ffn/experts", "router logits", "output")
+
+
+def add_hooks(model, record: dict) -> list:
+    """Forward hooks that append mean |activation| per layer type to `record[type]`."""
+    def keep(kind, fn=lambda module, inputs, out: out):
+        def hook(module, inputs, out):
+            record.setdefault(kind, []).append(fn(module, inputs, out).detach().float().abs().mean().item())
+        return hook
+
+    hooks = [model.x_embedder.register_forward_hook(keep("embedding")),
+             model.final_layer.register_forward_hook(keep("output"))]
+    for block in model.blocks:
+        hooks.append(block.attn.register_forward_hook(keep("attention")))
+        if isinstance(block.ffn, MoEFFN):
+            hooks.append(block.ffn.experts.register_forward_hook(keep("ffn/experts")))
+            hooks.append(block.ffn.router.register_forward_hook(
+                keep("router logits", lambda m, inputs, out: F.linear(inputs[0].float(), m.weight.float()))))
+        else:
+            hooks.append(block.ffn.register_forward_hook(keep("ffn/experts")))
+    return hooks
+
+
+def coord_data(config: str, overrides: list, width: int, steps: int, mup: bool, seed: int = 0) -> list:
+    """[{layer type: mean |activation|} after step t] for t = 1..steps, at one width."""
+    base = load_config(config, overrides)
+    cfg = load_config(config, overrides + width_overrides(base, width)
+                      + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0"])
+    torch.manual_seed(seed)
+    objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+    model = build_model(cfg, objective.out_channels(cfg.model.in_channels))
+    optimizer, _ = build_optimizer(cfg, model)
+    batch = next(build_loader(cfg.data, dp_rank=0, dp_size=1, seed=seed))
+    targets = objective.training_targets(batch["x"], generator=torch.Generator().manual_seed(seed))
+    per_step = []
+    for step in range(steps + 1):
+        record = {}
+        hooks = add_hooks(model, record) if step > 0 else []
+        out, aux = model(targets["x_t"], targets["t_model"], batch["y"])
+        for h in hooks:
+            h.remove()
+        if step > 0:
+            per_step.append({k: sum(v) / len(v) for k, v in record.items()})
+        if step < steps:
+            loss = objective.loss(out.float(), targets).mean() + aux["moe_loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return per_step
+
+
+def slope(widths, values) -> float:
+    """Least-squares slope of log2(value) against log2(width)."""
+    xs, ys = [math.log2(w) for w in widths], [math.log2(max(v, 1e-30)) for v in values]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def coord_check(config: str, overrides: list, widths: list, steps: int, seed: int = 0) -> dict:
+    """{"mup"|"sp": {"values": {width: [per step]}, "slopes": [{layer type: slope} per step]}}."""
+    result = {}
+    for name, mup in (("mup", True), ("sp", False)):
+        values = {w: coord_data(config, overrides, w, steps, mup, seed) for w in widths}
+        slopes = [{k: slope(widths, [values[w][t][k] for w in widths]) for k in values[widths[0]][t]}
+                  for t in range(steps)]
+        result[name] = {"values": values, "slopes": slopes}
+    return result
+
+
+def plot(result: dict, widths: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = len(result["mup"]["slopes"])
+    fig, axes = plt.subplots(2, steps, figsize=(3.2 * steps, 6.4), squeeze=False, sharey=True)
+    for row, name in enumerate(("mup", "sp")):
+        for t in range(steps):
+            ax = axes[row][t]
+            for kind in LAYER_TYPES:
+                if kind in result[name]["values"][widths[0]][t]:
+                    ys = [result[name]["values"][w][t][kind] for w in widths]
+                    ax.plot(widths, ys, "o-", label=f"{kind} ({result[name]['slopes'][t][kind]:+.2f})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{'μP' if name == 'mup' else 'SP'}, step {t + 1}")
+            ax.set_xlabel("width")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, title="layer (slope)", title_fontsize=6)
+        axes[row][0].set_ylabel("mean |activation|")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="coord_check.png", help="PNG; the JSON goes next to it")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
+    args = parser.parse_args(argv)
+    widths = [int(w) for w in args.widths.split(",")]
+    try:
+        result = coord_check(args.config, list(args.overrides), widths, args.steps, args.seed)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    plot(result, widths, args.out)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"widths": widths, **result}, f, indent=1)
+    for name in ("mup", "sp"):
+        for t, slopes in enumerate(result[name]["slopes"]):
+            print(f"{name:3s} step {t + 1}: " + ", ".join(f"{k} {v:+.2f}" for k, v in slopes.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
