@@ -76,6 +76,16 @@ class Engine:
     def step(self, ok):
         raise NotImplementedError
 
+    def _step_and_update_ema(self, ok, ema_tensors, current_tensors):
+        """Optimizer step unless `ok` is False, LR schedule, then EMA (with warm-up) of `current_tensors`;
+        a skipped step leaves the EMA unchanged. Needs self.cfg, self.optimizer, self.scheduler, self.num_updates."""
+        guarded_step(self.optimizer, ok)
+        self.scheduler.step()
+        self.num_updates += 1
+        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema_tensors), list(current_tensors), weight)
+
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
-from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay, guarded_step
+from dit_scale.parallel.engines.base import Engine, build_optimizer
 from dit_scale.parallel.expert_parallel import shard_experts
 
 
@@ -70,12 +70,7 @@ class FSDPEngine(Engine):
         return norm
 
     def step(self, ok):
-        guarded_step(self.optimizer, ok)
-        self.scheduler.step()
-        self.num_updates += 1
-        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [_local(p) for p in self.params], weight)
+        self._step_and_update_ema(ok, self.ema, [_local(p) for p in self.params])
 
     def all_reduce_sum_(self, tensor):
         dist.all_reduce(tensor)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dit_scale.parallel.engines.base import Engine, build_optimizer, ema_decay, guarded_step
+from dit_scale.parallel.engines.base import Engine, build_optimizer
 
 
 class LocalEngine(Engine):
@@ -36,13 +36,9 @@ class LocalEngine(Engine):
 
     def step(self, ok):
         """Optimizer step unless `ok` is False (checked on the device by fused AdamW), then LR schedule and EMA."""
-        guarded_step(self.optimizer, ok)
-        self.scheduler.step()
-        self.num_updates += 1
-        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
+        ema, cur = zip(*self.ema_pairs)
+        self._step_and_update_ema(ok, ema, cur)
         with torch.no_grad():
-            ema, cur = zip(*self.ema_pairs)
-            torch._foreach_lerp_(list(ema), list(cur), weight)
             for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
                 b_ema.copy_(b)
 
