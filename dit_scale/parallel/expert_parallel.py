@@ -89,6 +89,5 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group) -> None:
             lo, hi = ep_rank * local, (ep_rank + 1) * local
             experts.w13 = nn.Parameter(experts.w13.detach()[lo:hi].clone())
             experts.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
-            experts.first_global_expert = lo
             experts.grad_scale = 1.0 / ep_size
             module.dispatcher = ExpertParallelDispatcher(group, num_experts, ep_size)

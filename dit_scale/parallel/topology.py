@@ -35,14 +35,8 @@ class Topology:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.mesh is not None
-
     def group(self, dim: str):
-        """Process group of a mesh dimension: "ep" (experts split), "edp" (same experts), "dp" (all ranks)."""
-        if dim == "dp":
-            return dist.group.WORLD
+        """Process group of a mesh dimension: "ep" (ranks splitting the experts) or "edp" (holding the same ones)."""
         return self.mesh.get_group(dim)
 
 

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
+from dit_scale.mup import param_role
 from dit_scale.parallel.engines.base import Engine, build_optimizer
 from dit_scale.parallel.expert_parallel import shard_experts
 
@@ -33,7 +34,7 @@ class FSDPEngine(Engine):
         self.cfg, self.topo = cfg, topology
         device = topology.device
         self.model = model.to(device)
-        self.expert_names = {n for n, _ in model.named_parameters() if ".experts." in n}
+        self.expert_names = {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
         shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
@@ -50,6 +51,7 @@ class FSDPEngine(Engine):
         self.module = model
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for p in model.parameters()]
+        self.buffer_names = [n for n in model.state_dict() if n not in set(self.names)]   # persistent buffers
         self.optimizer, self.scheduler = build_optimizer(cfg, model)
         self.ema = [_local(p).detach().clone() for p in self.params]
         self.num_updates = 0
@@ -121,9 +123,9 @@ class FSDPEngine(Engine):
         for name, p, e in zip(self.names, self.params, self.ema):
             model[name] = self._full(name, _local(p).detach(), p)
             ema[name] = self._full(name, e, p)
-        for name, buf in self.model.named_buffers():
-            if name in self._persistent_buffers():
-                model[name] = ema[name] = buf.detach().cpu()
+        buffers = dict(self.model.named_buffers())
+        for name in self.buffer_names:
+            model[name] = ema[name] = buffers[name].detach().cpu()
         opt = self.optimizer.state_dict()
         state = {}
         for i, (name, p) in enumerate(self._optimizer_order()):
@@ -139,9 +141,6 @@ class FSDPEngine(Engine):
         """(name, param) in the order torch's optimizer state_dict numbers them: group by group."""
         name_of = {id(p): n for n, p in zip(self.names, self.params)}
         return [(name_of[id(p)], p) for g in self.optimizer.param_groups for p in g["params"]]
-
-    def _persistent_buffers(self):
-        return {n for n in self.model.state_dict() if n not in set(self.names)}
 
     def load_state_dict(self, state: dict):
         with torch.no_grad():
