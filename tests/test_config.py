@@ -34,7 +34,12 @@ def error_of(overrides, path=None):
                                      "moe.score_function=sigmoid"),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0."),
     (["model.input_size=31"], "model.input_size=31 must be divisible by the patch size 2"),
-    (["parallel.engine=megatron"], "parallel.engine='megatron' is not allowed; choose one of: local, fsdp."),
+    (["parallel.engine=megatron"], "parallel.engine='megatron' is not allowed; choose one of: local, fsdp, "
+                                   "deepspeed."),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4 is not allowed; choose one of: 1, 2, 3."),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage=3 shards every parameter over "
+                                                             "all ranks, which DeepSpeed does not combine with "
+                                                             "expert groups; use parallel.zero_stage=1 or 2"),
     (["train.steps"], "Override 'train.steps' must look like key=value"),
 ])
 def test_invalid_values_name_the_field(overrides, message):

@@ -1,8 +1,10 @@
-"""`torchrun --nproc_per_node 2 launch/train.py ... parallel.engine=fsdp parallel.ep=2` on CPU/gloo: it trains,
+"""`torchrun --nproc_per_node 2 launch/train.py ... parallel.engine=fsdp|deepspeed parallel.ep=2` on CPU/gloo: it trains,
 its consolidated checkpoint samples in a single process, and bad layouts fail on every rank without hanging."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, tiny_overrides
 from dist_utils import free_port
@@ -18,9 +20,10 @@ def torchrun(*args, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_fsdp_expert_parallel_run(tiny_shards, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_expert_parallel_run(tiny_shards, tmp_path, engine):
     run = str(tmp_path / "run")
-    proc = torchrun(*tiny_overrides(tiny_shards, run, **{"parallel.engine": "fsdp", "parallel.ep": 2,
+    proc = torchrun(*tiny_overrides(tiny_shards, run, **{"parallel.engine": engine, "parallel.ep": 2,
                                                          "train.steps": 10, "data.batch_size": 8}))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = read_metrics(run)
@@ -48,10 +51,11 @@ def test_config_differing_between_ranks_is_an_error(tiny_shards, tmp_path):
     assert proc.stderr.count("error: The resolved config differs between ranks (ranks [1] differ from rank 0)") == 2
 
 
-def test_fsdp_resume_continues_exactly(tiny_shards, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_resume_continues_exactly(tiny_shards, tmp_path, engine):
     def run(dir_, **extra):
         proc = torchrun(*tiny_overrides(tiny_shards, str(dir_), **{
-            "parallel.engine": "fsdp", "parallel.ep": 2, "data.batch_size": 8, "logging.log_every": 1,
+            "parallel.engine": engine, "parallel.ep": 2, "data.batch_size": 8, "logging.log_every": 1,
             "train.steps": 6, "optim.schedule": "constant", **extra}))  # cosine would depend on train.steps
         assert proc.returncode == 0, proc.stderr[-2000:]
         return {r["step"]: r["loss"] for r in read_metrics(str(dir_))}

@@ -62,11 +62,11 @@ def check_layout(cfg, world: int) -> None:
     engine, ep = cfg.parallel.engine, cfg.parallel.ep
     if engine == "local" and world != 1:
         raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; use "
-                          f"parallel.engine=fsdp for several processes (or launch a single one).")
+                          f"parallel.engine=fsdp or deepspeed for several processes (or launch a single one).")
     if world % ep:
         raise ConfigError(f"parallel.ep={ep} must divide the number of processes (WORLD_SIZE={world}).")
     if engine == "local" and ep != 1:
-        raise ConfigError(f"parallel.ep={ep} needs as many processes and parallel.engine=fsdp; "
+        raise ConfigError(f"parallel.ep={ep} needs as many processes and parallel.engine=fsdp or deepspeed; "
                           f"parallel.engine=local runs one, so set parallel.ep=1.")
 
 

@@ -3,7 +3,13 @@ from dit_scale.parallel.engines.base import Engine
 from dit_scale.parallel.engines.fsdp import FSDPEngine
 from dit_scale.parallel.engines.local import LocalEngine
 
-ENGINES = {"local": LocalEngine, "fsdp": FSDPEngine}
+
+def _deepspeed(cfg, model, topology):
+    from dit_scale.parallel.engines.deepspeed import DeepSpeedEngineWrapper   # DeepSpeed is imported only if used
+    return DeepSpeedEngineWrapper(cfg, model, topology)
+
+
+ENGINES = {"local": LocalEngine, "fsdp": FSDPEngine, "deepspeed": _deepspeed}
 
 
 def build_engine(cfg, model, topology) -> Engine:

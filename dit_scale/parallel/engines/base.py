@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from dit_scale.mup import mup_table, param_groups
 
@@ -109,3 +110,16 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["lr_mult"]
+
+
+class ProcessGroupEngine(Engine):
+    """Collectives over all ranks of the default process group (needs self.topo)."""
+
+    def all_reduce_sum_(self, tensor):
+        dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.topo.world_size
+        dist.all_gather_object(out, obj)
+        return out

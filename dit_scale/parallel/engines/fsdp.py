@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
 from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import Engine, build_optimizer
+from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer
 from dit_scale.parallel.expert_parallel import shard_experts
 
 
@@ -29,7 +29,7 @@ def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class FSDPEngine(Engine):
+class FSDPEngine(ProcessGroupEngine):
     def __init__(self, cfg, model, topology):
         self.cfg, self.topo = cfg, topology
         device = topology.device
@@ -73,15 +73,6 @@ class FSDPEngine(Engine):
 
     def step(self, ok):
         self._step_and_update_ema(ok, self.ema, [_local(p) for p in self.params])
-
-    def all_reduce_sum_(self, tensor):
-        dist.all_reduce(tensor)
-        return tensor
-
-    def all_gather_object(self, obj) -> list:
-        out = [None] * self.topo.world_size
-        dist.all_gather_object(out, obj)
-        return out
 
     @contextmanager
     def sampling_module(self):

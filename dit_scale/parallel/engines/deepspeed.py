@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO engine: stage 1/2 with expert parallelism (DeepSpeed's MoE parameter groups), stage 3 for dense
+models; bf16 on GPU, fp32 on CPU (`DS_ACCELERATOR=cpu`, gloo).
+
+    torchrun --nproc_per_node 2 launch/train.py --config configs/quickstart.yaml parallel.engine=deepspeed \
+        parallel.ep=2 parallel.zero_stage=2
+
+How the pieces map onto DeepSpeed:
+- Expert weights are marked the way DeepSpeed's own MoE layer marks them (`allreduce=False`,
+  `group_name="ep_size_{ep}"`) and their optimizer group gets `moe=True, name=group_name` (the format of
+  `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`). ZeRO then partitions and reduces
+  them over the expert-data-parallel group only; our mesh and DeepSpeed's `groups` agree (EP = consecutive ranks).
+- DeepSpeed only switches its MoE machinery on when the module contains its own `deepspeed.moe.layer.MoE`;
+  `_DiTMoEEngine` tells it that our MoE layers count too (one overridden method, nothing else).
+- Gradient scale: ZeRO divides every gradient by the data-parallel world size, then sums dense gradients over all
+  ranks and expert gradients over the expert-data-parallel ranks. An expert's local gradient already sums the
+  tokens of its whole EP group, so that sum over edp ranks / world size is the global mean as it stands: unlike
+  FSDP (which averages over the edp ranks), the experts keep `grad_scale = 1`.
+- Parameter groups (μP multipliers, weight decay) come from `build_optimizer` (parameter roles); the torch AdamW it
+  builds is handed to ZeRO as the base optimizer and our LR schedule steps it. Clipping is ZeRO's (by the global
+  norm with experts counted once; `clip_grad_norm` returns that norm before the step, from ZeRO's own routine).
+- Gradient accumulation: the trainer's loss is already divided by `train.grad_accum`; we mark the last
+  micro-batch as the accumulation boundary ourselves.
+- EMA of what each rank holds: full dense + local experts at stage 1/2, the rank's partition at stage 3.
+- `state_dict()` is the consolidated format of the other engines (full tensors, experts stacked over their global
+  index), so checkpoints move between engines and process counts. DeepSpeed's `save_checkpoint` is not used: it
+  writes only rank 0's module (experts of other EP ranks would be lost).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from dit_scale.mup import param_role
+from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, ema_decay, lr_lambda
+from dit_scale.parallel.expert_parallel import shard_experts
+
+
+def _import_deepspeed():
+    """Import DeepSpeed with the CPU accelerator when no GPU is visible (it must be chosen before the import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+    deepspeed.utils.logger.setLevel(logging.WARNING)             # its INFO lines would drown our log
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+    return deepspeed, DeepSpeedConfig, DeepSpeedEngine, groups
+
+
+def ds_config(cfg, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON config derived from ours (nothing here is a second source of truth)."""
+    stage = cfg.parallel.zero_stage
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": stage, "contiguous_gradients": True, "reduce_scatter": True,
+                              "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,       # our torch AdamW with μP groups, not DeepSpeed's Adam
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10 ** 12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _gather_ep(value, topo):
+    """Stack a local-experts tensor [E_local, ...] of every EP rank into [E, ...]."""
+    if topo.ep_size == 1:
+        return value
+    parts = [torch.empty_like(value) for _ in range(topo.ep_size)]
+    dist.all_gather(parts, value.contiguous(), group=topo.group("ep"))
+    return torch.cat(parts)
+
+
+class DeepSpeedEngineWrapper(ProcessGroupEngine):
+    def __init__(self, cfg, model, topology):
+        deepspeed, DeepSpeedConfig, DeepSpeedEngine, groups = _import_deepspeed()
+        self.cfg, self.topo = cfg, topology
+        self.stage = cfg.parallel.zero_stage
+        device = topology.device
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        self.model = model.to(device)
+        self.expert_names = {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
+        shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
+        for layer in model.moe_layers():
+            layer.experts.grad_scale = 1.0                     # see "Gradient scale" above
+        moe = bool(self.expert_names)
+        group_name = f"ep_size_{topology.ep_size}"
+        if moe:
+            if group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(topology.ep_size)
+            for n, p in model.named_parameters():
+                if n in self.expert_names:
+                    p.allreduce, p.group_name = False, group_name
+        optimizer, _ = build_optimizer(cfg, model)
+        for g in optimizer.param_groups:
+            g["name"] = f"{g['role']}_{g['lr_mult']}_{g['weight_decay']}"
+            if moe and g["role"] == "expert":
+                g.update(moe=True, name=group_name)
+        self.names = [n for g in optimizer.param_groups for n in g["names"]]     # optimizer (state_dict) order
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in self.names]
+
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        config = ds_config(cfg, topology.world_size, bf16)
+
+        class _DiTMoEEngine(DeepSpeedEngine):
+            def _configure_distributed_model(self, module):
+                super()._configure_distributed_model(module)
+                if moe:           # our MoE layers, not deepspeed.moe.layer.MoE: switch ZeRO's MoE handling on
+                    self.has_moe_layers = True
+                    self.num_experts = [cfg.moe.num_experts or 0]
+
+        self.ds = _DiTMoEEngine(args=None, model=model, optimizer=optimizer, config=config,
+                                config_class=DeepSpeedConfig(config), dist_init_required=False)
+        self.module = self.ds.module
+        if cfg.train.compile:
+            for block in model.blocks:
+                block.compile()
+        self.optimizer = optimizer                     # the base torch AdamW inside ZeRO (holds lr / lr_mult)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.buffer_names = [n for n in model.state_dict() if n not in params]
+        self._init_optimizer_state()
+        self.ema = [self._held(p).detach().clone().float() for p in self.params]
+        self.num_updates = 0
+        self._micro = 0
+
+    def _held(self, p):
+        """The part of a parameter this rank holds: the tensor itself (stage 1/2), its partition (stage 3)."""
+        return p.ds_tensor if self.stage == 3 else p.data
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def backward(self, loss):
+        self._micro += 1
+        self.ds.set_gradient_accumulation_boundary(self._micro == self.cfg.train.grad_accum)
+        self.ds.backward(loss, scale_wrt_gas=False)          # the trainer already divided by grad_accum
+
+    def clip_grad_norm(self, max_norm: float):
+        """ZeRO's global norm of the reduced gradients (ZeRO clips to `optim.grad_clip` inside `step`)."""
+        zero = self.ds.optimizer
+        if self.stage < 3:
+            norm = zero.scaled_global_norm()
+        else:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+            norm = combine_grad_norm_groups(zero._get_norm_groups())
+        return torch.as_tensor(norm, dtype=torch.float32).to(self.topo.device).reshape(())
+
+    def step(self, ok):
+        """ZeRO step (it skips by itself when the norm is not finite); LR schedule; EMA of the held tensors."""
+        self.ds.step()
+        self._micro = 0
+        applied = torch.as_tensor(self.ds.was_step_applied(), device=self.topo.device) & ok
+        self.scheduler.step()
+        self.num_updates += 1
+        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * applied.float()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [self._held(p).float() for p in self.params], weight)
+
+    def zero_grad(self):
+        self.ds.zero_grad()
+
+    @contextmanager
+    def sampling_module(self):
+        """The model with EMA weights swapped into what each rank holds; every rank must call it."""
+        held = [self._held(p) for p in self.params]
+        with torch.no_grad():
+            backup = [h.clone() for h in held]
+            for h, e in zip(held, self.ema):
+                h.copy_(e)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for h, b in zip(held, backup):
+                    h.copy_(b)
+
+    # -- consolidated state ---------------------------------------------------------------------------------------
+    def _full_from_held(self, name, p, held):
+        """Full tensor from a held value (stage 3: gather the partitions; experts: stack over the EP group)."""
+        if self.stage == 3:
+            parts = [torch.empty_like(held) for _ in range(self.topo.world_size)]
+            dist.all_gather(parts, held.contiguous())
+            held = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+        if name in self.expert_names:
+            held = _gather_ep(held, self.topo)
+        return held.detach().float().cpu()
+
+    def _full_hp(self, name, p, key=None):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        if name in self.expert_names:
+            value = _gather_ep(value, self.topo)
+        return value.detach().float().cpu()
+
+    def _local_slice(self, name, full):
+        if name in self.expert_names and self.topo.ep_size > 1:
+            n = full.shape[0] // self.topo.ep_size
+            full = full[self.topo.ep_rank * n:(self.topo.ep_rank + 1) * n]
+        return full.to(self.topo.device)
+
+    def _held_slice(self, name, p, full):
+        local = self._local_slice(name, full)
+        if self.stage < 3:
+            return local
+        flat = local.reshape(-1)
+        size = p.ds_tensor.numel()
+        start = dist.get_rank() * size
+        out = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+        piece = flat[start:start + size]
+        out[:piece.numel()] = piece
+        return out
+
+    def state_dict(self) -> dict:
+        model, ema, state = {}, {}, {}
+        for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema)):
+            model[name] = self._full_hp(name, p)
+            ema[name] = self._full_from_held(name, p, e)
+            if self._step_count() > 0:
+                state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg"),
+                            "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq")}
+        buffers = dict(self.model.named_buffers())
+        for name in self.buffer_names:
+            model[name] = ema[name] = buffers[name].detach().cpu()
+        groups = [{k: v for k, v in g.items() if k not in ("params", "names", "moe", "name")}
+                  for g in self.optimizer.param_groups]
+        start = 0
+        for g, og in zip(groups, self.optimizer.param_groups):
+            g["params"] = list(range(start, start + len(og["names"])))
+            start += len(og["names"])
+        return {"model": model, "ema": ema, "ema_updates": self.num_updates,
+                "optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
+
+    def _step_count(self):
+        return next(iter(self.optimizer.state.values()))["step"]
+
+    def load_state_dict(self, state: dict):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        opt_state = state["optimizer"]["state"]
+        with torch.no_grad():
+            for i, (name, p) in enumerate(zip(self.names, self.params)):
+                full = state["model"][name]
+                safe_set_full_fp32_param(p, self._local_slice(name, full).float())
+                self._held(p).copy_(self._held_slice(name, p, full))
+                self.ema[i] = self._held_slice(name, p, state["ema"][name]).float().clone()
+                s = opt_state.get(i)
+                if s:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        safe_set_full_optimizer_state(p, self._local_slice(name, s[key]).float(), key)
+            for name, buf in self.model.named_buffers():
+                if name in state["model"]:
+                    buf.copy_(state["model"][name])
+            if opt_state:
+                step = next(iter(opt_state.values()))["step"]
+                for s in self.optimizer.state.values():
+                    s["step"].copy_(step)
+        self.num_updates = int(state["ema_updates"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, saved in zip(self.optimizer.param_groups, state["optimizer"]["param_groups"]):
+            group["lr"] = saved["lr"]             # the scheduler sets it only at its next step
+
+    def _init_optimizer_state(self):
+        """Create AdamW's state (zeros, step 0: what its first step would create) before ZeRO links it to the
+        parameters. ZeRO links all groups after stepping the first one, so lazily created state of the other
+        groups would stay invisible to `safe_get_full_optimizer_state`."""
+        for g in self.optimizer.param_groups:
+            for flat in g["params"]:
+                step_device = flat.device if g.get("fused") or g.get("capturable") else "cpu"
+                if not self.optimizer.state.get(flat):
+                    self.optimizer.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=step_device),
+                                                  "exp_avg": torch.zeros_like(flat),
+                                                  "exp_avg_sq": torch.zeros_like(flat)}
+        if self.stage < 3:        # stage 3 reads the optimizer state directly
+            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
