@@ -37,6 +37,9 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout too
+from dit_scale.data.shards import add_tar_member  # noqa: E402
+
 SHAPES = ["circle", "square", "triangle", "ring", "plus", "hbars", "vbars", "diamond", "xcross", "checker"]
 COLOURS = {
     "red": (220, 30, 30),
@@ -122,14 +125,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)              # fixed metadata: identical bytes on every run
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(num_samples, s + samples_per_shard)) for s in range(0, num_samples, samples_per_shard)]
 
@@ -140,8 +135,8 @@ def _write_shard(path: str, index: int, start: int, end: int, num_classes: int, 
     tmp = "%s.tmp-%d" % (path, os.getpid())
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, label in zip(range(start, end), labels):
-            _add_member(tar, "%08d.png" % key, _png_bytes(render_sample(int(label), size, rng)))
-            _add_member(tar, "%08d.cls" % key, str(int(label)).encode("ascii"))
+            add_tar_member(tar, "%08d.png" % key, _png_bytes(render_sample(int(label), size, rng)))
+            add_tar_member(tar, "%08d.cls" % key, str(int(label)).encode("ascii"))
     os.replace(tmp, path)
 
 

@@ -1,4 +1,5 @@
-"""Synthetic dataset writer and shard loader.
+"""Synthetic dataset writer and the shard loader (main-process paths; workers, ranks and corruption are in
+tests/test_data_loader.py).
 
     .venv/bin/python -m pytest tests/test_data.py -q
 """
@@ -18,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_scale.data import ShardLoader, build_loader
+from dit_scale.config import ConfigError
+from dit_scale.data import ShardLoader, SourceSpec, build_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "data_tools" / "make_synthetic.py")
@@ -45,23 +47,27 @@ def read_tar(path):
     return samples
 
 
-def cfg(path, batch_size=8, shuffle_buffer=0, hflip=False, image_key="png"):
+def cfg(path, batch_size=8, shuffle_buffer=0, hflip=False, image_key="auto", **extra):
     return SimpleNamespace(path=str(path), batch_size=batch_size, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                           image_key=image_key)
+                           image_key=image_key, **extra)
 
 
 def write_npy_shards(directory, num_shards, per_shard):
-    """Shards of [1, 2, 2] float32 samples filled with their global index i (label i % 3)."""
+    """Shards of [1, 2, 2] float32 samples filled with their global index i (label i % 3); per_shard may be a
+    list of sizes (uneven shards)."""
+    sizes = per_shard if isinstance(per_shard, list) else [per_shard] * num_shards
     os.makedirs(directory, exist_ok=True)
-    for s in range(num_shards):
+    start = 0
+    for s, size in enumerate(sizes):
         with tarfile.open(os.path.join(directory, "part-%03d.tar" % s), "w") as tar:
-            for i in range(s * per_shard, (s + 1) * per_shard):
+            for i in range(start, start + size):
                 buf = io.BytesIO()
                 np.save(buf, np.full((1, 2, 2), i, np.float32))
                 for name, data in (("%06d.npy" % i, buf.getvalue()), ("%06d.cls" % i, str(i % 3).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+        start += size
     return directory
 
 
@@ -135,16 +141,24 @@ def test_cli(tmp_path):
 # -- loader ---------------------------------------------------------------------------------------------------------
 def test_batches_shapes_dtypes_ranges(synthetic):
     out, paths = synthetic
-    loader = build_loader(cfg(out, batch_size=16, shuffle_buffer=32, hflip=True))
-    assert len(loader.shards) == 3 and loader.num_samples == 120
+    loader = build_loader(cfg(out, batch_size=16, shuffle_buffer=32, hflip=True), expect={"x": (3, 32, 32)})
+    assert loader.shards == paths and loader.total_samples == 120 and loader.steps_per_epoch == 7
     batch = next(loader)
-    assert set(batch) == {"x", "y"}
+    assert set(batch) == {"x", "y", "key"} and len(batch["key"]) == 16
     assert batch["x"].shape == (16, 3, 32, 32) and batch["x"].dtype == torch.float32
     assert batch["y"].shape == (16,) and batch["y"].dtype == torch.long
     assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and batch["x"].std() > 0.1
     assert 0 <= batch["y"].min() and batch["y"].max() < 10
-    assert loader.state_dict() == {"epoch": 0, "samples_in_epoch": 16}
-    assert all(type(v) is int for v in loader.state_dict().values())
+    state = loader.state_dict()
+    assert state["epochs"] == [[0]] and state["positions"] == [[16]] and state["batches"] == 1
+    assert torch.load(_roundtrip(state), weights_only=True) == state         # plain values only
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
 
 
 def test_same_seed_same_batches_different_seed_different(synthetic):
@@ -166,22 +180,24 @@ def test_hflip_flips_some_images(synthetic):
 
 
 def test_one_epoch_without_shuffle_visits_every_sample_once(tmp_path):
-    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=6, image_key="npy"))
+    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=6))
     batches = take(loader, 5)
     assert batches[0]["x"].shape == (6, 1, 2, 2) and batches[0]["x"].dtype == torch.float32
     seen = [i for b in batches for i in ids(b)]
     assert sorted(seen) == list(range(30))
     assert [i % 3 for i in seen] == [y for b in batches for y in b["y"].tolist()]
-    for start in range(0, 30, 10):                                       # no sample shuffle: shards stay in order
-        assert seen[start:start + 10] == list(range(seen[start], seen[start] + 10))
-    assert loader.state_dict() == {"epoch": 0, "samples_in_epoch": 30}
+    order = np.random.default_rng([0, 0, 0]).permutation(3)                 # exact mode: shard order of epoch 0
+    assert seen == [i for s in order for i in range(10 * s, 10 * s + 10)]
+    assert loader.state_dict()["epochs"] == [[0]] and loader.state_dict()["positions"] == [[30]]
     next(loader)
-    assert loader.state_dict() == {"epoch": 1, "samples_in_epoch": 6}
+    assert loader.state_dict()["epochs"] == [[1]] and loader.state_dict()["positions"] == [[6]]
 
 
 @pytest.mark.parametrize("k", [3, 4, 6])                                # before, across and after an epoch end
-def test_resume_continues_identically(tmp_path, k):
-    c = cfg(write_npy_shards(tmp_path, 3, 10), batch_size=7, shuffle_buffer=8, hflip=True, image_key="npy")
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resume_continues_identically(tmp_path, k, mode):
+    c = cfg(write_npy_shards(tmp_path, 3, 10), batch_size=7, shuffle_buffer=8, hflip=True, mode=mode,
+            steps_per_epoch=4)
     reference = take(build_loader(c, seed=3), k + 4)
     interrupted = build_loader(c, seed=3)
     take(interrupted, k)
@@ -203,37 +219,67 @@ def test_resume_png_with_flips(synthetic):
         assert torch.equal(got["x"], want["x"]) and torch.equal(got["y"], want["y"])
 
 
+def test_resume_state_must_match(tmp_path):
+    c = cfg(write_npy_shards(tmp_path, 4, 5), batch_size=2)
+    state = build_loader(c).state_dict()
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        build_loader(c, num_slices=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="another version"):
+        build_loader(c).load_state_dict({"epoch": 0, "samples_in_epoch": 3})
+
+
 def test_epochs_reshuffle(tmp_path):
-    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=30, shuffle_buffer=10, image_key="npy"))
+    loader = build_loader(cfg(write_npy_shards(tmp_path, 3, 10), batch_size=30, shuffle_buffer=10))
     first, second = ids(next(loader)), ids(next(loader))
     assert sorted(first) == sorted(second) == list(range(30)) and first != second
 
 
-def test_data_parallel_split(tmp_path):
-    directory = write_npy_shards(tmp_path, 5, 4)
-    ranks = [build_loader(cfg(directory, batch_size=1, image_key="npy"), dp_rank=r, dp_size=2) for r in range(2)]
-    assert set(ranks[0].shards).isdisjoint(ranks[1].shards)
-    assert sorted(ranks[0].shards + ranks[1].shards) == sorted(ranks[0].all_shards)
-    assert len(ranks[0].shards) == 3 and len(ranks[1].shards) == 2
-    seen = [ids(next(r))[0] for r, n in zip(ranks, (12, 8)) for _ in range(n)]
-    assert sorted(seen) == list(range(20))
-    with pytest.raises(ValueError, match="5 shards cannot be split over 8"):
-        build_loader(cfg(directory, image_key="npy"), dp_rank=0, dp_size=8)
+def test_resampled_mode_draws_shards_with_replacement(tmp_path):
+    directory = write_npy_shards(tmp_path, 4, 5)
+    loader = build_loader(cfg(directory, batch_size=5, mode="resampled", steps_per_epoch=3))
+    assert loader.spec.epoch_samples == [15]
+    draw = np.random.default_rng([0, 0, 0, 0, 0, 0])                     # [seed, source, epoch, rank, slice, 0]
+    expected = [i for s in (int(draw.integers(4)) for _ in range(3)) for i in range(5 * s, 5 * s + 5)]
+    assert [i for b in take(loader, 3) for i in ids(b)] == expected
+    assert loader.epoch == 1 and loader.state_dict()["epochs"] == [[0]]
+    next(loader)                                                         # the next epoch reseeds the draws
+    assert loader.state_dict()["epochs"] == [[1]] and loader.state_dict()["positions"] == [[5]]
 
 
 def test_path_forms(synthetic):
-    out, _ = synthetic
+    out, paths = synthetic
     for path in (out, out / "shard-*.tar", out / "shard-{000000..000002}.tar"):
         assert len(build_loader(cfg(path)).shards) == 3
     assert len(build_loader(cfg(out / "shard-{000000,000002}.tar")).shards) == 2
+    with pytest.raises(ConfigError, match="shard-000003.tar, which does not exist"):
+        build_loader(cfg(out / "shard-{000000..000003}.tar"))
+    # pipe: URLs stream through a command; same batches as the local files (manifest given explicitly)
+    piped = build_loader(cfg("pipe:cat %s/shard-{000000..000002}.tar" % out, batch_size=16, shuffle_buffer=8,
+                             manifest=str(out / "manifest.json")))
+    local = build_loader(cfg(out, batch_size=16, shuffle_buffer=8))
+    assert piped.total_samples == 120
+    for a, b in zip(take(piped, 9), take(local, 9)):
+        assert torch.equal(a["x"], b["x"]) and a["key"] == b["key"]
 
 
 def test_missing_path_error(tmp_path):
     missing = tmp_path / "nothing_here"
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ConfigError) as info:
         build_loader(cfg(missing))
     message = str(info.value)
     assert repr(str(missing)) in message and "data_tools/make_synthetic.py --out" in message
+
+
+def test_unreadable_shard_error(tmp_path):
+    directory = write_npy_shards(tmp_path, 2, 3)
+    os.chmod(os.path.join(directory, "part-001.tar"), 0)
+    try:
+        if os.access(os.path.join(directory, "part-001.tar"), os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(ConfigError, match="part-001.tar .* is not readable"):
+            build_loader(cfg(directory))
+    finally:
+        os.chmod(os.path.join(directory, "part-001.tar"), 0o644)
 
 
 class _Payload:
@@ -253,14 +299,14 @@ def test_pickle_members_are_ignored(tmp_path):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(image, format="PNG")
     members = [("000000.png", image.getvalue()), ("000000.cls", b"1"), ("000000.pickle", payload),
                ("000001.pyd", payload), ("000002.pickle", payload), ("000002.png", image.getvalue()),
-               ("000002.cls", b"2")]
+               ("000002.cls", b"2"), ("000003.latent.pth", payload)]
     (tmp_path / "shards").mkdir()
     with tarfile.open(tmp_path / "shards" / "evil.tar", "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    loader = build_loader(cfg(tmp_path / "shards", batch_size=4))
+    loader = build_loader(cfg(tmp_path / "shards", batch_size=4, max_corrupt_fraction=1.0))
     batch = next(loader)
     assert batch["y"].tolist() == [1, 2, 1, 2] and batch["x"].shape == (4, 3, 8, 8)
     assert torch.all(batch["x"][:, 0] == 1) and torch.all(batch["x"][:, 1] == -1)
@@ -272,4 +318,8 @@ def test_bad_arguments(synthetic):
     with pytest.raises(ValueError, match="image_key"):
         build_loader(cfg(out, image_key="pickle"))
     with pytest.raises(ValueError, match="dp_rank"):
-        ShardLoader([str(out / "shard-000000.tar")], batch_size=1, dp_rank=1, dp_size=1)
+        ShardLoader([SourceSpec([str(out / "shard-000000.tar")])], batch_size=1, dp_rank=1, dp_size=1)
+    with pytest.raises(ConfigError, match="3 shards .* cannot be split over 8"):
+        build_loader(cfg(out), dp_rank=0, dp_size=8)
+    with pytest.raises(ConfigError, match="data.steps_per_epoch"):
+        build_loader(cfg(write_npy_shards(out.parent / "nomanifest", 2, 2), mode="resampled"))

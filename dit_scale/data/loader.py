@@ -1,0 +1,294 @@
+"""The data-parallel, multi-worker, resumable shard loader the trainer uses.
+
+    loader = build_loader(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
+                          expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N})   # ConfigError on mismatch
+    batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str],
+                                  #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any}
+    state = loader.state_dict()   # plain ints / lists: goes into the checkpoint (per rank)
+    loader.load_state_dict(state) # the following batches equal those of the uninterrupted run
+    loader.close()                # stops worker processes (also on garbage collection / exit)
+
+The rank's batches come round-robin from `num_slices` slices (dit_scale/data/stream.py): slice i runs in loader
+worker process i (torch DataLoader, in-order delivery) or, with num_workers=0, all slices run in this process; both
+give the same batches. Each batch carries the state of its slice after it, so the loader state is exactly what was
+consumed, whatever the workers prefetched. The loader never ends: every rank can take any number of steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Optional
+
+import torch
+
+from dit_scale.config import ConfigError
+from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, first_sample, list_shards, \
+    read_manifest
+from dit_scale.data.stream import SliceSpec, SliceStream, SourceSpec, initial_slice_state
+
+STATE_FORMAT = "dit_scale.data/1"
+MIN_CORRUPT_WINDOW = 100
+
+
+class _SliceDataset(torch.utils.data.IterableDataset):
+    """Worker i of the DataLoader runs slice (i + offset) % num_slices from its saved state, batch by batch."""
+
+    def __init__(self, spec: SliceSpec, states: list[dict], offset: int):
+        self.spec, self.states, self.offset = spec, states, offset
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        slice_id = ((info.id if info is not None else 0) + self.offset) % self.spec.num_slices
+        stream = SliceStream(self.spec, slice_id, self.states[slice_id])
+        while True:
+            yield stream.next_batch()
+
+
+class ShardLoader:
+    """Infinite iterator of batches for one data-parallel rank (see the module docstring)."""
+
+    def __init__(self, sources: list[SourceSpec], *, batch_size: int, shuffle_buffer: int = 0, hflip: bool = False,
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, mode: str = "epoch", num_workers: int = 0,
+                 num_slices: Optional[int] = None, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01):
+        if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or num_workers < 0:
+            raise ValueError("need data.batch_size >= 1, data.shuffle_buffer >= 0, data.num_workers >= 0, seed >= 0")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError("dp_rank %d is not in [0, dp_size=%d)" % (dp_rank, dp_size))
+        if mode not in ("epoch", "resampled"):
+            raise ValueError("data.mode must be epoch or resampled, got %r" % mode)
+        num_slices = num_slices or max(1, num_workers)
+        if num_workers not in (0, num_slices):
+            raise ValueError("num_workers=%d must be 0 or num_slices=%d" % (num_workers, num_slices))
+        for src in sources:
+            if len(src.shards) < dp_size:
+                raise ConfigError("%d shards in %s cannot be split over %d data-parallel ranks; write at least %d "
+                                  "shards (e.g. a smaller --samples-per-shard)"
+                                  % (len(src.shards), src.name, dp_size, dp_size))
+        self.sources = sources
+        self.shards = [s for src in sources for s in src.shards]
+        self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
+        self.mode, self.num_workers, self.num_slices = mode, num_workers, num_slices
+        self.max_corrupt_fraction = max_corrupt_fraction
+        counts = [src.num_samples for src in sources]
+        self.total_samples = sum(counts) if all(c is not None for c in counts) else None
+        if steps_per_epoch <= 0 and self.total_samples is not None:
+            steps_per_epoch = max(1, self.total_samples // (dp_size * batch_size))
+        if mode == "resampled" and steps_per_epoch <= 0:
+            raise ConfigError("data.mode=resampled needs data.steps_per_epoch > 0 when the shards have no "
+                              "manifest.json with sample counts (%s)" % sources[0].name)
+        self.steps_per_epoch = steps_per_epoch
+        weight_sum = sum(src.weight for src in sources)
+        epoch_samples = [max(1, math.ceil(steps_per_epoch * batch_size * src.weight / weight_sum / num_slices))
+                         for src in sources] if mode == "resampled" else []
+        self.spec = SliceSpec(sources=sources, batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+                              num_slices=num_slices, mode=mode, shuffle_buffer=shuffle_buffer, hflip=hflip,
+                              epoch_samples=epoch_samples)
+        self.slice_states = [initial_slice_state(len(sources)) for _ in range(num_slices)]
+        self.next_slice = 0
+        self.batches = 0
+        self._iter: Optional[Iterator[dict]] = None
+        self._dataloader = None
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Exact mode: the oldest epoch any slice of the first source is in; resampled: batches // steps_per_epoch."""
+        if self.mode == "resampled":
+            return self.batches // self.steps_per_epoch
+        return min(s["epochs"][0] for s in self.slice_states)
+
+    @property
+    def corrupt(self) -> tuple[int, int]:
+        """(corrupt samples skipped, raw samples read) by this rank so far."""
+        return (sum(s["corrupt"] for s in self.slice_states), sum(s["seen"] for s in self.slice_states))
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "mode": self.mode, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "num_slices": self.num_slices, "num_sources": len(self.sources), "epoch": self.epoch,
+                "batches": self.batches, "next_slice": self.next_slice,
+                "epochs": [list(s["epochs"]) for s in self.slice_states],
+                "positions": [list(s["positions"]) for s in self.slice_states],
+                "draws": [s["draws"] for s in self.slice_states],
+                "seen": [s["seen"] for s in self.slice_states],
+                "corrupt": [s["corrupt"] for s in self.slice_states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ConfigError("The data-loader state in this checkpoint has format %r, not %r; it was written by "
+                              "another version of dit_scale.data and its position cannot be restored."
+                              % (state.get("format"), STATE_FORMAT))
+        for key, field, mine in (("mode", "data.mode", self.mode), ("dp_size", "the data-parallel size",
+                                                                  self.dp_size),
+                                 ("num_slices", "data.num_workers (loader slices)", self.num_slices),
+                                 ("num_sources", "the number of data.sources", len(self.sources))):
+            if state[key] != mine:
+                raise ConfigError("The checkpoint's loader state was saved with %s=%s and this run has %s; resume "
+                                  "with the same value." % (field, state[key], mine))
+        self.close()
+        self.slice_states = [{"epochs": [int(v) for v in e], "positions": [int(v) for v in p], "draws": int(d),
+                              "seen": int(n), "corrupt": int(c)}
+                             for e, p, d, n, c in zip(state["epochs"], state["positions"], state["draws"],
+                                                      state["seen"], state["corrupt"])]
+        self.next_slice, self.batches = int(state["next_slice"]), int(state["batches"])
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        states = [dict(s) for s in self.slice_states]
+        if self.num_workers == 0:
+            streams = [SliceStream(self.spec, i, states[i]) for i in range(self.num_slices)]
+
+            def round_robin(start: int) -> Iterator[dict]:
+                i = start
+                while True:
+                    yield streams[i].next_batch()
+                    i = (i + 1) % self.num_slices
+            self._iter = round_robin(self.next_slice)
+            return
+        dataset = _SliceDataset(self.spec, states, self.next_slice)
+        self._dataloader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2, persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(0))   # its own: starting workers must not move the global RNG
+        self._iter = iter(self._dataloader)
+
+    def __iter__(self) -> "ShardLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iter is None:
+            self._start()
+        batch = next(self._iter)
+        slice_id = int(batch.pop("__slice__"))
+        if slice_id != self.next_slice:               # DataLoader delivers workers in order; never expected
+            raise RuntimeError("loader received slice %d, expected %d" % (slice_id, self.next_slice))
+        self.slice_states[slice_id] = batch.pop("__state__")
+        self.next_slice = (slice_id + 1) % self.num_slices
+        self.batches += 1
+        corrupt, seen = self.corrupt
+        if corrupt and corrupt > self.max_corrupt_fraction * max(seen, MIN_CORRUPT_WINDOW):
+            self.close()
+            raise RuntimeError("%d of %d samples read on data-parallel rank %d were corrupt, more than "
+                               "data.max_corrupt_fraction=%g; check the shards (the messages above name them)"
+                               % (corrupt, seen, self.dp_rank, self.max_corrupt_fraction))
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); the next batch restarts them from the current state."""
+        it, self._iter, self._dataloader = self._iter, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        elif it is not None and hasattr(it, "close"):
+            it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:   # noqa: BLE001 -- interpreter shutdown
+            pass
+
+
+# -- construction --------------------------------------------------------------------------------------------------
+def _resolve_source(path: str, field: str, weight: float, image_key: str, manifest_path: Optional[str]) -> SourceSpec:
+    """Shards, member names and shapes of one source, from its manifest or (without one) its first sample."""
+    shards = list_shards(path, field)
+    info, counts, found = read_manifest(shards, manifest_path)
+    name = "%s=%r" % (field, path) + (" (manifest %s)" % found if found else "")
+    src = SourceSpec(shards=shards, weight=weight, name=name,
+                     num_samples=sum(counts.values()) if len(counts) == len(shards) else None)
+    src.image_key = image_key if image_key != "auto" else info.get("image_key")
+    src.feat_key = info.get("feat_key")
+    src.labels = info.get("label_key", "cls") is not None
+    if info.get("x_shape"):
+        src.x_shape = tuple(int(v) for v in info["x_shape"])
+    elif info.get("image_size") and info.get("channels"):
+        src.x_shape = (int(info["channels"]), int(info["image_size"]), int(info["image_size"]))
+    if info.get("feat_shape"):
+        src.feat_shape = tuple(int(v) for v in info["feat_shape"])
+    if src.image_key is None or src.x_shape is None:
+        sample = first_sample(shards[0])
+        if sample is None:
+            raise ConfigError("Shard %s of %s holds no samples; rebuild it." % (shards[0], name))
+        if src.image_key is None:
+            found_keys = [k for k in ("latent.npy", "latent.safetensors", "image.png", "image.jpg", "png", "jpg",
+                                      "jpeg", "npy", "safetensors") if k in sample]
+            if not found_keys:
+                raise ConfigError("Samples of %s have no image or latent member (members: %s); set data.image_key."
+                                  % (name, sorted(k for k in sample if not k.startswith("__"))))
+            src.image_key = found_keys[0]
+            if "feat.npy" in sample and src.feat_key is None:
+                src.feat_key = "feat.npy"
+            src.labels = "cls" in sample
+        if src.image_key not in sample:
+            raise ConfigError("Samples of %s have no .%s member (data.image_key); members: %s."
+                              % (name, src.image_key, sorted(k for k in sample if not k.startswith("__"))))
+        x = decode_image(sample[src.image_key], src.image_key)
+        pixels = src.image_key.rsplit(".", 1)[-1].lower() in PIXEL_SUFFIXES
+        src.x_shape = (x.shape[2], x.shape[0], x.shape[1]) if pixels else tuple(x.shape)
+        if src.feat_key and src.feat_key in sample and src.feat_shape is None:
+            src.feat_shape = tuple(decode_array(sample[src.feat_key], src.feat_key).shape)
+    return src
+
+
+def check_expected(sources: list[SourceSpec], expect: dict) -> None:
+    """ConfigError naming the source and the fix when the shards do not fit what the model expects."""
+    for src in sources:
+        want = expect.get("x")
+        if want is not None and src.x_shape is not None and tuple(src.x_shape) != tuple(want):
+            raise ConfigError("%s holds samples of shape %s but the model expects x of shape %s (model.in_channels, "
+                              "model.input_size); set model.in_channels=%d model.input_size=%d or point the data "
+                              "at shards built for this model." % (src.name, list(src.x_shape), list(want),
+                                                                   src.x_shape[0], src.x_shape[-1]))
+        dim, tokens = expect.get("feat_dim"), expect.get("feat_tokens")
+        if (dim is not None or tokens is not None) and src.feat_key is None:
+            raise ConfigError("%s holds no teacher features (feat.npy) but representation alignment needs them; "
+                              "build the shards with data_tools/build_shards.py --teacher PATH or disable "
+                              "alignment." % src.name)
+        if src.feat_shape is None:
+            continue
+        n, d = src.feat_shape
+        if dim is not None and d != dim:
+            raise ConfigError("%s holds teacher features of dim %d but the alignment head expects %d; rebuild the "
+                              "shards with the matching teacher or set the alignment feature dim to %d."
+                              % (src.name, d, dim, d))
+        if tokens is not None and n != tokens:
+            raise ConfigError("%s holds teacher features for %d tokens but the model has %d; rebuild the shards "
+                              "with --feat-grid %d (the model's token grid side)."
+                              % (src.name, n, tokens, int(round(tokens ** 0.5))))
+
+
+def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expect: Optional[dict] = None,
+                 num_slices: Optional[int] = None) -> ShardLoader:
+    """ShardLoader for a DataConfig-like `cfg` (path or sources/weights, batch_size, shuffle_buffer, hflip,
+    image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction). `expect` may hold
+    "x": (C, H, W), "feat_dim": D, "feat_tokens": N; a mismatch with the shards is a ConfigError. `num_slices`
+    (default: max(1, num_workers)) with num_workers=0 runs that many slices in this process: the same batches as
+    that many workers."""
+    sources_cfg = list(getattr(cfg, "sources", None) or [])
+    weights = [float(w) for w in (getattr(cfg, "weights", None) or [])]
+    image_key = str(getattr(cfg, "image_key", "auto"))
+    manifest = getattr(cfg, "manifest", None)
+    suffix = image_key.rsplit(".", 1)[-1].lower()
+    if image_key != "auto" and suffix not in PIXEL_SUFFIXES | {"npy", "safetensors"}:
+        raise ConfigError("data.image_key=%r is not an image or array member; use auto, png, jpg, npy, latent.npy "
+                          "or another name ending in .png/.jpg/.npy/.safetensors." % image_key)
+    if sources_cfg:
+        if weights and len(weights) != len(sources_cfg):
+            raise ConfigError("data.weights has %d entries for %d data.sources; give one weight per source."
+                              % (len(weights), len(sources_cfg)))
+        weights = weights or [1.0] * len(sources_cfg)
+        if manifest and len(sources_cfg) > 1:
+            raise ConfigError("data.manifest names one manifest but data.sources has %d entries; leave it unset "
+                              "and keep each manifest.json next to its shards." % len(sources_cfg))
+        sources = [_resolve_source(p, "data.sources[%d]" % i, w, image_key, manifest)
+                   for i, (p, w) in enumerate(zip(sources_cfg, weights))]
+    else:
+        sources = [_resolve_source(cfg.path, "data.path", 1.0, image_key, manifest)]
+    if len({tuple(s.x_shape) for s in sources}) > 1:
+        raise ConfigError("data.sources hold samples of different shapes (%s); mix sources of one shape only."
+                          % ", ".join("%s: %s" % (s.name, list(s.x_shape)) for s in sources))
+    if expect:
+        check_expected(sources, expect)
+    return ShardLoader(sources, batch_size=int(cfg.batch_size), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 0)),
+                       hflip=bool(getattr(cfg, "hflip", False)), seed=seed, dp_rank=dp_rank, dp_size=dp_size,
+                       mode=str(getattr(cfg, "mode", "epoch")), num_workers=int(getattr(cfg, "num_workers", 0)),
+                       steps_per_epoch=int(getattr(cfg, "steps_per_epoch", 0)), num_slices=num_slices,
+                       max_corrupt_fraction=float(getattr(cfg, "max_corrupt_fraction", 0.01)))

@@ -1,0 +1,266 @@
+"""One loader slice: a deterministic, resumable stream of batches built from its share of the shards.
+
+A data-parallel rank runs `num_slices` slices (one per loader worker process, or all of them in the main process
+when data.num_workers=0) and hands out their batches round-robin. Every random choice is a numpy generator seeded
+from integers, never from global state:
+
+  exact mode (data.mode=epoch), source j, epoch e:
+      shard order    default_rng([seed, j, e]).permutation(num_shards)   -- the same on every rank
+      this slice     order[rank::dp_size][slice::num_slices]             -- disjoint, together every shard once
+                     (fewer shards than ranks x slices: every slice reads all of them in `order` and keeps the
+                     samples whose running index i has i % (dp_size*num_slices) == rank*num_slices + slice)
+  resampled mode, source j, epoch e: shards drawn with replacement from default_rng([seed, j, e, rank, slice, 0]);
+      an epoch is a fixed number of samples per slice, so every rank's epochs have the same number of steps.
+  both: shuffle buffer from [seed, j, e, rank, slice, 1], horizontal flips from [seed, j, e, rank, slice, 2],
+      the source of the k-th sample of a mixture from [seed, 1_000_003, rank, slice, k // 4096].
+
+The slice state is (epoch, raw samples taken in that epoch) per source plus the mixture draw count. Resuming
+reopens the epoch and re-reads (without decoding) the samples already taken, so the remaining sequence is
+identical. Corrupt samples (undecodable members, wrong shapes, a truncated tar) are skipped and counted.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, iter_tar_samples
+
+MIX_STREAM = 1_000_003
+MIX_BLOCK = 4096
+MAX_EMPTY_EPOCHS = 10
+MAX_WARNINGS = 5
+
+
+@dataclass
+class SourceSpec:
+    """One set of shards and how to decode its samples (resolved at start-up by build_loader)."""
+    shards: list[str]
+    weight: float = 1.0
+    image_key: str = "png"                 # member holding x: png/jpg (pixels) or npy/safetensors (latents)
+    feat_key: Optional[str] = None         # teacher features [N, D], e.g. "feat.npy"
+    labels: bool = True                    # samples carry a .cls label (else y = -1)
+    x_shape: Optional[tuple] = None        # [C, H, W] after decoding, when known
+    feat_shape: Optional[tuple] = None     # [N, D]
+    num_samples: Optional[int] = None      # from the manifest
+    name: str = ""                         # for messages: data.path or data.sources[i]
+
+
+@dataclass
+class SliceSpec:
+    sources: list[SourceSpec]
+    batch_size: int
+    seed: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    num_slices: int = 1
+    mode: str = "epoch"                    # epoch | resampled
+    shuffle_buffer: int = 0
+    hflip: bool = False
+    epoch_samples: list[int] = field(default_factory=list)   # resampled: raw samples per slice-epoch per source
+
+
+def initial_slice_state(num_sources: int) -> dict:
+    return {"epochs": [0] * num_sources, "positions": [0] * num_sources, "draws": 0, "seen": 0, "corrupt": 0}
+
+
+def shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """Reservoir-style shuffle: keep `buffer_size` samples, emit a random one for each new arrival."""
+    buffer: list = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(len(buffer)))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    while buffer:
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()
+
+
+def exact_epoch_plan(num_shards: int, seed: int, source: int, epoch: int, dp_rank: int, dp_size: int,
+                     slice_id: int, num_slices: int) -> tuple[list[int], Optional[tuple[int, int]]]:
+    """(shard indices this slice reads in this epoch, (modulus, remainder) sample filter or None)."""
+    order = np.random.default_rng([seed, source, epoch]).permutation(num_shards)
+    if num_shards >= dp_size * num_slices:
+        return [int(i) for i in order[dp_rank::dp_size][slice_id::num_slices]], None
+    return [int(i) for i in order], (dp_size * num_slices, dp_rank * num_slices + slice_id)
+
+
+class SourceCursor:
+    """Raw (sample, flip) pairs of one source for one slice, across epochs; position = (epoch, taken)."""
+
+    def __init__(self, spec: SliceSpec, source: int, slice_id: int, epoch: int, position: int):
+        self.spec, self.source, self.slice_id = spec, source, slice_id
+        self.epoch, self.position = epoch, position
+        self._it: Optional[Iterator] = None
+        self._empty_epochs = 0
+
+    def _rng(self, purpose: int) -> np.random.Generator:
+        s = self.spec
+        return np.random.default_rng([s.seed, self.source, self.epoch, s.dp_rank, self.slice_id, purpose])
+
+    def _raw_epoch(self) -> Iterator[dict]:
+        s, src = self.spec, self.spec.sources[self.source]
+        if s.mode == "resampled":
+            draw = self._rng(0)
+            shards = (src.shards[int(draw.integers(len(src.shards)))] for _ in itertools.repeat(None))
+            samples = (x for shard in shards for x in iter_tar_samples(shard))
+            quota = s.epoch_samples[self.source]
+            samples = (x for _, x in zip(range(quota), samples))
+        else:
+            plan, keep = exact_epoch_plan(len(src.shards), s.seed, self.source, self.epoch, s.dp_rank, s.dp_size,
+                                          self.slice_id, s.num_slices)
+            samples = (x for i in plan for x in iter_tar_samples(src.shards[i]))
+            if keep is not None:
+                samples = (x for i, x in enumerate(samples) if i % keep[0] == keep[1])
+        if s.shuffle_buffer > 1:
+            samples = shuffled(samples, s.shuffle_buffer, self._rng(1))
+        flips = self._rng(2)
+        for x in samples:
+            yield x, bool(s.hflip and flips.random() < 0.5)
+
+    def _open(self) -> None:
+        self._it = self._raw_epoch()
+        for taken in range(self.position):        # resume: re-read, do not decode
+            if next(self._it, None) is None:
+                raise ValueError("loader state (epoch %d, position %d) is past the end of the epoch (%d samples) of "
+                                 "%s; the shards changed since it was saved" % (self.epoch, self.position, taken,
+                                                                             self.spec.sources[self.source].name))
+
+    def next(self) -> tuple[dict, bool]:
+        while True:
+            if self._it is None:
+                self._open()
+            item = next(self._it, None)
+            if item is not None:
+                self.position += 1
+                self._empty_epochs = 0
+                return item
+            self._empty_epochs = self._empty_epochs + 1 if self.position == 0 else 0
+            if self._empty_epochs >= MAX_EMPTY_EPOCHS:
+                raise RuntimeError("%d epochs in a row gave no samples to data-parallel rank %d, loader slice %d of "
+                                   "%s; use fewer data.num_workers or more, non-empty shards"
+                                   % (MAX_EMPTY_EPOCHS, self.spec.dp_rank, self.slice_id,
+                                      self.spec.sources[self.source].name))
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+
+
+class SliceStream:
+    """Batches of one slice: {"x", "y", ["feat"], ["caption"], "key"} plus "__state__" (the slice state after it)."""
+
+    def __init__(self, spec: SliceSpec, slice_id: int, state: Optional[dict] = None):
+        state = state or initial_slice_state(len(spec.sources))
+        self.spec, self.slice_id = spec, slice_id
+        self.cursors = [SourceCursor(spec, j, slice_id, int(e), int(p))
+                        for j, (e, p) in enumerate(zip(state["epochs"], state["positions"]))]
+        self.draws, self.seen, self.corrupt = int(state["draws"]), int(state["seen"]), int(state["corrupt"])
+        weights = np.array([src.weight for src in spec.sources], dtype=np.float64)
+        self.cum_weights = np.cumsum(weights / weights.sum())
+        self._block: tuple[int, np.ndarray] = (-1, np.empty(0))
+        self._warned = 0
+
+    def state(self) -> dict:
+        return {"epochs": [c.epoch for c in self.cursors], "positions": [c.position for c in self.cursors],
+                "draws": self.draws, "seen": self.seen, "corrupt": self.corrupt}
+
+    def _pick_source(self) -> int:
+        if len(self.cursors) == 1:
+            return 0
+        block, offset = divmod(self.draws, MIX_BLOCK)
+        if self._block[0] != block:
+            rng = np.random.default_rng([self.spec.seed, MIX_STREAM, self.spec.dp_rank, self.slice_id, block])
+            self._block = (block, rng.random(MIX_BLOCK))
+        self.draws += 1
+        return int(min(np.searchsorted(self.cum_weights, self._block[1][offset], side="right"),
+                       len(self.cursors) - 1))
+
+    def _decode(self, sample: dict, flip: bool, src: SourceSpec) -> dict:
+        if "__error__" in sample:
+            raise ValueError(sample["__error__"])
+        key = src.image_key
+        if key not in sample:
+            raise ValueError("no .%s member" % key)
+        x = decode_image(sample[key], key)
+        pixels = key.rsplit(".", 1)[-1].lower() in PIXEL_SUFFIXES
+        if flip:
+            stem, _, ext = key.rpartition(".")
+            flipped = "%s_flip.%s" % (stem, ext) if stem else None
+            if flipped in sample:                  # stored encoding of the flipped image (e.g. latent_flip.npy)
+                x = decode_image(sample[flipped], flipped)
+            else:                                  # png/jpg: [H, W, C], width is axis 1; arrays [C, H, W]: last
+                x = x[:, ::-1] if pixels else x[..., ::-1]
+        shape = (x.shape[2], x.shape[0], x.shape[1]) if pixels else tuple(x.shape)        # as [C, H, W]
+        if src.x_shape is not None and shape != tuple(src.x_shape):
+            raise ValueError("x has shape %s, expected %s" % (shape, tuple(src.x_shape)))
+        out = {"x": x, "pixels": pixels, "key": sample["__key__"]}
+        if src.labels:
+            if "cls" not in sample:
+                raise ValueError("no .cls label")
+            out["y"] = int(sample["cls"].decode("ascii").strip())
+        else:
+            out["y"] = -1
+        if src.feat_key is not None:
+            if src.feat_key not in sample:
+                raise ValueError("no .%s member" % src.feat_key)
+            stem, _, ext = src.feat_key.rpartition(".")
+            flipped = "%s_flip.%s" % (stem, ext)
+            feat = decode_array(sample[flipped] if flip and flipped in sample else sample[src.feat_key],
+                                src.feat_key)
+            if feat.ndim != 2 or (src.feat_shape is not None and tuple(feat.shape) != tuple(src.feat_shape)):
+                raise ValueError("feat has shape %s, expected %s" % (tuple(feat.shape), src.feat_shape))
+            if flip and flipped not in sample:     # mirror the token grid (features of the flipped image)
+                side = int(round(feat.shape[0] ** 0.5))
+                if side * side == feat.shape[0]:
+                    feat = feat.reshape(side, side, -1)[:, ::-1].reshape(feat.shape)
+            out["feat"] = feat
+        for caption_key in ("caption.txt", "txt"):
+            if caption_key in sample:
+                out["caption"] = sample[caption_key].decode("utf-8")
+                break
+        return out
+
+    def next_batch(self) -> dict[str, Any]:
+        items = []
+        while len(items) < self.spec.batch_size:
+            j = self._pick_source()
+            sample, flip = self.cursors[j].next()
+            self.seen += 1
+            try:
+                items.append(self._decode(sample, flip, self.spec.sources[j]))
+            except Exception as e:                 # noqa: BLE001 -- any undecodable sample is skipped and counted
+                self.corrupt += 1
+                if self._warned < MAX_WARNINGS:
+                    self._warned += 1
+                    print("data: skipping corrupt sample %s in %s (%s)" % (sample.get("__key__"),
+                                                                           sample.get("__shard__"), e),
+                          file=sys.stderr, flush=True)
+        return {**collate(items), "__state__": self.state(), "__slice__": self.slice_id}
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    pixel_rows = [i for i, item in enumerate(items) if item["pixels"]]
+    if pixel_rows and len(pixel_rows) != len(items):
+        raise ValueError("a batch mixes pixel and latent samples; mix sources of one kind only")
+    x = np.stack([item["x"] for item in items])
+    if pixel_rows:                                 # uint8 [B, H, W, C] -> float [B, C, H, W] in [-1, 1] (numpy:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)      # no torch thread-pool cost)
+        x *= 1.0 / 127.5
+        x -= 1.0
+    else:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    batch: dict[str, Any] = {"x": torch.from_numpy(x),
+                             "y": torch.tensor([item["y"] for item in items], dtype=torch.long),
+                             "key": [item["key"] for item in items]}
+    if all("feat" in item for item in items):
+        batch["feat"] = torch.from_numpy(np.ascontiguousarray(np.stack([item["feat"] for item in items]),
+                                                              dtype=np.float32))
+    if any("caption" in item for item in items):
+        batch["caption"] = [item.get("caption", "") for item in items]
+    return batch

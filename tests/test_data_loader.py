@@ -1,0 +1,243 @@
+"""Shard loader: data-parallel ranks x worker processes, resume with workers, corruption, mixing, shape checks,
+and a 2-process run on uneven shards.
+
+    .venv/bin/python -m pytest tests/test_data_loader.py -q
+"""
+import io
+import multiprocessing
+import os
+import tarfile
+from collections import Counter
+from datetime import timedelta
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dist_utils import free_port
+from dit_scale.config import ConfigError
+from dit_scale.data import build_loader
+
+UNEVEN = [5, 3, 6, 2, 7, 4, 1, 8]              # 36 samples in 8 shards
+
+
+def cfg(path, **kw):
+    base = dict(path=str(path), batch_size=1, shuffle_buffer=0, hflip=False, image_key="auto")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def write_shards(directory, sizes, start=0, feat=False, corrupt=()):
+    """Shards of [1, 2, 2] samples filled with their global id (label id % 3); ids in `corrupt` get a broken npy."""
+    os.makedirs(directory, exist_ok=True)
+    i = start
+    for s, size in enumerate(sizes):
+        with tarfile.open(os.path.join(directory, "part-%03d.tar" % s), "w") as tar:
+            for i in range(i, i + size):
+                data = npy(np.full((1, 2, 2), i, np.float32))
+                add(tar, "%06d.npy" % i, data[:40] if i in corrupt else data)
+                add(tar, "%06d.cls" % i, str(i % 3).encode())
+                if feat:
+                    add(tar, "%06d.feat.npy" % i, npy(np.arange(4 * 3, dtype=np.float16).reshape(4, 3) + i))
+            i += 1
+    return str(directory)
+
+
+def ids(batch):
+    return batch["x"][:, 0, 0, 0].long().tolist()
+
+
+def epoch_samples(loader, epoch, max_batches=400):
+    """{(slice, id)} of every sample of `epoch` this loader yields (batch_size 1), reading until all slices are
+    past it. The epoch of a sample is its slice's source-0 epoch right after it was taken."""
+    got = []
+    for _ in range(max_batches):
+        slice_id = loader.next_slice
+        batch = next(loader)
+        if loader.slice_states[slice_id]["epochs"][0] == epoch:
+            got += [(slice_id, i) for i in ids(batch)]
+        if min(s["epochs"][0] for s in loader.slice_states) > epoch:
+            return got
+    raise AssertionError("epoch %d did not end within %d batches" % (epoch, max_batches))
+
+
+# -- ranks x workers -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [UNEVEN, [4, 5]])        # shard-level split; fewer shards than ranks x slices
+def test_two_ranks_two_slices_cover_each_epoch_once(tmp_path, sizes):
+    directory = write_shards(tmp_path, sizes)
+    total = sum(sizes)
+    for epoch in (0, 1):
+        per_rank = [epoch_samples(build_loader(cfg(directory), dp_rank=r, dp_size=2, num_slices=2), epoch)
+                    for r in range(2)]
+        seen = [i for rank in per_rank for _, i in rank]
+        assert sorted(seen) == list(range(total))           # disjoint (no repeats) and complete
+        assert all(len({s for s, _ in rank}) == 2 for rank in per_rank)   # both slices of each rank contribute
+
+
+def test_worker_processes_equal_in_process_slices(tmp_path):
+    directory = write_shards(tmp_path, UNEVEN)
+    c = cfg(directory, batch_size=3, shuffle_buffer=4, hflip=True)
+    workers = build_loader(SimpleNamespace(**vars(c), num_workers=2), dp_rank=1, dp_size=2)
+    inline = build_loader(c, dp_rank=1, dp_size=2, num_slices=2)
+    rng_before = torch.get_rng_state()
+    try:
+        for _ in range(15):                                  # several epochs
+            a, b = next(workers), next(inline)
+            assert torch.equal(a["x"], b["x"]) and a["key"] == b["key"]
+        assert workers.state_dict() == inline.state_dict()
+        assert torch.equal(torch.get_rng_state(), rng_before)   # starting workers leaves the global RNG alone
+        assert len(multiprocessing.active_children()) >= 2
+    finally:
+        workers.close()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]   # no leaked workers
+
+
+def test_resume_with_workers_mid_epoch(tmp_path):
+    directory = write_shards(tmp_path, UNEVEN)
+    c = cfg(directory, batch_size=4, shuffle_buffer=6, hflip=True, num_workers=2)
+    reference = build_loader(c, seed=7)
+    want = [ids(next(reference)) for _ in range(12)]
+    reference.close()
+    first = build_loader(c, seed=7)
+    assert [ids(next(first)) for _ in range(5)] == want[:5]   # 5 batches: the next one comes from slice 1
+    state = first.state_dict()
+    first.close()
+    assert state["next_slice"] == 1
+    resumed = build_loader(c, seed=7)
+    resumed.load_state_dict(state)
+    assert [ids(next(resumed)) for _ in range(7)] == want[5:]
+    resumed.close()
+    inline = build_loader(SimpleNamespace(**{**vars(c), "num_workers": 0}), seed=7, num_slices=2)
+    inline.load_state_dict(state)                            # the same state drives the in-process path
+    assert [ids(next(inline)) for _ in range(7)] == want[5:]
+
+
+# -- corruption ------------------------------------------------------------------------------------------------------
+def test_corrupt_member_is_skipped_and_counted(tmp_path):
+    directory = write_shards(tmp_path, [10, 10], corrupt={3, 14})
+    loader = build_loader(cfg(directory, batch_size=6, max_corrupt_fraction=0.05))
+    got = [i for _ in range(3) for i in ids(next(loader))]
+    assert sorted(got) == sorted(set(range(20)) - {3, 14})  # one clean epoch minus the two broken samples
+    assert loader.corrupt == (2, 20) and loader.state_dict()["corrupt"] == [2]
+    strict = build_loader(cfg(directory, batch_size=6, max_corrupt_fraction=0.0))
+    with pytest.raises(RuntimeError, match="corrupt, more than data.max_corrupt_fraction=0"):
+        for _ in range(3):
+            next(strict)
+
+
+def test_truncated_shard_is_counted_and_skipped(tmp_path):
+    directory = write_shards(tmp_path, [10, 10])
+    path = os.path.join(directory, "part-001.tar")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:5 * 2048 + 700])                      # ends inside sample 15's npy member
+    loader = build_loader(cfg(directory, batch_size=5, max_corrupt_fraction=1.0))
+    got = [i for _ in range(4) for i in ids(next(loader))]   # epoch 0: 15 samples and the broken tail
+    assert sorted(got[:15]) == list(range(15)) and loader.corrupt == (1, 21)
+
+
+# -- mixing ----------------------------------------------------------------------------------------------------------
+def test_weighted_mixing_and_resume(tmp_path):
+    a = write_shards(tmp_path / "a", [50, 50])
+    b = write_shards(tmp_path / "b", [50, 50], start=1000)
+    c = SimpleNamespace(path="unused", sources=[a, b], weights=[3.0, 1.0], batch_size=20, shuffle_buffer=0,
+                        hflip=False, image_key="auto")
+    loader = build_loader(c)
+    batches = [ids(next(loader)) for _ in range(30)]
+    counts = Counter(i >= 1000 for batch in batches for i in batch)
+    assert 0.70 < counts[False] / 600 < 0.80                 # 3:1 by weight (600 draws)
+    draws = np.random.default_rng([0, 1_000_003, 0, 0, 0]).random(600)   # the documented mixture stream
+    assert [i >= 1000 for batch in batches for i in batch] == list(draws >= 0.75)
+    resumed = build_loader(c)
+    take = build_loader(c)
+    for _ in range(11):
+        next(take)
+    resumed.load_state_dict(take.state_dict())
+    assert [ids(next(resumed)) for _ in range(19)] == batches[11:]
+    with pytest.raises(ConfigError, match="data.weights has 1 entries for 2 data.sources"):
+        build_loader(SimpleNamespace(**{**vars(c), "weights": [1.0]}))
+
+
+# -- shape checks ----------------------------------------------------------------------------------------------------
+def test_manifest_mismatch_is_a_config_error(tmp_path):
+    directory = write_shards(tmp_path, [4, 4], feat=True)
+    loader = build_loader(cfg(directory, batch_size=4), expect={"x": (1, 2, 2), "feat_dim": 3, "feat_tokens": 4})
+    batch = next(loader)
+    assert batch["feat"].shape == (4, 4, 3) and batch["feat"].dtype == torch.float32
+    with pytest.raises(ConfigError) as info:
+        build_loader(cfg(directory), expect={"x": (4, 32, 32)})
+    assert str(info.value).startswith("data.path=%r holds samples of shape [1, 2, 2] but the model expects x of "
+                                      "shape [4, 32, 32]" % directory)
+    assert "model.in_channels=1 model.input_size=2" in str(info.value)
+    with pytest.raises(ConfigError, match="teacher features of dim 3 but the alignment head expects 768"):
+        build_loader(cfg(directory), expect={"feat_dim": 768})
+    with pytest.raises(ConfigError, match="features for 4 tokens but the model has 256.*--feat-grid 16"):
+        build_loader(cfg(directory), expect={"feat_tokens": 256})
+    plain = write_shards(tmp_path / "plain", [2, 2])
+    with pytest.raises(ConfigError, match="holds no teacher features"):
+        build_loader(cfg(plain), expect={"feat_dim": 3})
+
+
+def test_feature_flip_mirrors_the_token_grid(tmp_path):
+    directory = write_shards(tmp_path, [8], feat=True)
+    plain = next(build_loader(cfg(directory, batch_size=8), seed=4))
+    flipped = next(build_loader(cfg(directory, batch_size=8, hflip=True), seed=4))
+    assert plain["key"] == flipped["key"]
+    for fp, ff in zip(plain["feat"], flipped["feat"]):
+        mirrored = fp.reshape(2, 2, 3).flip(1).reshape(4, 3)
+        assert torch.equal(ff, fp) or torch.equal(ff, mirrored)
+    assert not torch.equal(plain["feat"], flipped["feat"])
+
+
+# -- 2 processes, uneven shards --------------------------------------------------------------------------------------
+def _uneven_rank(rank, world, port, directory, steps, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        for mode in ("epoch", "resampled"):
+            loader = build_loader(cfg(directory, batch_size=4, mode=mode, num_workers=1, steps_per_epoch=4),
+                                  dp_rank=rank, dp_size=world)
+            seen = []
+            for _ in range(steps):                           # a training step: every rank joins the collective
+                batch = next(loader)
+                total = batch["x"].sum().reshape(1)
+                dist.all_reduce(total)
+                seen += ids(batch)
+            gathered = [None] * world
+            dist.all_gather_object(gathered, loader.state_dict())
+            loader.close()
+            results[(mode, rank)] = {"seen": seen, "states": gathered}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_uneven_shards_do_not_hang_two_processes(tmp_path):
+    directory = write_shards(tmp_path, [30, 1, 2, 1])        # rank shares differ a lot in every epoch
+    results = mp.get_context("fork").Manager().dict()
+    steps = 25                                               # > 2 epochs of the smaller rank
+    # fork: the ranks start in milliseconds (no re-import); they only use 1 torch thread and gloo
+    mp.start_processes(_uneven_rank, args=(2, free_port(), directory, steps, results), nprocs=2, join=True,
+                       start_method="fork")
+    for mode in ("epoch", "resampled"):
+        for rank in range(2):
+            assert len(results[(mode, rank)]["seen"]) == 4 * steps
+            assert results[(mode, rank)]["states"][rank]["batches"] == steps
+    resampled = [results[("resampled", 0)]["states"][r]["epoch"] for r in range(2)]
+    assert resampled == [steps // 4] * 2                     # resampled epochs stay in step on every rank
