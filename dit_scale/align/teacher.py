@@ -1,0 +1,66 @@
+"""A frozen DINOv2 teacher loaded from a local directory (transformers `Dinov2Model`), for online REPA / HASTE.
+
+    teacher = OnlineTeacher("weights/dinov2-base", grid=16, attn_layers=(4, 8), device=device)
+    out = teacher(images)      # images [B, 3, H, W] in [-1, 1] -> {"feat": [B, grid², D], "attn": {layer: probs}}
+
+Images are mapped to [0, 1], resized (bicubic) so that the teacher's patch grid equals the DiT's token grid, and
+normalised with ImageNet statistics (REPA's preprocessing). Features are the layer-normed patch tokens
+(`last_hidden_state` without CLS / register tokens); attention maps are the eager-attention probabilities of the
+requested layers (1-based), [B, H_t, P+N, P+N] with P prefix tokens. Only pixel-space data: a latent-space run would
+need a VAE decode first (use features precomputed into the shards, `align.teacher=shards`).
+
+The teacher lives outside the engine (same weights on every rank, no gradients, never checkpointed); `calls`
+counts its forwards (tests check that none run after `align.stop_step`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_teacher_config(path: str) -> dict:
+    """The teacher's config.json (hidden_size, num_hidden_layers, num_attention_heads, patch_size, ...)."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json has no {', '.join(missing)}")
+    return cfg
+
+
+class OnlineTeacher:
+    def __init__(self, path: str, grid: int, attn_layers=(), device="cpu"):
+        from transformers import Dinov2Model          # optional dependency: only online teachers need it
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        self.attn_layers = tuple(attn_layers)
+        kwargs = {"attn_implementation": "eager"} if self.attn_layers else {}
+        self.model = Dinov2Model.from_pretrained(path, **kwargs).to(device).eval().requires_grad_(False)
+        c = self.model.config
+        self.patch_size, self.grid = int(c.patch_size), int(grid)
+        self.num_prefix = 1 + int(getattr(c, "num_register_tokens", 0) or 0)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.calls = 0
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() + 1.0) / 2.0
+        size = self.grid * self.patch_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict:
+        self.calls += 1
+        with torch.autocast(images.device.type, enabled=False):
+            out = self.model(pixel_values=self.preprocess(images), output_attentions=bool(self.attn_layers))
+        feat = out.last_hidden_state[:, self.num_prefix:]
+        attn = {layer: out.attentions[layer - 1] for layer in self.attn_layers}
+        return {"feat": feat, "attn": attn, "num_prefix": self.num_prefix}

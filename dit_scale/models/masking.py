@@ -1,0 +1,82 @@
+"""Patch masking for cheaper training ("Stretching Each Dollar", MicroDiT; MaskDiT; MDT).
+
+    keep = draw_keep_indices(B, N, ratio=0.75, generator=g)     # the trainer draws it with its own generator
+    out, aux = model(x_t, t, y, mask=keep)                      # backbone runs on the kept tokens only
+    loss = masked_denoise_loss(out, target, keep, patch_size, masked_weight=0.0)
+
+Deferred masking: the optional patch-mixer (`mask.mixer_depth` dense blocks) sees every token, then the tokens not in
+`keep` are dropped; the backbone (and every MoE router) sees the kept tokens; before the final layer the outputs are
+put back in place and the dropped positions get a learned mask token. The denoising loss is the mean over kept
+tokens, plus `masked_weight` × the mean over dropped ones. The model never draws random numbers for masking, and
+sampling / evaluation never pass a mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+    """Tokens kept at mask ratio `ratio` (at least one)."""
+    return max(1, int(round(num_tokens * (1.0 - ratio))))
+
+
+def draw_keep_indices(batch: int, num_tokens: int, ratio: float, generator: Optional[torch.Generator] = None,
+                      device=None) -> torch.Tensor:
+    """Uniformly random kept token indices [B, K] (sorted, int64), an independent draw per image."""
+    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
+    keep = noise.argsort(dim=1)[:, :num_kept(num_tokens, ratio)]
+    return keep.sort(dim=1).values
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ...] -> x[b, keep[b]] [B, K, ...]."""
+    idx = keep.view(*keep.shape, *([1] * (x.dim() - 2))).expand(*keep.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def scatter_tokens(kept: torch.Tensor, keep: torch.Tensor, num_tokens: int, fill: torch.Tensor) -> torch.Tensor:
+    """Inverse of `gather_tokens`: [B, K, D] back to [B, N, D] with `fill` [D] at the dropped positions
+    (differentiable in both `kept` and `fill`)."""
+    b, _, d = kept.shape
+    full = fill.to(kept.dtype).view(1, 1, d).expand(b, num_tokens, d)
+    return full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), kept)
+
+
+def kept_mask(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """bool [B, N]: True where the token was kept."""
+    return torch.zeros(keep.shape[0], num_tokens, dtype=torch.bool, device=keep.device).scatter(1, keep, True)
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)·(W/p), p·p·C] in the model's token order (row-major patches)."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def token_loss(out: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-token mean squared error [B, N] (fp32). Its mean over tokens is the objectives' MSE loss."""
+    return patchify((out.float() - target.float()) ** 2, patch_size).mean(dim=-1)
+
+
+def masked_denoise_loss(out, target, keep: torch.Tensor, patch_size: int, masked_weight: float = 0.0):
+    """Per-sample loss [B]: mean MSE over kept tokens + masked_weight × mean MSE over the dropped tokens."""
+    per_token = token_loss(out, target, patch_size)
+    kept = gather_tokens(per_token, keep).mean(dim=1)
+    n, k = per_token.shape[1], keep.shape[1]
+    if masked_weight == 0.0 or k == n:
+        return kept
+    dropped = (per_token.sum(dim=1) - gather_tokens(per_token, keep).sum(dim=1)) / (n - k)
+    return kept + masked_weight * dropped
+
+
+def mask_ratio_at(mask_cfg, step: int) -> float:
+    """The mask ratio of training step `step` (0-based): `mask.ratio` until `mask.unmask_at_step`, then 0."""
+    if mask_cfg is None or mask_cfg.ratio <= 0:
+        return 0.0
+    if mask_cfg.unmask_at_step is not None and step >= mask_cfg.unmask_at_step:
+        return 0.0
+    return float(mask_cfg.ratio)
