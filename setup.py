@@ -19,7 +19,7 @@ setup(
         "wandb>=0.19,<1",
         "omegaconf>=2.3,<2.5",
         "numpy>=1.26,<3",
-        "pillow>=10,<13",
+        "pillow>=10,<14",
         "safetensors>=0.4,<1",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
@@ -28,5 +28,7 @@ setup(
         # tests/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
         # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.
         "dev": ["pytest>=8,<10"],
+        # data_tools/build_shards.py (VAE latents, DINOv2 features) and tests/test_data_tools.py
+        "data": ["diffusers>=0.30,<1", "transformers>=4.44,<6"],
     },
 )

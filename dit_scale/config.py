@@ -89,11 +89,18 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/synthetic"        # shard directory, glob or brace pattern
+    path: str = "data/synthetic"        # shards: directory, glob, brace list, pipe:CMD, s3:// or http(s):// pattern
     batch_size: int = 32                # per-process micro-batch
     shuffle_buffer: int = 1000
-    hflip: bool = False
-    image_key: str = "png"
+    hflip: bool = False                 # random horizontal flips (latent shards: the stored latent_flip.npy)
+    image_key: str = "auto"             # member holding x; auto: from the manifest (or the first sample)
+    num_workers: int = 0                # loader worker processes per rank (0: all in the training process)
+    mode: str = "epoch"                 # epoch: each sample once per epoch | resampled: shards drawn with replacement
+    steps_per_epoch: int = 0            # batches per epoch per rank (0: manifest samples / (ranks * batch_size))
+    sources: List[str] = field(default_factory=list)     # several shard sets to mix (replaces path when set)
+    weights: List[float] = field(default_factory=list)   # mixing weight per source (empty: equal)
+    manifest: Optional[str] = None      # manifest.json for URL shards (default: the one next to local shards)
+    max_corrupt_fraction: float = 0.01  # skip corrupt samples; abort when more than this fraction is corrupt
 
 
 @dataclass
@@ -110,6 +117,9 @@ class TrainConfig:
     max_bad_steps: int = 5              # consecutive non-finite losses before aborting
     checkpoint_every: int = 0           # 0: only at the end
     resume: str = "none"                # none | auto | PATH
+    keep_last: int = 3                  # keep the newest N checkpoints (0: keep all)
+    keep_every: int = 0                 # also keep every step divisible by N (0: none)
+    max_wall_minutes: float = 0.0       # save and exit 75 (requeue) after this many minutes (0: off)
 
 
 @dataclass
@@ -125,8 +135,9 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "local"               # local (one process) | fsdp (FSDP2, any number of processes)
+    engine: str = "local"               # local (one process) | fsdp (FSDP2) | deepspeed (ZeRO), any process count
     ep: int = 1                         # expert-parallel size
+    zero_stage: int = 2                 # deepspeed: 1 | 2 (with experts) | 3 (dense models only)
 
 
 @dataclass
@@ -136,6 +147,32 @@ class MuPConfig:
     output_mult: float = 1.0            # readout output multiplier (μP only)
     attn_scale: str = "sqrt"            # sqrt: 1/sqrt(head_dim) | inverse: 1/head_dim (μP only)
     zero_init_query: bool = False       # zero the query projection at init (μP only)
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.0                  # fraction of patch tokens dropped in training, in [0, 1); 0: off
+    mixer_depth: int = 0                # dense blocks on all tokens before the drop (deferred masking's patch-mixer)
+    masked_loss_weight: float = 0.0     # weight of the denoising loss on the dropped tokens (kept tokens: 1)
+    unmask_at_step: Optional[int] = None    # from this step on train unmasked (the short finetune phase); null: never
+
+
+@dataclass
+class AlignConfig:
+    teacher: str = "shards"             # shards (batch["feat"]) | online (frozen DINOv2 from align.teacher_path)
+    teacher_path: Optional[str] = None  # local directory of a transformers Dinov2Model (online teacher)
+    teacher_dim: Optional[int] = None   # teacher feature width (shards: required for REPA; online: from its config)
+    projector_dim: int = 2048           # hidden width of the REPA projector / SRA head MLPs
+    repa_weight: float = 0.0            # REPA λ; 0: off
+    repa_depth: int = 8                 # block (1-based) whose output the projector reads
+    haste_weight: float = 0.0           # HASTE attention-distillation weight; 0: off (needs teacher=online)
+    haste_layers: List[int] = field(default_factory=list)           # student blocks (1-based)
+    haste_teacher_layers: List[int] = field(default_factory=list)   # matching teacher layers (1-based)
+    stop_step: Optional[int] = None     # HASTE's termination: from this step on no alignment term, no teacher work
+    sra_weight: float = 0.0             # SRA self-alignment weight; 0: off
+    sra_student_depth: int = 4          # block of the online model that the SRA head reads
+    sra_teacher_depth: int = 8          # block of the EMA model that is the target (its forward stops there)
+    sra_t_gap: float = 0.1              # the EMA sees t - gap (flow t in [0, 1]; ddpm: gap × num_timesteps)
 
 
 @dataclass
@@ -149,6 +186,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     mup: MuPConfig = field(default_factory=MuPConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 CHOICES = {
@@ -161,9 +200,13 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "logging.wandb": ("offline", "online", "disabled"),
-    "parallel.engine": ("local", "fsdp"),
-    "data.image_key": ("png", "jpg", "jpeg", "npy"),
+    "parallel.engine": ("local", "fsdp", "deepspeed"),
+    "parallel.zero_stage": (1, 2, 3),
+    "data.image_key": ("auto", "png", "jpg", "jpeg", "npy", "safetensors", "latent.npy", "latent.safetensors",
+                       "image.png", "image.jpg"),
+    "data.mode": ("epoch", "resampled"),
     "mup.attn_scale": ("sqrt", "inverse"),
+    "align.teacher": ("shards", "online"),
 }
 SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
 
@@ -280,7 +323,7 @@ def validate(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            _fail(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}.")
+            _fail(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}.")
 
     m, moe, d, o, t = cfg.model, cfg.moe, cfg.diffusion, cfg.optim, cfg.train
     try:
@@ -343,6 +386,9 @@ def validate(cfg: DictConfig) -> None:
                   "and moe.router=token_choice.")
         if num_experts % cfg.parallel.ep:
             _fail(f"moe.num_experts={num_experts} must be divisible by parallel.ep={cfg.parallel.ep}.")
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            _fail("parallel.zero_stage=3 shards every parameter over all ranks, which DeepSpeed does not combine "
+                  "with expert groups; use parallel.zero_stage=1 or 2 for a sparse model (or parallel.engine=fsdp).")
     elif cfg.parallel.ep != 1:
         _fail(f"parallel.ep={cfg.parallel.ep} needs a sparse model (moe.num_experts > 0).")
 
@@ -356,9 +402,27 @@ def validate(cfg: DictConfig) -> None:
               f"{d.guidance_low}, {d.guidance_high}.")
     if d.logit_normal_std <= 0 or d.beta_start <= 0 or not d.beta_start < d.beta_end < 1:
         _fail("diffusion.logit_normal_std must be > 0 and 0 < diffusion.beta_start < diffusion.beta_end < 1.")
+    _validate_data(cfg.data)
     _validate_mup(cfg, width, heads)
+    _validate_mask_align(cfg, m.depth or spec.depth)
     if not (t.resume in ("none", "auto") or t.resume):
         _fail("train.resume must be none, auto or a checkpoint path.")
+    for key in ("keep_last", "keep_every", "max_wall_minutes"):
+        if t[key] < 0:
+            _fail(f"train.{key} must be >= 0 (0 = off), got {t[key]}.")
+
+
+def _validate_data(data) -> None:
+    for key in ("num_workers", "steps_per_epoch"):
+        if data[key] < 0:
+            _fail(f"data.{key} must be >= 0, got {data[key]}.")
+    if not 0.0 <= data.max_corrupt_fraction <= 1.0:
+        _fail(f"data.max_corrupt_fraction must be in [0, 1], got {data.max_corrupt_fraction}.")
+    if data.weights and len(data.weights) != len(data.sources):
+        _fail(f"data.weights has {len(data.weights)} entries for {len(data.sources)} data.sources; "
+              f"give one weight per source or none.")
+    if any(w <= 0 for w in data.weights):
+        _fail(f"data.weights must all be > 0, got {list(data.weights)}.")
 
 
 def _validate_mup(cfg, width: int, heads: int) -> None:
@@ -374,6 +438,75 @@ def _validate_mup(cfg, width: int, heads: int) -> None:
               f"(model.hidden_size / model.num_heads), since heads scale with width.")
     if mp.output_mult <= 0:
         _fail(f"mup.output_mult must be > 0, got {mp.output_mult}.")
+
+
+def _validate_mask_align(cfg, depth: int) -> None:
+    mk, a = cfg.mask, cfg.align
+    if not 0.0 <= mk.ratio < 1.0:
+        _fail(f"mask.ratio must be in [0, 1) (the fraction of tokens dropped), got {mk.ratio}.")
+    for key in ("mask.mixer_depth", "mask.masked_loss_weight", "align.repa_weight", "align.haste_weight",
+                "align.sra_weight"):
+        if OmegaConf.select(cfg, key) < 0:
+            _fail(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}.")
+    for key in ("mask.unmask_at_step", "align.stop_step"):
+        v = OmegaConf.select(cfg, key)
+        if v is not None and v < 0:
+            _fail(f"{key} must be >= 0 or null (never), got {v}.")
+    if mk.masked_loss_weight > 0 and mk.ratio == 0:
+        _fail("mask.masked_loss_weight only applies with mask.ratio > 0; set mask.ratio or remove it.")
+    if mk.ratio > 0 and cfg.model.learn_sigma:
+        _fail("mask.ratio > 0 takes the denoising loss per token, which model.learn_sigma=true (the VLB term) does "
+              "not support; set model.learn_sigma=false.")
+
+    def check_block(key):
+        v = OmegaConf.select(cfg, key)
+        if not 1 <= v <= depth:
+            _fail(f"{key}={v} is beyond the model's depth {depth} (model.depth / model.name); choose a block "
+                  f"between 1 and {depth}.")
+
+    if a.projector_dim < 1:
+        _fail(f"align.projector_dim must be a positive integer, got {a.projector_dim}.")
+    if a.repa_weight > 0:
+        check_block("align.repa_depth")
+    if a.sra_weight > 0:
+        check_block("align.sra_student_depth")
+        check_block("align.sra_teacher_depth")
+        if not 0.0 <= a.sra_t_gap < 1.0:
+            _fail(f"align.sra_t_gap must be in [0, 1) (a fraction of the time range), got {a.sra_t_gap}.")
+    if a.teacher_dim is not None and a.teacher_dim < 1:
+        _fail(f"align.teacher_dim must be a positive integer or null, got {a.teacher_dim}.")
+    if a.haste_weight > 0:
+        if a.teacher != "online":
+            _fail("align.haste_weight > 0 needs align.teacher=online (attention maps come from the online teacher).")
+        if not a.haste_layers or len(a.haste_layers) != len(a.haste_teacher_layers):
+            _fail(f"align.haste_layers {list(a.haste_layers)} and align.haste_teacher_layers "
+                  f"{list(a.haste_teacher_layers)} must be non-empty lists of the same length (student, teacher).")
+        for v in a.haste_layers:
+            if not 1 <= v <= depth:
+                _fail(f"align.haste_layers has block {v}, beyond the model's depth {depth}; use blocks 1..{depth}.")
+    needs_teacher = a.haste_weight > 0 or (a.repa_weight > 0 and a.teacher == "online")
+    if needs_teacher:
+        if not a.teacher_path:
+            _fail("align.teacher=online needs align.teacher_path, a local directory with a DINOv2 "
+                  "(transformers Dinov2Model) config.json and weights.")
+        if cfg.model.in_channels != 3:
+            _fail(f"align.teacher=online needs pixel-space data (model.in_channels=3, got {cfg.model.in_channels}); "
+                  f"for latents precompute the features into the shards and use align.teacher=shards.")
+        from dit_scale.align.teacher import read_teacher_config
+        try:
+            tc = read_teacher_config(a.teacher_path)
+        except (OSError, ValueError) as e:
+            _fail(f"align.teacher_path={a.teacher_path!r} is not a readable DINOv2 directory ({e}).")
+        if a.teacher_dim is not None and a.teacher_dim != tc["hidden_size"]:
+            _fail(f"align.teacher_dim={a.teacher_dim} does not match the teacher's hidden_size {tc['hidden_size']} "
+                  f"in {a.teacher_path}; set align.teacher_dim=null.")
+        for v in a.haste_teacher_layers if a.haste_weight > 0 else ():
+            if not 1 <= v <= tc["num_hidden_layers"]:
+                _fail(f"align.haste_teacher_layers has layer {v}, beyond the teacher's "
+                      f"{tc['num_hidden_layers']} layers; use layers 1..{tc['num_hidden_layers']}.")
+    elif a.repa_weight > 0 and a.teacher_dim is None:
+        _fail("align.repa_weight > 0 with align.teacher=shards needs align.teacher_dim (the width of the "
+              "features stored in the shards, e.g. 768 for DINOv2-B).")
 
 
 def resolved_moe(cfg: DictConfig) -> tuple:

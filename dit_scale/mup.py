@@ -8,7 +8,8 @@ Every parameter of a model gets one role, read from the *unsharded* module struc
     vector   biases and norm gains
     router   MoE router weights
     expert   stacked routed-expert weights
-    head     alignment heads (representation alignment)
+    head     weight matrices of the alignment heads (REPA projector, SRA head: `model.align_heads`; their biases
+             are `vector`), and the mask token is a `vector` (a learned point in the width, like a bias)
 
 μP (`mup.enabled=true`, "Tensor Programs V", μP for Adam). Width is the one dial: `model.hidden_size` grows, heads
 grow with it at a fixed head dim, depth stays. Which dimensions of a parameter grow is read by comparing its shape
@@ -19,6 +20,14 @@ with a base model). With m = fan_in / base fan_in of a weight:
     input-like  fan-out or none     input, vector               × 1        base std              × 1
     hidden      fan-in and fan-out  hidden, expert              × 1/m      base std / sqrt(m)    × m
     readout     fan-in only         output, router              × 1/m      base std / m          × m
+
+Heads. An alignment head reads a hidden state (width D) out into a fixed-size space (REPA: projector_dim, then the
+teacher's dim), so it is μP's *readout* for that target, and its first matrix is treated as one: fan-in grows,
+fan-out is fixed -> LR × 1/m, init base std / m (readout class above). Its later matrices (fixed -> fixed, or
+fixed -> D for SRA's head, whose target is the width) are input-like: LR × 1, base std. None of this needs special
+code: the class of every matrix is read from its shapes against the base-width model, which `build_model` builds
+with the same heads. The role `head` exists so groups, weight decay and `lr_mults` can address the heads apart
+from the backbone's `hidden`/`output` (e.g. a larger projector LR) without touching the DiT's own μP transfer.
 
 "base std" is DiT's own init (xavier-uniform, N(0, 0.02) or zero; `init_rule`) evaluated at the base shape, so
 μP equals SP at the base width. Weight decay × m keeps AdamW's decoupled decay lr·wd constant, as `mup.MuAdamW`
@@ -48,7 +57,7 @@ WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_modul
 
 def param_role(name: str, param) -> str:
     if name.startswith("align") or ".align_head" in name:
-        return "head"
+        return "head" if param.ndim >= 2 else "vector"
     if ".router." in name or name.endswith("router.weight"):
         return "router"
     if ".experts." in name:
@@ -111,6 +120,8 @@ def init_rule(name: str, module: nn.Module, shape) -> tuple:
     zero = ("adaLN_modulation.1.weight", "final_layer.linear.weight")
     if name.endswith(".bias") or name.endswith(zero):
         return "zeros", 0.0
+    if name == "mask_token":
+        return "normal", 0.02
     if len(shape) < 2:
         return "ones", 0.0
     if isinstance(module, Router) or name in ("y_embedder.table.weight", "t_embedder.mlp.0.weight",

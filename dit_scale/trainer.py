@@ -2,34 +2,54 @@
 
     python launch/train.py --config configs/quickstart.yaml train.steps=200 train.run_dir=runs/try
 
-One step: `train.grad_accum` micro-batches of `data.batch_size`; loss = denoising loss + MoE aux terms; the engine
-clips by the global norm and steps. A non-finite loss or gradient skips the step on the device (no host sync);
+One step: `train.grad_accum` micro-batches of `data.batch_size`; loss = denoising loss + MoE aux terms + the
+alignment terms (`align:` REPA / HASTE / SRA, until `align.stop_step`); with `mask.ratio` > 0 the trainer draws the
+kept tokens with its generator, the backbone runs on them and the denoising loss is taken per token (`mask:`). The
+engine clips by the global norm and steps. A non-finite loss or gradient skips the step on the device (no host sync);
 `train.max_bad_steps` in a row abort with a message. Statistics are accumulated on the device and read every
-`logging.log_every` steps.
+`logging.log_every` steps. SIGTERM / SIGUSR1 or `train.max_wall_minutes` only set a flag; the ranks agree on it
+through the all-reduce every step already does, save at that step boundary and raise TrainingInterrupted
+(launch/train.py exits 75: requeue with train.resume=auto).
 """
 from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from dit_scale.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dit_scale.align.aligner import Aligner
+from dit_scale.checkpoint import (load_checkpoint, load_latest_valid, prune_checkpoints, rng_state,
+                                  save_checkpoint, set_rng_state)
 from dit_scale.config import ConfigError, save_config, to_yaml
 from dit_scale.data import build_loader
 from dit_scale.diffusion import build_objective
 from dit_scale.metrics import MetricsLogger, MoEStats, peak_flops, plot_expert_load
 from dit_scale.models import build_model, model_kwargs
 from dit_scale.models.flops import count_params, forward_macs
+from dit_scale.models.masking import draw_keep_indices, mask_ratio_at, masked_denoise_loss
 from dit_scale.parallel import build_engine, init_topology
 from dit_scale.sampling import class_grid, save_grid
 
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM / SIGUSR1 or train.max_wall_minutes: every rank saved a checkpoint at `step`; requeue to continue."""
+
+    def __init__(self, step: int, reason: str, path: str = ""):
+        super().__init__(f"{reason}: checkpoint saved at step {step}; requeue (train.resume=auto) to continue.")
+        self.step, self.reason, self.path = step, reason, path
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -68,12 +88,21 @@ class Trainer:
         self.model.grad_checkpointing = t.activation_checkpointing
         self.sizes = count_params(self.model)
         self.flops_per_image = 6 * forward_macs(model_kwargs(cfg, out_channels))   # fwd + bwd, 2 FLOPs / MAC
-        self.loader = build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=t.seed)
+        self.loader = build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=t.seed,
+                                   expect={"x": (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)})
         self.engine = build_engine(cfg, self.model, self.topo)
         seed_everything(t.seed + self.topo.rank, t.deterministic)   # per-rank randomness from here on
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + self.topo.rank)
         self.autocast = autocast_context(cfg, self.device)
+        self.aligner = Aligner(cfg, self.device)           # online teacher (if any): outside the engine, frozen
+        self.loss_names = ["loss", "loss_denoise", "loss_moe"] + [f"loss_{k}" for k in self.aligner.names]
+        self.patch_size = self.model.patch_size
+        self.num_tokens = self.model.pos_embed.shape[1]
         self.step = 0
+        self._t0 = time.monotonic()      # train.max_wall_minutes counts from here
+        self._stop_reason = None         # set by a signal handler or the wall-time guard (a plain flag)
+        self._stop_votes = None          # device scalar: ranks voting to stop, all-reduced in train_step
+        self._pending_votes = None       # (host copy, CUDA event) of the previous step's votes
         self._moe_counts = None      # tokens per expert of the last logging interval, for expert_load.png
         self._resume()
 
@@ -90,10 +119,12 @@ class Trainer:
         resume = self.cfg.train.resume
         if resume == "none":
             return
-        path = find_latest(self.run_dir) if resume == "auto" else resume
-        if path is None:
-            return   # auto-resume on a fresh run directory starts from scratch
-        state = load_checkpoint(path)
+        if resume == "auto":   # newest usable checkpoint; a corrupt one falls back to the previous (one line)
+            path, state = load_latest_valid(self.run_dir, log=print if self.topo.is_main else (lambda _: None))
+            if path is None:
+                return   # auto-resume on a fresh run directory starts from scratch
+        else:
+            path, state = resume, load_checkpoint(resume)
         try:
             self.engine.load_state_dict(state)
         except RuntimeError as e:
@@ -111,7 +142,9 @@ class Trainer:
     def save(self) -> str:
         state = self.state_dict()                           # collective for sharded engines: every rank
         if self.topo.is_main:
-            return save_checkpoint(self.run_dir, self.step, state)
+            path = save_checkpoint(self.run_dir, self.step, state)
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
+            return path
         return ""
 
     # ------------------------------------------------------------------------------------------------------------
@@ -119,25 +152,47 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def train_step(self, moe_stats: MoEStats):
-        """Returns device tensors (loss, denoise loss, moe loss, grad norm, finite flag); no host sync."""
+        """Returns device tensors (losses in `self.loss_names` order, grad norm, finite flag); no host sync."""
         accum = self.cfg.train.grad_accum
-        totals = torch.zeros(3, device=self.device)
+        ratio = mask_ratio_at(self.cfg.mask, self.step)
+        align_on = self.aligner.active(self.step)
+        totals = torch.zeros(len(self.loss_names), device=self.device)
         for _ in range(accum):
             batch = next(self.loader)
             x = batch["x"].to(self.device, non_blocking=True)
             y = batch["y"].to(self.device, non_blocking=True)
             with self.autocast:
                 targets = self.objective.training_targets(x, generator=self.generator)
-                out, aux = self.engine.module(targets["x_t"], targets["t_model"], y)
-                denoise = self.objective.loss(out.float(), targets).mean()
+                keep = draw_keep_indices(x.shape[0], self.num_tokens, ratio, self.generator, self.device) \
+                    if ratio > 0 else None
+                kwargs = {} if keep is None else {"mask": keep}
+                terms = {}
+                if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
+                    sra_target = self.aligner.sra_target(self.engine, self.objective, targets, y, keep)
+                    teacher = self.aligner.teacher_targets(batch, x, keep)
+                    kwargs.update(self.aligner.forward_kwargs())
+                out, aux = self.engine.module(targets["x_t"], targets["t_model"], y, **kwargs)
+                if keep is None:
+                    denoise = self.objective.loss(out.float(), targets).mean()
+                else:
+                    denoise = masked_denoise_loss(out, targets["target"], keep, self.patch_size,
+                                                  self.cfg.mask.masked_loss_weight).mean()
                 loss = denoise + aux["moe_loss"]
+                if align_on:
+                    terms = self.aligner.losses(aux, teacher, sra_target)
+                    loss = loss + self.aligner.total(terms)
             self.engine.backward(loss / accum)
-            totals += torch.stack([loss.detach(), denoise.detach(), aux["moe_loss"].detach().float()]) / accum
+            zero = torch.zeros((), device=self.device)
+            totals += torch.stack([loss.detach(), denoise.detach(), aux["moe_loss"].detach().float()]
+                                  + [terms.get(k, zero).detach().float() for k in self.aligner.names]) / accum
             moe_stats.add(aux)
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         # every rank must take the same decision: count non-finite losses over the data-parallel ranks
-        bad_ranks = self.engine.all_reduce_sum_((~torch.isfinite(totals[0])).float())
-        ok = (bad_ranks == 0) & torch.isfinite(grad_norm)
+        # ... and the same all-reduce carries the stop votes (signal / wall time): no extra collective per step
+        stop = torch.full((), float(self._wants_stop()), device=self.device)
+        votes = self.engine.all_reduce_sum_(torch.stack([(~torch.isfinite(totals[0])).float(), stop]))
+        self._stop_votes = votes[1]
+        ok = (votes[0] == 0) & torch.isfinite(grad_norm)
         self.engine.step(ok)
         self.engine.zero_grad()
         self._update_router_bias()
@@ -160,15 +215,17 @@ class Trainer:
                   f"{self.sizes['active_params'] / 1e6:.2f}M active, device {self.device}, run dir {self.run_dir}")
         peak = peak_flops(self.device)
         images_per_step = cfg.data.batch_size * t.grad_accum * self.topo.dp_size
-        moe_stats, interval = MoEStats(), torch.zeros(4, device=self.device)
+        moe_stats, interval = MoEStats(), torch.zeros(len(self.loss_names) + 1, device=self.device)
         consecutive_bad = torch.zeros((), device=self.device)
         worst_bad = torch.zeros((), device=self.device)
         skipped = torch.zeros((), device=self.device)
         tic, steps_in_interval, last = time.perf_counter(), 0, {}
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.step < t.steps:
                 totals, grad_norm, ok = self.train_step(moe_stats)
                 self.step += 1
+                stop = self._agreed_stop() and self.step < t.steps
                 steps_in_interval += 1
                 bad = (~ok).float()
                 consecutive_bad = (consecutive_bad + 1) * bad
@@ -178,7 +235,7 @@ class Trainer:
                                       torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
                 log.advance()
 
-                if self.step % lg.log_every == 0 or self.step == t.steps:
+                if self.step % lg.log_every == 0 or self.step == t.steps or stop:
                     if worst_bad.item() >= t.max_bad_steps:
                         raise TrainingAborted(
                             f"{int(worst_bad.item())} consecutive steps had a non-finite loss or gradient "
@@ -189,10 +246,12 @@ class Trainer:
                     moe_stats.all_reduce(self.engine.all_reduce_sum_, self.topo.world_size)
                     n_ok = max(1.0, steps_in_interval - (skipped.item() - last.get("skipped_steps", 0.0)))
                     images_per_s = images_per_step * steps_in_interval / elapsed
-                    last = {"loss": values[0] / n_ok, "loss_denoise": values[1] / n_ok, "loss_moe": values[2] / n_ok,
-                            "grad_norm": values[3] / steps_in_interval, "lr": self.engine.lr,
+                    last = {**{k: v / n_ok for k, v in zip(self.loss_names, values)},
+                            "grad_norm": values[-1] / steps_in_interval, "lr": self.engine.lr,
                             "images_per_s": images_per_s, "skipped_steps": skipped.item(),
                             **moe_stats.summary()}
+                    if cfg.mask.ratio > 0:
+                        last["mask_ratio"] = mask_ratio_at(cfg.mask, self.step - 1)
                     if peak:
                         last["mfu"] = images_per_s * self.flops_per_image / (peak * self.topo.world_size)
                     log.log(self.step, last)
@@ -201,6 +260,8 @@ class Trainer:
                     interval.zero_()
                     tic, steps_in_interval = time.perf_counter(), 0
 
+                if stop:
+                    self._save_and_interrupt()
                 paused = time.perf_counter()        # sampling / saving time is not training throughput
                 if lg.sample_every and self.step % lg.sample_every == 0 and self.step < t.steps:
                     self.write_samples()
@@ -211,8 +272,54 @@ class Trainer:
             self.write_samples()
             self.write_expert_load()
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             log.close()
         return {"step": self.step, **last}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Preemption: SIGTERM / SIGUSR1 / train.max_wall_minutes → every rank saves, then TrainingInterrupted (exit 75)
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict:
+        """The handlers only set a flag; the loop acts on it at a step boundary. Main thread only (Python rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            self._stop_reason = signal.Signals(signum).name
+        return {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+
+    def _wants_stop(self) -> bool:
+        """This rank's vote (host only, no sync): a signal arrived or the wall-time budget is spent."""
+        limit = self.cfg.train.max_wall_minutes
+        if self._stop_reason is None and limit and time.monotonic() - self._t0 > 60.0 * limit:
+            self._stop_reason = f"train.max_wall_minutes={limit:g} reached"
+        return self._stop_reason is not None
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank voted to stop; every rank reads the same all-reduced value, so all stop at the same
+        step. On CPU the vote of this step is read directly. On CUDA the votes are copied to the host without
+        blocking and read one step later, after the next step is queued: waiting on that event only waits for the
+        previous step, so the check adds no pipeline stall (stopping then takes effect one step later)."""
+        votes = self._stop_votes
+        if votes is None:
+            return False
+        if votes.device.type != "cuda":
+            return bool(votes.item() > 0)
+        previous, self._pending_votes = self._pending_votes, (votes.to("cpu", non_blocking=True),
+                                                              torch.cuda.Event())
+        self._pending_votes[1].record()
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0].item() > 0)
+
+    def _save_and_interrupt(self):
+        path = self.save()                                  # every rank (collective); rank 0 writes
+        self.engine.all_reduce_sum_(torch.zeros(1, device=self.device)).item()   # barrier: the file is in place
+        reason = self._stop_reason or "another rank was signalled"
+        raise TrainingInterrupted(self.step, reason, path)
 
     def write_samples(self) -> str:
         with self.engine.sampling_module() as model:        # every rank samples the same grid (collective)

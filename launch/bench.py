@@ -3,6 +3,9 @@
     python launch/bench.py model --model DiT-S/2-8E2A                 # CPU: batch 2, 256 tokens per image
     python launch/bench.py model --model DiT-XL/2-8E2A --batch 32     # GPU: bf16 autocast, reports MFU
     python launch/bench.py moe-parallel --model DiT-S/2-8E2A           # 2 processes (gloo): EP=2 vs EP=1
+    python launch/bench.py masking --model DiT-B/2-8E2A                # mask.ratio 0.75 vs 0 (launch/bench_align.py)
+    python launch/bench.py align --model DiT-B/2-8E2A                  # REPA on cached features vs no alignment
+    python launch/bench.py data                                        # loader (2 workers) vs DiT-S/2 training
 
 `model`: forward+backward time per step of the sparse model and of a dense model with the same *active*
 parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
@@ -192,9 +195,19 @@ def main(argv=None):
     mp_.add_argument("--warmup", type=int, default=2)
     mp_.add_argument("--threads", type=int, default=1, help="torch threads per process")
     mp_.add_argument("overrides", nargs="*")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_align   # launch/bench_align.py: the masking and align subcommands
+    bench_align.add_parsers(sub)
+    import bench_data    # launch/bench_data.py: the data subcommand
+    bench_data.add_parser(sub)
     args = parser.parse_args(argv)
     try:
-        bench_model(args) if args.what == "model" else bench_moe_parallel(args)
+        if args.what == "data":
+            bench_data.run(args)
+        elif args.what in ("masking", "align"):
+            bench_align.run(args)
+        else:
+            bench_model(args) if args.what == "model" else bench_moe_parallel(args)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

@@ -3,9 +3,15 @@
     python launch/train.py --config configs/quickstart.yaml
     python launch/train.py --config configs/quickstart.yaml train.steps=100 train.run_dir=runs/short moe.top_k=1
     torchrun --nproc_per_node 2 launch/train.py --config configs/quickstart.yaml parallel.engine=fsdp parallel.ep=2
+    torchrun --nproc_per_node 2 launch/train.py --config configs/quickstart.yaml parallel.engine=deepspeed parallel.ep=2
 
 Arguments after the config file are `key=value` overrides of any config field (see dit_scale/config.py).
-Exit codes: 0 done, 2 configuration / input error (one sentence on stderr), 3 training aborted (non-finite losses).
+Exit codes:
+    0   done (train.steps reached, final checkpoint written)
+    2   configuration / input error, e.g. a bad key or a corrupt checkpoint (one sentence on stderr)
+    3   training aborted (train.max_bad_steps non-finite steps in a row)
+    75  EX_TEMPFAIL: interrupted by SIGTERM / SIGUSR1 or train.max_wall_minutes; every rank saved a checkpoint at
+        the current step. Requeue the same command with train.resume=auto to continue (e.g. `scontrol requeue`).
 """
 import argparse
 import os
@@ -17,7 +23,9 @@ import torch  # noqa: E402
 
 from dit_scale.checkpoint import CheckpointError  # noqa: E402
 from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.trainer import TrainingAborted, train  # noqa: E402
+from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
+
+EXIT_REQUEUE = 75    # EX_TEMPFAIL (sysexits.h): checkpoint saved, please requeue
 
 
 def main(argv=None):
@@ -34,6 +42,10 @@ def main(argv=None):
     except TrainingAborted as e:
         print(f"aborted: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        return EXIT_REQUEUE
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

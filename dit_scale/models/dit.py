@@ -2,6 +2,14 @@
 
     model = build_model(cfg)                 # from a resolved dit_scale config
     out, aux = model(x_t, t, y)              # aux: MoE loss and routing statistics (tensors, detached stats)
+    out, aux = model(x_t, t, y, mask=keep, heads=("repa",), attn_layers=(2,), return_hidden=(4,))
+    _, aux = model(x_t, t, y, return_hidden=(8,), stop_after=8)    # truncated forward (SRA's EMA target)
+
+Optional training-time inputs and outputs (all off by default): `mask` [B, K] kept token indices (`masking.py`; the
+backbone runs on those tokens only), `heads` alignment heads to apply (aux["heads"][name]), `attn_layers` blocks
+whose attention logits to return (aux["attn"][k], [B, H, K, K]), `return_hidden` blocks whose output to return
+(aux["hidden"][k], [B, K, D]; block k counts from 1 over `blocks`), `stop_after` skip the blocks after k and the
+final layer (the output is None).
 
 The model is single-device PyTorch: no process groups, no engine. Distribution wraps it from the outside.
 """
@@ -13,8 +21,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from dit_scale.align.heads import ProjectorMLP
 from dit_scale.models.layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
                                      sincos_pos_embed)
+from dit_scale.models.masking import gather_tokens, scatter_tokens
 from dit_scale.models.moe import MoEFFN, init_moe_
 from dit_scale.models.registry import parse_model_name
 
@@ -32,12 +42,32 @@ class DiTBlock(nn.Module):
         self.ffn = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, return_attn: bool = False):
+        """-> (x, moe output or None), plus the attention logits [B, H, N, N] with `return_attn`."""
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        h = modulate(self.norm1(x), shift_a, scale_a)
+        if return_attn:
+            h, logits = attention_with_logits(self.attn, h)
+        else:
+            h = self.attn(h)
+        x = x + gate_a.unsqueeze(1) * h
         h = self.ffn(modulate(self.norm2(x), shift_f, scale_f))
         h, moe = h if isinstance(h, tuple) else (h, None)
+        if return_attn:
+            return x + gate_f.unsqueeze(1) * h, moe, logits
         return x + gate_f.unsqueeze(1) * h, moe
+
+
+def attention_with_logits(attn: Attention, x):
+    """`attn(x)` computed explicitly (no fused kernel), also returning the pre-softmax logits [B, H, N, N]
+    (HASTE's attention distillation needs them)."""
+    b, n, d = x.shape
+    q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    scale = attn.scale if attn.scale is not None else attn.head_dim ** -0.5
+    logits = (q @ k.transpose(-2, -1)) * scale
+    out = torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, n, d)), logits
 
 
 class FinalLayer(nn.Module):
@@ -63,9 +93,12 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=4, hidden_size=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, num_classes=1000, class_dropout=0.1, qk_norm=False,
-                 moe: Optional[dict] = None, attn_scale: Optional[float] = None, output_mult: float = 1.0):
+                 moe: Optional[dict] = None, attn_scale: Optional[float] = None, output_mult: float = 1.0,
+                 mixer_depth: int = 0, mask_token: bool = False, align_heads: Optional[dict] = None):
         """`moe`: None for dense FFNs, else the keyword arguments of `MoEFFN` minus `hidden_size`.
-        `attn_scale` (None: 1/sqrt(head_dim)) and `output_mult` are μP's forward-time knobs (`dit_scale.mup`)."""
+        `attn_scale` (None: 1/sqrt(head_dim)) and `output_mult` are μP's forward-time knobs (`dit_scale.mup`).
+        `mixer_depth`: dense blocks on all tokens before masking (patch-mixer); `mask_token`: learn the vector that
+        fills dropped positions (needed to train with `mask=`); `align_heads`: {name: (block it reads, dims)}."""
         super().__init__()
         self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
         self.num_classes = num_classes
@@ -81,8 +114,14 @@ class DiT(nn.Module):
                 return Mlp(hidden_size, int(hidden_size * mlp_ratio))
             return MoEFFN(hidden_size, **moe)
 
+        self.mixer = nn.ModuleList([DiTBlock(hidden_size, num_heads, Mlp(hidden_size, int(hidden_size * mlp_ratio)),
+                                             qk_norm, attn_scale) for _ in range(mixer_depth)])
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, make_ffn(), qk_norm, attn_scale)
                                      for _ in range(depth)])
+        self.mask_token = nn.Parameter(torch.zeros(hidden_size)) if mask_token else None
+        self.head_depths = {name: depth for name, (depth, _) in (align_heads or {}).items()}
+        if align_heads:
+            self.align_heads = nn.ModuleDict({name: ProjectorMLP(*dims) for name, (_, dims) in align_heads.items()})
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, output_mult)
         self.initialize_weights()
 
@@ -101,7 +140,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in [*self.mixer, *self.blocks]] + [self.final_layer.adaLN_modulation[-1],
                                                                        self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -115,20 +156,51 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, force_drop=None):
-        """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids -> (output [B, C_out, H, W], aux dict)."""
+    def _run_block(self, block, x, c, return_attn: bool):
+        if self.grad_checkpointing and self.training:
+            res = checkpoint(block, x, c, return_attn, use_reentrant=False)
+        else:
+            res = block(x, c, return_attn)
+        return res if return_attn else (*res, None)
+
+    def forward(self, x, t, y, force_drop=None, mask=None, heads=(), attn_layers=(), return_hidden=(),
+                stop_after: Optional[int] = None):
+        """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids -> (output [B, C_out, H, W], aux dict).
+        The optional arguments are described in the module docstring; without them this is DiT's forward."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)
-        moe_outputs = []
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
-                x, moe = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x, moe = block(x, c)
+        for block in self.mixer:                                    # patch-mixer: every token
+            x = self._run_block(block, x, c, False)[0]
+        num_tokens = x.shape[1]
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("mask= needs a model built with a mask token (mask.ratio > 0 in the config).")
+            x = gather_tokens(x, mask)                              # the backbone sees the kept tokens only
+        wanted = set(return_hidden) | {self.head_depths[name] for name in heads}
+        moe_outputs, hidden, attn = [], {}, {}
+        for i, block in enumerate(self.blocks, start=1):
+            x, moe, logits = self._run_block(block, x, c, i in attn_layers)
             if moe is not None:
                 moe_outputs.append(moe)
+            if logits is not None:
+                attn[i] = logits
+            if i in wanted:
+                hidden[i] = x
+            if stop_after is not None and i >= stop_after:
+                break
+        aux = collect_moe_aux(moe_outputs, x)
+        if heads:
+            aux["heads"] = {name: self.align_heads[name](hidden[self.head_depths[name]]) for name in heads}
+        if return_hidden:
+            aux["hidden"] = {k: hidden[k] for k in return_hidden}
+        if attn_layers:
+            aux["attn"] = attn
+        if stop_after is not None:
+            return None, aux
+        if mask is not None:
+            x = scatter_tokens(x, mask, num_tokens, self.mask_token)   # back in place, mask token elsewhere
         out = self.unpatchify(self.final_layer(x, c))
-        return out, collect_moe_aux(moe_outputs, x)
+        return out, aux
 
 
 def collect_moe_aux(moe_outputs, like):
@@ -163,13 +235,17 @@ def model_kwargs(cfg, out_channels: Optional[int] = None) -> dict:
     in_ch = cfg.model.in_channels
     heads = cfg.model.num_heads or spec.num_heads
     mup = cfg.mup
+    from dit_scale.align.heads import head_specs
+    mask = getattr(cfg, "mask", None)
     return dict(input_size=cfg.model.input_size, patch_size=spec.patch_size, in_channels=in_ch,
                 out_channels=out_channels or (2 * in_ch if cfg.model.learn_sigma else in_ch), hidden_size=width,
                 depth=cfg.model.depth or spec.depth, num_heads=heads,
                 mlp_ratio=cfg.model.mlp_ratio, num_classes=cfg.model.num_classes,
                 class_dropout=cfg.model.class_dropout, qk_norm=cfg.model.qk_norm, moe=moe,
                 attn_scale=heads / width if mup.enabled and mup.attn_scale == "inverse" else None,
-                output_mult=mup.output_mult if mup.enabled else 1.0)
+                output_mult=mup.output_mult if mup.enabled else 1.0,
+                mixer_depth=int(mask.mixer_depth) if mask is not None else 0,
+                mask_token=bool(mask is not None and mask.ratio > 0), align_heads=head_specs(cfg, width))
 
 
 def build_model(cfg, out_channels: Optional[int] = None) -> DiT:
