@@ -56,6 +56,8 @@ def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), sta
         norms.append(engine.clip_grad_norm(cfg.optim.grad_clip).item())
         engine.step(torch.tensor(True))
         engine.zero_grad()
+        with torch.no_grad(), engine.sampling_module() as ema_model:   # as sampling / SRA do between steps:
+            ema_model(x, t, y)                                         # must not leak EMA weights into training
         global_loss = loss.detach().clone()
         if world > 1:
             dist.all_reduce(global_loss)

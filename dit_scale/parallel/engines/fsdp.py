@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
@@ -76,17 +76,28 @@ class FSDPEngine(ProcessGroupEngine):
 
     @contextmanager
     def sampling_module(self):
-        """The model with EMA weights swapped in; every rank must call it (forward passes are collective)."""
+        """The model with EMA weights swapped in; every rank must call it (forward passes are collective).
+
+        FSDP2 keeps a module's gathered (unsharded) parameters after a forward without backward (the root always,
+        blocks when not resharding after forward); they would hold stale values after each swap, so every FSDP
+        module is resharded before the EMA goes in and before the training weights come back."""
         with torch.no_grad():
             backup = [_local(p).clone() for p in self.params]
+            self._reshard()
             for p, e in zip(self.params, self.ema):
                 _local(p).copy_(e)
         try:
             yield self.model
         finally:
             with torch.no_grad():
+                self._reshard()
                 for p, b in zip(self.params, backup):
                     _local(p).copy_(b)
+
+    def _reshard(self):
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     # -- consolidated state ---------------------------------------------------------------------------------------
     def _full(self, name, local_shard_like, param):
