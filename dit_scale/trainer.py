@@ -34,6 +34,7 @@ from dit_scale.models import build_model, model_kwargs
 from dit_scale.models.flops import count_params, forward_macs
 from dit_scale.models.masking import draw_keep_indices, mask_ratio_at, masked_denoise_loss
 from dit_scale.parallel import build_engine, init_topology
+from dit_scale.parallel.engines.base import uses_bf16
 from dit_scale.sampling import class_grid, save_grid
 
 
@@ -63,10 +64,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def autocast_context(cfg, device):
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+    if uses_bf16(cfg, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
 

@@ -29,7 +29,8 @@ def global_batch(step):
             torch.randint(0, 4, (BATCH,), generator=g), torch.randn(BATCH, 3, 16, 16, generator=g))
 
 
-def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), start=None, first_step=0):
+def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), start=None, first_step=0,
+                steps=STEPS):
     # float64 (the router's softmax stays fp32 inside megatron-core): the layouts differ only in reduction order.
     # DeepSpeed's ZeRO optimizers take fp32 (or bf16/fp16) parameters only: its comparisons run in fp32.
     torch.set_default_dtype(dtype)
@@ -44,7 +45,7 @@ def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), sta
         engine.load_state_dict(start)
     per_rank = BATCH // world
     losses, norms, first_grads = [], [], None
-    for step in range(first_step, STEPS):
+    for step in range(first_step, steps):
         x, t, y, target = (v[rank * per_rank:(rank + 1) * per_rank] for v in global_batch(step))
         out, aux = engine.module(x, t, y)
         loss = (out - target).square().mean() + aux["moe_loss"]
@@ -147,12 +148,7 @@ def test_deepspeed_resumes_from_a_local_checkpoint_state():
     exactly as the uninterrupted single-process run."""
     os.environ.pop("WORLD_SIZE", None)
     full = train_steps("local", 1, 0, 1, torch.float32)
-    global STEPS
-    saved, STEPS = STEPS, 3
-    try:
-        head = train_steps("local", 1, 0, 1, torch.float32)
-    finally:
-        STEPS = saved
+    head = train_steps("local", 1, 0, 1, torch.float32, steps=3)
     tail = run_distributed(ds_worker, 2, "deepspeed", 2, (), head[3], 3)
     for losses, norms, _, state in tail:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(full[0][3:]), rtol=1e-5, atol=0)

@@ -91,3 +91,18 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group) -> None:
             experts.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
             experts.grad_scale = 1.0 / ep_size
             module.dispatcher = ExpertParallelDispatcher(group, num_experts, ep_size)
+
+
+def gather_experts(local: torch.Tensor, topology) -> torch.Tensor:
+    """[E_local, ...] of every EP rank stacked into [E, ...] in global expert order (collective over "ep")."""
+    if topology.ep_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(topology.ep_size)]
+    dist.all_gather(parts, local.contiguous(), group=topology.group("ep"))
+    return torch.cat(parts)
+
+
+def local_experts(full: torch.Tensor, topology) -> torch.Tensor:
+    """This EP rank's slice [E_local, ...] of a global [E, ...] expert tensor."""
+    n = full.shape[0] // topology.ep_size
+    return full[topology.ep_rank * n:(topology.ep_rank + 1) * n]

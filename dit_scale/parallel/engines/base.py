@@ -42,6 +42,11 @@ def ema_decay(decay: float, num_updates: int) -> float:
     return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
 
 
+def uses_bf16(cfg, device) -> bool:
+    """train.precision resolved: bf16 on GPU for "auto", fp32 on CPU."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
 def build_optimizer(cfg, model, lr_mults=None):
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, lr_mults, mup=mup_table(cfg) if cfg.mup.enabled else None)
@@ -81,9 +86,13 @@ class Engine:
         """Optimizer step unless `ok` is False, LR schedule, then EMA (with warm-up) of `current_tensors`;
         a skipped step leaves the EMA unchanged. Needs self.cfg, self.optimizer, self.scheduler, self.num_updates."""
         guarded_step(self.optimizer, ok)
+        self._schedule_and_ema(ok, ema_tensors, current_tensors)
+
+    def _schedule_and_ema(self, applied, ema_tensors, current_tensors):
+        """After an optimizer step (`applied`: bool tensor, False if it was skipped): LR schedule, then EMA."""
         self.scheduler.step()
         self.num_updates += 1
-        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * ok.float()
+        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * applied.float()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema_tensors), list(current_tensors), weight)
 

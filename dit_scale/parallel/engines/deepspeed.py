@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, ema_decay, lr_lambda
-from dit_scale.parallel.expert_parallel import shard_experts
+from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, lr_lambda, uses_bf16
+from dit_scale.parallel.expert_parallel import gather_experts, local_experts, shard_experts
 
 
 def _import_deepspeed():
@@ -68,15 +68,6 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict:
     }
 
 
-def _gather_ep(value, topo):
-    """Stack a local-experts tensor [E_local, ...] of every EP rank into [E, ...]."""
-    if topo.ep_size == 1:
-        return value
-    parts = [torch.empty_like(value) for _ in range(topo.ep_size)]
-    dist.all_gather(parts, value.contiguous(), group=topo.group("ep"))
-    return torch.cat(parts)
-
-
 class DeepSpeedEngineWrapper(ProcessGroupEngine):
     def __init__(self, cfg, model, topology):
         deepspeed, DeepSpeedConfig, DeepSpeedEngine, groups = _import_deepspeed()
@@ -106,8 +97,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.names]
 
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-        config = ds_config(cfg, topology.world_size, bf16)
+        config = ds_config(cfg, topology.world_size, uses_bf16(cfg, device))
 
         class _DiTMoEEngine(DeepSpeedEngine):
             def _configure_distributed_model(self, module):
@@ -141,7 +131,8 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self.ds.backward(loss, scale_wrt_gas=False)          # the trainer already divided by grad_accum
 
     def clip_grad_norm(self, max_norm: float):
-        """ZeRO's global norm of the reduced gradients (ZeRO clips to `optim.grad_clip` inside `step`)."""
+        """ZeRO's global norm of the reduced gradients (ZeRO clips to `optim.grad_clip` inside `step`). ZeRO computes
+        the norm again in `step` (it has no way to take ours): one extra sum of squares and all-reduce per step."""
         zero = self.ds.optimizer
         if self.stage < 3:
             norm = zero.scaled_global_norm()
@@ -155,11 +146,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self.ds.step()
         self._micro = 0
         applied = torch.as_tensor(self.ds.was_step_applied(), device=self.topo.device) & ok
-        self.scheduler.step()
-        self.num_updates += 1
-        weight = (1.0 - ema_decay(self.cfg.optim.ema_decay, self.num_updates)) * applied.float()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [self._held(p).float() for p in self.params], weight)
+        self._schedule_and_ema(applied, self.ema, [self._held(p).float() for p in self.params])
 
     def zero_grad(self):
         self.ds.zero_grad()
@@ -187,20 +174,19 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
             dist.all_gather(parts, held.contiguous())
             held = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
         if name in self.expert_names:
-            held = _gather_ep(held, self.topo)
+            held = gather_experts(held, self.topo)
         return held.detach().float().cpu()
 
     def _full_hp(self, name, p, key=None):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
         if name in self.expert_names:
-            value = _gather_ep(value, self.topo)
+            value = gather_experts(value, self.topo)
         return value.detach().float().cpu()
 
     def _local_slice(self, name, full):
-        if name in self.expert_names and self.topo.ep_size > 1:
-            n = full.shape[0] // self.topo.ep_size
-            full = full[self.topo.ep_rank * n:(self.topo.ep_rank + 1) * n]
+        if name in self.expert_names:
+            full = local_experts(full, self.topo)
         return full.to(self.topo.device)
 
     def _held_slice(self, name, p, full):
@@ -217,10 +203,11 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
 
     def state_dict(self) -> dict:
         model, ema, state = {}, {}, {}
+        stepped = self._step_count() > 0
         for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema)):
             model[name] = self._full_hp(name, p)
             ema[name] = self._full_from_held(name, p, e)
-            if self._step_count() > 0:
+            if stepped:
                 state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg"),
                             "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq")}
         buffers = dict(self.model.named_buffers())

@@ -21,8 +21,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
 from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer
-from dit_scale.parallel.expert_parallel import shard_experts
+from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, uses_bf16
+from dit_scale.parallel.expert_parallel import gather_experts, local_experts, shard_experts
 
 
 def _local(t):
@@ -36,8 +36,7 @@ class FSDPEngine(ProcessGroupEngine):
         self.model = model.to(device)
         self.expert_names = {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
         shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(cfg, device) \
             else MixedPrecisionPolicy()
         dp_mesh = init_device_mesh(device.type, (topology.world_size,), mesh_dim_names=("dp",))
         for block in model.blocks:
@@ -105,16 +104,13 @@ class FSDPEngine(ProcessGroupEngine):
         value = DTensor.from_local(local_shard_like, param.device_mesh, param.placements, shape=param.shape,
                                    stride=param.stride()).full_tensor() if isinstance(param, DTensor) \
             else local_shard_like
-        if name in self.expert_names and self.topo.ep_size > 1:
-            parts = [torch.empty_like(value) for _ in range(self.topo.ep_size)]
-            dist.all_gather(parts, value.contiguous(), group=self.topo.group("ep"))
-            value = torch.cat(parts)
+        if name in self.expert_names:
+            value = gather_experts(value, self.topo)
         return value.cpu()
 
     def _local_slice(self, name, full, param):
-        if name in self.expert_names and self.topo.ep_size > 1:
-            n = full.shape[0] // self.topo.ep_size
-            full = full[self.topo.ep_rank * n:(self.topo.ep_rank + 1) * n]
+        if name in self.expert_names:
+            full = local_experts(full, self.topo)
         full = full.to(self.topo.device, dtype=_local(param).dtype)
         if isinstance(param, DTensor):
             return distribute_tensor(full, param.device_mesh, param.placements).to_local()
