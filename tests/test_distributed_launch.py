@@ -36,19 +36,33 @@ def test_expert_parallel_run(tiny_shards, tmp_path, engine):
     assert sample.returncode == 0, sample.stderr[-2000:]
 
 
+def each_rank_by_hand(*args, timeout=120):
+    """Start the 2 ranks directly (torchrun would kill the slower rank as soon as the first one fails), so each rank
+    must report an error and exit on its own; returns [(returncode, stderr)] per rank."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
+           os.path.join(ROOT, "configs", "quickstart.yaml"), *args]
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                                       WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank in range(2)]
+    errs = [proc.communicate(timeout=timeout)[1] for proc in procs]
+    return [(proc.returncode, err) for proc, err in zip(procs, errs)]
+
+
 def test_bad_layout_fails_on_every_rank(tiny_shards, tmp_path):
-    proc = torchrun(*tiny_overrides(tiny_shards, str(tmp_path / "bad"), **{"parallel.engine": "fsdp",
-                                                                           "parallel.ep": 4}))
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: parallel.ep=4 must divide the number of processes (WORLD_SIZE=2).") == 2
+    for code, err in each_rank_by_hand(*tiny_overrides(tiny_shards, str(tmp_path / "bad"),
+                                                       **{"parallel.engine": "fsdp", "parallel.ep": 4})):
+        assert code == 2, err[-2000:]
+        assert err.count("error: parallel.ep=4 must divide the number of processes (WORLD_SIZE=2).") == 1
 
 
 def test_config_differing_between_ranks_is_an_error(tiny_shards, tmp_path):
     overrides = tiny_overrides(tiny_shards, str(tmp_path / "r"), **{"parallel.engine": "fsdp"})
     overrides.append("logging.wandb_project=p${oc.env:RANK}")              # resolves differently per rank
-    proc = torchrun(*overrides)
-    assert proc.returncode != 0
-    assert proc.stderr.count("error: The resolved config differs between ranks (ranks [1] differ from rank 0)") == 2
+    for code, err in each_rank_by_hand(*overrides):
+        assert code == 2, err[-2000:]
+        assert err.count("error: The resolved config differs between ranks (ranks [1] differ from rank 0)") == 1
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
