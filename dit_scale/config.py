@@ -117,6 +117,8 @@ class TrainConfig:
     max_bad_steps: int = 5              # consecutive non-finite losses before aborting
     checkpoint_every: int = 0           # 0: only at the end
     resume: str = "none"                # none | auto | PATH
+    checkpoint_format: str = "sharded"  # sharded (DCP: every rank writes its pieces) | consolidated (one .pt file)
+    async_save: bool = False            # sharded: block only while staging, write in a background thread
     keep_last: int = 3                  # keep the newest N checkpoints (0: keep all)
     keep_every: int = 0                 # also keep every step divisible by N (0: none)
     max_wall_minutes: float = 0.0       # save and exit 75 (requeue) after this many minutes (0: off)
@@ -407,6 +409,10 @@ def validate(cfg: DictConfig) -> None:
     _validate_mask_align(cfg, m.depth or spec.depth)
     if not (t.resume in ("none", "auto") or t.resume):
         _fail("train.resume must be none, auto or a checkpoint path.")
+    if t.checkpoint_format not in ("sharded", "consolidated"):
+        _fail(f"train.checkpoint_format must be sharded or consolidated, got {t.checkpoint_format!r}.")
+    if t.async_save and t.checkpoint_format != "sharded":
+        _fail("train.async_save=true needs train.checkpoint_format=sharded.")
     for key in ("keep_last", "keep_every", "max_wall_minutes"):
         if t[key] < 0:
             _fail(f"train.{key} must be >= 0 (0 = off), got {t[key]}.")

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from dit_scale.align.aligner import Aligner
-from dit_scale.checkpoint import (load_checkpoint, load_latest_valid, prune_checkpoints, rng_state,
-                                  save_checkpoint, set_rng_state)
+from dit_scale.checkpoint import (CheckpointError, checkpoint_dir, find_latest, is_run_dir, list_checkpoints,
+                                  load_checkpoint, load_sharded, prune_checkpoints, rng_state, save_checkpoint,
+                                  save_sharded, set_rng_state, verify_sharded)
 from dit_scale.config import ConfigError, save_config, to_yaml
 from dit_scale.data import build_loader
 from dit_scale.diffusion import build_objective
@@ -86,8 +87,7 @@ class Trainer:
         self.model.grad_checkpointing = t.activation_checkpointing
         self.sizes = count_params(self.model)
         self.flops_per_image = 6 * forward_macs(model_kwargs(cfg, out_channels))   # fwd + bwd, 2 FLOPs / MAC
-        self.loader = build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=t.seed,
-                                   expect={"x": (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)})
+        self.loader = self._build_loader(t.seed)
         self.engine = build_engine(cfg, self.model, self.topo)
         seed_everything(t.seed + self.topo.rank, t.deterministic)   # per-rank randomness from here on
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed * 1000 + self.topo.rank)
@@ -102,48 +102,107 @@ class Trainer:
         self._stop_votes = None          # device scalar: ranks voting to stop, all-reduced in train_step
         self._pending_votes = None       # (host copy, CUDA event) of the previous step's votes
         self._moe_counts = None      # tokens per expert of the last logging interval, for expert_load.png
+        self._pending_save = None    # a sharded save still writing (train.async_save)
         self._resume()
+
+    def _build_loader(self, seed: int):
+        cfg = self.cfg
+        return build_loader(cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=seed,
+                            expect={"x": (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)})
 
     # ------------------------------------------------------------------------------------------------------------
     # State
     # ------------------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
+        """Every rank calls it (collective). `sharded`: tensors are DTensor views of each rank's pieces (for DCP)."""
         # Loader position and RNG streams differ per rank: one entry per data-parallel rank.
         per_rank = self.engine.all_gather_object({"data": self.loader.state_dict(), "rng": rng_state(self.generator)})
-        return {"step": self.step, **self.engine.state_dict(), "per_rank": per_rank, "config": to_yaml(self.cfg)}
+        return {"step": self.step, **self.engine.state_dict(sharded), "per_rank": per_rank,
+                "config": to_yaml(self.cfg)}
 
     def _resume(self):
+        """train.resume=auto: the newest usable checkpoint of the run (a corrupt one falls back to the previous, with
+        one line); PATH: that checkpoint (a step_X folder or .pt file, or a run directory's newest)."""
         resume = self.cfg.train.resume
         if resume == "none":
             return
-        if resume == "auto":   # newest usable checkpoint; a corrupt one falls back to the previous (one line)
-            path, state = load_latest_valid(self.run_dir, log=print if self.topo.is_main else (lambda _: None))
-            if path is None:
+        log = print if self.topo.is_main else (lambda _: None)
+        if resume == "auto":
+            candidates = list_checkpoints(self.run_dir, check=False)    # a truncated one is reported, not skipped
+            if not candidates:
                 return   # auto-resume on a fresh run directory starts from scratch
         else:
-            path, state = resume, load_checkpoint(resume)
+            candidates = [find_latest(resume) or checkpoint_dir(resume)] if is_run_dir(resume) else [resume]
+        for i, path in enumerate(candidates):
+            try:
+                state = self._load(path)
+                break
+            except CheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise CheckpointError(f"No usable checkpoint in '{checkpoint_dir(self.run_dir)}': {e}"
+                                          if resume == "auto" else str(e)) from None
+                log(f"warning: {e} Falling back to the previous complete checkpoint "
+                    f"'{os.path.basename(candidates[i + 1])}'.")
         try:
             self.engine.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
                               f"resume with the config it was trained with.") from None
-        if len(state["per_rank"]) != self.topo.world_size:
-            raise ConfigError(f"Checkpoint '{path}' was written by {len(state['per_rank'])} process(es) and this run "
-                              f"has {self.topo.world_size}; resume with the same number of processes.")
-        mine = state["per_rank"][self.topo.rank]
-        self.loader.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"], self.generator)
         self.step = int(state["step"])
-        print(f"resumed from {path} at step {self.step}", flush=True)
+        saved = state["per_rank"]
+        if len(saved) == self.topo.world_size:
+            self.loader.load_state_dict(saved[self.topo.rank]["data"])
+            set_rng_state(saved[self.topo.rank]["rng"], self.generator)
+        else:   # resharded: model, EMA and optimizer moved; per-rank streams cannot be split anew
+            log(f"warning: checkpoint '{path}' was written by {len(saved)} process(es) and this run has "
+                f"{self.topo.world_size}: weights, EMA and optimizer state are resharded, but the data loader and "
+                f"RNG streams restart (shuffled with a seed derived from step {self.step}), so the data order "
+                f"differs from an uninterrupted run.")
+            t = self.cfg.train
+            self.loader.close()
+            self.loader = self._build_loader(t.seed + self.step)
+            seed_everything(t.seed + self.topo.rank + 100003 * self.step, t.deterministic)
+            self.generator.manual_seed((t.seed + self.step) * 1000 + self.topo.rank)
+        log(f"resumed from {path} at step {self.step}")
+
+    def _load(self, path: str) -> dict:
+        """The state of checkpoint `path`; a sharded one is verified by all ranks together (each hashes a share
+        of the files) and read into this run's layout."""
+        if not os.path.isdir(path):
+            return load_checkpoint(path)
+        error = verify_sharded(path, self.topo.rank, self.topo.world_size)
+        errors = [e for e in self.engine.all_gather_object(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        return load_sharded(path, self.state_dict(sharded=True))
 
     def save(self) -> str:
-        state = self.state_dict()                           # collective for sharded engines: every rank
-        if self.topo.is_main:
+        """Every rank calls it (collective). Returns the checkpoint's path on rank 0 ("" on the others); with
+        train.async_save, the path it will have once its background write is published."""
+        t = self.cfg.train
+        self.wait_for_save()
+        if t.checkpoint_format == "consolidated":
+            state = self.state_dict()
+            if not self.topo.is_main:
+                return ""
             path = save_checkpoint(self.run_dir, self.step, state)
-            prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
+            self._prune(path)
             return path
-        return ""
+        self._pending_save = save_sharded(
+            self.run_dir, self.step, self.state_dict(sharded=True), rank=self.topo.rank, barrier=self.engine.barrier,
+            async_save=t.async_save, process_group=self.engine.checkpoint_group(t.async_save),
+            on_published=self._prune if self.topo.is_main else None)
+        return self._pending_save.path
+
+    def wait_for_save(self) -> None:
+        """Wait until a background (async) save is published; re-raises its error."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            pending.wait()
+
+    def _prune(self, _path: str) -> None:
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
 
     # ------------------------------------------------------------------------------------------------------------
     # One optimizer step
@@ -269,6 +328,7 @@ class Trainer:
             self.save()
             self.write_samples()
             self.write_expert_load()
+            self.wait_for_save()
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
@@ -315,6 +375,7 @@ class Trainer:
 
     def _save_and_interrupt(self):
         path = self.save()                                  # every rank (collective); rank 0 writes
+        self.wait_for_save()
         self.engine.all_reduce_sum_(torch.zeros(1, device=self.device)).item()   # barrier: the file is in place
         reason = self._stop_reason or "another rank was signalled"
         raise TrainingInterrupted(self.step, reason, path)

@@ -1,9 +1,9 @@
 """Export a checkpoint's consolidated weights to safetensors, with the resolved config.
 
     python launch/export.py runs/quickstart --out model.safetensors --ema
-    python launch/export.py runs/quickstart/checkpoints/step_00001500.pt --out model.safetensors
+    python launch/export.py runs/quickstart/checkpoints/step_00001500 --out model.safetensors
 
-CKPT is a run directory (its latest checkpoint) or a step_*.pt file. Writes the raw weights, or the EMA with
+CKPT is a run directory (its latest checkpoint), a step_* checkpoint folder (sharded) or a step_*.pt file. Writes the raw weights, or the EMA with
 --ema; experts stay stacked over their global index ([E, ...]). The resolved config is stored twice: as the
 safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `<out without .safetensors>.yaml`.
 `launch/sample.py --ckpt model.safetensors` samples from the file. Exit code 2 on an unusable checkpoint.
@@ -39,7 +39,7 @@ def export(ckpt: str, out: str, ema: bool = False) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="run directory or step_*.pt checkpoint")
+    p.add_argument("ckpt", help="run directory, step_* checkpoint folder or step_*.pt file")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Write a class-conditional sample grid (one row per class) from a run directory, a checkpoint or an export.
 
     python launch/sample.py --run runs/quickstart
-    python launch/sample.py --ckpt runs/quickstart/checkpoints/step_00001500.pt --classes 0,3,7 --per-class 8 \
+    python launch/sample.py --ckpt runs/quickstart/checkpoints/step_00001500 --classes 0,3,7 --per-class 8 \
         --steps 50 --cfg-scale 3 --out grid.png
     python launch/sample.py --ckpt model.safetensors --out grid.png      # written by launch/export.py
 
@@ -47,7 +47,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its latest checkpoint)")
-    src.add_argument("--ckpt", help="checkpoint file (step_*.pt) or exported .safetensors file")
+    src.add_argument("--ckpt", help="checkpoint (step_* folder or step_*.pt file) or exported .safetensors file")
     p.add_argument("--out", help="output PNG (default: RUN/samples/grid_stepN.png)")
     p.add_argument("--classes", help="comma-separated class ids (default: the first logging.max_sample_classes)")
     p.add_argument("--per-class", type=int, default=None)

@@ -7,8 +7,9 @@
 `run` expands the sweep file (grid or random search over config keys, × widths) into runs, checks every run's config,
 writes `OUT/sweep.json` (the runs and their `launch/train.py` arguments) and starts them: `local` runs them one after
 another (`--parallel k`: k at a time); `slurm` writes `OUT/sweep.sbatch`, one job array whose task i runs
-`sweep.py task OUT i`, and submits it with sbatch (`--dry-run`: only print it). A run that already finished with exit
-code 0 is skipped, so `run` again resumes a sweep. Each run writes `OUT/NAME/metrics.jsonl`, `train.log`, `exit_code`.
+`sweep.py task OUT i`, submits it with sbatch and prints the array's job id (`--dry-run`: only print the script).
+A run that already finished with exit code 0 is skipped, so `run` again resumes a sweep. Each run writes
+`OUT/NAME/metrics.jsonl`, `train.log`, `exit_code`.
 
 `aggregate` writes PREFIX.csv and PREFIX.md (final smoothed loss: the mean of the last `smooth` logged losses, per
 hyperparameter point and width; best per width; failed runs listed), PREFIX.png (loss vs log2 of the first swept
@@ -134,6 +135,9 @@ def task(out: str, index: int) -> int:
     with open(os.path.join(out, "sweep.json")) as f:
         run = json.load(f)["runs"][index]
     run_dir = os.path.join(out, run["name"])
+    if finished(out, run["name"]):          # a resubmitted job array skips what is done
+        print(f"[{run['name']}] already finished (exit code 0)")
+        return 0
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "w") as log:
         code = subprocess.call([sys.executable] + run["argv"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -174,7 +178,7 @@ def sbatch_script(sweep, out: str, num_runs: int) -> str:
     if s.partition:
         lines.append(f"#SBATCH --partition={s.partition}")
     lines += [f"#SBATCH {opt}" for opt in s.extra]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}",
+    lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}", "source slurm/env.sh      # threads, NCCL",
               f"srun {shlex.quote(sys.executable)} launch/sweep.py task {shlex.quote(out)} \"$SLURM_ARRAY_TASK_ID\"", ""]
     return "\n".join(lines)
 
@@ -199,7 +203,18 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print(script)
         return 0
-    return subprocess.call(["sbatch", path])
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ConfigError("sbatch not found; run --backend slurm on a SLURM login node, or use --backend local "
+                          "(--dry-run writes and prints the job script without submitting).") from None
+    if proc.returncode != 0:
+        print(f"error: sbatch {path} failed: {proc.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job array {job_id} ({len(runs)} tasks); logs: {os.path.join(out, f'slurm-{job_id}_*.out')}; "
+          f"when they are done: python launch/sweep.py aggregate {out}", flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,8 +27,14 @@ def _launch_module(name):
 
 
 def _steps(run):
+    """Steps of the published checkpoints: step_X.pt files and step_X/ folders (sharded)."""
     return sorted(int(f[5:13]) for f in os.listdir(os.path.join(run, "checkpoints"))
-                  if f.startswith("step_") and f.endswith(".pt"))
+                  if f.startswith("step_") and (f.endswith(".pt") or f[5:].isdigit()))
+
+
+def _data_file(ckpt):
+    """A DCP data file of a sharded checkpoint folder."""
+    return os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))[0])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,9 @@ def test_trainer_applies_retention(tiny_shards, tmp_path):
         "logging.log_every": 5, "data.batch_size": 4}))
     Trainer(cfg).fit()
     assert _steps(run) == [2, 4, 5]
-    assert find_latest(run).endswith("step_00000005.pt")
+    assert find_latest(run).endswith("step_00000005")
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step_00000002", "step_00000004",
+                                                                    "step_00000005"]
 
 
 @pytest.mark.parametrize("override", ["train.keep_last=-1", "train.keep_every=-2", "train.max_wall_minutes=-1"])
@@ -160,10 +168,11 @@ def test_truncated_and_corrupted_files_name_the_file(tmp_path):
 def test_auto_resume_falls_back_past_a_truncated_checkpoint(trained_run, tiny_shards, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(trained_run, run)
-    newest = os.path.join(run, "checkpoints", "step_00000004.pt")
-    with open(newest, "r+b") as f:
-        f.truncate(os.path.getsize(newest) // 3)
-    with pytest.raises(CheckpointError, match="step_00000004.pt"):
+    newest = os.path.join(run, "checkpoints", "step_00000004")
+    data = _data_file(newest)
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 3)
+    with pytest.raises(CheckpointError, match=f"{os.path.basename(data)}' is truncated"):
         load_checkpoint(newest)
 
     capsys.readouterr()
@@ -172,13 +181,36 @@ def test_auto_resume_falls_back_past_a_truncated_checkpoint(trained_run, tiny_sh
     assert trainer.step == 2
     lines = capsys.readouterr().out.strip().splitlines()
     warnings = [line for line in lines if "Falling back" in line]
-    assert len(warnings) == 1 and "step_00000004.pt" in warnings[0] and "step_00000002.pt" in warnings[0]
+    assert len(warnings) == 1 and "step_00000004" in warnings[0] and "'step_00000002'" in warnings[0]
 
-    two = os.path.join(run, "checkpoints", "step_00000002.pt")
-    with open(two, "r+b") as f:                                           # nothing usable left: an error
-        f.truncate(10)
-    with pytest.raises(CheckpointError, match="No usable checkpoint"):
+    two = os.path.join(run, "checkpoints", "step_00000002")
+    data = _data_file(two)
+    raw = open(data, "rb").read()
+    with open(data, "wb") as f:                                           # same size, one byte flipped
+        f.write(raw[:100] + bytes([raw[100] ^ 0xFF]) + raw[101:])
+    with pytest.raises(CheckpointError, match="No usable checkpoint.*is corrupted"):
         Trainer(cfg)
+
+
+def test_sharded_checkpoint_loads_whole_and_refuses_pickles(trained_run, tmp_path):
+    """The sharded folder loads into one process as the consolidated format (what export and sampling use),
+    equal to a consolidated save of the same state; DCP entries that would be unpickled are refused."""
+    ckpt = os.path.join(trained_run, "checkpoints", "step_00000004")
+    whole = load_checkpoint(ckpt)
+    states = whole["optimizer"]["state"]
+    assert whole["step"] == 4 and states and sorted(states) == list(range(len(states)))
+    assert all(float(s["step"]) == 4 and s["exp_avg"].abs().sum() > 0 for s in states.values())
+    consolidated = load_checkpoint(save_checkpoint(str(tmp_path / "c"), 4, whole))
+    for part in ("model", "ema"):
+        assert all(torch.equal(consolidated[part][k], v) for k, v in whole[part].items())
+    assert whole["model"]["blocks.0.ffn.experts.w13"].shape[0] == 4
+
+    import torch.distributed.checkpoint as dcp
+    evil = str(tmp_path / "evil")
+    dcp.save({"w": torch.zeros(2), "obj": {"a": [1, 2]}, "s": "text"}, checkpoint_id=evil, no_dist=True)
+    torch.save({"step": 1}, os.path.join(evil, "extra.pt"))
+    with pytest.raises(CheckpointError, match="holds pickled objects"):
+        load_checkpoint(evil, verify=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +239,7 @@ def test_sigusr1_saves_exits_75_and_resumes(tiny_shards, tmp_path):
     rows = read_metrics(run)
     stopped = rows[-1]["step"]                                            # logged at the stop step
     assert 4 <= stopped < 16
-    assert find_latest(run).endswith(f"step_{stopped:08d}.pt")
+    assert find_latest(run).endswith(f"step_{stopped:08d}")
     assert load_checkpoint(run)["step"] == stopped
     assert not os.path.exists(os.path.join(run, "samples"))              # no end-of-run work on the way out
 
@@ -216,7 +248,7 @@ def test_sigusr1_saves_exits_75_and_resumes(tiny_shards, tmp_path):
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 16                # no step twice, final step reached
     assert steps[:len(rows)] == [r["step"] for r in rows]                 # the continuation follows the stop
-    assert find_latest(run).endswith("step_00000016.pt")
+    assert find_latest(run).endswith("step_00000016")
 
 
 def test_wall_time_guard_saves_and_exits_75(tiny_shards, tmp_path, capsys):
@@ -227,7 +259,7 @@ def test_wall_time_guard_saves_and_exits_75(tiny_shards, tmp_path, capsys):
                        *tiny_overrides(tiny_shards, run, **{"train.steps": 10, "train.max_wall_minutes": 1e-6})])
     assert code == 75
     assert "interrupted: train.max_wall_minutes=1e-06 reached: checkpoint saved at step 1" in capsys.readouterr().err
-    assert find_latest(run).endswith("step_00000001.pt")
+    assert find_latest(run).endswith("step_00000001")
     assert [r["step"] for r in read_metrics(run)] == [1]
     assert before == {signum: signal.getsignal(signum) for signum in before}   # handlers restored after fit
 
@@ -235,7 +267,7 @@ def test_wall_time_guard_saves_and_exits_75(tiny_shards, tmp_path, capsys):
                                                                 "train.resume": "auto"}))
     with pytest.raises(TrainingInterrupted) as info:                      # the budget counts per process
         Trainer(cfg).fit()
-    assert info.value.step == 2 and info.value.path.endswith("step_00000002.pt")
+    assert info.value.step == 2 and info.value.path.endswith("step_00000002")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,8 +293,8 @@ def test_export_then_sample(trained_run, tmp_path):
     assert open(str(tmp_path / "model.yaml")).read() == state["config"]
 
     raw = str(tmp_path / "raw.safetensors")
-    assert export.main([os.path.join(trained_run, "checkpoints", "step_00000002.pt"), "--out", raw]) == 0
-    two = load_checkpoint(os.path.join(trained_run, "checkpoints", "step_00000002.pt"))
+    assert export.main([os.path.join(trained_run, "checkpoints", "step_00000002"), "--out", raw]) == 0
+    two = load_checkpoint(os.path.join(trained_run, "checkpoints", "step_00000002"))
     assert all(torch.equal(load_file(raw)[k], v) for k, v in two["model"].items())
 
     args = ["--per-class", "1", "--steps", "2", "--classes", "0,1"]

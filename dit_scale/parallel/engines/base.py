@@ -8,7 +8,9 @@
     engine.zero_grad()
     engine.all_reduce_sum_(tensor)        # over data-parallel ranks (statistics, expert counts)
     engine.all_gather_object(obj)         # [obj of every rank] (per-rank loader / RNG state for checkpoints)
-    engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler
+    engine.barrier(); engine.checkpoint_group(async_save)   # for sharded checkpoints
+    engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler (full tensors)
+    engine.state_dict(sharded=True)      # same keys and global shapes; DTensor views of each rank's piece (for DCP)
     with engine.sampling_module() as m:   # the EMA model for sampling (every rank calls it: forwards may be collective)
 
 The trainer never branches on the engine name. Parameter groups come from parameter roles (`dit_scale.mup`).
@@ -59,6 +61,21 @@ def build_optimizer(cfg, model, lr_mults=None):
     return optimizer, scheduler
 
 
+def init_adamw_state(optimizer) -> None:
+    """Create AdamW's state now (step 0, zero moments: exactly what its first step would create), so that a
+    checkpoint template (`state_dict(sharded=True)` of a fresh engine) has every tensor a checkpoint holds."""
+    from torch.optim.optimizer import _get_scalar_dtype
+    for g in optimizer.param_groups:
+        on_device = g.get("fused") or g.get("capturable")
+        for p in g["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=_get_scalar_dtype(is_fused=g.get("fused")),
+                                        device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 def guarded_step(optimizer, ok) -> None:
     """optimizer.step() unless `ok` (bool tensor) is False. Fused AdamW skips on the device (`found_inf`); other
     implementations (e.g. float64 parameters) need one host sync to decide."""
@@ -106,7 +123,14 @@ class Engine:
         """[obj of rank 0, obj of rank 1, ...] over all ranks (small host objects, e.g. per-rank loader state)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def barrier(self) -> None:
+        """Wait for every rank (one process: nothing to wait for)."""
+
+    def checkpoint_group(self, async_save: bool):
+        """The process group sharded checkpoints use (None: the default one, or no process group at all)."""
+        return None
+
+    def state_dict(self, sharded: bool = False) -> dict:
         raise NotImplementedError
 
     def load_state_dict(self, state: dict):
@@ -132,3 +156,15 @@ class ProcessGroupEngine(Engine):
         out = [None] * self.topo.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def checkpoint_group(self, async_save: bool):
+        """Async saves run DCP's collectives in a background thread while training runs its own: they get a gloo
+        group of their own (created once, by every rank), which DCP also needs when training uses NCCL."""
+        if not async_save:
+            return None
+        if getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group

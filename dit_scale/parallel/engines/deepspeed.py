@@ -33,10 +33,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, lr_lambda, uses_bf16
-from dit_scale.parallel.expert_parallel import gather_experts, local_experts, shard_experts
+from dit_scale.parallel.engines.base import (ProcessGroupEngine, build_optimizer, init_adamw_state, lr_lambda,
+                                             uses_bf16)
+from dit_scale.parallel.expert_parallel import gather_experts, global_view, local_experts, shard_experts
 
 
 def _import_deepspeed():
@@ -167,24 +169,31 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
                     h.copy_(b)
 
     # -- consolidated state ---------------------------------------------------------------------------------------
-    def _full_from_held(self, name, p, held):
+    def _full_from_held(self, name, p, held, sharded=False):
         """Full tensor from a held value (stage 3: gather the partitions; experts: stack over the EP group)."""
         if self.stage == 3:
             parts = [torch.empty_like(held) for _ in range(self.topo.world_size)]
             dist.all_gather(parts, held.contiguous())
             held = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
-        if name in self.expert_names:
-            held = gather_experts(held, self.topo)
-        return held.detach().float().cpu()
+        return self._consolidated(name, held.detach().float(), sharded)
 
-    def _full_hp(self, name, p, key=None):
+    def _full_hp(self, name, p, key=None, sharded=False):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        if name in self.expert_names:
-            value = gather_experts(value, self.topo)
-        return value.detach().float().cpu()
+        return self._consolidated(name, value.detach().float(), sharded)
+
+    def _consolidated(self, name, value, sharded):
+        """Experts stacked over the EP group into [E, ...] (on the CPU); with `sharded`, a DTensor view of this EP
+        rank's experts instead (no gather; DCP writes them from one rank of each edp group)."""
+        if name not in self.expert_names:
+            return value.cpu()
+        if sharded:
+            return global_view(value.to(self.topo.device), self.topo, expert=True)
+        return gather_experts(value, self.topo).cpu()
 
     def _local_slice(self, name, full):
+        if isinstance(full, DTensor):                 # a view from `state_dict(sharded=True)`: this layout's piece
+            return full.to_local().to(self.topo.device)
         if name in self.expert_names:
             full = local_experts(full, self.topo)
         return full.to(self.topo.device)
@@ -201,15 +210,13 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         out[:piece.numel()] = piece
         return out
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
         model, ema, state = {}, {}, {}
-        stepped = self._step_count() > 0
         for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema)):
-            model[name] = self._full_hp(name, p)
-            ema[name] = self._full_from_held(name, p, e)
-            if stepped:
-                state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg"),
-                            "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq")}
+            model[name] = self._full_hp(name, p, sharded=sharded)
+            ema[name] = self._full_from_held(name, p, e, sharded)
+            state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg", sharded),
+                        "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq", sharded)}
         buffers = dict(self.model.named_buffers())
         for name in self.buffer_names:
             model[name] = ema[name] = buffers[name].detach().cpu()
@@ -251,15 +258,9 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
             group["lr"] = saved["lr"]             # the scheduler sets it only at its next step
 
     def _init_optimizer_state(self):
-        """Create AdamW's state (zeros, step 0: what its first step would create) before ZeRO links it to the
-        parameters. ZeRO links all groups after stepping the first one, so lazily created state of the other
-        groups would stay invisible to `safe_get_full_optimizer_state`."""
-        for g in self.optimizer.param_groups:
-            for flat in g["params"]:
-                step_device = flat.device if g.get("fused") or g.get("capturable") else "cpu"
-                if not self.optimizer.state.get(flat):
-                    self.optimizer.state[flat] = {"step": torch.zeros((), dtype=torch.float32, device=step_device),
-                                                  "exp_avg": torch.zeros_like(flat),
-                                                  "exp_avg_sq": torch.zeros_like(flat)}
+        """Create AdamW's state before ZeRO links it to the parameters. ZeRO links all groups after stepping the
+        first one, so lazily created state of the other groups would stay invisible to
+        `safe_get_full_optimizer_state`."""
+        init_adamw_state(self.optimizer)
         if self.stage < 3:        # stage 3 reads the optimizer state directly
             self.ds.optimizer._lazy_init_hp_params_optimizer_state()

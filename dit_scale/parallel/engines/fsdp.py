@@ -7,7 +7,9 @@ gradient already sums the contributions of every rank of its EP group (through t
 it by 1/ep (`GroupedExperts.grad_scale`, set by `shard_experts`) and FSDP averages it over the edp ranks.
 
 `state_dict()` returns the same consolidated format as the local engine (full tensors, experts stacked over their
-global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count.
+global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count. `state_dict(sharded=True)`
+has the same keys and global shapes, but every tensor is a DTensor view of this rank's piece (no gather): DCP writes
+each piece from the rank that holds it, and reads any layout's pieces back (`dit_scale/checkpoint.py`).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dit_scale.models.moe import MoEFFN
 from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, uses_bf16
-from dit_scale.parallel.expert_parallel import gather_experts, local_experts, shard_experts
+from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, init_adamw_state, uses_bf16
+from dit_scale.parallel.expert_parallel import gather_experts, global_view, local_experts, shard_experts
 
 
 def _local(t):
@@ -52,6 +54,7 @@ class FSDPEngine(ProcessGroupEngine):
         self.params = [p for p in model.parameters()]
         self.buffer_names = [n for n in model.state_dict() if n not in set(self.names)]   # persistent buffers
         self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step
         self.ema = [_local(p).detach().clone() for p in self.params]
         self.num_updates = 0
 
@@ -98,9 +101,12 @@ class FSDPEngine(ProcessGroupEngine):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    # -- consolidated state ---------------------------------------------------------------------------------------
-    def _full(self, name, local_shard_like, param):
-        """Full tensor of a parameter-shaped value; experts also gathered over the EP group into [E, ...]."""
+    # -- consolidated / sharded state ------------------------------------------------------------------------------
+    def _full(self, name, local_shard_like, param, sharded=False):
+        """Full tensor of a parameter-shaped value, experts also gathered over the EP group into [E, ...]; with
+        `sharded`, the same global tensor as a DTensor view of this rank's piece (no gather, for DCP)."""
+        if sharded:
+            return global_view(local_shard_like, self.topo, name in self.expert_names, param)
         value = DTensor.from_local(local_shard_like, param.device_mesh, param.placements, shape=param.shape,
                                    stride=param.stride()).full_tensor() if isinstance(param, DTensor) \
             else local_shard_like
@@ -109,6 +115,8 @@ class FSDPEngine(ProcessGroupEngine):
         return value.cpu()
 
     def _local_slice(self, name, full, param):
+        if isinstance(full, DTensor):                 # a view from `state_dict(sharded=True)`: this layout's piece
+            return full.to_local().to(self.topo.device, dtype=_local(param).dtype)
         if name in self.expert_names:
             full = local_experts(full, self.topo)
         full = full.to(self.topo.device, dtype=_local(param).dtype)
@@ -116,11 +124,11 @@ class FSDPEngine(ProcessGroupEngine):
             return distribute_tensor(full, param.device_mesh, param.placements).to_local()
         return full
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
         model, ema = {}, {}
         for name, p, e in zip(self.names, self.params, self.ema):
-            model[name] = self._full(name, _local(p).detach(), p)
-            ema[name] = self._full(name, e, p)
+            model[name] = self._full(name, _local(p).detach(), p, sharded)
+            ema[name] = self._full(name, e, p, sharded)
         buffers = dict(self.model.named_buffers())
         for name in self.buffer_names:
             model[name] = ema[name] = buffers[name].detach().cpu()
@@ -129,8 +137,9 @@ class FSDPEngine(ProcessGroupEngine):
         for i, (name, p) in enumerate(self._optimizer_order()):
             s = self.optimizer.state.get(p)
             if s:
-                state[i] = {"step": s["step"].cpu(), "exp_avg": self._full(name, _local(s["exp_avg"]), p),
-                            "exp_avg_sq": self._full(name, _local(s["exp_avg_sq"]), p)}
+                state[i] = {"step": s["step"].cpu(),
+                            "exp_avg": self._full(name, _local(s["exp_avg"]), p, sharded),
+                            "exp_avg_sq": self._full(name, _local(s["exp_avg_sq"]), p, sharded)}
         return {"model": model, "ema": ema, "ema_updates": self.num_updates,
                 "optimizer": {"state": state, "param_groups": opt["param_groups"]},
                 "scheduler": self.scheduler.state_dict()}

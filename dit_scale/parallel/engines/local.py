@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dit_scale.parallel.engines.base import Engine, build_optimizer
+from dit_scale.parallel.engines.base import Engine, build_optimizer, init_adamw_state
 
 
 class LocalEngine(Engine):
@@ -20,6 +20,7 @@ class LocalEngine(Engine):
             for block in self.model.blocks:
                 block.compile()
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_pairs = list(zip(self.ema.parameters(), self.model.parameters()))
         self.num_updates = 0
@@ -48,7 +49,8 @@ class LocalEngine(Engine):
     def all_gather_object(self, obj) -> list:
         return [obj]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, sharded: bool = False) -> dict:
+        """Full tensors (one process holds everything), aliasing the live ones: DCP loads into them in place."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "ema_updates": self.num_updates,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
