@@ -148,6 +148,75 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, where):
                                           "step_00000003.json", "step_00000003.pt"]
 
 
+KILLED_SHARDED_SAVE = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from dit_scale import checkpoint as ck
+run, where = sys.argv[2], sys.argv[3]
+save = lambda step, w: ck.save_sharded(run, step, {"step": step, "w": w}, rank=0, barrier=lambda: None).wait()
+save(1, torch.zeros(4))
+real_publish, real_replace = ck._publish, os.replace
+
+def hang(*args):
+    print("HANGING", flush=True)
+    time.sleep(600)
+
+def slow_replace(src, dst):            # the manifest is written, the folder is not renamed yet
+    if src.endswith(".tmp") and os.path.isdir(src):
+        hang()
+    return real_replace(src, dst)
+
+if where == "write":                   # every shard written, no manifest yet
+    ck._publish = hang
+else:
+    os.replace = slow_replace
+save(2, torch.ones(100_000))
+"""
+
+
+@pytest.mark.parametrize("where", ["write", "publish"])
+def test_sigkill_during_sharded_save_leaves_previous_checkpoint(tmp_path, where):
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SHARDED_SAVE, ROOT, run, where], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "HANGING", proc.stderr.read()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    folder = os.path.join(run, "checkpoints")
+    partial = os.path.join(folder, "step_00000002.tmp")
+    assert os.path.isdir(partial) and any(f.endswith(".distcp") for f in os.listdir(partial))
+    assert os.path.exists(os.path.join(partial, "manifest.json")) == (where == "publish")
+    one = os.path.join(folder, "step_00000001")
+    assert find_latest(run) == one and list_checkpoints(run) == [one]
+    assert load_checkpoint(run)["step"] == 1
+
+    from dit_scale.checkpoint import save_sharded
+    save_sharded(run, 3, {"step": 3, "w": torch.ones(2)}, rank=0, barrier=lambda: None).wait()
+    prune_checkpoints(run, keep_last=3)                                   # the next save cleans up
+    assert sorted(os.listdir(folder)) == ["latest", "step_00000001", "step_00000003"]
+
+
+def test_async_save_is_a_snapshot_of_the_save_step(tiny_shards, tmp_path):
+    """train.async_save: save() returns once the tensors are staged; training may then change the weights, and
+    the published checkpoint still holds those of the save step."""
+    run = str(tmp_path / "run")
+    cfg = load_config(None, tiny_overrides(tiny_shards, run, **{"train.steps": 2, "train.async_save": True,
+                                                                "data.batch_size": 4}))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.engine.model.state_dict().items()}
+    path = trainer.save()
+    with torch.no_grad():
+        for p in trainer.engine.model.parameters():
+            p.add_(1.0)
+    trainer.wait_for_save()
+    assert find_latest(run) == path and path.endswith("step_00000000")
+    saved = load_checkpoint(path)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in before.items())
+
+
 def test_truncated_and_corrupted_files_name_the_file(tmp_path):
     run = str(tmp_path)
     path = save_checkpoint(run, 1, {"step": 1, "w": torch.randn(1000)})

@@ -29,8 +29,10 @@ def _cfg(shards, run, layout, **extra):
 
 
 def _write(rank, world, shards, run, layout):
-    """Train 3 steps (sharded checkpoint at the end); rank 0 also keeps the consolidated state as reference."""
-    trainer = Trainer(_cfg(shards, run, layout, **{"train.steps": 3}))
+    """Train 3 steps (sharded checkpoint at the end); rank 0 also keeps the consolidated state as reference.
+    The FSDP EP=2 writer saves asynchronously (train.async_save), every step."""
+    extra = {"train.async_save": True, "train.checkpoint_every": 1} if layout == "fsdp-ep2" else {}
+    trainer = Trainer(_cfg(shards, run, layout, **{"train.steps": 3, **extra}))
     trainer.fit()
     reference = trainer.state_dict()                    # gathered full tensors: the second code path
     if rank == 0:
