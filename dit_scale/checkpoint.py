@@ -234,7 +234,7 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     if os.path.isdir(path):
         return _load_sharded_whole(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # pages in as tensors are read
     except Exception as e:
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}); it is truncated, "
                               f"corrupted or not a dit_scale checkpoint — use an earlier one.") from None
@@ -338,9 +338,6 @@ class PendingSave:
     def __init__(self, path: str = "", thread=None, box=None):
         self.path, self.thread, self.box = path, thread, box or {}
 
-    def done(self) -> bool:
-        return self.thread is None or not self.thread.is_alive()
-
     def wait(self) -> str:
         if self.thread is not None:
             self.thread.join()
@@ -395,8 +392,7 @@ def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Ca
 
     thread = threading.Thread(target=finish, name=f"checkpoint-step-{step}", daemon=True)
     thread.start()
-    pending = PendingSave(final if rank == 0 else "", thread, box)
-    return pending
+    return PendingSave(final if rank == 0 else "", thread, box)
 
 
 def _distributed() -> bool:

@@ -6,6 +6,7 @@
     python launch/bench.py masking --model DiT-B/2-8E2A                # mask.ratio 0.75 vs 0 (launch/bench_align.py)
     python launch/bench.py align --model DiT-B/2-8E2A                  # REPA on cached features vs no alignment
     python launch/bench.py data                                        # loader (2 workers) vs DiT-S/2 training
+    python launch/bench.py checkpoint                                  # DiT-B/2-8E2A: sharded / async / consolidated
 
 `model`: forward+backward time per step of the sparse model and of a dense model with the same *active*
 parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
@@ -200,10 +201,14 @@ def main(argv=None):
     bench_align.add_parsers(sub)
     import bench_data    # launch/bench_data.py: the data subcommand
     bench_data.add_parser(sub)
+    import bench_checkpoint   # launch/bench_checkpoint.py: the checkpoint subcommand
+    bench_checkpoint.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
             bench_data.run(args)
+        elif args.what == "checkpoint":
+            bench_checkpoint.run(args)
         elif args.what in ("masking", "align"):
             bench_align.run(args)
         else:
