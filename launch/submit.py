@@ -62,8 +62,8 @@ def check_overrides(overrides):
 
 
 def tasks_per_node(args) -> int:
-    if args.gpus_per_node < 0 or args.nodes < 1 or args.chain < 1:
-        raise ConfigError("--nodes and --chain must be at least 1 and --gpus-per-node at least 0.")
+    if min(args.nodes, args.chain) < 1 or min(args.gpus_per_node, args.tasks_per_node) < 0:
+        raise ConfigError("--nodes and --chain must be at least 1, --gpus-per-node and --tasks-per-node at least 0.")
     if args.gpus_per_node == 0:
         return args.tasks_per_node or 1
     if args.tasks_per_node and args.tasks_per_node != args.gpus_per_node:
@@ -74,9 +74,10 @@ def tasks_per_node(args) -> int:
 
 def sbatch_command(args, overrides, run_dir: str, dependency: str = "") -> list:
     """The sbatch command line (a list) for one job of this submission."""
-    limit = slurm_minutes(args.time)
-    guard = limit - 2 * args.signal_grace / 60
-    if args.signal_grace <= 0 or guard <= 0:
+    if args.signal_grace <= 0:
+        raise ConfigError(f"--signal-grace {args.signal_grace} must be a positive number of seconds, e.g. 300.")
+    guard = slurm_minutes(args.time) - 2 * args.signal_grace / 60
+    if guard <= 0:
         raise ConfigError(f"--signal-grace {args.signal_grace} s leaves no training time in --time {args.time} "
                           f"(2 × grace must be shorter); lower --signal-grace or raise --time.")
     if not any(o.startswith("train.max_wall_minutes=") for o in overrides):

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-exec .venv/bin/python -m pytest -q -m "not slow and not gpu" tests "$@"
+exec .venv/bin/python -m pytest -q -rs -m "not slow and not gpu" tests "$@"

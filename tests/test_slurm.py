@@ -19,9 +19,15 @@ import yaml
 from conftest import ROOT, tiny_overrides
 from dit_scale.metrics import read_metrics
 
-spec = importlib.util.spec_from_file_location("submit", os.path.join(ROOT, "launch", "submit.py"))
-submit_mod = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(submit_mod)
+def load_launch_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "launch", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+submit_mod = load_launch_module("submit")
+sweep_mod = load_launch_module("sweep")
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 
@@ -139,17 +145,22 @@ def finished(job_id: str) -> dict:
     return info if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else {}
 
 
-def submit(tiny_shards, run_dir: str, *flags, **overrides) -> list:
-    """launch/submit.py a 2-process CPU job (fsdp, 2 expert-parallel ranks); returns the submitted job ids."""
-    args = tiny_overrides(tiny_shards, "unused", **{"parallel.engine": "fsdp", "parallel.ep": 2,
-                                                    "data.batch_size": 8, **overrides})
-    args = [a for a in args if not a.startswith("train.run_dir=")]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "submit.py"), "--gpus-per-node", "0",
-                           "--tasks-per-node", "2", "--time", "00:15:00", "--signal-grace", "60", "--config",
-                           QUICKSTART, "--run-dir", run_dir, *flags, *args],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return re.findall(r"^submitted job (\d+);", proc.stdout, re.M)
+@pytest.fixture
+def submit(tiny_shards, capsys, monkeypatch):
+    """launch/submit.py (in this process: the config check's imports are done) of a 2-process CPU job (fsdp, 2
+    expert-parallel ranks); returns the submitted job ids. sbatch passes OMP_NUM_THREADS=1 into the job."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def run(run_dir: str, *flags, **overrides) -> list:
+        args = tiny_overrides(tiny_shards, "unused", **{"parallel.engine": "fsdp", "parallel.ep": 2,
+                                                        "data.batch_size": 8, **overrides})
+        args = [a for a in args if not a.startswith("train.run_dir=")]
+        code = submit_mod.main(["--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "00:15:00",
+                                "--signal-grace", "60", "--config", QUICKSTART, "--run-dir", run_dir, *flags, *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return re.findall(r"^submitted job (\d+);", out, re.M)
+    return run
 
 
 def preempt_mid_run(job_id: str, run_dir: str, min_rows: int = 3):
@@ -177,11 +188,11 @@ def check_steps(run_dir: str, steps: int, saved: int):
     assert open(os.path.join(run_dir, "exit_code")).read().strip() == "0"
 
 
-def test_chained_jobs_resume_and_the_surplus_job_ends_at_once(slurm, tiny_shards, tmp_path):
+def test_chained_jobs_resume_and_the_surplus_job_ends_at_once(slurm, submit, tmp_path):
     """--chain 3: job 1 is preempted, exits 75 without requeueing (as where scontrol is missing), job 2 resumes and
     finishes, job 3 finds the run finished."""
     run_dir, steps = str(tmp_path / "chain"), 30
-    jobs = submit(tiny_shards, run_dir, "--chain", "3", **{"train.steps": steps, "logging.log_every": 1})
+    jobs = submit(run_dir, "--chain", "3", **{"train.steps": steps, "logging.log_every": 1})
     assert len(jobs) == 3
     preempt_mid_run(jobs[0], run_dir)
     logs = [f"{run_dir}/slurm-*.out"]
@@ -195,9 +206,9 @@ def test_chained_jobs_resume_and_the_surplus_job_ends_at_once(slurm, tiny_shards
     check_steps(run_dir, steps, saved)
 
 
-def test_preempted_job_requeues_and_resumes(slurm, tiny_shards, tmp_path):
+def test_preempted_job_requeues_and_resumes(slurm, submit, tmp_path):
     run_dir, steps = str(tmp_path / "requeue"), 30
-    [job] = submit(tiny_shards, run_dir, **{"train.steps": steps, "logging.log_every": 1, "logging.wandb": "offline"})
+    [job] = submit(run_dir, **{"train.steps": steps, "logging.log_every": 1, "logging.wandb": "offline"})
     logs = [f"{run_dir}/slurm-*.out"]
     preempt_mid_run(job, run_dir)
     wandb_id = open(os.path.join(run_dir, "wandb_id.txt")).read().strip()
@@ -213,7 +224,7 @@ def test_preempted_job_requeues_and_resumes(slurm, tiny_shards, tmp_path):
     assert len(offline_runs) == 2 and all(path.endswith("-" + wandb_id) for path in offline_runs)
 
 
-def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path):
+def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, monkeypatch):
     train_cfg = tmp_path / "train.yaml"
     body = {}
     for item in tiny_overrides(tiny_shards, "unused", **{"train.steps": 4, "logging.log_every": 2,
@@ -229,19 +240,15 @@ def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path):
         "train_config": str(train_cfg), "out": str(out), "widths": [32], "params": {"optim.lr": [5e-4, 1e-3, 2e-3]},
         "overrides": ["mup.enabled=true", "mup.base_width=32"], "smooth": 1,
         "slurm": {"time": "00:10:00", "gpus_per_task": 0, "cpus_per_task": 1}}))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "run", "--config",
-                           str(sweep_file), "--backend", "slurm"], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    [job] = re.findall(r"submitted job array (\d+) \(3 tasks\)", proc.stdout)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep_mod.main(["run", "--config", str(sweep_file), "--backend", "slurm"]) == 0
+    [job] = re.findall(r"submitted job array (\d+) \(3 tasks\)", capsys.readouterr().out)
     wait_for(lambda: len(glob.glob(str(out / "*" / "exit_code"))) == 3
              and subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() == "",
              "the 3 array tasks", logs=[str(out / "slurm-*.out"), str(out / "*" / "train.log")])
     assert len(glob.glob(str(out / f"slurm-{job}_*.out"))) == 3               # one log per array task
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep.py"), "aggregate", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert sweep_mod.main(["aggregate", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(float(r["optim.lr"]) for r in rows) == [5e-4, 1e-3, 2e-3]
     assert all(r["status"] == "ok" and float(r["final_loss"]) > 0 for r in rows), rows

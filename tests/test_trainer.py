@@ -29,7 +29,7 @@ def test_train_end_to_end(tiny_shards, tmp_path):
     assert os.path.exists(os.path.join(run, "config.yaml"))
     assert os.path.exists(os.path.join(run, "expert_load.png"))
     assert os.listdir(os.path.join(run, "samples")) == ["step_00000040.png"]
-    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "step_00000040.pt"
+    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "step_00000040"
 
     out = str(tmp_path / "grid.png")
     subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sample.py"), "--run", run, "--out", out,
