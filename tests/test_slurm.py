@@ -188,6 +188,7 @@ def check_steps(run_dir: str, steps: int, saved: int):
     assert open(os.path.join(run_dir, "exit_code")).read().strip() == "0"
 
 
+@pytest.mark.slow           # CI's second stage (.ci/run); the requeue test covers preemption in the default suite
 def test_chained_jobs_resume_and_the_surplus_job_ends_at_once(slurm, submit, tmp_path):
     """--chain 3: job 1 is preempted, exits 75 without requeueing (as where scontrol is missing), job 2 resumes and
     finishes, job 3 finds the run finished."""
