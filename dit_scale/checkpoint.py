@@ -240,24 +240,6 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
                               f"corrupted or not a dit_scale checkpoint — use an earlier one.") from None
 
 
-def load_latest_valid(run_dir: str, log: Callable[[str], None] = print) -> Tuple[Optional[str], Optional[dict]]:
-    """(path, state) of the newest checkpoint that loads, falling back past unusable ones with one line each
-    through `log`; (None, None) when the run has none; CheckpointError when every one is unusable."""
-    paths = list_checkpoints(run_dir, check=False)    # a truncated one is reported, not skipped silently
-    errors = []
-    for i, path in enumerate(paths):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            errors.append(str(e))
-            if i + 1 < len(paths):
-                log(f"warning: {e} Falling back to the previous complete checkpoint "
-                    f"'{os.path.basename(paths[i + 1])}'.")
-    if errors:
-        raise CheckpointError(f"No usable checkpoint in '{checkpoint_dir(run_dir)}': {errors[-1]}")
-    return None, None
-
-
 def prune_checkpoints(run_dir: str, keep_last: int, keep_every: int = 0) -> List[str]:
     """Delete published checkpoints (and their manifests) except the newest `keep_last` (0: keep all), every
     step divisible by `keep_every` (0: none) and the one `latest` names; also leftover `*.tmp` files of killed
@@ -335,14 +317,14 @@ def merge_state(tensors: dict, rest: dict) -> dict:
 class PendingSave:
     """A sharded save under way: `wait()` returns its published path (rank 0) or "" and re-raises its error."""
 
-    def __init__(self, path: str = "", thread=None, box=None):
-        self.path, self.thread, self.box = path, thread, box or {}
+    def __init__(self, path: str):
+        self.path, self.thread, self.error = path, None, None
 
     def wait(self) -> str:
         if self.thread is not None:
             self.thread.join()
-        if "error" in self.box:
-            raise self.box["error"]
+        if self.error is not None:
+            raise self.error
         return self.path
 
 
@@ -371,28 +353,30 @@ def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Ca
     barrier()
     writer = dcp.FileSystemWriter(tmp, sync_files=True)
     kwargs = dict(storage_writer=writer, process_group=process_group, no_dist=not _distributed())
+    pending = PendingSave(final if rank == 0 else "")
+
+    def publish():                                      # rank 0, once every rank's files are written
+        if rank == 0:
+            _publish(tmp, final, step)
+            if on_published:
+                on_published(final)
+
     if not async_save:
         dcp.save(tensors, **kwargs)
-        path = _publish(tmp, final, step) if rank == 0 else ""
-        if path and on_published:
-            on_published(path)
-        return PendingSave(path)
+        publish()
+        return pending
     future = dcp.async_save(tensors, **kwargs)          # returns after staging
-    box = {}
 
     def finish():
         try:
             future.result()
-            if rank == 0:
-                box["path"] = _publish(tmp, final, step)
-                if on_published:
-                    on_published(box["path"])
+            publish()
         except BaseException as e:                      # re-raised by wait() in the training thread
-            box["error"] = e
+            pending.error = e
 
-    thread = threading.Thread(target=finish, name=f"checkpoint-step-{step}", daemon=True)
-    thread.start()
-    return PendingSave(final if rank == 0 else "", thread, box)
+    pending.thread = threading.Thread(target=finish, name=f"checkpoint-step-{step}", daemon=True)
+    pending.thread.start()
+    return pending
 
 
 def _distributed() -> bool:

@@ -66,7 +66,7 @@ def _worker(rank, world, args, out_dir, results):
     topo = init_topology(cfg)
     torch.manual_seed(0)
     engine = build_engine(cfg, build_model(cfg), topo)
-    sync = (lambda: dist.barrier()) if world > 1 else (lambda: None)
+    sync = engine.barrier
 
     def state(sharded):
         return {"step": 1, **engine.state_dict(sharded), "config": to_yaml(cfg)}
@@ -78,19 +78,13 @@ def _worker(rank, world, args, out_dir, results):
         sync()
         return time.perf_counter() - start, value
 
-    local_bytes = sum(t.numel() * t.element_size() for t in _tensors(state(True)) if not hasattr(t, "to_local")) \
-        + sum(t.to_local().numel() * t.element_size() for t in _tensors(state(True)) if hasattr(t, "to_local"))
-    total_state = [0] * world
-    if world > 1:
-        dist.all_gather_object(total_state, local_bytes)
-    else:
-        total_state = [local_bytes]
-    state_bytes = sum(total_state)
+    local_bytes = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes for t in _tensors(state(True)))
+    state_bytes = sum(engine.all_gather_object(local_bytes))
     free = _available_bytes()
     r = {"state_bytes": state_bytes}
 
     run = os.path.join(out_dir, "sync")
-    r["sharded_save_s"], pending = timed(lambda: save_sharded(run, 1, state(True), rank=rank, barrier=sync).wait())
+    r["sharded_save_s"], _ = timed(lambda: save_sharded(run, 1, state(True), rank=rank, barrier=sync).wait())
     path = list_checkpoints(run)[0]
     r["sharded_bytes"] = _folder_bytes(path)
     r["sharded_load_s"], _ = timed(lambda: engine.load_state_dict(
@@ -111,14 +105,12 @@ def _worker(rank, world, args, out_dir, results):
 
     if world == 1 or state_bytes * world * 1.2 < free:     # several ranks: each gathers the full state
         run = os.path.join(out_dir, "consolidated")
+
         def save():
             full = state(False)
             return save_checkpoint(run, 1, full) if rank == 0 else ""
         r["consolidated_save_s"], path = timed(save)
-        if world > 1:
-            box = [path]
-            dist.broadcast_object_list(box)
-            path = box[0]
+        path = engine.all_gather_object(path)[0]          # rank 0's file
         r["consolidated_bytes"] = os.path.getsize(path)
         r["consolidated_load_s"], _ = timed(lambda: engine.load_state_dict(load_checkpoint(path)))
     else:

@@ -24,17 +24,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory):
-    """2 shards × 48 synthetic 16×16 images, 4 classes."""
+def write_tiny_shards(out: str, samples_per_shard: int = 48) -> str:
+    """96 synthetic 16×16 images, 4 classes, as WebDataset shards of `samples_per_shard`."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("make_synthetic", os.path.join(ROOT, "data_tools",
                                                                                  "make_synthetic.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = tmp_path_factory.mktemp("shards")
-    mod.make_synthetic(str(out), num_samples=96, num_classes=4, size=16, samples_per_shard=48, seed=0)
-    return str(out)
+    mod.make_synthetic(out, num_samples=96, num_classes=4, size=16, samples_per_shard=samples_per_shard, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """2 shards × 48 synthetic 16×16 images, 4 classes."""
+    return write_tiny_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def tiny_overrides(data_path, run_dir, **extra):

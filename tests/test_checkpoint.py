@@ -124,10 +124,9 @@ ck.save_checkpoint(run, 2, {"step": 2, "w": torch.ones(100_000)})
 """
 
 
-@pytest.mark.parametrize("where", ["write", "publish"])
-def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, where):
-    run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, ROOT, run, where], stdout=subprocess.PIPE,
+def _kill_when_hanging(script, run, where):
+    """Run `script` (a save that hangs at `where`), SIGKILL it once it says HANGING."""
+    proc = subprocess.Popen([sys.executable, "-c", script, ROOT, run, where], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "HANGING", proc.stderr.read()
@@ -135,6 +134,12 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, where):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("where", ["write", "publish"])
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, where):
+    run = str(tmp_path / "run")
+    _kill_when_hanging(KILLED_SAVE, run, where)
     folder = os.path.join(run, "checkpoints")
     leftovers = {"write": "step_00000002.pt.tmp", "publish": "step_00000002.json"}
     assert leftovers[where] in os.listdir(folder)                         # the kill really hit mid-save
@@ -156,7 +161,7 @@ from dit_scale import checkpoint as ck
 run, where = sys.argv[2], sys.argv[3]
 save = lambda step, w: ck.save_sharded(run, step, {"step": step, "w": w}, rank=0, barrier=lambda: None).wait()
 save(1, torch.zeros(4))
-real_publish, real_replace = ck._publish, os.replace
+real_replace = os.replace
 
 def hang(*args):
     print("HANGING", flush=True)
@@ -178,13 +183,7 @@ save(2, torch.ones(100_000))
 @pytest.mark.parametrize("where", ["write", "publish"])
 def test_sigkill_during_sharded_save_leaves_previous_checkpoint(tmp_path, where):
     run = str(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_SHARDED_SAVE, ROOT, run, where], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "HANGING", proc.stderr.read()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_when_hanging(KILLED_SHARDED_SAVE, run, where)
     folder = os.path.join(run, "checkpoints")
     partial = os.path.join(folder, "step_00000002.tmp")
     assert os.path.isdir(partial) and any(f.endswith(".distcp") for f in os.listdir(partial))

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_tiny_shards
 from dist_utils import run_distributed
 from dit_scale.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from dit_scale.config import load_config
@@ -21,6 +21,7 @@ LAYOUTS = {             # name: (processes, overrides)
     "fsdp-ep1": (2, {"parallel.engine": "fsdp", "parallel.ep": 1}),
     "fsdp-ep2": (2, {"parallel.engine": "fsdp", "parallel.ep": 2}),
     "deepspeed-ep2": (2, {"parallel.engine": "deepspeed", "parallel.ep": 2}),
+    "fsdp4-ep2": (4, {"parallel.engine": "fsdp", "parallel.ep": 2}),     # experts sharded over ep and edp
 }
 
 
@@ -58,6 +59,11 @@ def _in_layout(layout, fn, *args):
     return run_distributed(fn, world, *args)[0]
 
 
+def _shards_for(world, tiny_shards, folder):
+    """tiny_shards has 2 shards; 4 data-parallel ranks need at least 4 (the same images, 24 per shard)."""
+    return tiny_shards if world <= 2 else write_tiny_shards(str(folder / "shards"), samples_per_shard=24)
+
+
 @pytest.fixture(scope="module")
 def written(tiny_shards, tmp_path_factory):
     """Checkpoints written by each source layout (made on first use)."""
@@ -65,8 +71,9 @@ def written(tiny_shards, tmp_path_factory):
 
     def get(layout):
         if layout not in runs:
-            run = str(tmp_path_factory.mktemp(f"write-{layout}") / "run")
-            _in_layout(layout, _write, tiny_shards, run, layout)
+            folder = tmp_path_factory.mktemp(f"write-{layout}")
+            run = str(folder / "run")
+            _in_layout(layout, _write, _shards_for(LAYOUTS[layout][0], tiny_shards, folder), run, layout)
             runs[layout] = run
         return runs[layout]
     return get
@@ -95,6 +102,7 @@ def _assert_same_state(got, want):
     pytest.param("fsdp-ep2", "fsdp-ep1", marks=pytest.mark.slow),        # EP 2 → 1 on 2 processes
     pytest.param("fsdp-ep1", "fsdp-ep2", marks=pytest.mark.slow),        # EP 1 → 2 on 2 processes
     pytest.param("deepspeed-ep2", "fsdp-ep1", marks=pytest.mark.slow),   # DeepSpeed ZeRO-2 → FSDP, EP 2 → 1
+    pytest.param("fsdp4-ep2", "fsdp-ep2", marks=pytest.mark.slow),       # 4 → 2 processes, EP 2 × edp 2 → EP 2
 ])
 def test_resume_in_another_layout(written, tiny_shards, source, target, capsys):
     run = written(source)
