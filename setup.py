@@ -9,13 +9,14 @@ setup(
     name="dit_scale",
     version="0.1.0",
     description="Sparse diffusion transformers (DiT-MoE) at scale: expert parallelism, FSDP2/DeepSpeed, muP",
-    packages=find_packages(include=["dit_scale", "dit_scale.*"]),
+    packages=find_packages(include=["dit_scale", "dit_scale.*", "launch", "data_tools"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.13,<2.14",
         "deepspeed>=0.19,<0.20",
         "megatron-core>=0.16,<0.17",
         "webdataset>=1.0,<2",
+        "braceexpand>=0.1.7,<1",
         "wandb>=0.19,<1",
         "omegaconf>=2.3,<2.5",
         "numpy>=1.26,<3",
@@ -24,6 +25,18 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
     ],
+    entry_points={"console_scripts": [      # the same main(argv) as `python launch/X.py` and `python -m launch.X`
+        "dit-train = launch.train:main",
+        "dit-sample = launch.sample:main",
+        "dit-export = launch.export:main",
+        "dit-model-info = launch.model_info:main",
+        "dit-bench = launch.bench:main",
+        "dit-coord-check = launch.coord_check:main",
+        "dit-sweep = launch.sweep:main",
+        "dit-submit = launch.submit:main",
+        "dit-make-synthetic = data_tools.make_synthetic:main",
+        "dit-build-shards = data_tools.build_shards:main",
+    ]},
     extras_require={
         # tests/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
         # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.

@@ -1,10 +1,11 @@
 """Turn an image folder or a list file into WebDataset shards of VAE latents (+ teacher features) for dit_scale.
 
     # ImageNet layout (one sub-folder per class), SD VAE latents of 256x256 crops, DINOv2 features for REPA:
-    python data_tools/build_shards.py --images /data/imagenet/train --out /data/in1k-256 --resolution 256 \
+    python -m data_tools.build_shards --images /data/imagenet/train --out /data/in1k-256 --resolution 256 \
         --vae /models/sd-vae-ft-ema --teacher /models/dinov2-vitb14 --workers 8
     # a list file (TSV: image path, optional integer label, optional caption), pixels only (small images):
-    python data_tools/build_shards.py --list images.tsv --out data/pix64 --resolution 64 --pixels
+    python -m data_tools.build_shards --list images.tsv --out data/pix64 --resolution 64 --pixels
+    # the same: dit-build-shards ... (console script) or python data_tools/build_shards.py ...
 
 --vae is a local diffusers AutoencoderKL folder, --teacher a local transformers DINOv2 folder (AutoModel); no
 weights are downloaded. Each image is center-cropped and resized as in ADM (box-halve while >= 2x the target,
@@ -20,27 +21,26 @@ bicubic to the short side, center crop). Sample KEY (8-digit index into the shuf
 The item list is shuffled with --seed so every shard holds a mix of classes. Shard i (shard-%06d.tar) holds
 items [i*S, (i+1)*S) and is written by one worker to a temporary name, renamed, then described by a
 shard-%06d.tar.json sidecar (sample count, bytes, sha256). A re-run with the same arguments keeps finished shards
-and writes the rest; manifest.json (shards, counts, shapes, dtypes, encoders, checksums) is written at the end.
+and writes the rest; manifest.json (dit_scale.data.manifest: shards, counts, shapes, dtypes, encoders, checksums)
+is written at the end.
 Workers (--workers) are separate processes; with GPUs each worker takes one (round-robin).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import sys
-import tarfile
 import time
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout too
-from dit_scale.data.shards import add_tar_member  # noqa: E402
+from data_tools.writer import ShardWriter, encode_label, encode_npy, encode_png, sha256_file  # noqa: F401
+from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,26 +156,6 @@ class Encoders:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_done(out: str, index: int, params_hash: str) -> Optional[dict]:
     """The sidecar of a finished shard written with these parameters, else None."""
     path = os.path.join(out, "shard-%06d.tar" % index)
@@ -207,31 +187,29 @@ def write_shard(job: tuple[int, list]) -> dict:
     params, enc = _WORKER["params"], _WORKER["encoders"]
     out, size, batch = params["out"], params["resolution"], params["batch_size"]
     path = os.path.join(out, "shard-%06d.tar" % index)
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with ShardWriter(path) as shard:
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
             images = np.stack([load_image(p, size) for _, p, _, _ in chunk])
             latents = enc.latents(images) if params["vae"] else None
             feats = enc.features(images) if params["teacher"] else None
             for i, (key, _, label, caption) in enumerate(chunk):
-                name = "%08d" % key
+                members = {}
                 if latents is not None:
-                    add_tar_member(tar, name + ".latent.npy", _npy(latents[i].astype(params["latent_dtype"])))
+                    members["latent.npy"] = encode_npy(latents[i].astype(params["latent_dtype"]))
                     if params["flip"]:
-                        add_tar_member(tar, name + ".latent_flip.npy",
-                                    _npy(latents[len(chunk) + i].astype(params["latent_dtype"])))
+                        flipped = latents[len(chunk) + i]
+                        members["latent_flip.npy"] = encode_npy(flipped.astype(params["latent_dtype"]))
                 else:
-                    add_tar_member(tar, name + ".image.png", _png(images[i]))
+                    members["image.png"] = encode_png(images[i])
                 if feats is not None:
-                    add_tar_member(tar, name + ".feat.npy", _npy(feats[i].astype(np.float16)))
+                    members["feat.npy"] = encode_npy(feats[i].astype(np.float16))
                 if label is not None:
-                    add_tar_member(tar, name + ".cls", str(int(label)).encode("ascii"))
+                    members["cls"] = encode_label(label)
                 if caption is not None:
-                    add_tar_member(tar, name + ".caption.txt", caption.encode("utf-8"))
-    os.replace(tmp, path)
-    entry = {"name": os.path.basename(path), "num_samples": len(items), "bytes": os.path.getsize(path),
-             "sha256": sha256_file(path), "params_hash": params["hash"]}
+                    members["caption.txt"] = caption.encode("utf-8")
+                shard.add("%08d" % key, members)
+    entry = {**shard.entry.to_dict(), "params_hash": params["hash"]}
     with open(path + ".json.tmp", "w") as f:
         json.dump(entry, f)
     os.replace(path + ".json.tmp", path + ".json")
@@ -239,7 +217,7 @@ def write_shard(job: tuple[int, list]) -> dict:
 
 
 # -- driver ----------------------------------------------------------------------------------------------------------
-def _encoder_info(params: dict, latent_shape, feat_shape) -> dict:
+def _encoder_info(params: dict) -> dict:
     info = {}
     if params["vae"]:
         with open(os.path.join(params["vae"], "config.json")) as f:
@@ -318,11 +296,9 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
     x_shape, feat_shape = _probe_shapes(params)
 
     os.makedirs(out, exist_ok=True)
-    manifest_path = os.path.join(out, "manifest.json")
+    manifest_path = os.path.join(out, MANIFEST_NAME)
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            old = json.load(f).get("params", {}).get("hash")
-        if old != params["hash"]:
+        if read_manifest(manifest_path).params.get("hash") != params["hash"]:
             raise ValueError("%s was built from other inputs or arguments; use another --out or delete it first" % out)
     for name in os.listdir(out):                   # leftovers of an interrupted run
         if ".tmp" in name:
@@ -362,27 +338,23 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
                 pool.terminate()
                 pool.join()
 
-    kind = "latent" if vae else "pixel"
-    manifest = dict(format="webdataset", kind=kind, image_key="latent.npy" if vae else "image.png",
-                    flip_key="latent_flip.npy" if params["flip"] else None,
-                    feat_key="feat.npy" if teacher else None,
-                    label_key="cls" if has_labels[0] else None,
-                    caption_key="caption.txt" if any(c is not None for _, _, c in items) else None,
-                    x_shape=x_shape, x_dtype=latent_dtype if vae else "uint8",
-                    feat_shape=feat_shape, feat_dtype="float16" if teacher else None,
-                    resolution=resolution, num_samples=len(items),
-                    num_classes=(max(lb for _, lb, _ in items) + 1) if has_labels[0] else None,
-                    class_names=class_names, **_encoder_info(params, x_shape, feat_shape),
-                    shards=[{k: entries[i][k] for k in ("name", "num_samples", "bytes", "sha256")} for i, _ in jobs],
-                    params={k: v for k, v in params.items() if k not in ("out", "batch_size")},
-                    source=os.path.abspath(images or list_file))
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
+    encoders = _encoder_info(params)
+    manifest = Manifest(
+        shards=[ShardEntry(**{k: entries[i][k] for k in ("name", "num_samples", "bytes", "sha256")}) for i, _ in jobs],
+        builder="build_shards", kind="latent" if vae else "pixel", image_key="latent.npy" if vae else "image.png",
+        flip_key="latent_flip.npy" if params["flip"] else None, feat_key="feat.npy" if teacher else None,
+        label_key="cls" if has_labels[0] else None,
+        caption_key="caption.txt" if any(c is not None for _, _, c in items) else None,
+        x_shape=x_shape, x_dtype=latent_dtype if vae else "uint8",
+        feat_shape=feat_shape, feat_dtype="float16" if teacher else None, resolution=resolution,
+        num_classes=(max(lb for _, lb, _ in items) + 1) if has_labels[0] else None, class_names=class_names,
+        vae=encoders.get("vae"), teacher=encoders.get("teacher"),
+        params={k: v for k, v in params.items() if k not in ("out", "batch_size")},
+        source=os.path.abspath(images or list_file))
+    write_manifest(manifest, manifest_path)
     if progress:
         print("wrote %s (%.1fs)" % (manifest_path, time.time() - t0), file=sys.stderr, flush=True)
-    return manifest
+    return manifest.to_dict()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,11 +1,12 @@
 """Write a class-labelled synthetic image dataset as WebDataset tar shards.
 
-    python data_tools/make_synthetic.py --out data/synthetic --num-samples 20000 --num-classes 10 \
+    python -m data_tools.make_synthetic --out data/synthetic --num-samples 20000 --num-classes 10 \
         --size 32 --samples-per-shard 2000 --seed 0
+    # the same: dit-make-synthetic ... (console script) or python data_tools/make_synthetic.py ...
 
 or from Python:
 
-    from make_synthetic import make_synthetic   # with data_tools/ on sys.path
+    from data_tools.make_synthetic import make_synthetic
     shard_paths = make_synthetic("data/synthetic", num_samples=20000, num_classes=10, size=32,
                                  samples_per_shard=2000, seed=0)
 
@@ -16,8 +17,9 @@ and colour; shapes always stay inside the image. Drawing happens at 4x resolutio
 edges are anti-aliased.
 
 Output in --out: shard-000000.tar, shard-000001.tar, ... (sample KEY = "%08d" global index, members KEY.png and
-KEY.cls with the ASCII class id), manifest.json (shards with sample counts, image size, channels, num_classes,
-class names, generation parameters) and preview.png (one row per class, 8 examples, 2x upscaled).
+KEY.cls with the ASCII class id), manifest.json (dit_scale.data.manifest: shards with sample counts, sizes and
+sha256, x_shape, num_classes, class names, generation parameters) and preview.png (one row per class, 8 examples,
+2x upscaled).
 
 Everything is deterministic from --seed: shard i draws from numpy.random.default_rng([seed, i]) and tar headers
 carry fixed metadata, so a shard rebuilt later is byte-identical. Each shard is written to a temporary name and
@@ -27,8 +29,6 @@ generators on the same --out at once.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import tarfile
@@ -37,8 +37,9 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout too
-from dit_scale.data.shards import add_tar_member  # noqa: E402
+from data_tools.writer import ShardWriter, describe_shard, encode_label, encode_png
+from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
+from dit_scale.data.shards import decode_image, iter_tar_samples
 
 SHAPES = ["circle", "square", "triangle", "ring", "plus", "hbars", "vbars", "diamond", "xcross", "checker"]
 COLOURS = {
@@ -119,25 +120,19 @@ def render_sample(label: int, size: int, rng: np.random.Generator) -> Image.Imag
     return image.resize((size, size), Image.BOX)
 
 
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(num_samples, s + samples_per_shard)) for s in range(0, num_samples, samples_per_shard)]
 
 
-def _write_shard(path: str, index: int, start: int, end: int, num_classes: int, size: int, seed: int) -> None:
+def _write_shard(path: str, index: int, start: int, end: int, num_classes: int, size: int,
+                 seed: int) -> ShardEntry:
     rng = np.random.default_rng([seed, index])
     labels = rng.permutation(np.arange(start, end) % num_classes)   # balanced classes, shuffled
-    tmp = "%s.tmp-%d" % (path, os.getpid())
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with ShardWriter(path) as shard:
         for key, label in zip(range(start, end), labels):
-            add_tar_member(tar, "%08d.png" % key, _png_bytes(render_sample(int(label), size, rng)))
-            add_tar_member(tar, "%08d.cls" % key, str(int(label)).encode("ascii"))
-    os.replace(tmp, path)
+            shard.add("%08d" % key, {"png": encode_png(render_sample(int(label), size, rng)),
+                                     "cls": encode_label(label)})
+    return shard.entry
 
 
 def _count_samples(path: str) -> int:
@@ -149,23 +144,14 @@ def _count_samples(path: str) -> int:
         return -1
 
 
-def _read_png_members(path: str):
-    """Yield (label, image) from one of our shards."""
-    with tarfile.open(path, "r") as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for name in sorted(members):
-            if name.endswith(".png"):
-                label = int(tar.extractfile(members[name[:-4] + ".cls"]).read())
-                yield label, Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")
-
-
 def write_preview(out: str, shard_paths: list[str], num_classes: int, size: int, per_class: int = 8) -> str:
     """preview.png: one row per class (name on the left), `per_class` examples read back from the shards."""
     examples: dict[int, list[Image.Image]] = {c: [] for c in range(num_classes)}
     for path in shard_paths:
-        for label, image in _read_png_members(path):
+        for sample in iter_tar_samples(path):
+            label = int(sample["cls"])
             if len(examples[label]) < per_class:
-                examples[label].append(image)
+                examples[label].append(Image.fromarray(decode_image(sample["png"], "png")))
         if all(len(v) >= per_class for v in examples.values()):
             break
     scale, pad, text_w = max(1, 64 // size), 2, 110
@@ -193,10 +179,9 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
     params = dict(num_samples=num_samples, num_classes=num_classes, size=size,
                   samples_per_shard=samples_per_shard, seed=seed, version=FORMAT_VERSION)
     os.makedirs(out, exist_ok=True)
-    manifest_path = os.path.join(out, "manifest.json")
+    manifest_path = os.path.join(out, MANIFEST_NAME)
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            old = json.load(f).get("params")
+        old = read_manifest(manifest_path).params
         if old != params:
             raise ValueError("%s was generated with %s, not %s; use another --out or delete it first"
                              % (out, old, params))
@@ -206,26 +191,22 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
 
     shards, paths = [], []
     for index, (start, end) in enumerate(_shard_ranges(num_samples, samples_per_shard)):
-        name = "shard-%06d.tar" % index
-        path = os.path.join(out, name)
+        path = os.path.join(out, "shard-%06d.tar" % index)
         if _count_samples(path) == end - start:
-            status = "exists"
+            entry, status = describe_shard(path, end - start), "exists"
         else:
             t0 = time.time()
-            _write_shard(path, index, start, end, num_classes, size, seed)
+            entry = _write_shard(path, index, start, end, num_classes, size, seed)
             status = "wrote in %.1fs" % (time.time() - t0)
         if verbose:
             print("%s: %d samples, %s" % (path, end - start, status), flush=True)
-        shards.append({"name": name, "num_samples": end - start})
+        shards.append(entry)
         paths.append(path)
 
-    manifest = dict(format="webdataset", image_key="png", label_key="cls", image_size=size, channels=3,
-                    num_classes=num_classes, class_names=class_names(num_classes), num_samples=num_samples,
-                    shards=shards, params=params)
-    tmp = "%s.tmp-%d" % (manifest_path, os.getpid())
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
+    manifest = Manifest(shards=shards, builder="make_synthetic", kind="pixel", image_key="png", label_key="cls",
+                        x_shape=[3, size, size], x_dtype="uint8", resolution=size, num_classes=num_classes,
+                        class_names=class_names(num_classes), params=params)
+    write_manifest(manifest, manifest_path)
     preview = write_preview(out, paths, num_classes, size)
     if verbose:
         print("wrote %s and %s" % (manifest_path, preview), flush=True)

@@ -1,25 +1,37 @@
 """Run metrics: `metrics.jsonl` (one JSON object per line with `step`), wandb, a tqdm bar, MFU, MoE statistics.
 
-Only the main process writes. Values arrive as tensors accumulated on the device and are read (one sync) at the
-logging interval.
+    interval = IntervalStats(names, device)      # device-side sums of one logging interval (no sync per step)
+    interval.add(totals, grad_norm, ok)
+    row = interval.summary(all_reduce_sum_, world_size, images_per_step)   # one sync, at the logging step
+    log = MetricsLogger(cfg, run_dir, is_main, total_steps, start_step); log.log(step, row)
+
+Only the main process writes.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, SXM parts); MFU is reported only for these.
+from dit_scale.run_dir import RunDir
+
+# Dense peak FLOP/s per device (vendor datasheets, SXM parts): bf16 tensor cores, and fp32 without TF32 (what
+# torch's default fp32 matmul precision uses). MFU is reported only for these devices.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+PEAK_FP32_FLOPS = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12}
 
 
-def peak_flops(device: torch.device) -> Optional[float]:
+def peak_flops(device: torch.device, bf16: bool = True) -> Optional[float]:
+    """The device's dense peak FLOP/s at the run's precision (None: unknown device or CPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    table = PEAK_BF16_FLOPS if bf16 else PEAK_FP32_FLOPS
+    return next((v for k, v in table.items() if k in name), None)
 
 
 class MoEStats:
@@ -67,15 +79,72 @@ class MoEStats:
         }
 
 
+class IntervalStats:
+    """What one logging interval accumulates on the device: the loss terms (`names`), the gradient norm, skipped and
+    consecutive non-finite steps, MoE routing statistics, and the wall time spent training (time inside `paused()`,
+    e.g. sampling and saving, is not training throughput). Nothing here synchronises until `summary`."""
+
+    def __init__(self, names, device):
+        self.names, self.device = list(names), device
+        self.moe = MoEStats()
+        self.sums = torch.zeros(len(self.names) + 1, device=device)    # loss terms + grad norm
+        self.consecutive_bad = torch.zeros((), device=device)
+        self.worst_bad = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.steps, self.skipped_before, self.last = 0, 0.0, {}
+        self.moe_counts = None            # tokens per expert [L, E] of the last interval (expert_load.png)
+        self._tic, self._paused = time.perf_counter(), 0.0
+
+    def add(self, totals: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor) -> None:
+        bad = (~ok).float()
+        self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        self.worst_bad = torch.maximum(self.worst_bad, self.consecutive_bad)
+        self.skipped += bad
+        self.sums += torch.cat([torch.nan_to_num(totals, nan=0.0, posinf=0.0) * ok,
+                                torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
+        self.steps += 1
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def worst_bad_streak(self) -> int:
+        """The longest run of consecutive skipped steps so far (one host sync)."""
+        return int(self.worst_bad.item())
+
+    def summary(self, all_reduce_sum_, world_size: int, images_per_step: int) -> dict:
+        """The interval's row (losses averaged over applied steps and ranks, grad norm, images/s, cumulative
+        skipped steps, MoE load), then a fresh interval. Collective: every rank calls it."""
+        elapsed = max(1e-9, time.perf_counter() - self._tic - self._paused)
+        values = (all_reduce_sum_(self.sums.clone()) / world_size).tolist()
+        self.moe.all_reduce(all_reduce_sum_, world_size)
+        skipped = self.skipped.item()
+        n_ok = max(1.0, self.steps - (skipped - self.skipped_before))
+        row = {**{k: v / n_ok for k, v in zip(self.names, values)}, "grad_norm": values[-1] / self.steps,
+               "images_per_s": images_per_step * self.steps / elapsed, "skipped_steps": skipped,
+               **self.moe.summary()}
+        self.moe_counts = self.moe.counts
+        self.moe.reset()
+        self.sums.zero_()
+        self.steps, self.skipped_before, self.last = 0, skipped, row
+        self._tic, self._paused = time.perf_counter(), 0.0
+        return row
+
+
 class MetricsLogger:
-    def __init__(self, cfg, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, cfg, run_dir, is_main: bool, total_steps: int, start_step: int = 0):
         self.is_main = is_main
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        run_dir = RunDir(str(run_dir))
+        self.path = run_dir.metrics
         self.bar = None
         self.wandb = None
         if not is_main:
             return
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir.makedirs()
         self.file = open(self.path, "a")
         if cfg.logging.progress_bar:
             from tqdm import tqdm
@@ -83,9 +152,9 @@ class MetricsLogger:
         if cfg.logging.wandb != "disabled":
             import wandb
             from omegaconf import OmegaConf
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=run_dir, mode=cfg.logging.wandb,
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=run_dir.path, mode=cfg.logging.wandb,
                                     config=OmegaConf.to_container(cfg, resolve=True),
-                                    name=os.path.basename(os.path.abspath(run_dir)), resume="allow",
+                                    name=os.path.basename(os.path.abspath(run_dir.path)), resume="allow",
                                     id=_wandb_id(run_dir),
                                     # system-metric sampling costs a CPU-only run ~5% of its 2 cores
                                     settings=wandb.Settings(x_disable_stats=not torch.cuda.is_available()))
@@ -124,9 +193,9 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _wandb_id(run_dir: str) -> str:
+def _wandb_id(run_dir: RunDir) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
-    path = os.path.join(run_dir, "wandb_id.txt")
+    path = run_dir.wandb_id
     if os.path.exists(path):
         return open(path).read().strip()
     import uuid
@@ -137,7 +206,7 @@ def _wandb_id(run_dir: str) -> str:
 
 
 def read_metrics(run_dir: str) -> list:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(RunDir(run_dir).metrics) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -23,83 +23,55 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
+from dit_scale.build import build_objective, model_args
+from dit_scale.config import ConfigError, load_config
+from dit_scale.loss import TrainingLoss
+from dit_scale.metrics import peak_flops
+from dit_scale.models import DiT, ModelArgs
+from dit_scale.models.flops import count_params, forward_macs
+from launch import bench_align, bench_checkpoint, bench_data
+from launch.bench_common import alternate, device_and_precision, header, random_batch, training_step
 
-from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.metrics import peak_flops  # noqa: E402
-from dit_scale.models import model_kwargs  # noqa: E402
-from dit_scale.models.dit import DiT  # noqa: E402
-from dit_scale.models.flops import count_params, forward_macs  # noqa: E402
-from dit_scale.parallel.topology import pick_device  # noqa: E402
 
-
-def dense_twin(kwargs: dict) -> dict:
+def dense_twin(args: ModelArgs) -> ModelArgs:
     """Same DiT without experts; FFN hidden chosen so active parameters (and FLOPs) match the sparse model."""
-    moe = kwargs["moe"]
-    swiglu_hidden = moe["top_k"] * moe["expert_hidden"] + moe["shared_hidden"]
-    twin = dict(kwargs, moe=None)
-    twin["mlp_ratio"] = 1.5 * swiglu_hidden / kwargs["hidden_size"]     # 2·D·h = 3·D·swiglu_hidden
-    return twin
+    moe = args.moe
+    swiglu_hidden = moe.top_k * moe.expert_hidden + moe.shared_hidden
+    return args.replace(moe=None, mlp_ratio=1.5 * swiglu_hidden / args.hidden_size)   # 2·D·h = 3·D·swiglu_hidden
 
 
 def bench_model(args):
     cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}"] + args.overrides)
-    device = pick_device(args.device)
-    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
-    sparse_kwargs = model_kwargs(cfg)
-    if sparse_kwargs["moe"] is None:
+    device, bf16 = device_and_precision(args)
+    sparse = model_args(cfg)
+    if sparse.moe is None:
         raise ConfigError(f"--model {args.model} is dense; pass a sparse name such as DiT-S/2-8E2A.")
-    variants = {"moe": sparse_kwargs, "dense": dense_twin(sparse_kwargs)}
-    torch.manual_seed(0)
-    models = {k: DiT(**kw).to(device).train() for k, kw in variants.items()}
+    variants = {"moe": sparse, "dense": dense_twin(sparse)}
+    models = {k: DiT(a, init_seed=0).to(device).train() for k, a in variants.items()}
     if args.compile:
         for m in models.values():
             for block in m.blocks:
                 block.compile()
     batch = args.batch or (32 if device.type == "cuda" else 2)
-    x = torch.randn(batch, args.in_channels, args.input_size, args.input_size, device=device)
-    t = torch.rand(batch, device=device) * 1000
-    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
+    data = random_batch(sparse, batch, device)
+    objective = build_objective(cfg)
+    steps = {k: training_step(models[k], TrainingLoss(objective, a, device), data, device, bf16)
+             for k, a in variants.items()}
+    times = alternate(steps, device, args.warmup, args.steps)
 
-    def step(model):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out, aux = model(x, t, y)
-            loss = out.float().square().mean() + aux["moe_loss"]
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def timed(model):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup):
-        for m in models.values():
-            step(m)
-    times = {k: [] for k in models}
-    for _ in range(args.steps):
-        for k, m in models.items():
-            times[k].append(timed(m))
-
-    peak = peak_flops(device)
-    result = {"bench": "model", "model": args.model, "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch": batch,
-              "precision": "bf16" if bf16 else "fp32", "steps": args.steps}
-    for k, kw in variants.items():
-        sec = statistics.median(times[k])
+    peak = peak_flops(device, bf16)
+    result = header("model", args.model, device, bf16, batch, args.steps)
+    for k, a in variants.items():
+        sec = times[k]
         sizes = count_params(models[k])
         result[k] = {"step_s": round(sec, 5), "images_per_s": round(batch / sec, 2),
                      "params": sizes["params"], "active_params": sizes["active_params"],
-                     "gflops_fwd": round(forward_macs(kw) / 1e9, 3)}
+                     "gflops_fwd": round(forward_macs(a) / 1e9, 3)}
         if peak:
-            result[k]["mfu"] = round(6 * forward_macs(kw) * batch / sec / peak, 4)
+            result[k]["mfu"] = round(TrainingLoss(objective, a, device).flops_per_image(0) * batch / sec / peak, 4)
     result["ratio"] = round(result["moe"]["step_s"] / result["dense"]["step_s"], 3)
     print(json.dumps(result))
 
@@ -109,25 +81,24 @@ def _moe_parallel_worker(rank, world, args, results):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from dit_scale.models.moe import MoEFFN, init_moe_
+    from dit_scale.models.init import init_moe_
+    from dit_scale.models.moe import MoEFFN
     from dit_scale.parallel.expert_parallel import shard_experts
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, args.threads))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(None, [f"model.name={args.model}"] + args.overrides)
-    moe_kwargs = model_kwargs(cfg)["moe"]
-    width = model_kwargs(cfg)["hidden_size"]
+    margs = model_args(cfg)
     layers = {}
     for ep in (1, world):
-        torch.manual_seed(0)
-        layer = MoEFFN(width, **moe_kwargs)
-        init_moe_(layer)
+        layer = MoEFFN(margs.hidden_size, **vars(margs.moe))
+        init_moe_(layer, seed=0)
         holder = torch.nn.Module()
         holder.ffn = layer
         shard_experts(holder, rank % ep, ep, dist.group.WORLD)
         layers[f"ep{ep}"] = layer
-    x = torch.randn(args.tokens, width, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(args.tokens, margs.hidden_size, generator=torch.Generator().manual_seed(rank))
 
     def step(layer):
         out, aux = layer(x)
@@ -196,13 +167,9 @@ def main(argv=None):
     mp_.add_argument("--warmup", type=int, default=2)
     mp_.add_argument("--threads", type=int, default=1, help="torch threads per process")
     mp_.add_argument("overrides", nargs="*")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_align   # launch/bench_align.py: the masking and align subcommands
-    bench_align.add_parsers(sub)
-    import bench_data    # launch/bench_data.py: the data subcommand
-    bench_data.add_parser(sub)
-    import bench_checkpoint   # launch/bench_checkpoint.py: the checkpoint subcommand
-    bench_checkpoint.add_parser(sub)
+    bench_align.add_parsers(sub)          # masking, align
+    bench_data.add_parser(sub)            # data
+    bench_checkpoint.add_parser(sub)      # checkpoint
     args = parser.parse_args(argv)
     try:
         if args.what == "data":

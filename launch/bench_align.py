@@ -10,109 +10,55 @@ tokens. `align`: REPA's projector (width -> 2048 -> 2048 -> 768) on block `--dep
 features as they arrive from the shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
-import statistics
-import time
 
-import torch
-
-from dit_scale.align.losses import repa_loss
+from dit_scale.build import build
 from dit_scale.config import load_config
-from dit_scale.models import build_model
-from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss
-from dit_scale.parallel.topology import pick_device
+from dit_scale.loss import TrainingLoss
+from launch.bench_common import alternate, device_and_precision, header, random_batch, training_step
 
 
 def _setup(args, extra):
     cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}", *extra, *args.overrides])
-    device = pick_device(args.device)
-    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
+    device, bf16 = device_and_precision(args)
+    built = build(cfg, device=device, seed=0)
     batch = args.batch or (32 if device.type == "cuda" else 2)
-    x = torch.randn(batch, args.in_channels, args.input_size, args.input_size, device=device)
-    t = torch.rand(batch, device=device) * 1000
-    y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)
-    return cfg, device, bf16, model, batch, (x, t, y)
-
-
-def _alternate(variants: dict, device, warmup: int, steps: int) -> dict:
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times = {k: [] for k in variants}
-    for _ in range(steps):
-        for k, fn in variants.items():
-            times[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _header(name, args, device, bf16, batch, model):
-    return {"bench": name, "model": args.model, "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "batch": batch,
-            "tokens": model.pos_embed.shape[1], "precision": "bf16" if bf16 else "fp32", "steps": args.steps}
+    return cfg, device, bf16, built, batch
 
 
 def bench_masking(args):
-    cfg, device, bf16, model, batch, (x, t, y) = _setup(args, [f"mask.ratio={args.ratio}",
-                                                               f"mask.mixer_depth={args.mixer_depth}"])
-    n, p = model.pos_embed.shape[1], model.patch_size
-    target = torch.randn_like(x)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def step(ratio):
-        def run():
-            keep = draw_keep_indices(batch, n, ratio, gen, device) if ratio > 0 else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out, aux = model(x, t, y, **({"mask": keep} if keep is not None else {}))
-                loss = (masked_denoise_loss(out, target, keep, p) if keep is not None
-                        else (out.float() - target).square().mean((1, 2, 3))).mean() + aux["moe_loss"]
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        return run
-
-    times = _alternate({"masked": step(args.ratio), "unmasked": step(0.0)}, device, args.warmup, args.steps)
-    result = _header("masking", args, device, bf16, batch, model)
+    cfg, device, bf16, built, batch = _setup(args, [f"mask.ratio={args.ratio}", f"mask.mixer_depth={args.mixer_depth}"])
+    model, margs = built.model.train(), built.args
+    data = random_batch(margs, batch, device)
+    variants = {"masked": TrainingLoss(built.objective, margs, device, mask_ratio=args.ratio),
+                "unmasked": TrainingLoss(built.objective, margs, device)}
+    times = alternate({k: training_step(model, fn, data, device, bf16) for k, fn in variants.items()}, device,
+                      args.warmup, args.steps)
+    result = header("masking", args.model, device, bf16, batch, args.steps, tokens=margs.num_tokens)
     result.update({"mask_ratio": args.ratio, "mixer_depth": args.mixer_depth,
                    "masked_step_s": round(times["masked"], 5), "unmasked_step_s": round(times["unmasked"], 5),
-                   "ratio": round(times["masked"] / times["unmasked"], 3), "target": "<= 0.4"})
+                   "ratio": round(times["masked"] / times["unmasked"], 3), "target": "<= 0.4",
+                   "flops_ratio": round(variants["masked"].flops_per_image(0) / variants["unmasked"].flops_per_image(0),
+                                        3)})
     print(json.dumps(result))
     return result
 
 
 def bench_align(args):
-    cfg, device, bf16, model, batch, (x, t, y) = _setup(args, [
+    cfg, device, bf16, built, batch = _setup(args, [
         "align.repa_weight=0.5", f"align.repa_depth={args.depth}", f"align.teacher_dim={args.teacher_dim}",
         f"align.projector_dim={args.projector_dim}"])
-    n = model.pos_embed.shape[1]
-    target = torch.randn_like(x)
-    feat = torch.randn(batch, n, args.teacher_dim, device=device)     # as the loader delivers batch["feat"]
-
-    def step(align):
-        def run():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out, aux = model(x, t, y, **({"heads": ("repa",)} if align else {}))
-                loss = (out.float() - target).square().mean() + aux["moe_loss"]
-                if align:
-                    loss = loss + 0.5 * repa_loss(aux["heads"]["repa"], feat)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        return run
-
-    times = _alternate({"repa": step(True), "plain": step(False)}, device, args.warmup, args.steps)
-    result = _header("align", args, device, bf16, batch, model)
-    result.update({"repa_depth": cfg.align.repa_depth, "projector_dim": args.projector_dim, "teacher_dim": args.teacher_dim,
-                   "teacher": "cached features (shards)", "repa_step_s": round(times["repa"], 5),
-                   "plain_step_s": round(times["plain"], 5), "ratio": round(times["repa"] / times["plain"], 3),
-                   "target": "<= 1.05"})
+    model, margs = built.model.train(), built.args
+    data = random_batch(margs, batch, device, feat_dim=args.teacher_dim)    # as the loader delivers batch["feat"]
+    variants = {"repa": TrainingLoss.from_config(cfg, built.objective, margs, device),
+                "plain": TrainingLoss(built.objective, margs, device)}
+    times = alternate({k: training_step(model, fn, data, device, bf16) for k, fn in variants.items()}, device,
+                      args.warmup, args.steps)
+    result = header("align", args.model, device, bf16, batch, args.steps, tokens=margs.num_tokens)
+    result.update({"repa_depth": cfg.align.repa_depth, "projector_dim": args.projector_dim,
+                   "teacher_dim": args.teacher_dim, "teacher": "cached features (shards)",
+                   "repa_step_s": round(times["repa"], 5), "plain_step_s": round(times["plain"], 5),
+                   "ratio": round(times["repa"] / times["plain"], 3), "target": "<= 1.05"})
     print(json.dumps(result))
     return result
 

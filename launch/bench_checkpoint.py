@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from dit_scale.build import build
+from dit_scale.checkpoint import (list_checkpoints, load_checkpoint, load_sharded, save_checkpoint, save_sharded,
+                                  verify_sharded)
+from dit_scale.config import load_config, to_yaml
+from dit_scale.parallel.engines import build_engine
+from dit_scale.parallel.topology import init_topology
 
 
 def add_parser(sub) -> None:
@@ -51,21 +54,14 @@ def _folder_bytes(path: str) -> int:
 def _worker(rank, world, args, out_dir, results):
     import torch.distributed as dist
 
-    from dit_scale.checkpoint import (list_checkpoints, load_checkpoint, load_sharded, save_checkpoint,
-                                      save_sharded, verify_sharded)
-    from dit_scale.config import load_config, to_yaml
-    from dit_scale.models.dit import build_model
-    from dit_scale.parallel.engines import build_engine
-    from dit_scale.parallel.topology import init_topology
-
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     engine_overrides = [f"parallel.engine={'fsdp' if world > 1 else 'local'}", f"parallel.ep={world}"]
     cfg = load_config(None, [f"model.name={args.model}", "train.device=cpu", *engine_overrides, *args.overrides])
     topo = init_topology(cfg)
-    torch.manual_seed(0)
-    engine = build_engine(cfg, build_model(cfg), topo)
+    built = build(cfg, seed=0)
+    engine = build_engine(cfg, built.model, topo, mup=built.mup)
     sync = engine.barrier
 
     def state(sharded):

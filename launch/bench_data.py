@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
-import tarfile
 import tempfile
 import time
 from types import SimpleNamespace
@@ -23,9 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "data_tools"))
+from data_tools.writer import ShardWriter, encode_label, encode_npy
+from dit_scale.data.manifest import Manifest, write_manifest
 
 
 def add_parser(sub) -> None:
@@ -44,27 +41,24 @@ def add_parser(sub) -> None:
 
 
 def write_random_shards(out: str, num_samples: int, per_shard: int, feat_shape) -> str:
-    import build_shards as bs
+    """Latent shards shaped like ImageNet-256 with the SD VAE (+ DINOv2-B features) and their manifest, in `out`."""
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((97, 4, 32, 32)).astype(np.float16)        # pools: drawing 100s of MB of
-    feats = rng.standard_normal((61, *feat_shape)).astype(np.float16) if feat_shape else None   # normals is slow
-    shards = []
+    latents = [encode_npy(a) for a in rng.standard_normal((97, 4, 32, 32)).astype(np.float16)]   # pools: drawing
+    feats = [encode_npy(a) for a in rng.standard_normal((61, *feat_shape)).astype(np.float16)] if feat_shape else []
+    shards = []                                                                # 100s of MB of normals is slow
     for index, start in enumerate(range(0, num_samples, per_shard)):
-        name = "shard-%06d.tar" % index
-        n = min(per_shard, num_samples - start)
-        with tarfile.open(os.path.join(out, name), "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key in range(start, start + n):
-                for j, member in enumerate(("latent.npy", "latent_flip.npy")):
-                    bs._add_member(tar, "%08d.%s" % (key, member), bs._npy(latents[(2 * key + j) % 97]))
+        with ShardWriter(os.path.join(out, "shard-%06d.tar" % index)) as shard:
+            for key in range(start, min(num_samples, start + per_shard)):
+                members = {"latent.npy": latents[(2 * key) % 97], "latent_flip.npy": latents[(2 * key + 1) % 97]}
                 if feat_shape:
-                    bs._add_member(tar, "%08d.feat.npy" % key, bs._npy(feats[key % 61]))
-                bs._add_member(tar, "%08d.cls" % key, str(key % 1000).encode())
-        shards.append({"name": name, "num_samples": n})
-    manifest = {"format": "webdataset", "kind": "latent", "image_key": "latent.npy", "flip_key": "latent_flip.npy",
-                "feat_key": "feat.npy" if feat_shape else None, "label_key": "cls", "x_shape": [4, 32, 32],
-                "feat_shape": list(feat_shape) if feat_shape else None, "num_samples": num_samples, "shards": shards}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+                    members["feat.npy"] = feats[key % 61]
+                members["cls"] = encode_label(key % 1000)
+                shard.add("%08d" % key, members)
+        shards.append(shard.entry)
+    write_manifest(Manifest(shards=shards, builder="bench_data", kind="latent", image_key="latent.npy",
+                            flip_key="latent_flip.npy", label_key="cls", feat_key="feat.npy" if feat_shape else None,
+                            x_shape=[4, 32, 32], x_dtype="float16", feat_shape=list(feat_shape) if feat_shape else None,
+                            feat_dtype="float16" if feat_shape else None, resolution=256, num_classes=1000), out)
     return out
 
 
@@ -88,16 +82,15 @@ def time_loader(path: str, workers: int, batch: int, batches: int) -> dict:
 
 
 def time_training(model_name: str, batch, steps: int, device_name: str, x_shape) -> dict:
+    from dit_scale.build import build_model
     from dit_scale.config import load_config
-    from dit_scale.models import model_kwargs
-    from dit_scale.models.dit import DiT
     from dit_scale.parallel.topology import pick_device
     device = pick_device(device_name)
     batch = batch or (32 if device.type == "cuda" else 8)
     cfg = load_config(None, [f"model.name={model_name}", f"model.in_channels={x_shape[0]}",
                              f"model.input_size={x_shape[-1]}"])
     torch.manual_seed(0)
-    model = DiT(**model_kwargs(cfg)).to(device).train()
+    model = build_model(cfg, device, seed=0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, *x_shape, device=device)
     y = torch.randint(0, cfg.model.num_classes, (batch,), device=device)

@@ -3,10 +3,11 @@
     python launch/coord_check.py --config configs/sweeps/mutransfer_train.yaml --widths 64,128,256,512 --steps 4 \
         --out docs/mup_coord_check.png
 
-For each width (heads grow with it at a fixed head dim, `dit_scale.mup.width_overrides`) and for μP and standard
-parameterisation, the model trains `--steps` AdamW steps (the engine's parameter groups, `build_optimizer`) on one
-fixed batch of the config's data; after each step t = 1..steps a forward pass records the mean |activation| of each
-layer type: patch embedding, attention output, FFN / routed-expert output, router logits, model output. The PNG has
+For each width (heads grow with it at a fixed head dim, `dit_scale.config.width_overrides`) and for μP and standard
+parameterisation, the model trains `--steps` AdamW steps (the engines' parameter groups, `optim.build_optimizer`;
+the trainer's loss, `dit_scale.loss.TrainingLoss`) on one fixed batch of the config's data; after each step t = 1..steps a forward pass records the mean |activation| of each
+layer type: patch embedding, attention output, FFN / routed-expert output, router logits, model output, averaged
+over `--seeds` seeds (init, data, noise). The PNG has
 one panel per step, μP on the top row and SP below (log-log against width); the JSON next to it holds the values
 and the slope of log2 |activation| against log2 width per layer type and step. Under μP the lines are flat (slope
 near 0); under SP they grow with width. Runs on CPU in about a minute for the command above.
@@ -17,19 +18,15 @@ import math
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.data import build_loader  # noqa: E402
-from dit_scale.diffusion import build_objective  # noqa: E402
-from dit_scale.models import build_model  # noqa: E402
-from dit_scale.models.moe import MoEFFN  # noqa: E402
-from dit_scale.mup import width_overrides  # noqa: E402
-from dit_scale.parallel.engines.base import build_optimizer  # noqa: E402
+from dit_scale.build import build
+from dit_scale.config import ConfigError, load_config, width_overrides
+from dit_scale.data import build_loader
+from dit_scale.loss import TrainingLoss
+from dit_scale.models.moe import MoEFFN
+from dit_scale.optim import build_optimizer
 
 LAYER_TYPES = ("embedding", "attention", "ffn/experts", "router logits", "output")
 
@@ -59,24 +56,23 @@ def coord_data(config: str, overrides: list, width: int, steps: int, mup: bool, 
     base = load_config(config, overrides)
     cfg = load_config(config, overrides + width_overrides(base, width)
                       + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0"])
-    torch.manual_seed(seed)
-    objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
-    model = build_model(cfg, objective.out_channels(cfg.model.in_channels))
-    optimizer, _ = build_optimizer(cfg, model)
+    built = build(cfg, seed=seed)
+    model = built.model
+    optimizer = build_optimizer(cfg.optim, model, built.mup)
+    loss_fn = TrainingLoss(built.objective, built.args, "cpu")
     batch = next(build_loader(cfg.data, dp_rank=0, dp_size=1, seed=seed))
-    targets = objective.training_targets(batch["x"], generator=torch.Generator().manual_seed(seed))
     per_step = []
     for step in range(steps + 1):
         record = {}
         hooks = add_hooks(model, record) if step > 0 else []
-        out, aux = model(targets["x_t"], targets["t_model"], batch["y"])
+        # the same t and noise at every step: one fixed batch, one fixed draw
+        out = loss_fn(model, batch, step=0, generator=torch.Generator().manual_seed(seed))
         for h in hooks:
             h.remove()
         if step > 0:
             per_step.append({k: sum(v) / len(v) for k, v in record.items()})
         if step < steps:
-            loss = objective.loss(out.float(), targets).mean() + aux["moe_loss"]
-            loss.backward()
+            out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return per_step
@@ -89,11 +85,19 @@ def slope(widths, values) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def coord_check(config: str, overrides: list, widths: list, steps: int, seed: int = 0) -> dict:
-    """{"mup"|"sp": {"values": {width: [per step]}, "slopes": [{layer type: slope} per step]}}."""
+def mean_over_seeds(runs: list) -> list:
+    """[{layer type: value} per step] averaged over runs of different seeds."""
+    return [{k: sum(run[t][k] for run in runs) / len(runs) for k in runs[0][t]} for t in range(len(runs[0]))]
+
+
+def coord_check(config: str, overrides: list, widths: list, steps: int, seed: int = 0, num_seeds: int = 3) -> dict:
+    """{"mup"|"sp": {"values": {width: [per step]}, "slopes": [{layer type: slope} per step]}}; each value is
+    the mean over `num_seeds` seeds (init, data and noise), as microsoft's `mup.get_coord_data` averages them."""
     result = {}
+    seeds = range(seed, seed + num_seeds)
     for name, mup in (("mup", True), ("sp", False)):
-        values = {w: coord_data(config, overrides, w, steps, mup, seed) for w in widths}
+        values = {w: mean_over_seeds([coord_data(config, overrides, w, steps, mup, s) for s in seeds])
+                  for w in widths}
         slopes = [{k: slope(widths, [values[w][t][k] for w in widths]) for k in values[widths[0]][t]}
                   for t in range(steps)]
         result[name] = {"values": values, "slopes": slopes}
@@ -131,12 +135,13 @@ def main(argv=None) -> int:
     parser.add_argument("--widths", default="64,128,256,512")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds averaged per width (default 3)")
     parser.add_argument("--out", default="coord_check.png", help="PNG; the JSON goes next to it")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     try:
-        result = coord_check(args.config, list(args.overrides), widths, args.steps, args.seed)
+        result = coord_check(args.config, list(args.overrides), widths, args.steps, args.seed, args.seeds)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,32 +9,9 @@ safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `
 `launch/sample.py --ckpt model.safetensors` samples from the file. Exit code 2 on an unusable checkpoint.
 """
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dit_scale.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-
-
-def export(ckpt: str, out: str, ema: bool = False) -> str:
-    from safetensors.torch import save_file
-
-    state = load_checkpoint(ckpt)
-    weights = state["ema" if ema else "model"]
-    tensors, seen = {}, set()
-    for name, value in weights.items():
-        value = value.detach().cpu().contiguous()
-        key = (value.untyped_storage().data_ptr(), value.storage_offset())
-        tensors[name] = value.clone() if key in seen else value    # safetensors refuses shared storage
-        seen.add(key)
-    metadata = {"format": "dit_scale", "config": state["config"], "step": str(int(state["step"])),
-                "weights": "ema" if ema else "model"}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_file(tensors, out, metadata=metadata)
-    with open(os.path.splitext(out)[0] + ".yaml", "w") as f:
-        f.write(state["config"])
-    return out
+from dit_scale.checkpoint import CheckpointError, export
 
 
 def main(argv=None):

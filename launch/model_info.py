@@ -9,25 +9,23 @@ GFLOPs are forward multiply-adds per image at 256×256 (a 32×32×4 latent) with
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.models import list_models, model_kwargs  # noqa: E402
-from dit_scale.models.flops import model_info  # noqa: E402
+from dit_scale.config import ConfigError, load_config
+from dit_scale.build import model_args
+from dit_scale.models import list_models
+from dit_scale.models.flops import model_info
 
 
 def info_for(name, args):
     cfg = load_config(None, [f"model.name={name}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}"] + args.overrides)
-    info = {"model": name, **model_info(model_kwargs(cfg, out_channels=args.out_channels))}
+    info = {"model": name, **model_info(model_args(cfg).replace(out_channels=args.out_channels))}
     info["gflops"] = round(info["gflops"], 2)
     return info
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--all", action="store_true", help="print every registry model")
@@ -36,7 +34,7 @@ def main():
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--out-channels", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.shared_mlp_ratio=0")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         rows = [info_for(n, args) for n in (list_models() if args.all else [args.model])]
     except ConfigError as e:

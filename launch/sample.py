@@ -12,35 +12,14 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint  # noqa: E402
-from dit_scale.config import ConfigError, config_from_yaml_text  # noqa: E402
-from dit_scale.diffusion import build_objective  # noqa: E402
-from dit_scale.models import build_model  # noqa: E402
-from dit_scale.parallel.topology import pick_device  # noqa: E402
-from dit_scale.sampling import class_grid, save_grid  # noqa: E402
-
-
-def load_exported(path: str) -> dict:
-    """{"weights", "config", "step"} from a launch/export.py file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not os.path.exists(path):
-        raise CheckpointError(f"Exported file '{path}' does not exist; check --ckpt.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        weights = load_file(path)
-    except Exception as e:
-        raise CheckpointError(f"Exported file '{path}' cannot be read ({type(e).__name__}); it is truncated or "
-                              f"not a safetensors file — export it again.") from None
-    if "config" not in meta:
-        raise CheckpointError(f"Exported file '{path}' has no 'config' metadata; export it with launch/export.py.")
-    return {"weights": weights, "config": meta["config"], "step": int(meta.get("step", 0))}
+from dit_scale.build import build
+from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint, load_exported
+from dit_scale.config import ConfigError, config_from_yaml_text
+from dit_scale.parallel.topology import pick_device
+from dit_scale.run_dir import RunDir
+from dit_scale.sampling import class_grid, save_grid
 
 
 def main(argv=None):
@@ -67,8 +46,8 @@ def main(argv=None):
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
-    model = build_model(cfg, objective.out_channels(cfg.model.in_channels))
+    built = build(cfg)
+    model, objective = built.model, built.objective
     model.load_state_dict(state["weights"] if "weights" in state else state["model" if args.no_ema else "ema"])
     model.to(device).eval()
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
@@ -77,7 +56,7 @@ def main(argv=None):
         images = class_grid(model, objective, cfg, device, classes=classes, per_class=per_class,
                             num_steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     out = args.out or (os.path.splitext(path)[0] + "_grid.png" if "weights" in state else
-                       os.path.join(os.path.dirname(os.path.dirname(path)), "samples",
+                       os.path.join(RunDir(os.path.dirname(os.path.dirname(path))).samples,
                                     f"grid_step{int(state['step']):08d}.png"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_grid(images, per_class, out, upscale=2)

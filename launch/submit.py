@@ -20,11 +20,9 @@ import shlex
 import subprocess
 import sys
 
+from dit_scale.config import ConfigError, load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from dit_scale.config import ConfigError, load_config  # noqa: E402
-
 SBATCH_SCRIPT = os.path.join(ROOT, "slurm", "train.sbatch")
 
 

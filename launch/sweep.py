@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from dit_scale.config import ConfigError, _merge, load_config, to_yaml  # noqa: E402
-from dit_scale.mup import width_overrides  # noqa: E402
+from dit_scale.config import ConfigError, load_config, merge, to_yaml, width_overrides
+from dit_scale.run_dir import RunDir
 
 
 @dataclass
@@ -71,7 +70,7 @@ class SweepConfig:
 def load_sweep(path: str):
     if not os.path.isfile(path):
         raise ConfigError(f"Sweep file '{path}' does not exist.")
-    sweep = _merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path), f"'{path}'")
+    sweep = merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path), f"'{path}'")
     if sweep.search not in ("grid", "random"):
         raise ConfigError(f"search={sweep.search!r} in '{path}' is not allowed; choose grid or random.")
     if not sweep.params or not sweep.widths:
@@ -134,20 +133,20 @@ def task(out: str, index: int) -> int:
     """Run one sweep entry (used by both backends); writes OUT/NAME/train.log and OUT/NAME/exit_code."""
     with open(os.path.join(out, "sweep.json")) as f:
         run = json.load(f)["runs"][index]
-    run_dir = os.path.join(out, run["name"])
+    run_dir = RunDir(os.path.join(out, run["name"]))
     if finished(out, run["name"]):          # a resubmitted job array skips what is done
         print(f"[{run['name']}] already finished (exit code 0)")
         return 0
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
+    run_dir.makedirs()
+    with open(run_dir.log, "w") as log:
         code = subprocess.call([sys.executable] + run["argv"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    with open(os.path.join(run_dir, "exit_code"), "w") as f:
+    with open(run_dir.exit_code, "w") as f:
         f.write(f"{code}\n")
     return code
 
 
 def finished(out: str, name: str) -> bool:
-    path = os.path.join(out, name, "exit_code")
+    path = RunDir(os.path.join(out, name)).exit_code
     return os.path.isfile(path) and open(path).read().strip() == "0"
 
 
@@ -223,13 +222,13 @@ def cmd_run(args) -> int:
 
 def final_loss(run_dir: str, smooth: int):
     """(mean of the last `smooth` logged losses, status): status is ok, pending (no exit code yet) or why it failed."""
-    code_path = os.path.join(run_dir, "exit_code")
+    code_path = RunDir(run_dir).exit_code
     code = open(code_path).read().strip() if os.path.isfile(code_path) else None
     if code is None:
         return None, "pending"
     if code != "0":
         return None, f"exit code {code}"
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = RunDir(run_dir).metrics
     losses = [json.loads(line).get("loss") for line in open(path) if line.strip()] if os.path.isfile(path) else []
     losses = [x for x in losses if x is not None][-smooth:]
     if not losses:

@@ -17,15 +17,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from dit_scale.checkpoint import CheckpointError  # noqa: E402
-from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
-
-EXIT_REQUEUE = 75    # EX_TEMPFAIL (sysexits.h): checkpoint saved, please requeue
+from dit_scale.checkpoint import CheckpointError
+from dit_scale.config import ConfigError, load_config
+from dit_scale.preemption import EXIT_REQUEUE
+from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train
 
 
 def main(argv=None):

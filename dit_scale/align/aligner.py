@@ -1,12 +1,12 @@
-"""What the trainer does for representation alignment, one micro-batch at a time.
+"""Representation alignment, one micro-batch at a time (`dit_scale.loss.TrainingLoss` calls it).
 
     aligner = Aligner(cfg, device)
     if aligner.active(step):                                  # off after align.stop_step: no teacher work at all
-        sra_target = aligner.sra_target(engine, objective, targets, y, keep)   # EMA forward, truncated, no grad
+        sra_target = aligner.sra_target(ema, objective, targets, y, keep)      # EMA forward, truncated, no grad
         teacher = aligner.teacher_targets(batch, x, keep)     # shard features or the online teacher (no grad)
-        out, aux = engine.module(x_t, t, y, mask=keep, **aligner.forward_kwargs())
+        out, aux = module(x_t, t, y, mask=keep, **aligner.forward_kwargs())
         terms = aligner.losses(aux, teacher, sra_target)      # {"repa": ..., "haste": ..., "sra": ...} (unweighted)
-        loss = denoise + moe + sum(aligner.weights[k] * terms[k] for k in terms)
+        loss = denoise + moe + aligner.total(terms)
 
 Under masking (`keep` [B, K]) every target is taken at the kept tokens: teacher features are gathered, teacher
 attention maps are cut to the kept rows and columns (renormalised), and SRA's EMA model runs on the same kept tokens.
@@ -18,18 +18,8 @@ import torch
 from dit_scale.align.losses import attention_alignment_loss, repa_loss, select_patch_attention, sra_loss
 from dit_scale.config import ConfigError
 from dit_scale.models.masking import gather_tokens
-from dit_scale.models.registry import parse_model_name
 
 TERMS = ("repa", "haste", "sra")
-
-
-def less_noisy_input(objective, targets: dict, gap: float):
-    """(x_t', model time t') on the same noise/data path at t' = t - gap (flow; ddpm: gap × num_timesteps steps)."""
-    if objective.name == "flow":
-        t = (targets["t"] - gap).clamp_min(0.0)
-        return objective.interpolate(targets["x0"], targets["noise"], t), objective.model_time(t)
-    t = (targets["t"] - int(round(gap * objective.num_timesteps))).clamp_min(0)
-    return objective.q_sample(targets["x0"], t, targets["noise"]), t.float()
 
 
 @torch.no_grad()
@@ -51,8 +41,7 @@ class Aligner:
         self.cfg = a
         self.weights = {k: float(a[f"{k}_weight"]) for k in TERMS if a[f"{k}_weight"] > 0}
         self.names = list(self.weights)
-        spec = parse_model_name(cfg.model.name)
-        self.num_tokens = (cfg.model.input_size // spec.patch_size) ** 2
+        self.num_tokens = int(cfg.model.num_tokens)
         self.haste_pairs = list(zip(a.haste_layers, a.haste_teacher_layers)) if "haste" in self.weights else []
         self.online = "haste" in self.weights or ("repa" in self.weights and a.teacher == "online")
         self.teacher = None
@@ -75,13 +64,14 @@ class Aligner:
     # Targets (no gradients)
     # ------------------------------------------------------------------------------------------------------------
 
-    def sra_target(self, engine, objective, targets, y, keep=None):
-        """SRA's target: the EMA model's block `sra_teacher_depth` at t - sra_t_gap. Call it before the online
-        forward of the micro-batch (FSDP swaps the EMA weights into the live parameters meanwhile)."""
+    def sra_target(self, ema, objective, targets, y, keep=None):
+        """SRA's target: the EMA model's block `sra_teacher_depth` at t - sra_t_gap (`objective.shifted_input`).
+        `ema()` is a context manager yielding the EMA model (the engine's `sampling_module`). Call it before the
+        online forward of the micro-batch (FSDP swaps the EMA weights into the live parameters meanwhile)."""
         if "sra" not in self.weights:
             return None
-        x_tp, t_p = less_noisy_input(objective, targets, self.cfg.sra_t_gap)
-        with engine.sampling_module() as ema_model:
+        x_tp, t_p = objective.shifted_input(targets, self.cfg.sra_t_gap)
+        with ema() as ema_model:
             return ema_hidden(ema_model, x_tp, t_p, y, self.cfg.sra_teacher_depth, keep)
 
     @torch.no_grad()

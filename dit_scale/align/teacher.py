@@ -64,3 +64,12 @@ class OnlineTeacher:
         feat = out.last_hidden_state[:, self.num_prefix:]
         attn = {layer: out.attentions[layer - 1] for layer in self.attn_layers}
         return {"feat": feat, "attn": attn, "num_prefix": self.num_prefix}
+
+    def macs_per_image(self) -> int:
+        """Forward multiply-accumulates of one image through the ViT teacher (patch embedding, every layer's
+        attention and MLP on the prefix + patch tokens), for MFU accounting."""
+        c = self.model.config
+        d, n = int(c.hidden_size), self.num_prefix + self.grid * self.grid
+        mlp = int(d * float(getattr(c, "mlp_ratio", 4)))
+        layer = n * (4 * d * d + 2 * d * mlp) + 2 * n * n * d
+        return int(c.num_hidden_layers) * layer + self.grid * self.grid * 3 * self.patch_size ** 2 * d

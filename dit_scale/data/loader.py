@@ -1,7 +1,8 @@
 """The data-parallel, multi-worker, resumable shard loader the trainer uses.
 
     loader = build_loader(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
-                          expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N})   # ConfigError on mismatch
+                          expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K})
+                                  # ConfigError on a mismatch; K = 0: unconditional, every y is 0
     batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str],
                                   #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any}
     state = loader.state_dict()   # plain ints / lists: goes into the checkpoint (per rank)
@@ -12,35 +13,64 @@ The rank's batches come round-robin from `num_slices` slices (dit_scale/data/str
 worker process i (torch DataLoader, in-order delivery) or, with num_workers=0, all slices run in this process; both
 give the same batches. Each batch carries the state of its slice after it, so the loader state is exactly what was
 consumed, whatever the workers prefetched. The loader never ends: every rank can take any number of steps.
+
+When the data stops the run (too many corrupt samples, no progress: see stream.py) the loader raises DataError,
+one sentence; a worker hands that message over as a batch and the training process raises it. Worker processes
+ignore SIGTERM, SIGUSR1 and SIGINT (a signal to the whole process group is for the training process to act on)
+and exit when the training process is gone; close() and interpreter exit stop them.
 """
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import signal
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
 
 from dit_scale.config import ConfigError
-from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, first_sample, list_shards, \
-    read_manifest
-from dit_scale.data.stream import SliceSpec, SliceStream, SourceSpec, initial_slice_state
+from dit_scale.data.errors import DataError
+from dit_scale.data.manifest import find_manifest
+from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, decode_image, first_sample, \
+    list_shards
+from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, SliceSpec, SliceStream, SourceSpec, initial_slice_state
 
 STATE_FORMAT = "dit_scale.data/1"
-MIN_CORRUPT_WINDOW = 100
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_LOADERS_WITH_WORKERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+def _worker_init(worker_id: int) -> None:
+    """In each loader worker: leave stop signals to the training process (it decides when to stop and closes the
+    loader), then accept signals again (they were blocked while the worker started, see ShardLoader._start)."""
+    for signum in WORKER_IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
 
 
 class _SliceDataset(torch.utils.data.IterableDataset):
-    """Worker i of the DataLoader runs slice (i + offset) % num_slices from its saved state, batch by batch."""
+    """Worker i of the DataLoader runs slice (i + offset) % num_slices from its saved state, batch by batch. A
+    DataError ends the worker's stream with {"__error__": message} (re-raised by the training process, so the
+    user sees one sentence rather than the DataLoader's wrapped worker traceback)."""
 
     def __init__(self, spec: SliceSpec, states: list[dict], offset: int):
         self.spec, self.states, self.offset = spec, states, offset
+        self.parent_pid = os.getpid()
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         slice_id = ((info.id if info is not None else 0) + self.offset) % self.spec.num_slices
-        stream = SliceStream(self.spec, slice_id, self.states[slice_id])
+        stream = SliceStream(self.spec, slice_id, self.states[slice_id],
+                             parent_pid=self.parent_pid if info is not None else None)
         while True:
-            yield stream.next_batch()
+            try:
+                batch = stream.next_batch()
+            except DataError as e:
+                yield {"__error__": str(e), "__slice__": slice_id}
+                return
+            yield batch
 
 
 class ShardLoader:
@@ -48,9 +78,12 @@ class ShardLoader:
 
     def __init__(self, sources: list[SourceSpec], *, batch_size: int, shuffle_buffer: int = 0, hflip: bool = False,
                  seed: int = 0, dp_rank: int = 0, dp_size: int = 1, mode: str = "epoch", num_workers: int = 0,
-                 num_slices: Optional[int] = None, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01):
+                 num_slices: Optional[int] = None, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01,
+                 max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT, num_classes: Optional[int] = None):
         if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or num_workers < 0:
             raise ValueError("need data.batch_size >= 1, data.shuffle_buffer >= 0, data.num_workers >= 0, seed >= 0")
+        if max_consecutive_corrupt < 1:
+            raise ValueError("data.max_consecutive_corrupt must be >= 1, got %d" % max_consecutive_corrupt)
         if not 0 <= dp_rank < dp_size:
             raise ValueError("dp_rank %d is not in [0, dp_size=%d)" % (dp_rank, dp_size))
         if mode not in ("epoch", "resampled"):
@@ -81,7 +114,9 @@ class ShardLoader:
                          for src in sources] if mode == "resampled" else []
         self.spec = SliceSpec(sources=sources, batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                               num_slices=num_slices, mode=mode, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                              epoch_samples=epoch_samples)
+                              epoch_samples=epoch_samples, num_classes=num_classes,
+                              max_corrupt_fraction=max_corrupt_fraction,
+                              max_consecutive_corrupt=max_consecutive_corrupt)
         self.slice_states = [initial_slice_state(len(sources)) for _ in range(num_slices)]
         self.next_slice = 0
         self.batches = 0
@@ -146,9 +181,16 @@ class ShardLoader:
         dataset = _SliceDataset(self.spec, states, self.next_slice)
         self._dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2, persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
             generator=torch.Generator().manual_seed(0))   # its own: starting workers must not move the global RNG
-        self._iter = iter(self._dataloader)
+        # Workers start with the stop signals blocked, so one sent before _worker_init ignores them waits (and is
+        # then dropped) instead of killing the worker; here it waits until the mask is restored below.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            self._iter = iter(self._dataloader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _LOADERS_WITH_WORKERS.add(self)
 
     def __iter__(self) -> "ShardLoader":
         return self
@@ -156,26 +198,32 @@ class ShardLoader:
     def __next__(self) -> dict[str, Any]:
         if self._iter is None:
             self._start()
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+            if "__error__" in batch:                  # a worker's DataError, handed over as data
+                raise DataError(batch["__error__"])
+        except DataError:
+            self.close()                              # a later call restarts from the last batch taken
+            raise
         slice_id = int(batch.pop("__slice__"))
         if slice_id != self.next_slice:               # DataLoader delivers workers in order; never expected
             raise RuntimeError("loader received slice %d, expected %d" % (slice_id, self.next_slice))
         self.slice_states[slice_id] = batch.pop("__state__")
         self.next_slice = (slice_id + 1) % self.num_slices
         self.batches += 1
-        corrupt, seen = self.corrupt
-        if corrupt and corrupt > self.max_corrupt_fraction * max(seen, MIN_CORRUPT_WINDOW):
-            self.close()
-            raise RuntimeError("%d of %d samples read on data-parallel rank %d were corrupt, more than "
-                               "data.max_corrupt_fraction=%g; check the shards (the messages above name them)"
-                               % (corrupt, seen, self.dp_rank, self.max_corrupt_fraction))
         return batch
 
     def close(self) -> None:
         """Stop the worker processes (if any); the next batch restarts them from the current state."""
         it, self._iter, self._dataloader = self._iter, None, None
+        _LOADERS_WITH_WORKERS.discard(self)
         if it is not None and hasattr(it, "_shutdown_workers"):
+            workers = list(getattr(it, "_workers", []))
             it._shutdown_workers()
+            for worker in workers:     # the DataLoader's last resort is SIGTERM, which workers ignore
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(5)
         elif it is not None and hasattr(it, "close"):
             it.close()
 
@@ -186,36 +234,46 @@ class ShardLoader:
             pass
 
 
+@atexit.register
+def _close_loaders_at_exit() -> None:
+    """Stop the workers of loaders still open at exit. Registered after (so run before) multiprocessing's exit
+    hook, which would SIGTERM the daemonic workers, which ignore it, and then wait for them forever."""
+    for loader in list(_LOADERS_WITH_WORKERS):
+        loader.close()
+
+
 # -- construction --------------------------------------------------------------------------------------------------
 def _resolve_source(path: str, field: str, weight: float, image_key: str, manifest_path: Optional[str]) -> SourceSpec:
     """Shards, member names and shapes of one source, from its manifest or (without one) its first sample."""
     shards = list_shards(path, field)
-    info, counts, found = read_manifest(shards, manifest_path)
+    manifest, counts, found = find_manifest(shards, manifest_path)
     name = "%s=%r" % (field, path) + (" (manifest %s)" % found if found else "")
-    src = SourceSpec(shards=shards, weight=weight, name=name,
+    src = SourceSpec(shards=shards, weight=weight, name=name, shard_samples=counts,
                      num_samples=sum(counts.values()) if len(counts) == len(shards) else None)
-    src.image_key = image_key if image_key != "auto" else info.get("image_key")
-    src.feat_key = info.get("feat_key")
-    src.labels = info.get("label_key", "cls") is not None
-    if info.get("x_shape"):
-        src.x_shape = tuple(int(v) for v in info["x_shape"])
-    elif info.get("image_size") and info.get("channels"):
-        src.x_shape = (int(info["channels"]), int(info["image_size"]), int(info["image_size"]))
-    if info.get("feat_shape"):
-        src.feat_shape = tuple(int(v) for v in info["feat_shape"])
-    if src.image_key is None or src.x_shape is None:
+    src.image_key, src.key_origin = image_key, "data.image_key=%r" % image_key
+    if manifest is not None:
+        if image_key == "auto":
+            src.image_key, src.key_origin = manifest.image_key, "the image_key of %s" % found
+        src.flip_key = manifest.flip_key if src.image_key == manifest.image_key else None
+        src.feat_key = manifest.feat_key
+        src.labels = manifest.label_key is not None
+        src.num_classes = manifest.num_classes
+        src.x_shape = tuple(manifest.x_shape) if manifest.x_shape else None
+        src.feat_shape = tuple(manifest.feat_shape) if manifest.feat_shape else None
+    if src.image_key in (None, "auto") or src.x_shape is None:
         sample = first_sample(shards[0])
         if sample is None:
             raise ConfigError("Shard %s of %s holds no samples; rebuild it." % (shards[0], name))
-        if src.image_key is None:
+        if src.image_key in (None, "auto"):
             found_keys = [k for k in ("latent.npy", "latent.safetensors", "image.png", "image.jpg", "png", "jpg",
                                       "jpeg", "npy", "safetensors") if k in sample]
             if not found_keys:
                 raise ConfigError("Samples of %s have no image or latent member (members: %s); set data.image_key."
                                   % (name, sorted(k for k in sample if not k.startswith("__"))))
-            src.image_key = found_keys[0]
+            src.image_key, src.key_origin = found_keys[0], "found in the first sample of %s" % shards[0]
             if "feat.npy" in sample and src.feat_key is None:
                 src.feat_key = "feat.npy"
+        if manifest is None:
             src.labels = "cls" in sample
         if src.image_key not in sample:
             raise ConfigError("Samples of %s have no .%s member (data.image_key); members: %s."
@@ -237,6 +295,15 @@ def check_expected(sources: list[SourceSpec], expect: dict) -> None:
                               "model.input_size); set model.in_channels=%d model.input_size=%d or point the data "
                               "at shards built for this model." % (src.name, list(src.x_shape), list(want),
                                                                    src.x_shape[0], src.x_shape[-1]))
+        num_classes = expect.get("num_classes")
+        if num_classes:
+            if not src.labels:
+                raise ConfigError("%s holds no class labels (.cls) but model.num_classes=%d; set model.num_classes=0 "
+                                  "for unconditional training or use labelled shards." % (src.name, num_classes))
+            if src.num_classes is not None and src.num_classes > num_classes:
+                raise ConfigError("%s has num_classes=%d in its manifest but model.num_classes=%d; set "
+                                  "model.num_classes=%d or use shards with at most %d classes."
+                                  % (src.name, src.num_classes, num_classes, src.num_classes, num_classes))
         dim, tokens = expect.get("feat_dim"), expect.get("feat_tokens")
         if (dim is not None or tokens is not None) and src.feat_key is None:
             raise ConfigError("%s holds no teacher features (feat.npy) but representation alignment needs them; "
@@ -258,16 +325,18 @@ def check_expected(sources: list[SourceSpec], expect: dict) -> None:
 def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expect: Optional[dict] = None,
                  num_slices: Optional[int] = None) -> ShardLoader:
     """ShardLoader for a DataConfig-like `cfg` (path or sources/weights, batch_size, shuffle_buffer, hflip,
-    image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction). `expect` may hold
-    "x": (C, H, W), "feat_dim": D, "feat_tokens": N; a mismatch with the shards is a ConfigError. `num_slices`
-    (default: max(1, num_workers)) with num_workers=0 runs that many slices in this process: the same batches as
-    that many workers."""
+    image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction, max_consecutive_corrupt).
+    `expect` may hold "x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K; a mismatch with the
+    shards is a ConfigError. With K > 0 a label outside [0, K) is a corrupt sample; K = 0 trains unconditionally
+    (labels ignored, every y is 0); without K labels are passed as stored. `num_slices` (default:
+    max(1, num_workers)) with num_workers=0 runs that many slices in this process: the same batches as that many
+    workers."""
     sources_cfg = list(getattr(cfg, "sources", None) or [])
     weights = [float(w) for w in (getattr(cfg, "weights", None) or [])]
     image_key = str(getattr(cfg, "image_key", "auto"))
     manifest = getattr(cfg, "manifest", None)
     suffix = image_key.rsplit(".", 1)[-1].lower()
-    if image_key != "auto" and suffix not in PIXEL_SUFFIXES | {"npy", "safetensors"}:
+    if image_key != "auto" and suffix not in PIXEL_SUFFIXES | ARRAY_SUFFIXES:
         raise ConfigError("data.image_key=%r is not an image or array member; use auto, png, jpg, npy, latent.npy "
                           "or another name ending in .png/.jpg/.npy/.safetensors." % image_key)
     if sources_cfg:
@@ -285,10 +354,13 @@ def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expe
     if len({tuple(s.x_shape) for s in sources}) > 1:
         raise ConfigError("data.sources hold samples of different shapes (%s); mix sources of one shape only."
                           % ", ".join("%s: %s" % (s.name, list(s.x_shape)) for s in sources))
-    if expect:
-        check_expected(sources, expect)
+    expect = expect or {}
+    check_expected(sources, expect)
+    num_classes = expect.get("num_classes")
     return ShardLoader(sources, batch_size=int(cfg.batch_size), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 0)),
                        hflip=bool(getattr(cfg, "hflip", False)), seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        mode=str(getattr(cfg, "mode", "epoch")), num_workers=int(getattr(cfg, "num_workers", 0)),
                        steps_per_epoch=int(getattr(cfg, "steps_per_epoch", 0)), num_slices=num_slices,
-                       max_corrupt_fraction=float(getattr(cfg, "max_corrupt_fraction", 0.01)))
+                       max_corrupt_fraction=float(getattr(cfg, "max_corrupt_fraction", 0.01)),
+                       max_consecutive_corrupt=int(getattr(cfg, "max_consecutive_corrupt", MAX_CONSECUTIVE_CORRUPT)),
+                       num_classes=int(num_classes) if num_classes is not None else None)

@@ -1,4 +1,4 @@
-"""Where shards live and how their bytes are read: listing, manifests, safe tar members, decoding.
+"""Where shards live and how their bytes are read: listing, streaming samples out of a tar, decoding members.
 
 A shard is a WebDataset tar: consecutive members KEY.EXT form one sample (KEY = member path up to the first dot
 of the file name, EXT = the rest, e.g. `latent.npy`). A shard is named by
@@ -8,18 +8,17 @@ of the file name, EXT = the rest, e.g. `latent.npy`). A shard is named by
     /data/in1k/shard-{000000..001023}.tar              a brace list (every name must exist)
     pipe:aws s3 cp s3://bucket/in1k/shard-{000000..001023}.tar -     any command writing the tar to stdout
     s3://bucket/in1k/shard-{000000..001023}.tar        = pipe:aws s3 cp URL -
-    https://host/in1k/shard-{000000..001023}.tar       = pipe:curl -sfL URL
+    https://host/in1k/shard-{000000..001023}.tar       read with curl (webdataset.gopen: retries, fails on HTTP errors)
 
 Only members whose last suffix is in SAFE_SUFFIXES are read (npy, safetensors, json, cls, txt, png, jpg, jpeg);
 anything else (.pickle, .pth, .pyd, ...) is skipped without its bytes being read, and .npy is loaded with
-allow_pickle=False. A tar that breaks mid-way yields one `{"__error__": ...}` marker and stops, so the caller can
-count it as a corrupt sample.
+allow_pickle=False. A shard that breaks mid-way, or holds another number of samples than its manifest lists,
+yields one `{"__error__": ...}` marker at its end, so the caller can count it as corrupt.
 """
 from __future__ import annotations
 
 import glob
 import io
-import json
 import os
 import re
 import subprocess
@@ -29,12 +28,14 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
+from webdataset import tariterators
+from webdataset.gopen import Pipe, gopen, set_options
 
 from dit_scale.config import ConfigError
 
 SAFE_SUFFIXES = {"png", "jpg", "jpeg", "npy", "safetensors", "cls", "txt", "json"}
 PIXEL_SUFFIXES = {"png", "jpg", "jpeg"}
-_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")   # KEY.EXT, KEY up to the first dot of the name
+ARRAY_SUFFIXES = {"npy", "safetensors"}
 _TAR_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
 
 
@@ -70,9 +71,9 @@ def list_shards(path: str, field: str = "data.path") -> list[str]:
                 shards.append(expanded)
     shards = sorted(set(p for p in shards if os.path.isfile(p)))
     if not shards:
-        raise ConfigError("No .tar shards match %s=%r; create them with `python data_tools/make_synthetic.py --out DIR` "
-                          "or `python data_tools/build_shards.py --images DIR --out DIR`, or set %s to a directory, "
-                          "glob, brace pattern or pipe: URL of existing shards." % (field, path, field))
+        raise ConfigError("No .tar shards match %s=%r; create them with `python data_tools/make_synthetic.py "
+                          "--out DIR` or `python data_tools/build_shards.py --images DIR --out DIR`, or set %s to a "
+                          "directory, glob, brace pattern or pipe: URL of existing shards." % (field, path, field))
     unreadable = [p for p in shards if not os.access(p, os.R_OK)]
     if unreadable:
         raise ConfigError("Shard %s (from %s=%r) is not readable by this user; fix its permissions."
@@ -80,88 +81,99 @@ def list_shards(path: str, field: str = "data.path") -> list[str]:
     return shards
 
 
-# -- manifests -------------------------------------------------------------------------------------------------------
-def read_manifest(shards: list[str], manifest: Optional[str] = None) -> tuple[dict, dict[str, int], Optional[str]]:
-    """(manifest dict, {shard spec: sample count}, manifest path) from `manifest` or the manifest.json files next
-    to local shards. Counts are left out for shards the manifests do not list; ({}, {}, None) if there is none."""
-    paths = [manifest] if manifest else sorted(set(os.path.join(os.path.dirname(p), "manifest.json")
-                                                   for p in shards if not is_url(p)))
-    info: dict = {}
-    by_name: dict[str, int] = {}
-    found = None
-    for path in paths:
-        if not os.path.isfile(path):
-            if manifest:
-                raise ConfigError("data.manifest=%r does not exist; point it to the manifest.json of the shards "
-                                  "or leave it unset." % manifest)
-            continue
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError("Manifest %s cannot be read (%s); rebuild it with the shard builder." % (path, e))
-        info = info or data
-        found = found or path
-        for entry in data.get("shards", []):
-            key = os.path.join(os.path.dirname(path), entry["name"]) if not manifest else entry["name"]
-            by_name[key] = int(entry["num_samples"])
-    counts = {}
-    for p in shards:
-        key = shard_name(p) if manifest else p
-        if key in by_name:
-            counts[p] = by_name[key]
-    return info, counts, found
-
-
 # -- reading ---------------------------------------------------------------------------------------------------------
-def _command(spec: str) -> Optional[str]:
-    if spec.startswith("pipe:"):
-        return spec[len("pipe:"):]
+def _gopen_url(spec: str) -> str:
+    """What webdataset.gopen opens for a shard spec: pipe: and http(s):// as given (curl, with retries), s3:// as
+    an `aws s3 cp` pipe (gopen has no s3 scheme), local files by absolute path (a relative name with a colon
+    would read as a URL scheme)."""
     if spec.startswith("s3://"):
-        return "aws s3 cp %s -" % spec
-    if spec.startswith(("http://", "https://")):
-        return "curl -sfL %s" % spec
-    return None
+        return "pipe:aws s3 cp %s -" % spec
+    if is_url(spec):
+        return spec
+    return os.path.abspath(spec)
 
 
-def iter_tar_samples(spec: str) -> Iterator[dict[str, Any]]:
-    """Yield {"__key__", "__shard__", EXT: bytes, ...} per sample of one shard (safe members only); a read error
-    yields one {"__key__", "__shard__", "__error__": message} and ends the shard."""
-    command = _command(spec)
-    proc = None
-    sample: dict[str, Any] = {}
-    key = None
+def is_safe_member(name: str) -> bool:
+    """True for tar members whose last suffix is in SAFE_SUFFIXES (the only ones whose bytes are read)."""
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.rsplit(".", 1)[-1].lower() in SAFE_SUFFIXES
+
+
+def _open(spec: str):
+    """A binary stream of the shard: a file, or webdataset's Pipe around the command that writes it."""
+    stream = gopen(_gopen_url(spec), "rb")
+    set_options(stream, ignore_errors=True)     # Pipes: iter_tar_samples reports a failed exit status itself
+    return stream
+
+
+def _close(stream, complete: bool) -> None:
+    """Close a shard stream. A command read to the end is left to finish (and waited for: _failed_status then
+    tells how it ended); one abandoned early is killed."""
+    if isinstance(stream, Pipe):
+        if complete:
+            while stream.read(1 << 16):         # the tar's end padding
+                pass
+        elif stream.proc.poll() is None:
+            stream.proc.kill()
+    stream.close()
+
+
+def _failed_status(stream) -> Optional[int]:
+    """The failed exit status of a shard's command once it has ended (waiting up to a second), else None: when
+    the tar breaks because the command failed (a 404, a missing file), that status is the cause to report."""
+    if not isinstance(stream, Pipe):
+        return None
     try:
-        if command is None:
-            stream = open(spec, "rb")
-        else:
-            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            stream = proc.stdout
-        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:   # streaming: skipped members stay unread
-            for member in tar:
-                match = _MEMBER_NAME.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__shard__": spec}
-                if ext.rsplit(".", 1)[-1].lower() in SAFE_SUFFIXES:
-                    sample[ext] = tar.extractfile(member).read()
-        if proc is not None and proc.wait() != 0:
-            raise OSError("command %r exited with status %d" % (command, proc.returncode))
-    except (OSError, tarfile.TarError, EOFError) as e:
-        # the partial sample is dropped with the error: its members may be incomplete
-        yield {"__key__": key or "?", "__shard__": spec, "__error__": "%s: %s" % (type(e).__name__, e)}
-        return
+        status = stream.proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return None
+    return status if status not in stream.ignore_status else None
+
+
+def iter_tar_samples(spec: str, expected: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    """Yield {"__key__", "__shard__", EXT: bytes, ...} per sample of one shard (safe members only). A shard that
+    cannot be read to its end, or (with `expected`, its manifest count) holds another number of samples, then
+    yields one marker {"__key__", "__shard__", "__error__": message, "__samples__": samples it stands for}.
+
+    webdataset opens the stream (gopen) and reads members (tar_file_iterator, which skips members its
+    select_files rejects without reading their bytes) and groups them into samples (group_by_keys). A tar that
+    breaks mid-way raises out of them; the partial sample is dropped with it. (Its higher-level
+    url_opener/tar_file_expander are not used: their handlers either re-raise with the stream's repr appended to
+    the error's arguments or skip the rest silently, where a broken shard must end in exactly one marker.) A tar
+    cut at a header boundary (or whose next header is garbage) reads as a shorter, valid tar in tarfile and so in
+    webdataset: only the manifest's count shows it, hence `expected`."""
+    count, key, stream, error = 0, "?", None, None
+    try:
+        stream = _open(spec)
+        members = tariterators.tar_file_iterator(stream, select_files=is_safe_member)
+        members = ({**member, "__url__": spec} for member in members)   # group_by_keys names samples' shard
+        for sample in tariterators.group_by_keys(members, lcase=False):
+            sample["__shard__"] = sample.pop("__url__")
+            key = sample["__key__"]
+            count += 1
+            yield sample
+        _close(stream, complete=True)
+        status, stream = _failed_status(stream), None
+        if status is not None:                  # a download that broke off, even where the tar looked complete
+            error = "the command reading it exited with status %d" % status
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+        # tar_file_iterator appends " @ <stream repr>" to the messages of errors it re-raises
+        error = "%s: %s" % (type(e).__name__, str(e).split(" @ ")[0])
+        status = _failed_status(stream)
+        if status is not None:
+            error += " (the command reading it exited with status %d)" % status
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if sample:
-        yield sample
+        if stream is not None:                  # an error, or the consumer stopped early
+            try:
+                _close(stream, complete=False)
+            except Exception:                   # noqa: BLE001 -- already failing or abandoned
+                pass
+    problems = [error] if error else []
+    if expected is not None and count != expected:
+        problems.append("%d samples where its manifest lists %d" % (count, expected))
+    if problems:
+        missing = expected - count if expected is not None else 0
+        yield {"__key__": key, "__shard__": spec, "__error__": "; ".join(problems), "__samples__": max(missing, 1)}
 
 
 # -- decoding --------------------------------------------------------------------------------------------------------
@@ -194,12 +206,3 @@ def first_sample(spec: str) -> Optional[dict[str, Any]]:
             raise ConfigError("Shard %s cannot be read (%s); rebuild or remove it." % (spec, sample["__error__"]))
         return sample
     return None
-
-
-def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Write one sample member with fixed metadata, so rebuilding a shard gives identical bytes (data tools)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))

@@ -16,11 +16,19 @@ from integers, never from global state:
 
 The slice state is (epoch, raw samples taken in that epoch) per source plus the mixture draw count. Resuming
 reopens the epoch and re-reads (without decoding) the samples already taken, so the remaining sequence is
-identical. Corrupt samples (undecodable members, wrong shapes, a truncated tar) are skipped and counted.
+identical.
+
+Corrupt samples (undecodable members, wrong shapes, labels outside [0, num_classes), a broken tar, samples a
+shard lacks against its manifest) are skipped, warned about and counted, and the slice stops with a DataError, as
+soon as the sample that crosses the line is read, when more than max_corrupt_fraction of its samples (at least
+MIN_CORRUPT_WINDOW counted) were corrupt or the last max_consecutive_corrupt samples were all unusable (a wrong
+image key, every shard of the slice broken). A slice running in a loader worker also stops when the training
+process that started it is gone.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -28,12 +36,15 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from dit_scale.data.errors import DataError
 from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, iter_tar_samples
 
 MIX_STREAM = 1_000_003
 MIX_BLOCK = 4096
 MAX_EMPTY_EPOCHS = 10
 MAX_WARNINGS = 5
+MIN_CORRUPT_WINDOW = 100          # the corrupt fraction is taken over at least this many samples
+MAX_CONSECUTIVE_CORRUPT = 1000    # default of data.max_consecutive_corrupt
 
 
 @dataclass
@@ -42,12 +53,16 @@ class SourceSpec:
     shards: list[str]
     weight: float = 1.0
     image_key: str = "png"                 # member holding x: png/jpg (pixels) or npy/safetensors (latents)
+    flip_key: Optional[str] = None         # stored encoding of the flipped x (default: IMAGE_flip.EXT)
     feat_key: Optional[str] = None         # teacher features [N, D], e.g. "feat.npy"
     labels: bool = True                    # samples carry a .cls label (else y = -1)
     x_shape: Optional[tuple] = None        # [C, H, W] after decoding, when known
     feat_shape: Optional[tuple] = None     # [N, D]
     num_samples: Optional[int] = None      # from the manifest
+    num_classes: Optional[int] = None      # from the manifest
+    shard_samples: dict = field(default_factory=dict)   # {shard spec: samples its manifest lists}
     name: str = ""                         # for messages: data.path or data.sources[i]
+    key_origin: str = ""                   # for messages: where image_key came from
 
 
 @dataclass
@@ -62,6 +77,9 @@ class SliceSpec:
     shuffle_buffer: int = 0
     hflip: bool = False
     epoch_samples: list[int] = field(default_factory=list)   # resampled: raw samples per slice-epoch per source
+    num_classes: Optional[int] = None      # labels must be in [0, num_classes); 0: unconditional, y = 0
+    max_corrupt_fraction: float = 0.01
+    max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT
 
 
 def initial_slice_state(num_sources: int) -> dict:
@@ -111,13 +129,13 @@ class SourceCursor:
         if s.mode == "resampled":
             draw = self._rng(0)
             shards = (src.shards[int(draw.integers(len(src.shards)))] for _ in itertools.repeat(None))
-            samples = (x for shard in shards for x in iter_tar_samples(shard))
+            samples = (x for shard in shards for x in iter_tar_samples(shard, src.shard_samples.get(shard)))
             quota = s.epoch_samples[self.source]
             samples = (x for _, x in zip(range(quota), samples))
         else:
             plan, keep = exact_epoch_plan(len(src.shards), s.seed, self.source, self.epoch, s.dp_rank, s.dp_size,
                                           self.slice_id, s.num_slices)
-            samples = (x for i in plan for x in iter_tar_samples(src.shards[i]))
+            samples = (x for i in plan for x in iter_tar_samples(src.shards[i], src.shard_samples.get(src.shards[i])))
             if keep is not None:
                 samples = (x for i, x in enumerate(samples) if i % keep[0] == keep[1])
         if s.shuffle_buffer > 1:
@@ -130,9 +148,9 @@ class SourceCursor:
         self._it = self._raw_epoch()
         for taken in range(self.position):        # resume: re-read, do not decode
             if next(self._it, None) is None:
-                raise ValueError("loader state (epoch %d, position %d) is past the end of the epoch (%d samples) of "
-                                 "%s; the shards changed since it was saved" % (self.epoch, self.position, taken,
-                                                                             self.spec.sources[self.source].name))
+                raise DataError("The loader state (epoch %d, position %d) is past the end of the epoch (%d samples) "
+                                "of %s: the shards changed since it was saved; resume with the same shards."
+                                % (self.epoch, self.position, taken, self.spec.sources[self.source].name))
 
     def next(self) -> tuple[dict, bool]:
         while True:
@@ -145,19 +163,21 @@ class SourceCursor:
                 return item
             self._empty_epochs = self._empty_epochs + 1 if self.position == 0 else 0
             if self._empty_epochs >= MAX_EMPTY_EPOCHS:
-                raise RuntimeError("%d epochs in a row gave no samples to data-parallel rank %d, loader slice %d of "
-                                   "%s; use fewer data.num_workers or more, non-empty shards"
-                                   % (MAX_EMPTY_EPOCHS, self.spec.dp_rank, self.slice_id,
-                                      self.spec.sources[self.source].name))
+                raise DataError("%d epochs in a row gave no samples to data-parallel rank %d, loader slice %d of "
+                                "%s; use fewer data.num_workers or more, non-empty shards."
+                                % (MAX_EMPTY_EPOCHS, self.spec.dp_rank, self.slice_id,
+                                   self.spec.sources[self.source].name))
             self.epoch, self.position, self._it = self.epoch + 1, 0, None
 
 
 class SliceStream:
-    """Batches of one slice: {"x", "y", ["feat"], ["caption"], "key"} plus "__state__" (the slice state after it)."""
+    """Batches of one slice: {"x", "y", ["feat"], ["caption"], "key"} plus "__state__" (the slice state after it).
+    `parent_pid`: in a loader worker, the training process; the worker exits when it is gone."""
 
-    def __init__(self, spec: SliceSpec, slice_id: int, state: Optional[dict] = None):
+    def __init__(self, spec: SliceSpec, slice_id: int, state: Optional[dict] = None,
+                 parent_pid: Optional[int] = None):
         state = state or initial_slice_state(len(spec.sources))
-        self.spec, self.slice_id = spec, slice_id
+        self.spec, self.slice_id, self.parent_pid = spec, slice_id, parent_pid
         self.cursors = [SourceCursor(spec, j, slice_id, int(e), int(p))
                         for j, (e, p) in enumerate(zip(state["epochs"], state["positions"]))]
         self.draws, self.seen, self.corrupt = int(state["draws"]), int(state["seen"]), int(state["corrupt"])
@@ -165,6 +185,8 @@ class SliceStream:
         self.cum_weights = np.cumsum(weights / weights.sum())
         self._block: tuple[int, np.ndarray] = (-1, np.empty(0))
         self._warned = 0
+        self._unusable_in_a_row = 0
+        self._corrupt_by_shard: dict[str, int] = {}
 
     def state(self) -> dict:
         return {"epochs": [c.epoch for c in self.cursors], "positions": [c.position for c in self.cursors],
@@ -186,12 +208,14 @@ class SliceStream:
             raise ValueError(sample["__error__"])
         key = src.image_key
         if key not in sample:
-            raise ValueError("no .%s member" % key)
+            raise ValueError("no .%s member (%s; the sample has: %s)"
+                             % (key, src.key_origin or "data.image_key",
+                                ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing readable"))
         x = decode_image(sample[key], key)
         pixels = key.rsplit(".", 1)[-1].lower() in PIXEL_SUFFIXES
         if flip:
             stem, _, ext = key.rpartition(".")
-            flipped = "%s_flip.%s" % (stem, ext) if stem else None
+            flipped = src.flip_key or ("%s_flip.%s" % (stem, ext) if stem else None)
             if flipped in sample:                  # stored encoding of the flipped image (e.g. latent_flip.npy)
                 x = decode_image(sample[flipped], flipped)
             else:                                  # png/jpg: [H, W, C], width is axis 1; arrays [C, H, W]: last
@@ -199,13 +223,7 @@ class SliceStream:
         shape = (x.shape[2], x.shape[0], x.shape[1]) if pixels else tuple(x.shape)        # as [C, H, W]
         if src.x_shape is not None and shape != tuple(src.x_shape):
             raise ValueError("x has shape %s, expected %s" % (shape, tuple(src.x_shape)))
-        out = {"x": x, "pixels": pixels, "key": sample["__key__"]}
-        if src.labels:
-            if "cls" not in sample:
-                raise ValueError("no .cls label")
-            out["y"] = int(sample["cls"].decode("ascii").strip())
-        else:
-            out["y"] = -1
+        out = {"x": x, "pixels": pixels, "key": sample["__key__"], "y": self._label(sample, src)}
         if src.feat_key is not None:
             if src.feat_key not in sample:
                 raise ValueError("no .%s member" % src.feat_key)
@@ -226,21 +244,63 @@ class SliceStream:
                 break
         return out
 
+    def _label(self, sample: dict, src: SourceSpec) -> int:
+        """The class label: y = 0 when training unconditionally (num_classes 0), -1 for unlabelled sources when
+        the model's class count is not given, else the .cls value, which must lie in [0, num_classes)."""
+        num_classes = self.spec.num_classes
+        if num_classes == 0:
+            return 0
+        if not src.labels:
+            return -1
+        if "cls" not in sample:
+            raise ValueError("no .cls label")
+        y = int(sample["cls"].decode("ascii").strip())
+        if num_classes is not None and not 0 <= y < num_classes:
+            raise ValueError("label %d is outside [0, %d) (model.num_classes=%d)" % (y, num_classes, num_classes))
+        return y
+
+    def _skip(self, sample: dict, error: Exception, samples: int) -> None:
+        """Count an unusable sample (a shard marker stands for `samples`), warn, and stop past the limits."""
+        shard = sample.get("__shard__")
+        self.corrupt += samples
+        self._unusable_in_a_row += 1
+        self._corrupt_by_shard[shard] = self._corrupt_by_shard.get(shard, 0) + samples
+        if self._warned < MAX_WARNINGS:
+            self._warned += 1
+            if "__error__" in sample:
+                print("data: shard %s is damaged (%s); %d sample(s) counted as corrupt" % (shard, error, samples),
+                      file=sys.stderr, flush=True)
+            else:
+                print("data: skipping corrupt sample %s in %s (%s)" % (sample.get("__key__"), shard, error),
+                      file=sys.stderr, flush=True)
+        where = "data-parallel rank %d (loader slice %d)" % (self.spec.dp_rank, self.slice_id)
+        if self.corrupt > self.spec.max_corrupt_fraction * max(self.seen, MIN_CORRUPT_WINDOW):
+            worst = max(self._corrupt_by_shard, key=self._corrupt_by_shard.get)
+            raise DataError("%d of %d samples read by %s were corrupt, more than data.max_corrupt_fraction=%g; the "
+                            "worst shard is %s (%d corrupt, the last: %s), so fix or remove it or raise "
+                            "data.max_corrupt_fraction." % (self.corrupt, self.seen, where,
+                                                             self.spec.max_corrupt_fraction, worst,
+                                                             self._corrupt_by_shard[worst], error))
+        if self._unusable_in_a_row >= self.spec.max_consecutive_corrupt:
+            raise DataError("The last %d samples read by %s were all unusable, so it makes no progress (the last, "
+                            "in %s: %s); fix the key or the shards, or raise data.max_consecutive_corrupt."
+                            % (self._unusable_in_a_row, where, shard, error))
+
     def next_batch(self) -> dict[str, Any]:
         items = []
         while len(items) < self.spec.batch_size:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                os._exit(0)                        # the training process is gone: a worker must not outlive it
             j = self._pick_source()
             sample, flip = self.cursors[j].next()
-            self.seen += 1
+            samples = int(sample.get("__samples__", 1))
+            self.seen += samples
             try:
                 items.append(self._decode(sample, flip, self.spec.sources[j]))
             except Exception as e:                 # noqa: BLE001 -- any undecodable sample is skipped and counted
-                self.corrupt += 1
-                if self._warned < MAX_WARNINGS:
-                    self._warned += 1
-                    print("data: skipping corrupt sample %s in %s (%s)" % (sample.get("__key__"),
-                                                                           sample.get("__shard__"), e),
-                          file=sys.stderr, flush=True)
+                self._skip(sample, e, samples)
+            else:
+                self._unusable_in_a_row = 0
         return {**collate(items), "__state__": self.state(), "__slice__": self.slice_id}
 
 

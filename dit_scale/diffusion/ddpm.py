@@ -155,6 +155,12 @@ class GaussianDiffusion:
             "x0": x0,
         }
 
+    def shifted_input(self, targets: Dict[str, torch.Tensor], gap: float):
+        """(x_t', model time of t') on the same noise/data path `gap` × T steps less noisy (clamped at step 0),
+        `gap` a fraction of the time range as for flow (SRA's EMA target sees this input)."""
+        t = (targets["t"] - int(round(gap * self.num_timesteps))).clamp_min(0)
+        return self.q_sample(targets["x0"], t, targets["noise"]), t.float()
+
     def vlb_terms(self, eps: torch.Tensor, v: torch.Tensor, targets: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample VLB term L_t in bits per dimension, shape [B] (see the module docstring)."""
         x0, x_t, t = targets["x0"].float(), targets["x_t"].float(), targets["t"]

@@ -91,6 +91,12 @@ class FlowMatching:
             "x0": x0,
         }
 
+    def shifted_input(self, targets: Dict[str, torch.Tensor], gap: float):
+        """(x_t', model time of t') on the same noise/data path at the less noisy t' = max(t - gap, 0), t in [0, 1]
+        (SRA's EMA target sees this input)."""
+        t = (targets["t"] - gap).clamp_min(0.0)
+        return self.interpolate(targets["x0"], targets["noise"], t), self.model_time(t)
+
     def loss(self, model_out: torch.Tensor, targets: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample mean squared error between predicted and true velocity, shape [B] (computed in float32)."""
         error = model_out.float() - targets["target"].float()

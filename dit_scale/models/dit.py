@@ -1,6 +1,6 @@
 """Diffusion transformer with adaLN-Zero blocks whose FFN is dense (DiT) or a mixture of experts (DiT-MoE).
 
-    model = build_model(cfg)                 # from a resolved dit_scale config
+    model = DiT(ModelArgs(...))              # `dit_scale.build.build_model(cfg)` makes one from a config
     out, aux = model(x_t, t, y)              # aux: MoE loss and routing statistics (tensors, detached stats)
     out, aux = model(x_t, t, y, mask=keep, heads=("repa",), attn_layers=(2,), return_hidden=(4,))
     _, aux = model(x_t, t, y, return_hidden=(8,), stop_after=8)    # truncated forward (SRA's EMA target)
@@ -11,7 +11,8 @@ whose attention logits to return (aux["attn"][k], [B, H, K, K]), `return_hidden`
 (aux["hidden"][k], [B, K, D]; block k counts from 1 over `blocks`), `stop_after` skip the blocks after k and the
 final layer (the output is None).
 
-The model is single-device PyTorch: no process groups, no engine. Distribution wraps it from the outside.
+The model is single-device PyTorch: no process groups, no engine, no config. Distribution wraps it from the outside
+(`dit_scale/parallel/`). Built on the meta device it allocates nothing; `init.initialize_` fills its weights.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from dit_scale.align.heads import ProjectorMLP
+from dit_scale.models.args import ModelArgs
+from dit_scale.models.heads import ProjectorMLP
+from dit_scale.models.init import default_seed, init_rules, initialize_
 from dit_scale.models.layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
                                      sincos_pos_embed)
 from dit_scale.models.masking import gather_tokens, scatter_tokens
-from dit_scale.models.moe import MoEFFN, init_moe_
-from dit_scale.models.registry import parse_model_name
+from dit_scale.models.moe import MoEFFN
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,61 +93,47 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, out_channels=4, hidden_size=384, depth=12,
-                 num_heads=6, mlp_ratio=4.0, num_classes=1000, class_dropout=0.1, qk_norm=False,
-                 moe: Optional[dict] = None, attn_scale: Optional[float] = None, output_mult: float = 1.0,
-                 mixer_depth: int = 0, mask_token: bool = False, align_heads: Optional[dict] = None):
-        """`moe`: None for dense FFNs, else the keyword arguments of `MoEFFN` minus `hidden_size`.
-        `attn_scale` (None: 1/sqrt(head_dim)) and `output_mult` are μP's forward-time knobs (`dit_scale.mup`).
-        `mixer_depth`: dense blocks on all tokens before masking (patch-mixer); `mask_token`: learn the vector that
-        fills dropped positions (needed to train with `mask=`); `align_heads`: {name: (block it reads, dims)}."""
+    def __init__(self, args: ModelArgs, init_seed: Optional[int] = None):
+        """`args`: the sizes and options (`ModelArgs`). Weights get DiT's init, drawn per parameter from
+        (`init_seed`, name) (`init.py`); `init_seed` None draws it from torch's global generator. On the meta
+        device nothing is allocated or drawn."""
         super().__init__()
-        self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
-        self.num_classes = num_classes
+        self.args = args
+        d = args.hidden_size
+        self.in_channels, self.out_channels, self.patch_size = args.in_channels, args.out_channels, args.patch_size
+        self.num_classes = args.num_classes
         self.grad_checkpointing = False
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
-        grid = input_size // patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid).unsqueeze(0), persistent=False)
+        self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout)
+        grid = args.input_size // args.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(d, grid).unsqueeze(0), persistent=False)
 
-        def make_ffn():
-            if moe is None:
-                return Mlp(hidden_size, int(hidden_size * mlp_ratio))
-            return MoEFFN(hidden_size, **moe)
+        def block(ffn):
+            return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale)
 
-        self.mixer = nn.ModuleList([DiTBlock(hidden_size, num_heads, Mlp(hidden_size, int(hidden_size * mlp_ratio)),
-                                             qk_norm, attn_scale) for _ in range(mixer_depth)])
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, make_ffn(), qk_norm, attn_scale)
-                                     for _ in range(depth)])
-        self.mask_token = nn.Parameter(torch.zeros(hidden_size)) if mask_token else None
-        self.head_depths = {name: depth for name, (depth, _) in (align_heads or {}).items()}
-        if align_heads:
-            self.align_heads = nn.ModuleDict({name: ProjectorMLP(*dims) for name, (_, dims) in align_heads.items()})
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels, output_mult)
-        self.initialize_weights()
+        def ffn():
+            return Mlp(d, args.mlp_hidden) if args.moe is None else MoEFFN(d, **vars(args.moe))
 
-    def initialize_weights(self):
-        """DiT's init: xavier Linear weights, zero biases, N(0, 0.02) embedders, zeroed adaLN and output."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, MoEFFN):
-                init_moe_(module)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.mask_token is not None:
-            nn.init.normal_(self.mask_token, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in [*self.mixer, *self.blocks]] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.mixer = nn.ModuleList([block(Mlp(d, args.mlp_hidden)) for _ in range(args.mixer_depth)])
+        self.blocks = nn.ModuleList([block(ffn()) for _ in range(args.depth)])
+        self.mask_token = nn.Parameter(torch.zeros(d)) if args.mask_token else None
+        self.head_depths = {name: depth for name, (depth, _) in args.align_heads.items()}
+        if args.align_heads:
+            self.align_heads = nn.ModuleDict({name: ProjectorMLP(*dims) for name, (_, dims) in
+                                              args.align_heads.items()})
+        self.final_layer = FinalLayer(d, args.patch_size, args.out_channels, args.output_mult)
+        if not self.x_embedder.proj.weight.is_meta:
+            initialize_(self, default_seed() if init_seed is None else init_seed, init_rules(self))
+
+    @torch.no_grad()
+    def init_buffers_(self):
+        """Fill the buffers (after `to_empty` from the meta device): positional embedding, router bias and counts."""
+        grid = self.args.input_size // self.args.patch_size
+        self.pos_embed.copy_(sincos_pos_embed(self.args.hidden_size, grid).unsqueeze(0))
+        for layer in self.moe_layers():
+            layer.router.expert_bias.zero_()
+            layer.router.pending_counts.zero_()
 
     def moe_layers(self):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]
@@ -212,46 +200,3 @@ def collect_moe_aux(moe_outputs, like):
         "router_entropy": torch.stack([m.entropy for m in moe_outputs]),                # [L]
         "dropped_tokens": torch.stack([m.dropped for m in moe_outputs]),                # [L]
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Construction from a config
-# ----------------------------------------------------------------------------------------------------------------
-
-def model_kwargs(cfg, out_channels: Optional[int] = None) -> dict:
-    """DiT keyword arguments from a resolved config (model + moe sections)."""
-    from dit_scale.config import resolved_moe
-    spec = parse_model_name(cfg.model.name)
-    width = cfg.model.hidden_size or spec.hidden_size
-    num_experts, top_k = resolved_moe(cfg)
-    moe = None
-    if num_experts:
-        m = cfg.moe
-        moe = dict(num_experts=num_experts, top_k=top_k, expert_hidden=int(width * m.expert_mlp_ratio),
-                   shared_hidden=int(width * m.shared_mlp_ratio), router=m.router, score_function=m.score_function,
-                   normalize_topk=m.normalize_topk, aux_loss_coeff=m.aux_loss_coeff, z_loss_coeff=m.z_loss_coeff,
-                   capacity_factor=m.capacity_factor, bias_update_rate=m.bias_update_rate,
-                   expert_impl=m.expert_impl)
-    in_ch = cfg.model.in_channels
-    heads = cfg.model.num_heads or spec.num_heads
-    mup = cfg.mup
-    from dit_scale.align.heads import head_specs
-    mask = getattr(cfg, "mask", None)
-    return dict(input_size=cfg.model.input_size, patch_size=spec.patch_size, in_channels=in_ch,
-                out_channels=out_channels or (2 * in_ch if cfg.model.learn_sigma else in_ch), hidden_size=width,
-                depth=cfg.model.depth or spec.depth, num_heads=heads,
-                mlp_ratio=cfg.model.mlp_ratio, num_classes=cfg.model.num_classes,
-                class_dropout=cfg.model.class_dropout, qk_norm=cfg.model.qk_norm, moe=moe,
-                attn_scale=heads / width if mup.enabled and mup.attn_scale == "inverse" else None,
-                output_mult=mup.output_mult if mup.enabled else 1.0,
-                mixer_depth=int(mask.mixer_depth) if mask is not None else 0,
-                mask_token=bool(mask is not None and mask.ratio > 0), align_heads=head_specs(cfg, width))
-
-
-def build_model(cfg, out_channels: Optional[int] = None) -> DiT:
-    """The model with DiT's init, or with μP's init when `mup.enabled` (see `dit_scale.mup.mup_init_`)."""
-    model = DiT(**model_kwargs(cfg, out_channels))
-    if cfg.mup.enabled:
-        from dit_scale.mup import mup_init_   # mup builds base-shape models from here: import lazily
-        mup_init_(model, cfg, out_channels)
-    return model

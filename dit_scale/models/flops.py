@@ -4,36 +4,62 @@
 convention: every linear / conv / attention matmul (q·kᵀ and attn·v), the adaLN projections once per image, and
 one operation per element for each LayerNorm (which is what reproduces the paper's table to the last digit:
 S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64). For an MoE FFN only the k routed experts a token visits (plus the
-shared experts and the router) count. Training FLOPs per image ≈ 3 × 2 × forward MACs.
+shared experts and the router) count.
+
+The parts are separate so that training FLOPs follow what actually runs (`dit_scale.training.flops`): the backbone
+blocks on the kept tokens under masking, the patch-mixer and the final layer on every token, the alignment heads
+on the kept tokens, a truncated EMA forward.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 
+from dit_scale.models.args import ModelArgs
 from dit_scale.models.dit import DiT
 from dit_scale.models.moe import MoEFFN
 
 
-def forward_macs(model_kwargs: dict) -> int:
-    """Forward multiply-accumulates per image for a `DiT(**model_kwargs)` (no model is built)."""
-    k = model_kwargs
-    d, p = k["hidden_size"], k["patch_size"]
-    tokens = (k["input_size"] // p) ** 2
-    moe = k.get("moe")
-    if moe is None:
-        ffn = 2 * d * int(d * k["mlp_ratio"])
+def block_macs(args: ModelArgs, tokens: int, sparse: bool = True) -> int:
+    """One block on `tokens` tokens: qkv + proj, FFN (dense, or router + k routed + shared experts), attention
+    matmuls, two LayerNorms, adaLN (once per image)."""
+    d = args.hidden_size
+    if args.moe is None or not sparse:
+        ffn = 2 * d * args.mlp_hidden
     else:
-        top_k = moe["top_k"]
-        if moe.get("router", "token_choice") == "expert_choice":   # average experts per token = C·E / T
-            top_k = moe.get("capacity_factor", 1.0) * moe["top_k"]
-        ffn = top_k * 3 * d * moe["expert_hidden"] + 3 * d * moe.get("shared_hidden", 0) + d * moe["num_experts"]
-    per_token = 4 * d * d + ffn                      # qkv + proj + FFN
-    attention = 2 * tokens * tokens * d              # q·kᵀ and attn·v
-    norms = 2 * tokens * d                           # two LayerNorms
-    block = tokens * per_token + attention + norms + 6 * d * d   # + adaLN (once per image)
-    embed = tokens * d * k["in_channels"] * p * p + 256 * d + d * d
-    final = tokens * d * (1 + p * p * k["out_channels"]) + 2 * d * d
-    return int(k["depth"] * block + embed + final)
+        m = args.moe
+        ffn = m.active_experts * 3 * d * m.expert_hidden + 3 * d * m.shared_hidden + d * m.num_experts
+    return int(tokens * (4 * d * d + ffn) + 2 * tokens * tokens * d + 2 * tokens * d + 6 * d * d)
+
+
+def embed_macs(args: ModelArgs) -> int:
+    d, p = args.hidden_size, args.patch_size
+    return args.num_tokens * d * args.in_channels * p * p + 256 * d + d * d
+
+
+def final_macs(args: ModelArgs) -> int:
+    d, p = args.hidden_size, args.patch_size
+    return args.num_tokens * d * (1 + p * p * args.out_channels) + 2 * d * d
+
+
+def head_macs(args: ModelArgs, name: str, tokens: int) -> int:
+    """An alignment head (an MLP) on `tokens` tokens."""
+    dims = args.align_heads[name][1]
+    return tokens * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def forward_macs(args: ModelArgs, kept_tokens: Optional[int] = None, heads: Sequence[str] = (),
+                 stop_after: Optional[int] = None) -> int:
+    """Forward multiply-accumulates per image of `DiT(args)` (no model is built): the patch-mixer on every token,
+    the backbone blocks on `kept_tokens` (default: every token), the `heads` on the kept tokens, and the final layer;
+    `stop_after` k: only blocks 1..k and no final layer (SRA's truncated EMA forward)."""
+    n = args.num_tokens
+    kept = n if kept_tokens is None else kept_tokens
+    blocks = args.depth if stop_after is None else min(stop_after, args.depth)
+    macs = embed_macs(args) + args.mixer_depth * block_macs(args, n, sparse=False) + blocks * block_macs(args, kept)
+    macs += sum(head_macs(args, name, kept) for name in heads)
+    return int(macs + (final_macs(args) if stop_after is None else 0))
 
 
 def count_params(model: DiT) -> dict:
@@ -47,10 +73,10 @@ def count_params(model: DiT) -> dict:
     return {"params": total, "active_params": total - inactive}
 
 
-def model_info(model_kwargs: dict) -> dict:
+def model_info(args: ModelArgs) -> dict:
     """params, active_params and forward GFLOPs (MACs, DiT convention) without allocating weights."""
     with torch.device("meta"):
-        model = DiT(**model_kwargs)
+        model = DiT(args)
     info = count_params(model)
-    info["gflops"] = forward_macs(model_kwargs) / 1e9
+    info["gflops"] = forward_macs(args) / 1e9
     return info

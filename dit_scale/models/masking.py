@@ -1,6 +1,6 @@
 """Patch masking for cheaper training ("Stretching Each Dollar", MicroDiT; MaskDiT; MDT).
 
-    keep = draw_keep_indices(B, N, ratio=0.75, generator=g)     # the trainer draws it with its own generator
+    keep = draw_keep_indices(B, N, ratio=0.75, generator=g)     # the training loss draws it with its generator
     out, aux = model(x_t, t, y, mask=keep)                      # backbone runs on the kept tokens only
     loss = masked_denoise_loss(out, target, keep, patch_size, masked_weight=0.0)
 
@@ -71,12 +71,3 @@ def masked_denoise_loss(out, target, keep: torch.Tensor, patch_size: int, masked
         return kept
     dropped = (per_token.sum(dim=1) - gather_tokens(per_token, keep).sum(dim=1)) / (n - k)
     return kept + masked_weight * dropped
-
-
-def mask_ratio_at(mask_cfg, step: int) -> float:
-    """The mask ratio of training step `step` (0-based): `mask.ratio` until `mask.unmask_at_step`, then 0."""
-    if mask_cfg is None or mask_cfg.ratio <= 0:
-        return 0.0
-    if mask_cfg.unmask_at_step is not None and step >= mask_cfg.unmask_at_step:
-        return 0.0
-    return float(mask_cfg.ratio)

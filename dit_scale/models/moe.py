@@ -12,7 +12,6 @@ The forward of the local path has no host-device synchronisation; statistics are
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -114,8 +113,11 @@ class Router(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """`torch._grouped_mm` runs on CPU (fp32, bf16) and on Hopper+ GPUs in bf16."""
+    """`torch._grouped_mm` runs on CPU (fp32, bf16) and on Hopper+ GPUs in bf16; under torch.compile only in bf16
+    (its meta kernel, which tracing uses, accepts bf16 only)."""
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False
     if device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
@@ -198,12 +200,3 @@ class MoEFFN(nn.Module):
         if self.shared is not None:
             out = out + self.shared(tokens)
         return out.reshape(shape), aux
-
-
-def init_moe_(moe: MoEFFN) -> None:
-    """Xavier-uniform per expert matrix (as DiT initialises its Linear layers), small normal router."""
-    for w, fan_out in ((moe.experts.w13, moe.experts.w2.shape[1]), (moe.experts.w2, moe.experts.w2.shape[2])):
-        fan_in = w.shape[1]
-        bound = math.sqrt(6.0 / (fan_in + fan_out))
-        nn.init.uniform_(w, -bound, bound)
-    nn.init.normal_(moe.router.weight, std=0.02)

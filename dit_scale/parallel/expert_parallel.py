@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dit_scale.models.dispatch import PermuteHandle, permute, unpermute
 from dit_scale.models.moe import MoEFFN
+from dit_scale.models.roles import param_role
 
 
 @dataclass
@@ -95,6 +95,11 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group) -> None:
             module.dispatcher = ExpertParallelDispatcher(group, num_experts, ep_size)
 
 
+def expert_param_names(model: nn.Module) -> set:
+    """Names of the stacked routed-expert weights (role `expert`), as the unsharded model names them."""
+    return {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
+
+
 def gather_experts(local: torch.Tensor, topology) -> torch.Tensor:
     """[E_local, ...] of every EP rank stacked into [E, ...] in global expert order (collective over "ep")."""
     if topology.ep_size == 1:
@@ -114,20 +119,6 @@ def local_experts(full: torch.Tensor, topology) -> torch.Tensor:
 # Global views for sharded checkpoints (no communication)
 # ----------------------------------------------------------------------------------------------------------------
 
-_EXPERT_MESHES = {}
-
-
-def expert_mesh(topology) -> DeviceMesh:
-    """The ranks as a ("ep", "edp") mesh, ep-major: DTensor splits dim 0 of a global expert tensor [E, ...] over "ep"
-    first (contiguous blocks of E_local experts, as `shard_experts` cuts them), then each block over "edp" (as FSDP
-    shards the local experts). Built once per layout (creating a mesh is collective)."""
-    key = (topology.world_size, topology.ep_size, topology.device.type)
-    if key not in _EXPERT_MESHES:
-        ranks = torch.arange(topology.world_size).view(-1, topology.ep_size).t()      # [ep, edp]
-        _EXPERT_MESHES[key] = DeviceMesh(topology.device.type, ranks, mesh_dim_names=("ep", "edp"))
-    return _EXPERT_MESHES[key]
-
-
 def global_view(local: torch.Tensor, topology, expert: bool, param=None) -> torch.Tensor:
     """This rank's piece `local` of a parameter-shaped value, as a DTensor with the consolidated global shape
     (experts: [E, ...] in global expert order), without copying or communicating. `param` is the parameter
@@ -138,7 +129,7 @@ def global_view(local: torch.Tensor, topology, expert: bool, param=None) -> torc
         inner = param.placements[0] if sharded else Replicate()           # FSDP's shard over edp, or a copy
         local_experts_shape = tuple(param.shape) if sharded else tuple(local.shape)
         shape = (topology.ep_size * local_experts_shape[0], *local_experts_shape[1:])
-        return DTensor.from_local(local, expert_mesh(topology), [Shard(0), inner], shape=torch.Size(shape),
+        return DTensor.from_local(local, topology.expert_mesh, [Shard(0), inner], shape=torch.Size(shape),
                                   stride=torch.empty(shape, device="meta").stride())
     if sharded:
         return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,

@@ -1,11 +1,14 @@
-"""Process layout of a run: global rank, data-parallel rank, expert-parallel rank, device, DeviceMesh.
+"""Process layout of a run: global rank, data-parallel rank, expert-parallel rank, device, and every DeviceMesh.
 
-    topo = init_topology(cfg)      # reads the torchrun / SLURM environment, creates the process group
+    topo = init_topology(cfg)      # reads the torchrun / SLURM environment, creates the process group and meshes
 
-Dense parameters are data-parallel over all ranks. Experts are split over `parallel.ep` consecutive ranks (the
-"ep" mesh dimension) and data-parallel over the other dimension ("edp": ranks holding the same experts). The data
-loader and everything that must differ per model replica use `dp_rank` / `dp_size`, never the global rank.
-Backend: NCCL on GPU, gloo on CPU. Layout errors are raised on every rank before the process group exists.
+Dense parameters are data-parallel over all ranks (`dp_mesh`, 1-D "dp"). Experts are split over `parallel.ep`
+consecutive ranks (the "ep" dimension of `mesh`) and data-parallel over the other dimension ("edp": ranks holding
+the same experts). `expert_mesh` is the same ranks ep-major ("ep", "edp"): the layout in which a global expert
+tensor [E, ...] is split, for sharded checkpoints. The data loader and everything that must differ per model
+replica use `dp_rank` / `dp_size`, never the global rank. Backend: NCCL on GPU, gloo on CPU. Layout errors are
+raised on every rank before the process group exists. All meshes are created here, once (creating one is
+collective).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class Topology:
     ep_size: int = 1
     device: torch.device = torch.device("cpu")
     mesh: Optional[object] = None          # DeviceMesh ("edp", "ep") when a process group exists
+    dp_mesh: Optional[object] = None       # DeviceMesh ("dp",): every rank (dense parameters)
+    expert_mesh: Optional[object] = None   # DeviceMesh ("ep", "edp"): global expert tensors split ep-major
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +98,7 @@ def init_topology(cfg) -> Topology:
     if cfg.parallel.engine == "local":
         return Topology(device=device)
 
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
@@ -101,5 +106,7 @@ def init_topology(cfg) -> Topology:
     check_same_config(cfg, rank, world)
     ep = cfg.parallel.ep
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    expert_mesh = DeviceMesh(device.type, torch.arange(world).view(-1, ep).t(), mesh_dim_names=("ep", "edp"))
     return Topology(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank % ep, ep_size=ep,
-                    device=device, mesh=mesh)
+                    device=device, mesh=mesh, dp_mesh=dp_mesh, expert_mesh=expert_mesh)

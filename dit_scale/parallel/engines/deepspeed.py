@@ -10,13 +10,13 @@ How the pieces map onto DeepSpeed:
   `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`). ZeRO then partitions and reduces
   them over the expert-data-parallel group only; our mesh and DeepSpeed's `groups` agree (EP = consecutive ranks).
 - DeepSpeed only switches its MoE machinery on when the module contains its own `deepspeed.moe.layer.MoE`;
-  `_DiTMoEEngine` tells it that our MoE layers count too (one overridden method, nothing else).
+  `compat.deepspeed_engine_class` tells it that our MoE layers count too (one overridden method, nothing else).
 - Gradient scale: ZeRO divides every gradient by the data-parallel world size, then sums dense gradients over all
   ranks and expert gradients over the expert-data-parallel ranks. An expert's local gradient already sums the
   tokens of its whole EP group, so that sum over edp ranks / world size is the global mean as it stands: unlike
   FSDP (which averages over the edp ranks), the experts keep `grad_scale = 1`.
-- Parameter groups (μP multipliers, weight decay) come from `build_optimizer` (parameter roles); the torch AdamW it
-  builds is handed to ZeRO as the base optimizer and our LR schedule steps it. Clipping is ZeRO's (by the global
+- Parameter groups (μP multipliers, weight decay) come from `optim.build_optimizer` (parameter roles); the torch
+  AdamW it builds is handed to ZeRO as the base optimizer and our LR schedule steps it. Clipping is ZeRO's (by the global
   norm with experts counted once; `clip_grad_norm` returns that norm before the step, from ZeRO's own routine).
 - Gradient accumulation: the trainer's loss is already divided by `train.grad_accum`; we mark the last
   micro-batch as the accumulation boundary ourselves.
@@ -33,12 +33,14 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import (ProcessGroupEngine, build_optimizer, init_adamw_state, lr_lambda,
-                                             uses_bf16)
-from dit_scale.parallel.expert_parallel import gather_experts, global_view, local_experts, shard_experts
+from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, zero_init_optimizer_state,
+                              zero_norm_groups)
+from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, uses_bf16
+from dit_scale.parallel.engines.base import ProcessGroupEngine
+from dit_scale.parallel.expert_parallel import expert_param_names
+from dit_scale.parallel.parallelize import parallelize
+from dit_scale.parallel.state import ema_swapped_in, global_value, load_buffers_, persistent_buffers, rank_piece
 
 
 def _import_deepspeed():
@@ -48,9 +50,7 @@ def _import_deepspeed():
     import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfig
     deepspeed.utils.logger.setLevel(logging.WARNING)             # its INFO lines would drown our log
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.utils import groups
-    return deepspeed, DeepSpeedConfig, DeepSpeedEngine, groups
+    return deepspeed, DeepSpeedConfig
 
 
 def ds_config(cfg, world_size: int, bf16: bool) -> dict:
@@ -71,26 +71,24 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict:
 
 
 class DeepSpeedEngineWrapper(ProcessGroupEngine):
-    def __init__(self, cfg, model, topology):
-        deepspeed, DeepSpeedConfig, DeepSpeedEngine, groups = _import_deepspeed()
+    def __init__(self, cfg, model, topology, mup=None):
+        deepspeed, DeepSpeedConfig = _import_deepspeed()
         self.cfg, self.topo = cfg, topology
         self.stage = cfg.parallel.zero_stage
         device = topology.device
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         self.model = model.to(device)
-        self.expert_names = {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
-        shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
+        self.expert_names = expert_param_names(model)
+        parallelize(model, cfg, topology)                      # checkpointing, compile, experts; ZeRO shards below
         for layer in model.moe_layers():
             layer.experts.grad_scale = 1.0                     # see "Gradient scale" above
         moe = bool(self.expert_names)
-        group_name = f"ep_size_{topology.ep_size}"
         if moe:
-            if group_name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(topology.ep_size)
+            group_name = deepspeed_expert_groups(topology.ep_size)
             for n, p in model.named_parameters():
                 if n in self.expert_names:
                     p.allreduce, p.group_name = False, group_name
-        optimizer, _ = build_optimizer(cfg, model)
+        optimizer = build_optimizer(cfg.optim, model, mup)
         for g in optimizer.param_groups:
             g["name"] = f"{g['role']}_{g['lr_mult']}_{g['weight_decay']}"
             if moe and g["role"] == "expert":
@@ -99,27 +97,15 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.names]
 
-        config = ds_config(cfg, topology.world_size, uses_bf16(cfg, device))
-
-        class _DiTMoEEngine(DeepSpeedEngine):
-            def _configure_distributed_model(self, module):
-                super()._configure_distributed_model(module)
-                if moe:           # our MoE layers, not deepspeed.moe.layer.MoE: switch ZeRO's MoE handling on
-                    self.has_moe_layers = True
-                    self.num_experts = [cfg.moe.num_experts or 0]
-
-        self.ds = _DiTMoEEngine(args=None, model=model, optimizer=optimizer, config=config,
-                                config_class=DeepSpeedConfig(config), dist_init_required=False)
+        config = ds_config(cfg, topology.world_size, uses_bf16(cfg.train, device))
+        engine_class = deepspeed_engine_class(cfg.moe.num_experts if moe else 0)
+        self.ds = engine_class(args=None, model=model, optimizer=optimizer, config=config,
+                               config_class=DeepSpeedConfig(config), dist_init_required=False)
         self.module = self.ds.module
-        if cfg.train.compile:
-            for block in model.blocks:
-                block.compile()
         self.optimizer = optimizer                     # the base torch AdamW inside ZeRO (holds lr / lr_mult)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.buffer_names = [n for n in model.state_dict() if n not in params]
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self._init_optimizer_state()
-        self.ema = [self._held(p).detach().clone().float() for p in self.params]
-        self.num_updates = 0
+        self.ema = EMA([self._held(p).detach().clone().float() for p in self.params], cfg.optim.ema_decay)
         self._micro = 0
 
     def _held(self, p):
@@ -140,7 +126,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
             norm = zero.scaled_global_norm()
         else:
             from deepspeed.runtime.utils import combine_grad_norm_groups
-            norm = combine_grad_norm_groups(zero._get_norm_groups())
+            norm = combine_grad_norm_groups(zero_norm_groups(zero))
         return torch.as_tensor(norm, dtype=torch.float32).to(self.topo.device).reshape(())
 
     def step(self, ok):
@@ -148,7 +134,8 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self.ds.step()
         self._micro = 0
         applied = torch.as_tensor(self.ds.was_step_applied(), device=self.topo.device) & ok
-        self._schedule_and_ema(applied, self.ema, [self._held(p).float() for p in self.params])
+        self.scheduler.step()
+        self.ema.update([self._held(p).float() for p in self.params], applied)
 
     def zero_grad(self):
         self.ds.zero_grad()
@@ -156,47 +143,34 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
     @contextmanager
     def sampling_module(self):
         """The model with EMA weights swapped into what each rank holds; every rank must call it."""
-        held = [self._held(p) for p in self.params]
-        with torch.no_grad():
-            backup = [h.clone() for h in held]
-            for h, e in zip(held, self.ema):
-                h.copy_(e)
-        try:
+        with ema_swapped_in([self._held(p) for p in self.params], self.ema.tensors):
             yield self.model
-        finally:
-            with torch.no_grad():
-                for h, b in zip(held, backup):
-                    h.copy_(b)
 
     # -- consolidated state ---------------------------------------------------------------------------------------
+    def _global(self, name, value, sharded):
+        """A held value as the global tensor (experts: [E, ...] over the EP group; see `parallel/state.py`)."""
+        value = value.detach().float()
+        if name in self.expert_names and sharded:
+            value = value.to(self.topo.device)
+        elif name not in self.expert_names:
+            return value.cpu()
+        return global_value(value, True, self.topo, sharded)
+
     def _full_from_held(self, name, p, held, sharded=False):
-        """Full tensor from a held value (stage 3: gather the partitions; experts: stack over the EP group)."""
+        """Full tensor from a held value (stage 3: gather the partitions first)."""
         if self.stage == 3:
             parts = [torch.empty_like(held) for _ in range(self.topo.world_size)]
             dist.all_gather(parts, held.contiguous())
             held = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
-        return self._consolidated(name, held.detach().float(), sharded)
+        return self._global(name, held, sharded)
 
     def _full_hp(self, name, p, key=None, sharded=False):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
         value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        return self._consolidated(name, value.detach().float(), sharded)
-
-    def _consolidated(self, name, value, sharded):
-        """Experts stacked over the EP group into [E, ...] (on the CPU); with `sharded`, a DTensor view of this EP
-        rank's experts instead (no gather; DCP writes them from one rank of each edp group)."""
-        if name not in self.expert_names:
-            return value.cpu()
-        if sharded:
-            return global_view(value.to(self.topo.device), self.topo, expert=True)
-        return gather_experts(value, self.topo).cpu()
+        return self._global(name, value, sharded)
 
     def _local_slice(self, name, full):
-        if isinstance(full, DTensor):                 # a view from `state_dict(sharded=True)`: this layout's piece
-            return full.to_local().to(self.topo.device)
-        if name in self.expert_names:
-            full = local_experts(full, self.topo)
-        return full.to(self.topo.device)
+        return rank_piece(full, name in self.expert_names, self.topo).to(self.topo.device)
 
     def _held_slice(self, name, p, full):
         local = self._local_slice(name, full)
@@ -212,21 +186,20 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
 
     def state_dict(self, sharded: bool = False) -> dict:
         model, ema, state = {}, {}, {}
-        for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema)):
+        for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema.tensors)):
             model[name] = self._full_hp(name, p, sharded=sharded)
             ema[name] = self._full_from_held(name, p, e, sharded)
             state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg", sharded),
                         "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq", sharded)}
-        buffers = dict(self.model.named_buffers())
-        for name in self.buffer_names:
-            model[name] = ema[name] = buffers[name].detach().cpu()
+        for name, buf in persistent_buffers(self.model).items():
+            model[name] = ema[name] = buf.detach().cpu()
         groups = [{k: v for k, v in g.items() if k not in ("params", "names", "moe", "name")}
                   for g in self.optimizer.param_groups]
         start = 0
         for g, og in zip(groups, self.optimizer.param_groups):
             g["params"] = list(range(start, start + len(og["names"])))
             start += len(og["names"])
-        return {"model": model, "ema": ema, "ema_updates": self.num_updates,
+        return {"model": model, "ema": ema, "ema_updates": self.ema.num_updates,
                 "optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
 
     def _step_count(self):
@@ -240,19 +213,17 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
                 full = state["model"][name]
                 safe_set_full_fp32_param(p, self._local_slice(name, full).float())
                 self._held(p).copy_(self._held_slice(name, p, full))
-                self.ema[i] = self._held_slice(name, p, state["ema"][name]).float().clone()
+                self.ema.tensors[i] = self._held_slice(name, p, state["ema"][name]).float().clone()
                 s = opt_state.get(i)
                 if s:
                     for key in ("exp_avg", "exp_avg_sq"):
                         safe_set_full_optimizer_state(p, self._local_slice(name, s[key]).float(), key)
-            for name, buf in self.model.named_buffers():
-                if name in state["model"]:
-                    buf.copy_(state["model"][name])
+            load_buffers_(self.model, state["model"])
             if opt_state:
                 step = next(iter(opt_state.values()))["step"]
                 for s in self.optimizer.state.values():
                     s["step"].copy_(step)
-        self.num_updates = int(state["ema_updates"])
+        self.ema.num_updates = int(state["ema_updates"])
         self.scheduler.load_state_dict(state["scheduler"])
         for group, saved in zip(self.optimizer.param_groups, state["optimizer"]["param_groups"]):
             group["lr"] = saved["lr"]             # the scheduler sets it only at its next step
@@ -263,4 +234,4 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         `safe_get_full_optimizer_state`."""
         init_adamw_state(self.optimizer)
         if self.stage < 3:        # stage 3 reads the optimizer state directly
-            self.ds.optimizer._lazy_init_hp_params_optimizer_state()
+            zero_init_optimizer_state(self.ds.optimizer)

@@ -1,5 +1,5 @@
 """FSDP2 engine: dense parameters sharded over all ranks, experts split over `ep` ranks and sharded over the
-ranks that hold the same experts ("edp"); bf16 compute / fp32 reduction on GPU.
+ranks that hold the same experts ("edp"); bf16 compute / fp32 reduction when train.precision resolves to bf16.
 
 Gradient scaling: the loss of each rank is a mean over its own batch, so the gradient of the global loss is the
 sum over ranks divided by the world size. Dense parameters get that from FSDP's mean over all ranks. An expert's
@@ -9,7 +9,7 @@ it by 1/ep (`GroupedExperts.grad_scale`, set by `shard_experts`) and FSDP averag
 `state_dict()` returns the same consolidated format as the local engine (full tensors, experts stacked over their
 global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count. `state_dict(sharded=True)`
 has the same keys and global shapes, but every tensor is a DTensor view of this rank's piece (no gather): DCP writes
-each piece from the rank that holds it, and reads any layout's pieces back (`dit_scale/checkpoint.py`).
+each piece from the rank that holds it, and reads any layout's pieces back (`dit_scale/checkpoint/sharded.py`).
 """
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dit_scale.compat import foreach_mul_
 from dit_scale.models.moe import MoEFFN
-from dit_scale.mup import param_role
-from dit_scale.parallel.engines.base import ProcessGroupEngine, build_optimizer, init_adamw_state, uses_bf16
-from dit_scale.parallel.expert_parallel import gather_experts, global_view, local_experts, shard_experts
+from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state, uses_bf16
+from dit_scale.parallel.engines.base import ProcessGroupEngine
+from dit_scale.parallel.expert_parallel import expert_param_names
+from dit_scale.parallel.parallelize import parallelize
+from dit_scale.parallel.state import (ema_swapped_in, global_value, load_buffers_, persistent_buffers,
+                                      rank_piece)
 
 
 def _local(t):
@@ -32,31 +35,28 @@ def _local(t):
 
 
 class FSDPEngine(ProcessGroupEngine):
-    def __init__(self, cfg, model, topology):
+    def __init__(self, cfg, model, topology, mup=None):
         self.cfg, self.topo = cfg, topology
         device = topology.device
         self.model = model.to(device)
-        self.expert_names = {n for n, p in model.named_parameters() if param_role(n, p) == "expert"}
-        shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if uses_bf16(cfg, device) \
-            else MixedPrecisionPolicy()
-        dp_mesh = init_device_mesh(device.type, (topology.world_size,), mesh_dim_names=("dp",))
-        for block in model.blocks:
-            if isinstance(block.ffn, MoEFFN):
-                fully_shard(block.ffn.experts, mesh=topology.mesh["edp"], mp_policy=mp)
-            fully_shard(block, mesh=dp_mesh, mp_policy=mp)
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp)
-        if cfg.train.compile:
-            for block in model.blocks:
-                block.compile()
-        self.module = model
+        self.expert_names = expert_param_names(model)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if uses_bf16(cfg.train, device) else MixedPrecisionPolicy()
+
+        def shard(m):
+            for block in m.blocks:
+                if isinstance(block.ffn, MoEFFN):
+                    fully_shard(block.ffn.experts, mesh=topology.mesh["edp"], mp_policy=mp)
+                fully_shard(block, mesh=topology.dp_mesh, mp_policy=mp)
+            fully_shard(m, mesh=topology.dp_mesh, mp_policy=mp)
+
+        self.module = parallelize(model, cfg, topology, shard)
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for p in model.parameters()]
-        self.buffer_names = [n for n in model.state_dict() if n not in set(self.names)]   # persistent buffers
-        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg.optim, model, mup)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step
-        self.ema = [_local(p).detach().clone() for p in self.params]
-        self.num_updates = 0
+        self.ema = EMA([_local(p).detach().clone() for p in self.params], cfg.optim.ema_decay)
 
     # -- training -------------------------------------------------------------------------------------------------
     def backward(self, loss):
@@ -70,11 +70,13 @@ class FSDPEngine(ProcessGroupEngine):
         dist.all_reduce(sq)
         norm = sq.sqrt()
         if max_norm > 0:
-            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
 
     def step(self, ok):
-        self._step_and_update_ema(ok, self.ema, [_local(p) for p in self.params])
+        guarded_step(self.optimizer, ok)
+        self.scheduler.step()
+        self.ema.update([_local(p) for p in self.params], ok)
 
     @contextmanager
     def sampling_module(self):
@@ -83,18 +85,8 @@ class FSDPEngine(ProcessGroupEngine):
         FSDP2 keeps a module's gathered (unsharded) parameters after a forward without backward (the root always,
         blocks when not resharding after forward); they would hold stale values after each swap, so every FSDP
         module is resharded before the EMA goes in and before the training weights come back."""
-        with torch.no_grad():
-            backup = [_local(p).clone() for p in self.params]
-            self._reshard()
-            for p, e in zip(self.params, self.ema):
-                _local(p).copy_(e)
-        try:
+        with ema_swapped_in([_local(p) for p in self.params], self.ema.tensors, before_swap=self._reshard):
             yield self.model
-        finally:
-            with torch.no_grad():
-                self._reshard()
-                for p, b in zip(self.params, backup):
-                    _local(p).copy_(b)
 
     def _reshard(self):
         for module in self.model.modules():
@@ -102,45 +94,33 @@ class FSDPEngine(ProcessGroupEngine):
                 module.reshard()
 
     # -- consolidated / sharded state ------------------------------------------------------------------------------
-    def _full(self, name, local_shard_like, param, sharded=False):
-        """Full tensor of a parameter-shaped value, experts also gathered over the EP group into [E, ...]; with
-        `sharded`, the same global tensor as a DTensor view of this rank's piece (no gather, for DCP)."""
-        if sharded:
-            return global_view(local_shard_like, self.topo, name in self.expert_names, param)
-        value = DTensor.from_local(local_shard_like, param.device_mesh, param.placements, shape=param.shape,
-                                   stride=param.stride()).full_tensor() if isinstance(param, DTensor) \
-            else local_shard_like
-        if name in self.expert_names:
-            value = gather_experts(value, self.topo)
-        return value.cpu()
+    def _global(self, name, local, param, sharded):
+        return global_value(local, name in self.expert_names, self.topo, sharded, param)
 
     def _local_slice(self, name, full, param):
-        if isinstance(full, DTensor):                 # a view from `state_dict(sharded=True)`: this layout's piece
-            return full.to_local().to(self.topo.device, dtype=_local(param).dtype)
-        if name in self.expert_names:
-            full = local_experts(full, self.topo)
-        full = full.to(self.topo.device, dtype=_local(param).dtype)
-        if isinstance(param, DTensor):
-            return distribute_tensor(full, param.device_mesh, param.placements).to_local()
-        return full
+        """This rank's FSDP shard of a global value (as `param` holds it), on the device."""
+        piece = rank_piece(full, name in self.expert_names, self.topo)
+        piece = piece.to(self.topo.device, dtype=_local(param).dtype)
+        if isinstance(param, DTensor) and not isinstance(full, DTensor):
+            return distribute_tensor(piece, param.device_mesh, param.placements).to_local()
+        return piece
 
     def state_dict(self, sharded: bool = False) -> dict:
         model, ema = {}, {}
-        for name, p, e in zip(self.names, self.params, self.ema):
-            model[name] = self._full(name, _local(p).detach(), p, sharded)
-            ema[name] = self._full(name, e, p, sharded)
-        buffers = dict(self.model.named_buffers())
-        for name in self.buffer_names:
-            model[name] = ema[name] = buffers[name].detach().cpu()
+        for name, p, e in zip(self.names, self.params, self.ema.tensors):
+            model[name] = self._global(name, _local(p).detach(), p, sharded)
+            ema[name] = self._global(name, e, p, sharded)
+        for name, buf in persistent_buffers(self.model).items():
+            model[name] = ema[name] = buf.detach().cpu()
         opt = self.optimizer.state_dict()
         state = {}
         for i, (name, p) in enumerate(self._optimizer_order()):
             s = self.optimizer.state.get(p)
             if s:
                 state[i] = {"step": s["step"].cpu(),
-                            "exp_avg": self._full(name, _local(s["exp_avg"]), p, sharded),
-                            "exp_avg_sq": self._full(name, _local(s["exp_avg_sq"]), p, sharded)}
-        return {"model": model, "ema": ema, "ema_updates": self.num_updates,
+                            "exp_avg": self._global(name, _local(s["exp_avg"]), p, sharded),
+                            "exp_avg_sq": self._global(name, _local(s["exp_avg_sq"]), p, sharded)}
+        return {"model": model, "ema": ema, "ema_updates": self.ema.num_updates,
                 "optimizer": {"state": state, "param_groups": opt["param_groups"]},
                 "scheduler": self.scheduler.state_dict()}
 
@@ -153,11 +133,9 @@ class FSDPEngine(ProcessGroupEngine):
         with torch.no_grad():
             for name, p in zip(self.names, self.params):
                 _local(p).copy_(self._local_slice(name, state["model"][name], p))
-            self.ema = [self._local_slice(n, state["ema"][n], p).clone() for n, p in zip(self.names, self.params)]
-            for name, buf in self.model.named_buffers():
-                if name in state["model"]:
-                    buf.copy_(state["model"][name])
-        self.num_updates = int(state["ema_updates"])
+            self.ema.tensors = [self._local_slice(n, state["ema"][n], p).clone() for n, p in zip(self.names, self.params)]
+            load_buffers_(self.model, state["model"])
+        self.ema.num_updates = int(state["ema_updates"])
         opt_state = state["optimizer"]
         local = {"param_groups": opt_state["param_groups"], "state": {}}
         for i, (name, p) in enumerate(self._optimizer_order()):

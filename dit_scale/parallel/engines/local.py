@@ -1,4 +1,4 @@
-"""Single-process engine: the model on one device, fused AdamW, fp32 EMA. The reference the others match."""
+"""Single-process engine: the model on one device, fused AdamW, fp32 EMA module. The reference the others match."""
 from __future__ import annotations
 
 import copy
@@ -6,24 +6,23 @@ from contextlib import contextmanager
 
 import torch
 
-from dit_scale.parallel.engines.base import Engine, build_optimizer, init_adamw_state
+from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state
+from dit_scale.parallel.engines.base import Engine
+from dit_scale.parallel.parallelize import parallelize
 
 
 class LocalEngine(Engine):
-    def __init__(self, cfg, model, topology):
+    def __init__(self, cfg, model, topology, mup=None):
         self.cfg = cfg
         self.device = topology.device
         self.model = model.to(self.device)
-        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.module = self.model
-        if cfg.train.compile:
-            for block in self.model.blocks:
-                block.compile()
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.module = parallelize(self.model, cfg, topology)
+        self.optimizer = build_optimizer(cfg.optim, self.model, mup)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_pairs = list(zip(self.ema.parameters(), self.model.parameters()))
-        self.num_updates = 0
+        self.ema = EMA(list(self.ema_model.parameters()), cfg.optim.ema_decay)
 
     def backward(self, loss):
         loss.backward()
@@ -37,10 +36,11 @@ class LocalEngine(Engine):
 
     def step(self, ok):
         """Optimizer step unless `ok` is False (checked on the device by fused AdamW), then LR schedule and EMA."""
-        ema, cur = zip(*self.ema_pairs)
-        self._step_and_update_ema(ok, ema, cur)
+        guarded_step(self.optimizer, ok)
+        self.scheduler.step()
+        self.ema.update(list(self.model.parameters()), ok)
         with torch.no_grad():
-            for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
                 b_ema.copy_(b)
 
     def all_reduce_sum_(self, tensor):
@@ -51,16 +51,17 @@ class LocalEngine(Engine):
 
     def state_dict(self, sharded: bool = False) -> dict:
         """Full tensors (one process holds everything), aliasing the live ones: DCP loads into them in place."""
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "ema_updates": self.num_updates,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"model": self.model.state_dict(), "ema": self.ema_model.state_dict(),
+                "ema_updates": self.ema.num_updates, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict):
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.num_updates = int(state["ema_updates"])
+        self.ema_model.load_state_dict(state["ema"])
+        self.ema.num_updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     @contextmanager
     def sampling_module(self):
-        yield self.ema
+        yield self.ema_model

@@ -1,0 +1,124 @@
+"""The one builder: a resolved config → the typed model arguments → the model (and μP's base model and table),
+the diffusion objective and the training loss.
+
+    built = build(cfg)                 # Built(args, model, objective, mup): what a run needs, each built once
+    model = build_model(cfg)           # just the model: DiT's (or μP's) init drawn from cfg.train.seed
+    args = model_args(cfg, width=64)   # the same model at another width (μP's base model, coordinate checks)
+
+Models know nothing of configs: everything they need travels in `ModelArgs`. Under μP the model is built once on
+the meta device, the base model once on the meta device, the table is read off their shapes, and the weights are
+drawn once from it (`mup.py`); without μP the same path uses DiT's own init rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from dit_scale.config import hidden_size_for
+from dit_scale.diffusion import build_objective as _objective_from_section
+from dit_scale.models import DiT, ModelArgs, MoEArgs
+from dit_scale.models.init import init_rules, initialize_
+from dit_scale.mup import MuP, mup_table as _mup_table, zero_query_
+from dit_scale.mup import init_rules as mup_init_rules
+
+
+def build_objective(cfg):
+    """Flow matching or DDPM, from `cfg.diffusion` (and `model.learn_sigma`)."""
+    return _objective_from_section(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+
+
+def head_specs(cfg, width: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+    """{name: (block the head reads, MLP dims)} for the alignment heads the config switches on."""
+    a = cfg.align
+    specs = {}
+    if a.repa_weight > 0:
+        specs["repa"] = (int(a.repa_depth), (width, a.projector_dim, a.projector_dim, int(a.teacher_dim)))
+    if a.sra_weight > 0:
+        specs["sra"] = (int(a.sra_student_depth), (width, a.projector_dim, width))
+    return specs
+
+
+def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
+    """The model's arguments from a resolved config; `width` moves it to another width (heads at the same head dim,
+    expert hidden sizes from their ratios), as μP's base model and the coordinate check need."""
+    m, moe, mp = cfg.model, cfg.moe, cfg.mup
+    d = width or m.hidden_size
+    heads = d // (m.hidden_size // m.num_heads)
+    sparse = None
+    if moe.num_experts:
+        sparse = MoEArgs(num_experts=moe.num_experts, top_k=moe.top_k,
+                         expert_hidden=moe.expert_hidden if d == m.hidden_size else hidden_size_for(
+                             d, moe.expert_mlp_ratio),
+                         shared_hidden=moe.shared_hidden if d == m.hidden_size else hidden_size_for(
+                             d, moe.shared_mlp_ratio),
+                         router=moe.router, score_function=moe.score_function, normalize_topk=moe.normalize_topk,
+                         aux_loss_coeff=moe.aux_loss_coeff, z_loss_coeff=moe.z_loss_coeff,
+                         capacity_factor=moe.capacity_factor, bias_update_rate=moe.bias_update_rate,
+                         expert_impl=moe.expert_impl)
+    return ModelArgs(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
+                     out_channels=build_objective(cfg).out_channels(m.in_channels), hidden_size=d, depth=m.depth,
+                     num_heads=heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
+                     class_dropout=m.class_dropout, qk_norm=m.qk_norm, moe=sparse,
+                     attn_scale=1.0 / (d // heads) if mp.enabled and mp.attn_scale == "inverse" else None,
+                     output_mult=mp.output_mult if mp.enabled else 1.0, mixer_depth=cfg.mask.mixer_depth,
+                     mask_token=cfg.mask.ratio > 0, align_heads=head_specs(cfg, d))
+
+
+def meta_model(args: ModelArgs) -> DiT:
+    """The model on the meta device: shapes and structure, no memory, no init."""
+    with torch.device("meta"):
+        return DiT(args)
+
+
+def mup_table(cfg, model: Optional[torch.nn.Module] = None) -> Optional[Dict[str, MuP]]:
+    """μP's table for the config (None without μP): `model` (or a meta build) against the meta base model."""
+    if not cfg.mup.enabled:
+        return None
+    target = model if model is not None else meta_model(model_args(cfg))
+    return _mup_table(target, meta_model(model_args(cfg, width=cfg.mup.base_width)))
+
+
+@dataclass(frozen=True)
+class InitPlan:
+    """How a model's weights are drawn: per-parameter rules (kind, std) and the seed (see `models/init.py`)."""
+    seed: int
+    rules: Dict[str, Tuple[str, float]]
+    zero_query: bool = False
+
+    def apply_(self, model: torch.nn.Module) -> None:
+        initialize_(model, self.seed, self.rules)
+        if self.zero_query:
+            zero_query_(model)
+
+
+def init_plan(cfg, model: torch.nn.Module, table: Optional[Dict[str, MuP]], seed: Optional[int] = None) -> InitPlan:
+    rules = mup_init_rules(table) if table is not None else init_rules(model)
+    return InitPlan(cfg.train.seed if seed is None else seed, rules, bool(cfg.mup.enabled and cfg.mup.zero_init_query))
+
+
+@dataclass
+class Built:
+    args: ModelArgs
+    model: DiT
+    objective: object
+    mup: Optional[Dict[str, MuP]]        # the μP table (None: standard parameterisation)
+    init: InitPlan
+
+
+def build(cfg, device="cpu", seed: Optional[int] = None) -> Built:
+    """Model (on `device`, initialised from `seed`, default cfg.train.seed), objective and μP table, each built once."""
+    args = model_args(cfg)
+    model = meta_model(args)
+    table = mup_table(cfg, model)
+    plan = init_plan(cfg, model, table, seed)
+    model.to_empty(device=device)
+    model.init_buffers_()
+    plan.apply_(model)
+    return Built(args, model, build_objective(cfg), table, plan)
+
+
+def build_model(cfg, device="cpu", seed: Optional[int] = None) -> DiT:
+    """The model of `cfg` with its init (DiT's, or μP's when `mup.enabled`) drawn from `seed` (cfg.train.seed)."""
+    return build(cfg, device, seed).model

@@ -1,0 +1,31 @@
+"""Read a whole checkpoint into this process, whatever its format (export, sampling, evaluation, init_from)."""
+from __future__ import annotations
+
+import os
+
+from dit_scale.checkpoint.consolidated import load_file
+from dit_scale.checkpoint.sharded import load_whole
+from dit_scale.checkpoint import storage
+from dit_scale.checkpoint.storage import CheckpointError, find_latest, is_run_dir
+
+
+def resolve_path(path: str) -> str:
+    """A checkpoint path from a step_X folder, a step_X.pt file or a run directory (its newest checkpoint)."""
+    if is_run_dir(path):
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"No checkpoint found in '{path}'; pass a run directory with checkpoints/, "
+                                  f"a step_* checkpoint folder or a step_*.pt file.")
+        path = latest
+    if not os.path.exists(path):
+        raise CheckpointError(f"Checkpoint '{path}' does not exist; check train.resume / --ckpt.")
+    return path
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """The whole state of a checkpoint in this process: a step_X folder (sharded), a step_X.pt file, or a run
+    directory's newest checkpoint. `verify` checks sizes and sha256 against the manifest first."""
+    path = resolve_path(path)
+    if verify:
+        storage.verify(path)
+    return load_whole(path) if os.path.isdir(path) else load_file(path)

@@ -1,0 +1,70 @@
+"""Reading DCP checkpoints without executing code: the `.metadata` index is unpickled by a restricted unpickler.
+
+torch.distributed.checkpoint stores its index (`.metadata`) with plain pickle, and `FileSystemReader.read_metadata`
+reads it with `pickle.load`: a crafted `.metadata` (its manifest recomputed to match) would run arbitrary code on
+resume, export or sampling. `SafeFileSystemReader` reads the same file with an unpickler that admits only what a DCP
+index holds — DCP's own metadata classes, torch dtypes, sizes and layouts, and a path — and refuses anything else
+with one sentence naming the file and the reference. Tensor data is read by DCP with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from dit_scale.checkpoint.storage import CheckpointError
+
+_METADATA = "torch.distributed.checkpoint.metadata"
+ALLOWED = {
+    (_METADATA, "Metadata"), (_METADATA, "TensorStorageMetadata"), (_METADATA, "BytesStorageMetadata"),
+    (_METADATA, "ChunkStorageMetadata"), (_METADATA, "TensorProperties"), (_METADATA, "MetadataIndex"),
+    (_METADATA, "StorageMeta"), (_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in ALLOWED or dtype:
+            return super().find_class(module, name)
+        raise CheckpointError(f"Checkpoint index '{self.path}' references {module}.{name}, which a DCP index never "
+                              f"holds (the file was crafted or is not a checkpoint); refusing to load it.")
+
+
+def read_metadata_safely(path: str) -> Metadata:
+    """Unpickle the DCP index file `path` with the restricted unpickler (CheckpointError if it is not one)."""
+    try:
+        with open(path, "rb") as f:
+            metadata = _RestrictedUnpickler(f, path).load()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"Checkpoint index '{path}' cannot be read ({type(e).__name__}); use an earlier "
+                              f"checkpoint.") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"Checkpoint index '{path}' holds a {type(metadata).__name__}, not DCP metadata; "
+                              f"refusing to load it.")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader with `read_metadata` through the restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"       # as DCP's FileSystemWriter names it
+        metadata = read_metadata_safely(os.path.join(str(self.path), name))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

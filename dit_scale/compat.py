@@ -1,0 +1,75 @@
+"""Every private (underscore) torch / DeepSpeed API dit_scale relies on, in one place, each behind a small function.
+
+When torch or DeepSpeed is upgraded, this file (and `tests/unit/test_compat.py`) is what to check. Used here:
+
+    torch.optim.optimizer._get_scalar_dtype                   AdamW's `step` dtype (fused vs not)   adam_step_dtype
+    torch._foreach_lerp_ / torch._foreach_mul_                 EMA update, gradient clipping          foreach_lerp_, foreach_mul_
+    torch.distributed.checkpoint.default_planner._EmptyStateDictLoadPlanner
+    torch.distributed.checkpoint.state_dict_loader._load_state_dict    read a whole DCP checkpoint      dcp_load_whole
+    deepspeed.utils.groups._get_expert_parallel_group_dict
+    deepspeed.utils.groups._create_expert_and_data_parallel   DeepSpeed's expert-parallel groups      deepspeed_expert_groups
+    DeepSpeedEngine._configure_distributed_model (overridden) mark our MoE layers as MoE             deepspeed_engine_class
+    ZeRO stage 1/2 optimizer ._get_norm_groups (stage 3), ._lazy_init_hp_params_optimizer_state       zero_*
+
+One exception lives in `dit_scale/models/moe.py` because models import nothing outside `dit_scale/models/`:
+`torch._grouped_mm` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it runs).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def adam_step_dtype(fused: bool) -> torch.dtype:
+    from torch.optim.optimizer import _get_scalar_dtype
+    return _get_scalar_dtype(is_fused=fused)
+
+
+def foreach_lerp_(tensors, ends, weight) -> None:
+    torch._foreach_lerp_(tensors, ends, weight)
+
+
+def foreach_mul_(tensors, factor) -> None:
+    torch._foreach_mul_(tensors, factor)
+
+
+def dcp_load_whole(reader) -> dict:
+    """Every tensor of the DCP checkpoint `reader` reads, as full tensors in this process (no process group)."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    tensors: dict = {}
+    _load_state_dict(tensors, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return tensors
+
+
+def deepspeed_expert_groups(ep_size: int) -> str:
+    """Create DeepSpeed's expert-parallel and expert-data-parallel groups for `ep_size` (once); returns the group
+    name its MoE parameter groups use."""
+    from deepspeed.utils import groups
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return name
+
+
+def deepspeed_engine_class(num_experts: int):
+    """DeepSpeedEngine that treats our MoE layers as MoE: DeepSpeed switches its MoE machinery (expert groups in
+    ZeRO) on only when the module holds its own `deepspeed.moe.layer.MoE`; one overridden method, nothing else."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class DiTMoEEngine(DeepSpeedEngine):
+        def _configure_distributed_model(self, module):
+            super()._configure_distributed_model(module)
+            if num_experts:
+                self.has_moe_layers = True
+                self.num_experts = [num_experts]
+    return DiTMoEEngine
+
+
+def zero_norm_groups(zero_optimizer):
+    """ZeRO-3's per-group gradient norms (combined by deepspeed.runtime.utils.combine_grad_norm_groups)."""
+    return zero_optimizer._get_norm_groups()
+
+
+def zero_init_optimizer_state(zero_optimizer) -> None:
+    """ZeRO 1/2: link AdamW's (already created) state to the fp32 partitions for every group now, not lazily."""
+    zero_optimizer._lazy_init_hp_params_optimizer_state()

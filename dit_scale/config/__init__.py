@@ -1,0 +1,21 @@
+"""The run configuration: one resolved, read-only OmegaConf config per run.
+
+    schema.py     the typed sections (model, moe, diffusion, optim, data, train, logging, parallel, mup, mask, align)
+    loading.py    YAML files with `base:`, `key=value` overrides, save / reload of the resolved config
+    resolve.py    derived values (width, heads, depth, experts, top-k, expert hidden sizes, tokens) written back once
+    validate.py   one-sentence errors naming the field
+
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=100"])
+"""
+from dit_scale.config.errors import ConfigError
+from dit_scale.config.loading import config_from_yaml_text, load_config, merge, save_config, to_yaml
+from dit_scale.config.resolve import hidden_size_for, width_overrides
+from dit_scale.config.schema import CHOICES, Config
+
+__all__ = ["CHOICES", "Config", "ConfigError", "config_from_yaml_text", "hidden_size_for", "load_config", "merge",
+           "resolved_moe", "save_config", "to_yaml", "width_overrides"]
+
+
+def resolved_moe(cfg) -> tuple:
+    """(num_experts, top_k) of a loaded config; (0, 0) for a dense model. Both are resolved when it is loaded."""
+    return int(cfg.moe.num_experts), int(cfg.moe.top_k)

@@ -1,0 +1,131 @@
+"""Reading a run configuration: schema ← YAML (with `base:` files) ← `key=value` overrides, resolved and checked.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.steps=100", "moe.top_k=1"])
+
+A YAML file may name a `base:` file (path relative to itself) whose values it overrides. Unknown keys, wrong types
+and invalid values raise `ConfigError` with one sentence naming the field and what is allowed, before any process
+group or model exists. The loaded config is resolved (derived values written back, `resolve.py`) and read-only;
+`save_config` writes it as the run (and each checkpoint) carries it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+from dit_scale.config.errors import ConfigError
+from dit_scale.config.resolve import resolve
+from dit_scale.config.schema import Config
+from dit_scale.config.validate import check_values, validate
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> DictConfig:
+    """Read a YAML file, recursively merging it over the file its `base:` key names."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file '{path}' does not exist; pass an existing YAML file to --config.")
+    if os.path.abspath(path) in seen:
+        raise ConfigError(f"Config file '{path}' is its own base (cycle through 'base:'); remove the cycle.")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"Config file '{path}' is not valid YAML ({e}).") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (model:, moe:, train:, ...).")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    base_path = os.path.join(os.path.dirname(path), str(base))
+    return OmegaConf.merge(_read_yaml(base_path, seen + (os.path.abspath(path),)), node)
+
+
+def _field_names(schema, section: str) -> List[str]:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    if section not in fields:
+        return list(fields)
+    return [f.name for f in dataclasses.fields(fields[section].default_factory())]
+
+
+def _type_name(schema, full_key: str) -> str:
+    section, _, name = str(full_key).partition(".")
+    for f in dataclasses.fields(schema):
+        if f.name == section:
+            for g in dataclasses.fields(f.default_factory()):
+                if g.name == name:
+                    t = str(g.type).replace("Optional[", "").rstrip("]")
+                    return {"int": "integer", "float": "number", "bool": "boolean (true/false)",
+                            "str": "string"}.get(t, t)
+    return "value"
+
+
+def merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    """OmegaConf.merge of `other` over the structured `base`, with schema errors as one-sentence ConfigErrors
+    naming `origin` (a file or an override). Also used for other schemas (e.g. launch/sweep.py's sweep files)."""
+    schema = OmegaConf.get_type(base)
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        section = key.split(".")[0] if "." in key else ""
+        allowed = ", ".join(_field_names(schema, section))
+        where = f"'{section}'" if section else "the top level"
+        raise ConfigError(f"Unknown config key '{key}' in {origin}; allowed keys in {where}: {allowed}.") from None
+    except ValidationError as e:
+        raise ConfigError(f"Config field '{e.full_key}' in {origin} got {e.value!r}, "
+                          f"which is not a valid {_type_name(schema, e.full_key)}.") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Config field '{getattr(e, 'full_key', '?')}' in {origin} is invalid: {e.msg}.") from None
+
+
+def _finish(cfg: DictConfig) -> DictConfig:
+    """Interpolations resolved, values checked, derived values written back, checked again; read-only."""
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as e:
+        raise ConfigError(f"Config field '{e.full_key}' has an interpolation that cannot be resolved "
+                          f"({str(e).splitlines()[0]}); fix the ${{...}} reference.") from None
+    check_values(cfg)
+    resolve(cfg)
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Schema ← YAML (with bases) ← `key=value` overrides, resolved and validated. Returns a read-only DictConfig."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = merge(cfg, _read_yaml(path), f"'{path}'")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' must look like key=value (e.g. train.steps=100).")
+        key, value = item.split("=", 1)
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception as e:
+            raise ConfigError(f"Override '{item}' could not be parsed ({e}).") from None
+        cfg = merge(cfg, dotted, f"override '{item}'")
+    return _finish(cfg)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, path: str) -> str:
+    """Write the resolved config to `path` (a .yaml file; a directory: its config.yaml), atomically."""
+    if not path.endswith((".yaml", ".yml")):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def config_from_yaml_text(text: str) -> DictConfig:
+    """Rebuild a validated config from the YAML text stored in a run directory or checkpoint."""
+    return _finish(merge(OmegaConf.structured(Config), OmegaConf.create(text), "the stored config"))

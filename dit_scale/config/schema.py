@@ -1,0 +1,201 @@
+"""The run configuration's schema: typed OmegaConf structured dataclasses, one per section.
+
+Fields marked "derived" are filled in once when the config is loaded (`dit_scale.config.resolve`): a value given
+for them must agree with what they derive from. Everything else is the user's to set (YAML or `key=value`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-S/2-8E2A"          # registry name: DiT-{XS,S,B,L,XL,G}/{2,4,8}[-{E}E{k}A]
+    input_size: int = 32                # spatial size of the model input (latent or pixels)
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout: float = 0.1          # label dropout for classifier-free guidance
+    learn_sigma: bool = False           # DDPM only: predict the variance too (DiT's hybrid loss)
+    qk_norm: bool = False
+    depth: Optional[int] = None         # overrides of the registry size (None: from the name)
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0              # dense FFN width (GELU MLP, as DiT)
+    patch_size: Optional[int] = None    # derived from the name when the config is loaded
+    num_tokens: Optional[int] = None    # derived: (input_size / patch_size)²
+
+
+@dataclass
+class MoEConfig:
+    num_experts: Optional[int] = None   # None: from the model name (…-8E2A → 8); 0 with a dense name: dense
+    top_k: Optional[int] = None         # None: from the model name (…-8E2A → 2); a value overrides the name's
+    router: str = "token_choice"        # token_choice | expert_choice
+    score_function: str = "softmax"     # softmax | sigmoid
+    normalize_topk: bool = False        # renormalise the k selected weights to sum to 1
+    expert_mlp_ratio: float = 4.0       # routed SwiGLU expert hidden = ratio * width (DiT-MoE: 4)
+    shared_mlp_ratio: float = 2.0       # always-on shared SwiGLU hidden = ratio * width (DiT-MoE: 2); 0 = none
+    aux_loss_coeff: float = 0.01        # DiT-MoE expert-level balance loss alpha
+    z_loss_coeff: float = 0.0
+    capacity_factor: float = 1.0        # expert_choice: each expert takes capacity_factor * k * T / E tokens
+    bias_update_rate: float = 0.0       # >0: aux-loss-free balancing (selection bias, sigmoid scores)
+    expert_impl: str = "auto"           # auto | grouped_mm | loop
+    expert_hidden: Optional[int] = None  # derived: expert_mlp_ratio × width, rounded up to a multiple of 8
+    shared_hidden: Optional[int] = None  # derived: shared_mlp_ratio × width, rounded up to a multiple of 8
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "flow"             # flow | ddpm
+    t_sampling: str = "uniform"         # flow: uniform | logit_normal
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    num_timesteps: int = 1000           # ddpm
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    vlb_weight: float = 0.001
+    sampler: Optional[str] = None       # None: euler (flow) / ddim (ddpm); also heun
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0           # guidance interval in t ∈ [0, 1]
+    guidance_high: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"          # constant | cosine
+    min_lr_ratio: float = 0.0           # cosine floor as a fraction of lr
+    grad_clip: float = 1.0              # 0 disables clipping (the norm is still logged)
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"        # shards: directory, glob, brace list, pipe:CMD, s3:// or http(s):// pattern
+    batch_size: int = 32                # per-process micro-batch
+    shuffle_buffer: int = 1000
+    hflip: bool = False                 # random horizontal flips (latent shards: the stored latent_flip.npy)
+    image_key: str = "auto"             # member holding x; auto: from the manifest (or the first sample)
+    num_workers: int = 0                # loader worker processes per rank (0: all in the training process)
+    mode: str = "epoch"                 # epoch: each sample once per epoch | resampled: shards drawn with replacement
+    steps_per_epoch: int = 0            # batches per epoch per rank (0: manifest samples / (ranks * batch_size))
+    sources: List[str] = field(default_factory=list)     # several shard sets to mix (replaces path when set)
+    weights: List[float] = field(default_factory=list)   # mixing weight per source (empty: equal)
+    manifest: Optional[str] = None      # manifest.json for URL shards (default: the one next to local shards)
+    max_corrupt_fraction: float = 0.01  # skip corrupt samples; abort when more than this fraction is corrupt
+    max_consecutive_corrupt: int = 1000  # abort when this many samples in a row are unusable (wrong key, dead rank)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    run_dir: str = "runs/default"
+    seed: int = 0
+    grad_accum: int = 1
+    deterministic: bool = False
+    device: str = "auto"                # auto | cpu | cuda
+    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    max_bad_steps: int = 5              # consecutive non-finite losses before aborting
+    checkpoint_every: int = 0           # 0: only at the end
+    resume: str = "none"                # none | auto | PATH
+    checkpoint_format: str = "sharded"  # sharded (DCP: every rank writes its pieces) | consolidated (one .pt file)
+    async_save: bool = False            # sharded: block only while staging, write in a background thread
+    keep_last: int = 3                  # keep the newest N checkpoints (0: keep all)
+    keep_every: int = 0                 # also keep every step divisible by N (0: none)
+    max_wall_minutes: float = 0.0       # save and exit 75 (requeue) after this many minutes (0: off)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    sample_every: int = 0               # 0: only at the end
+    samples_per_class: int = 4
+    max_sample_classes: int = 10
+    wandb: str = "offline"              # offline | online | disabled
+    wandb_project: str = "dit_scale"
+    progress_bar: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "local"               # local (one process) | fsdp (FSDP2) | deepspeed (ZeRO), any process count
+    ep: int = 1                         # expert-parallel size
+    zero_stage: int = 2                 # deepspeed: 1 | 2 (with experts) | 3 (dense models only)
+
+
+@dataclass
+class MuPConfig:
+    enabled: bool = False               # false: standard parameterisation (every multiplier 1)
+    base_width: int = 128               # width at which μP equals SP; width multiplier m = hidden_size / base_width
+    output_mult: float = 1.0            # readout output multiplier (μP only)
+    attn_scale: str = "sqrt"            # sqrt: 1/sqrt(head_dim) | inverse: 1/head_dim (μP only)
+    zero_init_query: bool = False       # zero the query projection at init (μP only)
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.0                  # fraction of patch tokens dropped in training, in [0, 1); 0: off
+    mixer_depth: int = 0                # dense blocks on all tokens before the drop (deferred masking's patch-mixer)
+    masked_loss_weight: float = 0.0     # weight of the denoising loss on the dropped tokens (kept tokens: 1)
+    unmask_at_step: Optional[int] = None    # from this step on train unmasked (the short finetune phase); null: never
+
+
+@dataclass
+class AlignConfig:
+    teacher: str = "shards"             # shards (batch["feat"]) | online (frozen DINOv2 from align.teacher_path)
+    teacher_path: Optional[str] = None  # local directory of a transformers Dinov2Model (online teacher)
+    teacher_dim: Optional[int] = None   # teacher feature width (shards: required for REPA; online: from its config)
+    projector_dim: int = 2048           # hidden width of the REPA projector / SRA head MLPs
+    repa_weight: float = 0.0            # REPA λ; 0: off
+    repa_depth: int = 8                 # block (1-based) whose output the projector reads
+    haste_weight: float = 0.0           # HASTE attention-distillation weight; 0: off (needs teacher=online)
+    haste_layers: List[int] = field(default_factory=list)           # student blocks (1-based)
+    haste_teacher_layers: List[int] = field(default_factory=list)   # matching teacher layers (1-based)
+    stop_step: Optional[int] = None     # HASTE's termination: from this step on no alignment term, no teacher work
+    sra_weight: float = 0.0             # SRA self-alignment weight; 0: off
+    sra_student_depth: int = 4          # block of the online model that the SRA head reads
+    sra_teacher_depth: int = 8          # block of the EMA model that is the target (its forward stops there)
+    sra_t_gap: float = 0.1              # the EMA sees t - gap (flow t in [0, 1]; ddpm: gap × num_timesteps)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    mup: MuPConfig = field(default_factory=MuPConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+
+
+CHOICES = {
+    "moe.router": ("token_choice", "expert_choice"),
+    "moe.score_function": ("softmax", "sigmoid"),
+    "moe.expert_impl": ("auto", "grouped_mm", "loop"),
+    "diffusion.objective": ("flow", "ddpm"),
+    "diffusion.t_sampling": ("uniform", "logit_normal"),
+    "optim.schedule": ("constant", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "logging.wandb": ("offline", "online", "disabled"),
+    "parallel.engine": ("local", "fsdp", "deepspeed"),
+    "parallel.zero_stage": (1, 2, 3),
+    "data.image_key": ("auto", "png", "jpg", "jpeg", "npy", "safetensors", "latent.npy", "latent.safetensors",
+                       "image.png", "image.jpg"),
+    "data.mode": ("epoch", "resampled"),
+    "mup.attn_scale": ("sqrt", "inverse"),
+    "align.teacher": ("shards", "online"),
+}

@@ -1,0 +1,195 @@
+"""Value checks of a run configuration (keys and types are checked by the schema merge in `loading.py`).
+
+`check_values` runs before the derived values are resolved (choices, signs and ranges of what the user gave),
+`validate` after (everything that needs the resolved width, depth, experts or token count). Each failure is a
+`ConfigError` with one sentence naming the field and what is allowed.
+"""
+from __future__ import annotations
+
+
+from omegaconf import DictConfig, OmegaConf
+
+from dit_scale.config.errors import ConfigError
+from dit_scale.config.schema import CHOICES
+from dit_scale.diffusion.samplers import SAMPLERS
+
+
+def _fail(msg: str):
+    raise ConfigError(msg)
+
+
+POSITIVE_INTS = ("model.input_size", "model.in_channels", "model.num_classes", "train.steps", "train.grad_accum",
+                 "data.batch_size", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
+                 "train.max_bad_steps", "parallel.ep")
+OPTIONAL_POSITIVE_INTS = ("model.depth", "model.hidden_size", "model.num_heads")
+NON_NEGATIVE = ("data.shuffle_buffer", "optim.warmup_steps", "train.checkpoint_every", "logging.sample_every",
+                "optim.weight_decay", "optim.grad_clip", "moe.aux_loss_coeff", "moe.z_loss_coeff",
+                "moe.bias_update_rate", "moe.shared_mlp_ratio")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Choices, signs and ranges of the values as given (before the derived values are resolved)."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            _fail(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}.")
+    for key in POSITIVE_INTS:
+        if OmegaConf.select(cfg, key) < 1:
+            _fail(f"{key} must be a positive integer, got {OmegaConf.select(cfg, key)}.")
+    for key in OPTIONAL_POSITIVE_INTS:
+        v = OmegaConf.select(cfg, key)
+        if v is not None and v < 1:
+            _fail(f"{key} must be a positive integer or null (use the registry size), got {v}.")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            _fail(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}.")
+    o = cfg.optim
+    if o.lr <= 0:
+        _fail(f"optim.lr must be a positive number, got {o.lr}.")
+    if not 0.0 <= o.ema_decay < 1.0:
+        _fail(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}.")
+    for key in ("optim.beta1", "optim.beta2", "model.class_dropout"):
+        if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
+            _fail(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}.")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        _fail(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need the resolved config (width, depth, experts, tokens)."""
+    m, moe, d, t = cfg.model, cfg.moe, cfg.diffusion, cfg.train
+    if moe.num_experts:
+        if moe.capacity_factor <= 0:
+            _fail(f"moe.capacity_factor must be > 0, got {moe.capacity_factor}.")
+        if moe.bias_update_rate > 0 and (moe.score_function != "sigmoid" or moe.router != "token_choice"):
+            _fail("moe.bias_update_rate > 0 (aux-loss-free balancing) needs moe.score_function=sigmoid "
+                  "and moe.router=token_choice.")
+        if moe.num_experts % cfg.parallel.ep:
+            _fail(f"moe.num_experts={moe.num_experts} must be divisible by parallel.ep={cfg.parallel.ep}.")
+        if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+            _fail("parallel.zero_stage=3 shards every parameter over all ranks, which DeepSpeed does not combine "
+                  "with expert groups; use parallel.zero_stage=1 or 2 for a sparse model (or parallel.engine=fsdp).")
+    elif cfg.parallel.ep != 1:
+        _fail(f"parallel.ep={cfg.parallel.ep} needs a sparse model (moe.num_experts > 0).")
+
+    if d.objective == "flow" and m.learn_sigma:
+        _fail("model.learn_sigma=true only works with diffusion.objective=ddpm; set it to false for flow.")
+    if d.sampler is not None and d.sampler not in SAMPLERS[d.objective]:
+        _fail(f"diffusion.sampler={d.sampler!r} does not fit diffusion.objective={d.objective}; "
+              f"choose one of: {', '.join(SAMPLERS[d.objective])}.")
+    if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
+        _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
+              f"{d.guidance_low}, {d.guidance_high}.")
+    if d.logit_normal_std <= 0 or d.beta_start <= 0 or not d.beta_start < d.beta_end < 1:
+        _fail("diffusion.logit_normal_std must be > 0 and 0 < diffusion.beta_start < diffusion.beta_end < 1.")
+    _validate_data(cfg.data)
+    _validate_mup(cfg)
+    _validate_mask_align(cfg)
+    if not (t.resume in ("none", "auto") or t.resume):
+        _fail("train.resume must be none, auto or a checkpoint path.")
+    if t.checkpoint_format not in ("sharded", "consolidated"):
+        _fail(f"train.checkpoint_format must be sharded or consolidated, got {t.checkpoint_format!r}.")
+    if t.async_save and t.checkpoint_format != "sharded":
+        _fail("train.async_save=true needs train.checkpoint_format=sharded.")
+    for key in ("keep_last", "keep_every", "max_wall_minutes"):
+        if t[key] < 0:
+            _fail(f"train.{key} must be >= 0 (0 = off), got {t[key]}.")
+
+
+def _validate_data(data) -> None:
+    for key in ("num_workers", "steps_per_epoch"):
+        if data[key] < 0:
+            _fail(f"data.{key} must be >= 0, got {data[key]}.")
+    if data.max_consecutive_corrupt < 1:
+        _fail(f"data.max_consecutive_corrupt must be a positive integer, got {data.max_consecutive_corrupt}.")
+    if not 0.0 <= data.max_corrupt_fraction <= 1.0:
+        _fail(f"data.max_corrupt_fraction must be in [0, 1], got {data.max_corrupt_fraction}.")
+    if data.weights and len(data.weights) != len(data.sources):
+        _fail(f"data.weights has {len(data.weights)} entries for {len(data.sources)} data.sources; "
+              f"give one weight per source or none.")
+    if any(w <= 0 for w in data.weights):
+        _fail(f"data.weights must all be > 0, got {list(data.weights)}.")
+
+
+def _validate_mup(cfg) -> None:
+    mp = cfg.mup
+    if not mp.enabled:
+        for key, default in (("output_mult", 1.0), ("attn_scale", "sqrt"), ("zero_init_query", False)):
+            if mp[key] != default:
+                _fail(f"mup.{key}={mp[key]} only applies with mup.enabled=true; set mup.enabled=true or remove it.")
+        return
+    head_dim = cfg.model.hidden_size // cfg.model.num_heads
+    if mp.base_width < 1 or mp.base_width % head_dim:
+        _fail(f"mup.base_width={mp.base_width} must be a positive multiple of the head dim {head_dim} "
+              f"(model.hidden_size / model.num_heads), since heads scale with width.")
+    if mp.output_mult <= 0:
+        _fail(f"mup.output_mult must be > 0, got {mp.output_mult}.")
+
+
+def _validate_mask_align(cfg) -> None:
+    mk, a, depth = cfg.mask, cfg.align, cfg.model.depth
+    if not 0.0 <= mk.ratio < 1.0:
+        _fail(f"mask.ratio must be in [0, 1) (the fraction of tokens dropped), got {mk.ratio}.")
+    for key in ("mask.mixer_depth", "mask.masked_loss_weight", "align.repa_weight", "align.haste_weight",
+                "align.sra_weight"):
+        if OmegaConf.select(cfg, key) < 0:
+            _fail(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}.")
+    for key in ("mask.unmask_at_step", "align.stop_step"):
+        v = OmegaConf.select(cfg, key)
+        if v is not None and v < 0:
+            _fail(f"{key} must be >= 0 or null (never), got {v}.")
+    if mk.masked_loss_weight > 0 and mk.ratio == 0:
+        _fail("mask.masked_loss_weight only applies with mask.ratio > 0; set mask.ratio or remove it.")
+    if mk.ratio > 0 and cfg.model.learn_sigma:
+        _fail("mask.ratio > 0 takes the denoising loss per token, which model.learn_sigma=true (the VLB term) does "
+              "not support; set model.learn_sigma=false.")
+
+    def check_block(key):
+        v = OmegaConf.select(cfg, key)
+        if not 1 <= v <= depth:
+            _fail(f"{key}={v} is beyond the model's depth {depth} (model.depth / model.name); choose a block "
+                  f"between 1 and {depth}.")
+
+    if a.projector_dim < 1:
+        _fail(f"align.projector_dim must be a positive integer, got {a.projector_dim}.")
+    if a.repa_weight > 0:
+        check_block("align.repa_depth")
+    if a.sra_weight > 0:
+        check_block("align.sra_student_depth")
+        check_block("align.sra_teacher_depth")
+        if not 0.0 <= a.sra_t_gap < 1.0:
+            _fail(f"align.sra_t_gap must be in [0, 1) (a fraction of the time range), got {a.sra_t_gap}.")
+    if a.teacher_dim is not None and a.teacher_dim < 1:
+        _fail(f"align.teacher_dim must be a positive integer or null, got {a.teacher_dim}.")
+    if a.haste_weight > 0:
+        if a.teacher != "online":
+            _fail("align.haste_weight > 0 needs align.teacher=online (attention maps come from the online teacher).")
+        if not a.haste_layers or len(a.haste_layers) != len(a.haste_teacher_layers):
+            _fail(f"align.haste_layers {list(a.haste_layers)} and align.haste_teacher_layers "
+                  f"{list(a.haste_teacher_layers)} must be non-empty lists of the same length (student, teacher).")
+        for v in a.haste_layers:
+            if not 1 <= v <= depth:
+                _fail(f"align.haste_layers has block {v}, beyond the model's depth {depth}; use blocks 1..{depth}.")
+    needs_teacher = a.haste_weight > 0 or (a.repa_weight > 0 and a.teacher == "online")
+    if needs_teacher:
+        if not a.teacher_path:
+            _fail("align.teacher=online needs align.teacher_path, a local directory with a DINOv2 "
+                  "(transformers Dinov2Model) config.json and weights.")
+        if cfg.model.in_channels != 3:
+            _fail(f"align.teacher=online needs pixel-space data (model.in_channels=3, got {cfg.model.in_channels}); "
+                  f"for latents precompute the features into the shards and use align.teacher=shards.")
+        from dit_scale.align.teacher import read_teacher_config
+        try:
+            tc = read_teacher_config(a.teacher_path)
+        except (OSError, ValueError) as e:
+            _fail(f"align.teacher_path={a.teacher_path!r} is not a readable DINOv2 directory ({e}).")
+        if a.teacher_dim is not None and a.teacher_dim != tc["hidden_size"]:
+            _fail(f"align.teacher_dim={a.teacher_dim} does not match the teacher's hidden_size {tc['hidden_size']} "
+                  f"in {a.teacher_path}; set align.teacher_dim=null.")
+        for v in a.haste_teacher_layers if a.haste_weight > 0 else ():
+            if not 1 <= v <= tc["num_hidden_layers"]:
+                _fail(f"align.haste_teacher_layers has layer {v}, beyond the teacher's "
+                      f"{tc['num_hidden_layers']} layers; use layers 1..{tc['num_hidden_layers']}.")
+    elif a.repa_weight > 0 and a.teacher_dim is None:
+        _fail("align.repa_weight > 0 with align.teacher=shards needs align.teacher_dim (the width of the "
+              "features stored in the shards, e.g. 768 for DINOv2-B).")

@@ -1,0 +1,104 @@
+"""The training loss of one micro-batch, as named terms: the trainer, every benchmark and the coordinate check call
+this one function, so what is measured is what is trained.
+
+    loss_fn = TrainingLoss.from_config(cfg, objective, device)
+    out = loss_fn(module, batch, step=step, generator=g, ema=engine.sampling_module)
+    out.loss.backward()         # denoise + MoE aux + Σ weight · alignment term
+    out.terms                   # {"denoise", "moe", "repa", "haste", "sra"} (those switched on), scalars
+    out.aux                     # the model's aux outputs (MoE routing statistics)
+
+Per micro-batch: the objective draws t and noise (`training_targets`); with masking on at this step
+(`mask.ratio` until `mask.unmask_at_step`) the kept tokens are drawn with the same generator and the denoising loss
+is taken per token (`models/masking.py`); while alignment is on (`align.*` until `align.stop_step`) the aligner's
+targets are computed first (the SRA target is an EMA forward, which must not interleave with the online one), then
+its heads and attention maps are requested from the forward. `flops_per_image(step)` counts what that step runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from dit_scale.align.aligner import Aligner
+from dit_scale.models.args import ModelArgs
+from dit_scale.models.flops import forward_macs
+from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss, num_kept
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor                  # what backward sees
+    terms: Dict[str, torch.Tensor]      # scalars, alignment terms unweighted
+    aux: dict                           # the model's aux outputs
+
+
+class TrainingLoss:
+    def __init__(self, objective, args: ModelArgs, device, *, mask_ratio: float = 0.0,
+                 unmask_at_step: Optional[int] = None, masked_loss_weight: float = 0.0,
+                 aligner: Optional[Aligner] = None):
+        self.objective, self.args, self.device = objective, args, torch.device(device)
+        self.ratio, self.unmask_at_step, self.masked_loss_weight = float(mask_ratio), unmask_at_step, masked_loss_weight
+        self.aligner = aligner if aligner is not None and aligner.names else None
+        self.names = ["denoise", "moe"] + (self.aligner.names if self.aligner else [])
+
+    @classmethod
+    def from_config(cls, cfg, objective, args: ModelArgs, device) -> "TrainingLoss":
+        """The loss a config trains with (its aligner loads an online teacher if one is configured)."""
+        aligner = Aligner(cfg, device)
+        return cls(objective, args, device, mask_ratio=cfg.mask.ratio, unmask_at_step=cfg.mask.unmask_at_step,
+                   masked_loss_weight=cfg.mask.masked_loss_weight, aligner=aligner)
+
+    def mask_ratio(self, step: int) -> float:
+        """The mask ratio of training step `step` (0-based): `mask.ratio` until `mask.unmask_at_step`, then 0."""
+        if self.ratio <= 0 or (self.unmask_at_step is not None and step >= self.unmask_at_step):
+            return 0.0
+        return self.ratio
+
+    def align_active(self, step: int) -> bool:
+        return self.aligner is not None and self.aligner.active(step)
+
+    def __call__(self, module, batch: dict, *, step: int, generator: torch.Generator,
+                 ema: Optional[Callable] = None) -> LossOutput:
+        """Loss of one micro-batch `batch` ({"x", "y", optional "feat"}); `ema()` yields the EMA model (SRA only)."""
+        x = batch["x"].to(self.device, non_blocking=True)
+        y = batch["y"].to(self.device, non_blocking=True)
+        targets = self.objective.training_targets(x, generator=generator)
+        ratio = self.mask_ratio(step)
+        keep = draw_keep_indices(x.shape[0], self.args.num_tokens, ratio, generator, self.device) if ratio > 0 \
+            else None
+        kwargs = {} if keep is None else {"mask": keep}
+        align_on = self.align_active(step)
+        if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
+            sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep)
+            teacher = self.aligner.teacher_targets(batch, x, keep)
+            kwargs.update(self.aligner.forward_kwargs())
+        out, aux = module(targets["x_t"], targets["t_model"], y, **kwargs)
+        if keep is None:
+            denoise = self.objective.loss(out.float(), targets).mean()
+        else:
+            denoise = masked_denoise_loss(out, targets["target"], keep, self.args.patch_size,
+                                          self.masked_loss_weight).mean()
+        terms = {"denoise": denoise, "moe": aux["moe_loss"].float()}
+        loss = denoise + aux["moe_loss"]
+        if align_on:
+            align_terms = self.aligner.losses(aux, teacher, sra_target)
+            terms.update(align_terms)
+            loss = loss + self.aligner.total(align_terms)
+        elif self.aligner is not None:
+            terms.update({k: torch.zeros((), device=self.device) for k in self.aligner.names})
+        return LossOutput(loss, terms, aux)
+
+    def flops_per_image(self, step: int) -> float:
+        """Training FLOPs of one image at step `step` (2 per MAC): forward + backward (3× the forward) of what runs
+        (kept tokens, patch-mixer, heads), plus the no-grad forwards (SRA's truncated EMA model, the online
+        teacher)."""
+        kept = num_kept(self.args.num_tokens, self.mask_ratio(step)) if self.mask_ratio(step) > 0 else None
+        heads, extra = (), 0
+        if self.align_active(step):
+            heads = self.aligner.forward_kwargs()["heads"]
+            if "sra" in self.aligner.weights:
+                extra += forward_macs(self.args, kept, stop_after=self.aligner.cfg.sra_teacher_depth)
+            if self.aligner.teacher is not None:
+                extra += self.aligner.teacher.macs_per_image()
+        return 2.0 * (3 * forward_macs(self.args, kept, heads) + extra)

@@ -1,0 +1,131 @@
+"""Optimizer, learning-rate schedule, EMA and precision: what every engine applies to the tensors it holds.
+
+    optimizer = build_optimizer(cfg.optim, model, mup=table)   # AdamW, groups from parameter roles (μP)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    ema = EMA(ema_tensors, decay=cfg.optim.ema_decay)          # fp32 copies of the weights this rank holds
+    guarded_step(optimizer, ok); scheduler.step(); ema.update(current_tensors, ok)
+    with autocast(cfg.train, device): ...                      # bf16 autocast when train.precision resolves to bf16
+
+Engines (`dit_scale/parallel/engines/`) decide *which* tensors these act on (whole, sharded, partitioned); the
+rules themselves live here once. Nothing in this module synchronises with the host: a non-finite step is skipped on
+the device (fused AdamW's `found_inf`), and the EMA weight is multiplied by the device flag.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from dit_scale.compat import adam_step_dtype, foreach_lerp_
+from dit_scale.mup import param_groups
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def uses_bf16(train_cfg, device: torch.device) -> bool:
+    """train.precision resolved: bf16 on GPU for "auto", fp32 on CPU; "bf16" forces it (also on CPU)."""
+    return train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+
+
+def autocast(train_cfg, device: torch.device):
+    """The training forward's autocast context (bf16 compute, fp32 master weights), or a no-op."""
+    if uses_bf16(train_cfg, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ----------------------------------------------------------------------------------------------------------------
+
+def lr_lambda(optim_cfg, total_steps: int) -> Callable[[int], float]:
+    """LR factor at scheduler step s: linear warm-up to 1 over optim.warmup_steps, then constant or cosine decay to
+    optim.min_lr_ratio at `total_steps`."""
+    o = optim_cfg
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(optim_cfg, model: torch.nn.Module, mup: Optional[dict] = None,
+                    lr_mults: Optional[dict] = None) -> torch.optim.AdamW:
+    """AdamW over the parameter groups of `model` (roles, μP multipliers, weight decay: `dit_scale.mup`); fused
+    when every parameter is an fp32 CPU/CUDA tensor, so a non-finite step is skipped without a host sync."""
+    o = optim_cfg
+    groups = param_groups(model, o.weight_decay, lr_mults, mup=mup)
+    for g in groups:
+        g["lr"] = o.lr * g["lr_mult"]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total_steps))
+
+
+def base_lr(optimizer) -> float:
+    """The schedule's current LR without the group multipliers."""
+    g = optimizer.param_groups[0]
+    return g["lr"] / g["lr_mult"]
+
+
+def init_adamw_state(optimizer) -> None:
+    """Create AdamW's state now (step 0, zero moments: exactly what its first step would create), so that a
+    checkpoint template (`state_dict(sharded=True)` of a fresh engine) has every tensor a checkpoint holds."""
+    for g in optimizer.param_groups:
+        on_device = g.get("fused") or g.get("capturable")
+        for p in g["params"]:
+            if not optimizer.state.get(p):
+                optimizer.state[p] = {
+                    "step": torch.zeros((), dtype=adam_step_dtype(bool(g.get("fused"))),
+                                        device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def guarded_step(optimizer, ok: torch.Tensor) -> None:
+    """optimizer.step() unless `ok` (bool tensor) is False. Fused AdamW skips on the device (`found_inf`); other
+    implementations (e.g. float64 parameters in tests) need one host sync to decide."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~ok).float()
+        optimizer.step()
+    elif bool(ok):
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------------------------
+
+def ema_decay(decay: float, num_updates: int) -> float:
+    """EMA decay with warm-up: min(decay, (1 + n) / (10 + n)), so early averages do not drag in the init."""
+    return min(decay, (1.0 + num_updates) / (10.0 + num_updates))
+
+
+class EMA:
+    """Exponential moving average of a list of tensors (fp32), updated after each optimizer step.
+
+    `tensors` are the EMA copies (an engine makes them: a module copy, local shards, ZeRO partitions); `update`
+    lerps them towards the current weights by 1 - decay(n), times the device flag `applied` (a skipped step leaves
+    the EMA unchanged, no host sync)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], decay: float):
+        self.tensors = list(tensors)
+        self.decay = float(decay)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, current: Sequence[torch.Tensor], applied: torch.Tensor) -> None:
+        self.num_updates += 1
+        weight = (1.0 - ema_decay(self.decay, self.num_updates)) * applied.float()
+        foreach_lerp_(self.tensors, list(current), weight)

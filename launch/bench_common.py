@@ -1,0 +1,73 @@
+"""What the benchmarks share: device and precision, a random batch, one training step through the training loss
+(`dit_scale.loss.TrainingLoss`, the trainer's own), and timing variants alternately so both see the same machine."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from dit_scale.optim import autocast
+from dit_scale.parallel.topology import pick_device
+
+
+def device_and_precision(args):
+    """(device, bf16) from --device and --precision (auto: bf16 on GPU, fp32 on CPU)."""
+    device = pick_device(args.device)
+    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
+    return device, bf16
+
+
+class _Precision:
+    def __init__(self, bf16: bool):
+        self.precision = "bf16" if bf16 else "fp32"
+
+
+def random_batch(model_args, batch: int, device, feat_dim: int = 0) -> dict:
+    """{"x", "y"[, "feat"]}: what the loader delivers, drawn at random (a fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    out = {"x": torch.randn(batch, model_args.in_channels, model_args.input_size, model_args.input_size,
+                            generator=g).to(device),
+           "y": torch.randint(0, max(1, model_args.num_classes), (batch,), generator=g).to(device)}
+    if feat_dim:
+        out["feat"] = torch.randn(batch, model_args.num_tokens, feat_dim, generator=g).to(device)
+    return out
+
+
+def training_step(model, loss_fn, batch: dict, device, bf16: bool, seed: int = 0):
+    """A closure running one training step's forward (the training loss) and backward on `batch`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def run():
+        with autocast(_Precision(bf16), device):
+            out = loss_fn(model, batch, step=0, generator=generator)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
+    """Median seconds of each closure in `variants`, timed alternately step by step after `warmup` rounds."""
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times = {k: [] for k in variants}
+    for _ in range(steps):
+        for k, fn in variants.items():
+            times[k].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def header(name: str, model: str, device, bf16: bool, batch: int, steps: int, **extra) -> dict:
+    return {"bench": name, "model": model,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads(), "batch": batch, "precision": "bf16" if bf16 else "fp32",
+            "steps": steps, **extra}

@@ -1,0 +1,18 @@
+"""The coordinate check (launch/coord_check.py) on a 2-block model at widths 32-256: flat under μP, growing under SP."""
+from launch import coord_check as cc
+from tiny import tiny_overrides
+
+
+def test_coord_check_slopes(tiny_shards):
+    overrides = tiny_overrides(tiny_shards, "unused", **{"mup.base_width": 32, "optim.lr": 0.01})
+    widths = [32, 64, 128, 256]
+    result = cc.coord_check(None, overrides, widths, steps=3)
+    for slopes in result["mup"]["slopes"]:          # μP: flat at every step
+        for kind in ("embedding", "attention", "ffn/experts", "output"):
+            assert abs(slopes[kind]) < 0.15, (kind, slopes)
+        # the router is readout-like: its init (std ∝ 1/width) fades, its updates stay Θ(1); it never grows
+        assert -0.5 < slopes["router logits"] < 0.15, slopes
+    last_sp = result["sp"]["slopes"][-1]            # SP: grows with width after a few Adam steps
+    for kind in ("attention", "ffn/experts", "router logits"):
+        assert last_sp[kind] > 0.5, (kind, last_sp)
+    assert last_sp["embedding"] < -0.15              # xavier's input init shrinks with width

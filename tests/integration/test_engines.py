@@ -1,0 +1,162 @@
+"""Engine parity on CPU (gloo, float64): FSDP2 over 2 processes, with and without expert parallelism, against the
+single-process local engine on the same global batch — losses, gradient norms, expert gradients, final weights."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from dit_scale.build import build_model
+from dit_scale.parallel import build_engine, init_topology
+
+from tiny import tiny_cfg
+
+STEPS, BATCH = 5, 4          # global batch of 4 images, 2 per rank
+
+
+def make_cfg(engine, ep, extra=()):
+    return tiny_cfg(
+        "model.class_dropout=0", "moe.aux_loss_coeff=0",
+        "optim.lr=1e-3", "optim.grad_clip=0.5", "optim.weight_decay=0.01", "optim.ema_decay=0.5",
+        f"parallel.engine={engine}", f"parallel.ep={ep}", "train.device=cpu", "data.batch_size=2", *extra)
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return (torch.randn(BATCH, 3, 16, 16, generator=g), torch.rand(BATCH, generator=g) * 1000,
+            torch.randint(0, 4, (BATCH,), generator=g), torch.randn(BATCH, 3, 16, 16, generator=g))
+
+
+def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), start=None, first_step=0,
+                steps=STEPS):
+    # float64 (the router's softmax stays fp32 inside megatron-core): the layouts differ only in reduction order.
+    # DeepSpeed's ZeRO optimizers take fp32 (or bf16/fp16) parameters only: its comparisons run in fp32.
+    torch.set_default_dtype(dtype)
+    cfg = make_cfg(engine_name, ep, extra)
+    topo = init_topology(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():                          # leave adaLN-Zero so every weight gets a gradient
+        torch.nn.init.normal_(p, std=0.1)
+    engine = build_engine(cfg, model, topo)
+    if start is not None:                                 # resume from a consolidated state (any engine's)
+        engine.load_state_dict(start)
+    per_rank = BATCH // world
+    losses, norms, first_grads = [], [], None
+    for step in range(first_step, steps):
+        x, t, y, target = (v[rank * per_rank:(rank + 1) * per_rank] for v in global_batch(step))
+        out, aux = engine.module(x, t, y)
+        loss = (out - target).square().mean() + aux["moe_loss"]
+        engine.backward(loss)
+        if step == first_step and engine_name != "deepspeed":       # ZeRO moves gradients into its partitions
+            first_grads = {n: engine._global(n, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad, p, False)
+                           for n, p in zip(engine.names, engine.params)} if engine_name == "fsdp" else \
+                {n: p.grad.clone() for n, p in model.named_parameters()}
+        norms.append(engine.clip_grad_norm(cfg.optim.grad_clip).item())
+        engine.step(torch.tensor(True))
+        engine.zero_grad()
+        with torch.no_grad(), engine.sampling_module() as ema_model:   # as sampling / SRA do between steps:
+            ema_model(x, t, y)                                         # must not leak EMA weights into training
+        global_loss = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(global_loss)
+        losses.append(global_loss.item() / world)
+    state = engine.state_dict()
+    torch.set_default_dtype(torch.float32)
+    return losses, norms, first_grads, state
+
+
+def fsdp_worker(rank, world, ep):
+    return train_steps("fsdp", ep, rank, world)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    os.environ.pop("WORLD_SIZE", None)
+    return train_steps("local", 1, 0, 1)
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_fsdp_two_processes_match_one_process(reference, ep):
+    ref_losses, ref_norms, ref_grads, ref_state = reference
+    results = run_distributed(fsdp_worker, 2, ep)
+    for losses, norms, grads, state in results:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+        for name, g in ref_grads.items():                    # experts: the average over all ranks' tokens
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-5, atol=0)
+        for key in ("model", "ema"):
+            for name, v in ref_state[key].items():
+                torch.testing.assert_close(state[key][name], v, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, name=name: f"{k}.{name}: {m}")
+        for i, s in ref_state["optimizer"]["state"].items():
+            torch.testing.assert_close(state["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"],
+                                       rtol=1e-5, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (fp32: ZeRO takes fp32/bf16/fp16 parameters), against the local engine and against FSDP
+# ----------------------------------------------------------------------------------------------------------------
+
+DENSE = ("model.name=DiT-XS/4",)
+
+
+def ds_worker(rank, world, engine, ep, extra=(), start=None, first_step=0):
+    return train_steps(engine, ep, rank, world, torch.float32, extra, start, first_step)
+
+
+@pytest.fixture(scope="module")
+def reference_fp32():
+    os.environ.pop("WORLD_SIZE", None)
+    return train_steps("local", 1, 0, 1, torch.float32)
+
+
+def assert_same_run(result, ref, rtol=1e-5):
+    losses, norms, _, state = result
+    ref_losses, ref_norms, _, ref_state = ref
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=rtol, atol=0)
+    for key in ("model", "ema"):
+        for name, v in ref_state[key].items():
+            torch.testing.assert_close(state[key][name], v, rtol=1e-4, atol=5e-5,   # < 5% of one lr=1e-3 step
+                                       msg=lambda m, k=key, name=name: f"{k}.{name}: {m}")
+    assert state["ema_updates"] == ref_state["ema_updates"]
+    for i, s in ref_state["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state["optimizer"]["state"][i][k], s[k], rtol=1e-4,
+                                       atol=1e-4 * float(s[k].abs().max()),
+                                       msg=lambda m, i=i, k=k: f"optimizer {i}.{k}: {m}")
+        assert float(state["optimizer"]["state"][i]["step"]) == float(s["step"])
+
+
+@pytest.mark.parametrize("ep,stage", [(2, 2), (1, 1)])
+def test_deepspeed_matches_local_and_fsdp(reference_fp32, ep, stage):
+    """ZeRO-2 with experts split over 2 ranks (DeepSpeed MoE groups) and ZeRO-1 with all experts on every rank:
+    same losses, clipping norms, weights, EMA and Adam moments as one process; and the same losses as FSDP."""
+    ds = run_distributed(ds_worker, 2, "deepspeed", ep, (f"parallel.zero_stage={stage}",))
+    for result in ds:
+        assert_same_run(result, reference_fp32)
+    if ep == 2:
+        fsdp = run_distributed(ds_worker, 2, "fsdp", ep)
+        torch.testing.assert_close(torch.tensor(ds[0][0]), torch.tensor(fsdp[0][0]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(ds[0][1]), torch.tensor(fsdp[0][1]), rtol=1e-5, atol=0)
+
+
+def test_deepspeed_resumes_from_a_local_checkpoint_state():
+    """A consolidated state written by one process (step 3) loads into ZeRO-2 + EP=2 and the run continues
+    exactly as the uninterrupted single-process run."""
+    os.environ.pop("WORLD_SIZE", None)
+    full = train_steps("local", 1, 0, 1, torch.float32)
+    head = train_steps("local", 1, 0, 1, torch.float32, steps=3)
+    tail = run_distributed(ds_worker, 2, "deepspeed", 2, (), head[3], 3)
+    for losses, norms, _, state in tail:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(full[0][3:]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(state["model"]["blocks.0.ffn.experts.w13"], full[3]["model"]["blocks.0.ffn.experts.w13"],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_zero3_dense_matches_local():
+    os.environ.pop("WORLD_SIZE", None)
+    ref = train_steps("local", 1, 0, 1, torch.float32, DENSE)
+    for result in run_distributed(ds_worker, 2, "deepspeed", 1, DENSE + ("parallel.zero_stage=3",)):
+        assert_same_run(result, ref)

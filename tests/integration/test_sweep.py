@@ -1,0 +1,129 @@
+"""launch/sweep.py: expansion (grid, random × widths), the SLURM job-array script, local runs, aggregation."""
+import csv
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from dit_scale.config import ConfigError, load_config
+from launch import sweep as sweep_mod
+from tiny import ROOT, tiny_overrides
+
+LRS = [2.0 ** -10, 2.0 ** -9, 2.0 ** -8]
+
+
+def write_sweep(tmp_path, **fields):
+    body = {"train_config": os.path.join(ROOT, "configs", "sweeps", "mutransfer_train.yaml"),
+            "out": str(tmp_path / "out"), "widths": [64, 128], "params": {"optim.lr": LRS},
+            "overrides": ["mup.enabled=true"], "smooth": 2,
+            "slurm": {"partition": "gpu", "time": "00:20:00", "max_parallel": 4, "extra": ["--account=proj"]}}
+    body.update(fields)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+def test_grid_expands_points_times_widths(tmp_path):
+    runs = sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path)))
+    assert len(runs) == 6
+    assert {(r["width"], r["params"]["optim.lr"]) for r in runs} == {(w, lr) for w in (64, 128) for lr in LRS}
+    argv = next(r for r in runs if r["width"] == 128)["argv"]
+    assert "model.hidden_size=128" in argv and "model.num_heads=4" in argv      # heads grow at fixed head dim
+    cfg = load_config(os.path.join(ROOT, argv[2]), argv[3:])
+    assert cfg.mup.enabled and cfg.model.hidden_size == 128
+
+
+def test_random_search_is_seeded_and_in_range(tmp_path):
+    path = write_sweep(tmp_path, search="random", num_samples=4, seed=3,
+                       params={"optim.lr": {"log_uniform": [1e-4, 1e-2]}, "mup.output_mult": {"choice": [0.5, 2.0]}})
+    a = sweep_mod.points(sweep_mod.load_sweep(path))
+    assert a == sweep_mod.points(sweep_mod.load_sweep(path)) and len(a) == 4
+    assert all(1e-4 <= p["optim.lr"] <= 1e-2 and p["mup.output_mult"] in (0.5, 2.0) for p in a)
+
+
+def test_bad_sweep_files_are_one_sentence_errors(tmp_path):
+    with pytest.raises(ConfigError, match="search"):
+        sweep_mod.load_sweep(write_sweep(tmp_path, search="bayes"))
+    with pytest.raises(ConfigError, match="Unknown config key 'widht'"):
+        sweep_mod.load_sweep(write_sweep(tmp_path, widht=[1]))
+    with pytest.raises(ConfigError, match="optim.lr"):          # an invalid run config fails before anything runs
+        sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path, params={"optim.lr": [-1.0]})))
+
+
+def test_slurm_dry_run_writes_one_job_array(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    assert sweep_mod.main(["run", "--config", path, "--backend", "slurm", "--dry-run"]) == 0
+    out = str(tmp_path / "out")
+    script = open(os.path.join(out, "sweep.sbatch")).read()
+    assert script in capsys.readouterr().out
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for expected in ("#SBATCH --array=0-5%4", "#SBATCH --partition=gpu", "#SBATCH --time=00:20:00",
+                     "#SBATCH --gpus-per-task=1", "#SBATCH --account=proj"):
+        assert expected in lines
+    assert lines[-1].startswith("srun ") and lines[-1].endswith(f'launch/sweep.py task {out} "$SLURM_ARRAY_TASK_ID"')
+    manifest = json.load(open(os.path.join(out, "sweep.json")))
+    assert len(manifest["runs"]) == 6 and manifest["runs"][0]["argv"][0] == "launch/train.py"
+
+
+def fake_results(out, runs, failed_name):
+    """metrics.jsonl with a loss bowl in log2(lr) whose minimum is at 2^-9 for every width; one run failed."""
+    for r in runs:
+        d = os.path.join(out, r["name"])
+        os.makedirs(d, exist_ok=True)
+        code = 1 if r["name"] == failed_name else 0
+        open(os.path.join(d, "exit_code"), "w").write(f"{code}\n")
+        if code:
+            continue
+        final = 0.3 + 0.01 * (math.log2(r["params"]["optim.lr"]) + 9) ** 2 - 0.01 * math.log2(r["width"])
+        with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+            for step, loss in ((10, 1.0), (20, final + 0.01), (30, final - 0.01)):
+                f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def test_aggregate_tables_plot_best_point_and_transfer(tmp_path, capsys):
+    path = write_sweep(tmp_path)
+    sweep_mod.main(["run", "--config", path, "--backend", "slurm", "--dry-run"])
+    out = str(tmp_path / "out")
+    runs = json.load(open(os.path.join(out, "sweep.json")))["runs"]
+    failed = next(r["name"] for r in runs if r["width"] == 64 and r["params"]["optim.lr"] == LRS[0])
+    fake_results(out, runs, failed)
+    prefix = str(tmp_path / "agg" / "res")
+    assert sweep_mod.main(["aggregate", out, "--out", prefix, "--target-width", "512"]) == 0
+
+    rows = list(csv.DictReader(open(prefix + ".csv")))
+    assert len(rows) == 6 and sum(r["status"] != "ok" for r in rows) == 1
+    ok = next(r for r in rows if r["run"] == next(x["name"] for x in runs if x["width"] == 128
+                                                  and x["params"]["optim.lr"] == LRS[1]))
+    assert float(ok["final_loss"]) == pytest.approx(0.3 - 0.07)              # mean of the last 2 logged losses
+    md = open(prefix + ".md").read()
+    assert f"failed runs: {failed} (exit code 1)" in md
+    assert "best at width 64: optim.lr=0.001953" in md and "best at width 128: optim.lr=0.001953" in md
+    assert md.count("**") == 2 * 2 + 2                                      # title + one bold cell per width
+    assert os.path.getsize(prefix + ".png") > 1000
+    transferred = load_config(f"{prefix}_out_w512.yaml")
+    assert transferred.model.hidden_size == 512 and transferred.model.num_heads == 16
+    assert transferred.optim.lr == LRS[1] and transferred.mup.enabled
+
+
+def test_local_backend_runs_and_resumes(tiny_shards, tmp_path, capsys):
+    train_cfg = tmp_path / "train.yaml"
+    overrides = dict(o.split("=", 1) for o in tiny_overrides(tiny_shards, "unused", **{
+        "train.steps": 2, "logging.log_every": 1, "model.depth": 1, "diffusion.sample_steps": 1,
+        "logging.max_sample_classes": 1, "logging.samples_per_class": 1}))
+    body = {}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        body.setdefault(section, {})[name] = yaml.safe_load(value)
+    train_cfg.write_text(yaml.safe_dump(body))
+    path = write_sweep(tmp_path, train_config=str(train_cfg), widths=[32], params={"optim.lr": [1e-3]},
+                       overrides=["mup.enabled=true", "mup.base_width=32"])
+    assert sweep_mod.main(["run", "--config", path, "--backend", "local"]) == 0
+    out = str(tmp_path / "out")
+    [row] = sweep_mod.collect(out)["rows"]
+    assert row["status"] == "ok" and math.isfinite(row["loss"])
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, row["name"], "metrics.jsonl"))] == [1, 2]
+    assert sweep_mod.main(["run", "--config", path, "--backend", "local"]) == 0       # again: nothing to do
+    assert "1 of 1 runs already finished; running 0" in capsys.readouterr().out

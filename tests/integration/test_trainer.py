@@ -1,0 +1,93 @@
+"""End to end: a few training steps on synthetic shards; the loss falls, every output exists, a resumed run
+continues exactly, non-finite steps are skipped on the device and abort after train.max_bad_steps."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny import ROOT, tiny_overrides
+from dit_scale.config import load_config
+from dit_scale.metrics import read_metrics
+from dit_scale.trainer import Trainer, TrainingAborted
+
+
+def test_train_end_to_end(tiny_shards, tmp_path):
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
+           os.path.join(ROOT, "configs", "quickstart.yaml"),
+           *tiny_overrides(tiny_shards, run, **{"train.steps": 40, "logging.log_every": 10})]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
+    for key in ("loss_denoise", "loss_moe", "grad_norm", "lr", "images_per_s", "moe/max_load",
+                "moe/router_entropy", "moe/dropped_tokens", "skipped_steps"):
+        assert key in rows[-1]
+    assert os.path.exists(os.path.join(run, "config.yaml"))
+    assert os.path.exists(os.path.join(run, "expert_load.png"))
+    assert os.listdir(os.path.join(run, "samples")) == ["step_00000040.png"]
+    assert open(os.path.join(run, "checkpoints", "latest")).read().strip() == "step_00000040"
+
+    out = str(tmp_path / "grid.png")
+    subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sample.py"), "--run", run, "--out", out,
+                    "--classes", "1,3", "--per-class", "3", "--steps", "3"], check=True, cwd=ROOT,
+                   capture_output=True)
+    from PIL import Image
+    assert Image.open(out).size == (2 * (3 * 18 + 2), 2 * (2 * 18 + 2))     # 3 columns, 2 rows, 2× upscale
+
+
+def test_bad_config_exits_with_one_sentence(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
+                           os.path.join(ROOT, "configs", "quickstart.yaml"), "model.name=DiT-XS/4",
+                           "moe.num_experts=4", "moe.top_k=9"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: moe.top_k=9 must be between 1 and moe.num_experts=4."
+
+
+def test_resume_continues_exactly(tiny_shards, tmp_path):
+    def run(dir_, **extra):
+        cfg = load_config(None, tiny_overrides(tiny_shards, str(dir_), **{"logging.log_every": 1,
+                                                                          "train.steps": 8, **extra}))
+        Trainer(cfg).fit()
+        return {r["step"]: r["loss"] for r in read_metrics(str(dir_))}
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", **{"train.steps": 4})
+    resumed = run(tmp_path / "part", **{"train.resume": "auto"})
+    assert full == resumed and len(full) == 8
+
+
+def test_non_finite_steps_are_skipped_then_abort(tiny_shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "nan"), **{
+        "train.max_bad_steps": 3, "logging.log_every": 4, "train.steps": 12}))
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_loss = trainer.objective.loss
+    trainer.objective.loss = lambda out, targets: real_loss(out, targets) * float("nan")
+    with pytest.raises(TrainingAborted, match="consecutive steps had a non-finite loss"):
+        trainer.fit()
+    assert trainer.step == 4                       # detected at the first logging step
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k        # no update was applied
+    assert trainer.engine.optimizer.state_dict()["state"][0]["step"].item() == 0
+
+
+def test_isolated_non_finite_step_is_skipped_and_counted(tiny_shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "one"), **{
+        "logging.log_every": 3, "train.steps": 6}))
+    trainer = Trainer(cfg)
+    real_loss, calls = trainer.objective.loss, {"n": 0}
+
+    def flaky(out, targets):
+        calls["n"] += 1
+        return real_loss(out, targets) * (float("inf") if calls["n"] == 2 else 1.0)
+    trainer.objective.loss = flaky
+    trainer.fit()
+    rows = read_metrics(str(tmp_path / "one"))
+    assert rows[-1]["skipped_steps"] == 1.0
+    assert all(json.dumps(r).count("NaN") == 0 for r in rows)
+    assert trainer.engine.optimizer.state_dict()["state"][0]["step"].item() == 5

@@ -1,0 +1,97 @@
+"""The layering docs/architecture.md describes, checked on the source: no import cycle between dit_scale's modules
+(function-level imports included), models/ imports nothing of dit_scale outside it, the private torch / DeepSpeed
+APIs are used only in compat.py (and torch._grouped_mm in models/moe.py), and no module edits sys.path."""
+import ast
+import os
+import re
+
+from tiny import ROOT
+
+PACKAGE = os.path.join(ROOT, "dit_scale")
+
+
+def modules() -> dict:
+    """{module name: source path} for every module of dit_scale."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
+    return out
+
+
+def imports(path: str, name: str, known: dict) -> set:
+    """dit_scale modules that `path` imports anywhere in its body (a `from pkg import sub` counts as pkg.sub)."""
+    tree = ast.parse(open(path).read())
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known}
+    return {m for m in found if m in known and m != name}
+
+
+def graph() -> dict:
+    known = modules()
+    return {name: imports(path, name, known) for name, path in known.items()}
+
+
+def test_no_import_cycles():
+    # a package's __init__ re-exporting its own submodules is how packages work, not a cycle of concepts
+    edges = {a: {b for b in deps if not b.startswith(a + ".")} for a, deps in graph().items()}
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_models_import_only_models():
+    for name, deps in graph().items():
+        if name.startswith("dit_scale.models"):
+            outside = {d for d in deps if not d.startswith("dit_scale.models")}
+            assert not outside, f"{name} imports {sorted(outside)}"
+
+
+PRIVATE = re.compile(r"\b(torch\.optim\.optimizer\._|torch\._foreach|_EmptyStateDictLoadPlanner|_load_state_dict\b|"
+                     r"groups\._|_configure_distributed_model|_lazy_init_hp|_get_norm_groups|torch\._grouped_mm)")
+
+
+def test_private_apis_live_in_compat():
+    for name, path in modules().items():
+        if name in ("dit_scale.compat",):
+            continue
+        for i, line in enumerate(open(path), 1):
+            code = line.split("#")[0]
+            if PRIVATE.search(code) and not (name == "dit_scale.models.moe" and "torch._grouped_mm" in code):
+                raise AssertionError(f"{path}:{i} uses a private API outside dit_scale/compat.py: {line.strip()}")
+
+
+def test_no_sys_path_edits():
+    roots = [PACKAGE, os.path.join(ROOT, "launch"), os.path.join(ROOT, "data_tools")]
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for f in files:
+                if f.endswith(".py"):
+                    text = open(os.path.join(folder, f)).read()
+                    assert "sys.path.insert" not in text and "sys.path.append" not in text, os.path.join(folder, f)

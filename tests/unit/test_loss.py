@@ -1,0 +1,81 @@
+"""The one training loss (dit_scale/loss.py) against direct computations: the terms of a plain, a masked and an
+aligned micro-batch, and the FLOPs it counts for what runs (kept tokens, heads, SRA's truncated EMA forward)."""
+import pytest
+import torch
+
+from dit_scale.build import build
+from dit_scale.loss import TrainingLoss
+from dit_scale.models.flops import block_macs, forward_macs
+from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss
+
+from tiny import tiny_cfg
+
+
+def batch(b=4, seed=0, feat_dim=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {"x": torch.randn(b, 3, 16, 16, generator=g), "y": torch.randint(0, 4, (b,), generator=g)}
+    if feat_dim:
+        out["feat"] = torch.randn(b, 16, feat_dim, generator=g)
+    return out
+
+
+def test_plain_loss_is_the_objective_plus_moe():
+    built = build(tiny_cfg("model.class_dropout=0"))
+    loss_fn = TrainingLoss(built.objective, built.args, "cpu")
+    data = batch()
+    out = loss_fn(built.model, data, step=0, generator=torch.Generator().manual_seed(1))
+    targets = built.objective.training_targets(data["x"], generator=torch.Generator().manual_seed(1))
+    pred, aux = built.model(targets["x_t"], targets["t_model"], data["y"])
+    denoise = built.objective.loss(pred.float(), targets).mean()
+    torch.testing.assert_close(out.terms["denoise"], denoise)
+    torch.testing.assert_close(out.loss, denoise + aux["moe_loss"])
+    assert list(out.terms) == loss_fn.names == ["denoise", "moe"]
+
+
+def test_masked_loss_draws_the_kept_tokens_after_the_targets():
+    built = build(tiny_cfg("model.class_dropout=0", "mask.ratio=0.75", "mask.masked_loss_weight=0.1",
+                           "mask.unmask_at_step=5"))
+    loss_fn = TrainingLoss.from_config(built_cfg := tiny_cfg("model.class_dropout=0", "mask.ratio=0.75",
+                                                              "mask.masked_loss_weight=0.1", "mask.unmask_at_step=5"),
+                                       built.objective, built.args, "cpu")
+    assert built_cfg.mask.ratio == 0.75 and loss_fn.mask_ratio(4) == 0.75 and loss_fn.mask_ratio(5) == 0.0
+    data = batch()
+    out = loss_fn(built.model, data, step=0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    targets = built.objective.training_targets(data["x"], generator=g)
+    keep = draw_keep_indices(4, 16, 0.75, g)
+    pred, _ = built.model(targets["x_t"], targets["t_model"], data["y"], mask=keep)
+    torch.testing.assert_close(out.terms["denoise"], masked_denoise_loss(pred, targets["target"], keep, 4, 0.1).mean())
+
+
+def test_flops_follow_what_runs():
+    dim = 8
+    cfg = tiny_cfg("mask.ratio=0.75", "mask.mixer_depth=1", "align.repa_weight=0.5", "align.repa_depth=1",
+                   f"align.teacher_dim={dim}", "align.projector_dim=16", "align.sra_weight=0.1",
+                   "align.sra_student_depth=1", "align.sra_teacher_depth=2", "align.stop_step=10",
+                   "mask.unmask_at_step=20")
+    built = build(cfg)
+    loss_fn = TrainingLoss.from_config(cfg, built.objective, built.args, "cpu")
+    a = built.args
+    masked = 2 * (3 * forward_macs(a, 4, ("repa", "sra")) + forward_macs(a, 4, stop_after=2))
+    assert loss_fn.flops_per_image(0) == pytest.approx(masked)           # kept tokens, heads, SRA's EMA forward
+    assert loss_fn.flops_per_image(10) == pytest.approx(2 * 3 * forward_macs(a, 4))     # alignment stopped
+    assert loss_fn.flops_per_image(20) == pytest.approx(2 * 3 * forward_macs(a))        # unmasked finetune
+    # the backbone blocks run on the 4 kept tokens; the patch-mixer, embedding and final layer on all 16
+    assert forward_macs(a) - forward_macs(a, 4) == a.depth * (block_macs(a, 16) - block_macs(a, 4))
+    out = loss_fn(built.model, batch(feat_dim=dim), step=0, generator=torch.Generator().manual_seed(0),
+                  ema=lambda: _Same(built.model))
+    assert set(out.terms) == {"denoise", "moe", "repa", "sra"}
+
+
+class _Same:
+    """A stand-in for engine.sampling_module(): yields the model itself as its EMA."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
