@@ -38,10 +38,10 @@ setup(
         "dit-build-shards = data_tools.build_shards:main",
     ]},
     extras_require={
-        # tests/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
+        # tests/unit/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
         # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.
         "dev": ["pytest>=8,<10"],
-        # data_tools/build_shards.py (VAE latents, DINOv2 features) and tests/test_data_tools.py
+        # data_tools/build_shards.py (VAE latents, DINOv2 features) and tests/unit/test_data_tools.py
         "data": ["diffusers>=0.30,<1", "transformers>=4.44,<6"],
     },
 )

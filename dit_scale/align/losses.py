@@ -1,4 +1,4 @@
-"""Alignment losses, each a plain function of tensors (compared against direct computations in tests/test_align.py).
+"""Alignment losses, each a plain function of tensors (compared against direct computations in tests/unit/test_align.py).
 
     repa_loss(z, feat)                   REPA: -cos(projector(h_k), teacher patch feature), mean over tokens and batch
     attention_alignment_loss(s, p_t)     HASTE: soft cross-entropy of the teacher's attention rows under the student's

@@ -13,7 +13,7 @@ of (token, expert) pairs (T·k for token choice, E·C for expert choice), which 
 
 Permutation order equals megatron's `permute` (expert-major, tokens ascending within an expert); its unfused
 version uses `masked_select`, which synchronises with the host on GPU, so we sort the flattened map instead
-(`tests/test_moe.py` checks both agree).
+(`tests/unit/test_moe.py` checks both agree).
 """
 from __future__ import annotations
 
