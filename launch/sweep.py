@@ -118,7 +118,8 @@ def expand(sweep) -> List[dict]:
             name = run_name(width, point)
             overrides = (list(sweep.overrides) + width_overrides(base, width)
                          + [f"{k}={v}" for k, v in point.items()]
-                         + [f"train.run_dir={os.path.join(sweep.out, name)}", "logging.progress_bar=false"])
+                         + [f"train.run_dir={os.path.join(sweep.out, name)}", "logging.progress_bar=false",
+                            "train.resume=auto"])   # a run cut short (or requeued) continues from its checkpoint
             load_config(train_config, overrides)            # fail now, not in the 30th job
             runs.append({"name": name, "width": width, "params": point,
                          "argv": ["launch/train.py", "--config", sweep.train_config] + overrides})

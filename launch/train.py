@@ -17,12 +17,16 @@ import argparse
 import os
 import sys
 
-import torch
+from dit_scale.preemption import catch_early_signals
 
-from dit_scale.checkpoint import CheckpointError
-from dit_scale.config import ConfigError, load_config
-from dit_scale.preemption import EXIT_REQUEUE
-from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train
+catch_early_signals()       # before the heavy imports: a scheduler's SIGTERM / SIGUSR1 during start-up is kept
+
+import torch  # noqa: E402
+
+from dit_scale.checkpoint import CheckpointError  # noqa: E402
+from dit_scale.config import ConfigError, load_config  # noqa: E402
+from dit_scale.preemption import EXIT_REQUEUE  # noqa: E402
+from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
 
 
 def main(argv=None):

@@ -80,6 +80,34 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish_dir(tmp: str, final: str) -> None:
+    """Make the finished folder `tmp` the checkpoint `final`. A checkpoint already at `final` (an older save of the
+    same step: a resumed run retraining past a corrupt one) is replaced, atomically where the system can swap two
+    paths; elsewhere it is moved aside first (a kill in between leaves `final` missing, which resume skips)."""
+    if not os.path.exists(final):
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        remove(tmp)                                     # now holds the older save
+    else:
+        aside = final + ".old.tmp"
+        remove(aside)
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        remove(aside)
+
+
 def point_latest(folder: str, path: str) -> None:
     """Move `latest` to the published checkpoint `path` (after its rename)."""
     fsync_dir(folder)

@@ -60,7 +60,8 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout = dropout
-        self.table = nn.Embedding(num_classes + int(dropout > 0), hidden_size)
+        # num_classes=0 (unconditional): one row, the null class, which every label is
+        self.table = nn.Embedding(max(1, num_classes + int(dropout > 0)), hidden_size)
 
     def drop_labels(self, labels, force_drop=None):
         if force_drop is None:

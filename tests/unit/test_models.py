@@ -144,3 +144,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_unconditional_model_has_one_null_row():
+    """model.num_classes=0: every label is the null class 0 (shards without labels, caption-only data)."""
+    model = build_model(small_cfg("diffusion.cfg_scale=1", "model.num_classes=0"))
+    assert model.y_embedder.table.weight.shape[0] == 1
+    out, _ = model(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 500.0]), torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, 16, 16)
