@@ -19,8 +19,8 @@ import torch
 from dit_scale.config import hidden_size_for
 from dit_scale.diffusion import build_objective as _objective_from_section
 from dit_scale.models import DiT, ModelArgs, MoEArgs
-from dit_scale.models.init import init_rules, initialize_
-from dit_scale.mup import MuP, mup_table as _mup_table, zero_query_
+from dit_scale.models.init import draw, init_rules, param_generator
+from dit_scale.mup import MuP, mup_table as _mup_table
 from dit_scale.mup import init_rules as mup_init_rules
 
 
@@ -56,7 +56,7 @@ def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
                          router=moe.router, score_function=moe.score_function, normalize_topk=moe.normalize_topk,
                          aux_loss_coeff=moe.aux_loss_coeff, z_loss_coeff=moe.z_loss_coeff,
                          capacity_factor=moe.capacity_factor, bias_update_rate=moe.bias_update_rate,
-                         expert_impl=moe.expert_impl)
+                         expert_impl=moe.expert_impl, expert_act=moe.expert_act)
     return ModelArgs(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
                      out_channels=build_objective(cfg).out_channels(m.in_channels), hidden_size=d, depth=m.depth,
                      num_heads=heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
@@ -82,15 +82,26 @@ def mup_table(cfg, model: Optional[torch.nn.Module] = None) -> Optional[Dict[str
 
 @dataclass(frozen=True)
 class InitPlan:
-    """How a model's weights are drawn: per-parameter rules (kind, std) and the seed (see `models/init.py`)."""
+    """How a model's weights are drawn: per-parameter rules (kind, std) and the seed (see `models/init.py`). Every
+    parameter's full tensor depends only on (seed, its name, its global shape), so a rank that holds a piece of it
+    draws the full tensor and keeps its piece (`parallel/materialize.py`): every layout starts from the same weights."""
     seed: int
     rules: Dict[str, Tuple[str, float]]
     zero_query: bool = False
 
+    def draw(self, name: str, shape) -> torch.Tensor:
+        """The full initial fp32 tensor of parameter `name` (canonical name, global shape), on the CPU."""
+        kind, std = self.rules[name]
+        full = draw(kind, std, shape, param_generator(self.seed, name))
+        if self.zero_query and name.endswith("attn.qkv.weight"):
+            full[: shape[1]] = 0.0                      # rows [0, D) of qkv project to the query (mup.zero_init_query)
+        return full
+
+    @torch.no_grad()
     def apply_(self, model: torch.nn.Module) -> None:
-        initialize_(model, self.seed, self.rules)
-        if self.zero_query:
-            zero_query_(model)
+        """Initialise every parameter of a whole (unsharded) model in place."""
+        for name, p in model.named_parameters():
+            p.copy_(self.draw(name, p.shape))
 
 
 def init_plan(cfg, model: torch.nn.Module, table: Optional[Dict[str, MuP]], seed: Optional[int] = None) -> InitPlan:
@@ -108,14 +119,17 @@ class Built:
 
 
 def build(cfg, device="cpu", seed: Optional[int] = None) -> Built:
-    """Model (on `device`, initialised from `seed`, default cfg.train.seed), objective and μP table, each built once."""
+    """Model, objective and μP table, each built once. The model is on `device` with its init drawn from `seed`
+    (default cfg.train.seed), or, with device="meta", unallocated: an engine shards it and materialises only this
+    rank's pieces with `built.init` (what the trainer does, so no rank ever holds the whole model)."""
     args = model_args(cfg)
     model = meta_model(args)
     table = mup_table(cfg, model)
     plan = init_plan(cfg, model, table, seed)
-    model.to_empty(device=device)
-    model.init_buffers_()
-    plan.apply_(model)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+        model.init_buffers_()
+        plan.apply_(model)
     return Built(args, model, build_objective(cfg), table, plan)
 
 

@@ -10,6 +10,7 @@ When torch or DeepSpeed is upgraded, this file (and `tests/unit/test_compat.py`)
     deepspeed.utils.groups._create_expert_and_data_parallel   DeepSpeed's expert-parallel groups      deepspeed_expert_groups
     DeepSpeedEngine._configure_distributed_model (overridden) mark our MoE layers as MoE             deepspeed_engine_class
     ZeRO stage 1/2 optimizer ._get_norm_groups (stage 3), ._lazy_init_hp_params_optimizer_state       zero_*
+    ZeRO stage 1/2 parameter ._hp_mapping, ._dp_group (the fp32 master fragment a rank holds)          zero_fp32_*
 
 One exception lives in `dit_scale/models/moe.py` because models import nothing outside `dit_scale/models/`:
 `torch._grouped_mm` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it runs).
@@ -68,6 +69,27 @@ def deepspeed_engine_class(num_experts: int):
 def zero_norm_groups(zero_optimizer):
     """ZeRO-3's per-group gradient norms (combined by deepspeed.runtime.utils.combine_grad_norm_groups)."""
     return zero_optimizer._get_norm_groups()
+
+
+def zero_fp32_fragment(param):
+    """ZeRO-1/2: (the fp32 master fragment of `param` this rank holds — a view into ZeRO's flat partition —,
+    (start, numel) of that fragment in the flattened parameter), or None where this rank holds none of it."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    address = mapping.lp_fragment_address
+    return mapping.get_hp_fragment(), (int(address.start), int(address.numel))
+
+
+def zero_fp32_full(param, fragment, address) -> torch.Tensor:
+    """ZeRO-1/2: the full fp32 tensor made of every rank's `fragment` of `param` (all-reduce over the parameter's
+    data-parallel group, as DeepSpeed's own get_full_hp_param does for the master weights)."""
+    import torch.distributed as dist
+    buffer = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    if fragment is not None:
+        buffer.narrow(0, address[0], address[1]).copy_(fragment)
+    dist.all_reduce(buffer, group=param._dp_group)
+    return buffer.view(param.shape)
 
 
 def zero_init_optimizer_state(zero_optimizer) -> None:

@@ -86,13 +86,6 @@ def init_rules(table: Dict[str, MuP]) -> Dict[str, Tuple[str, float]]:
     return {name: (info.init, info.init_std) for name, info in table.items()}
 
 
-@torch.no_grad()
-def zero_query_(model: nn.Module) -> None:
-    """`mup.zero_init_query`: zero the query projection of every attention (rows [0, D) of qkv)."""
-    for block in model.blocks:
-        block.attn.qkv.weight[: block.attn.qkv.in_features].zero_()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Optimizer groups
 # ----------------------------------------------------------------------------------------------------------------

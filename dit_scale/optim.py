@@ -73,6 +73,25 @@ def build_scheduler(optimizer, optim_cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total_steps))
 
 
+HYPERPARAMETERS = ("initial_lr", "lr_mult", "weight_decay", "betas", "eps")
+
+
+def hyperparameters(optimizer) -> list:
+    """The configured hyperparameters of every group (what `restore_hyperparameters` puts back after a resume)."""
+    return [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups]
+
+
+def restore_hyperparameters(optimizer, scheduler, configured: list) -> None:
+    """After loading a checkpoint's optimizer and schedule state: the config's hyperparameters (peak LR, weight
+    decay, betas, eps) replace the saved ones, and the LR is recomputed at the resumed step on the current schedule
+    (its length, warm-up and floor come from the current config). Moments and step counts stay as saved."""
+    for group, values in zip(optimizer.param_groups, configured):
+        group.update(values)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def base_lr(optimizer) -> float:
     """The schedule's current LR without the group multipliers."""
     g = optimizer.param_groups[0]
@@ -128,4 +147,6 @@ class EMA:
     def update(self, current: Sequence[torch.Tensor], applied: torch.Tensor) -> None:
         self.num_updates += 1
         weight = (1.0 - ema_decay(self.decay, self.num_updates)) * applied.float()
-        foreach_lerp_(self.tensors, list(current), weight)
+        # one weight tensor per EMA tensor: a single 0-d tensor would bind to the Scalar overload, whose conversion
+        # reads the value back to the host (a sync per step on CUDA)
+        foreach_lerp_(self.tensors, list(current), [weight] * len(self.tensors))

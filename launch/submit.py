@@ -13,6 +13,11 @@ gets USR1 `--signal-grace` seconds before `--time` runs out: it saves, requeues 
 checkpoint. As a second guard it passes train.max_wall_minutes = time limit - 2 × grace (the trainer's clock starts
 after start-up, which the second grace period allows for), so a checkpoint is saved even if no signal comes.
 A new submission always trains: it removes RUN_DIR/exit_code, the "finished" mark that ends surplus chained jobs.
+
+The grace period follows the saves the run has made (RUN_DIR/save_seconds.json, written at every save): by default
+it is max(300 s, 2 × the slowest save so far + 60 s) — the signal can arrive just after a step started, the save
+that follows must be published (async saves: the pending one too) before SLURM's SIGKILL, and save times vary.
+An explicit --signal-grace below that rule is refused with the measured figure.
 """
 import argparse
 import os
@@ -21,6 +26,7 @@ import subprocess
 import sys
 
 from dit_scale.config import ConfigError, load_config
+from dit_scale.run_dir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH_SCRIPT = os.path.join(ROOT, "slurm", "train.sbatch")
@@ -70,8 +76,26 @@ def tasks_per_node(args) -> int:
     return args.gpus_per_node
 
 
+DEFAULT_GRACE = 300
+
+
+def grace_seconds(requested, run_dir: str) -> int:
+    """The USR1 grace period: the rule `max(300, 2 × slowest save + 60)` over the run's measured saves, or the
+    requested one (which must not be shorter than the rule)."""
+    measured = (RunDir(run_dir).save_seconds() or {}).get("max")
+    rule = DEFAULT_GRACE if measured is None else max(DEFAULT_GRACE, int(2 * measured + 60 + 0.999))
+    if requested is None:
+        return rule
+    if measured is not None and requested < rule:
+        raise ConfigError(f"--signal-grace {requested} s is shorter than 2 × the slowest checkpoint save of this run "
+                          f"({measured:g} s, {run_dir}/{RunDir.SAVE_SECONDS}) + 60 s = {rule} s; a save could be "
+                          f"killed before it is published. Drop --signal-grace (default: that rule) or raise it.")
+    return requested
+
+
 def sbatch_command(args, overrides, run_dir: str, dependency: str = "") -> list:
     """The sbatch command line (a list) for one job of this submission."""
+    args.signal_grace = grace_seconds(args.signal_grace, run_dir)
     if args.signal_grace <= 0:
         raise ConfigError(f"--signal-grace {args.signal_grace} must be a positive number of seconds, e.g. 300.")
     guard = slurm_minutes(args.time) - 2 * args.signal_grace / 60
@@ -110,8 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--time", default="04:00:00", help="time limit per job, e.g. 04:00:00 (default)")
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
-    p.add_argument("--signal-grace", type=int, default=300,
-                   help="seconds before the time limit at which the job is told to save and requeue (default 300)")
+    p.add_argument("--signal-grace", type=int, default=None,
+                   help="seconds before the time limit at which the job is told to save and requeue (default: "
+                        "max(300, 2 × the run's slowest checkpoint save + 60))")
     p.add_argument("--chain", type=int, default=1,
                    help="submit N jobs, each after the previous ends (--dependency=afterany), for clusters whose "
                         "jobs cannot run scontrol; they do not requeue themselves")

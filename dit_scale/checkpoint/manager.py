@@ -10,27 +10,46 @@ keep_every), verification shared by the ranks (each hashes a share of a sharded 
 a damaged checkpoint to the previous one, and resharding (a checkpoint written by another number of processes:
 weights, EMA and optimizer move; the per-rank streams restart, `streams.restart(step)`).
 
+Resuming with a changed config prints every difference. Hyperparameters apply (peak LR, schedule length and shape,
+weight decay, betas, eps, clipping, loss weights: the optimizer's moments and step stay as saved); a change that
+alters the model's parameters (depth, width, experts, heads of the alignment losses, ...) is refused in one
+sentence. A save never writes non-finite weights, nor weights of a non-finite streak (`health()` names why not): the
+previous checkpoint stays the newest. A full disk is one sentence naming it.
+
 `engine` provides the model/EMA/optimizer state and the collectives; `streams` is this rank's stateful loader and
 RNG streams (`state_dict`, `load_state_dict`, `restart(step)`), gathered from every rank into `per_rank`.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import time
 from typing import Callable, Optional
 
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dit_scale.build import meta_model, model_args
 from dit_scale.checkpoint.consolidated import save_checkpoint
 from dit_scale.checkpoint.load import load_checkpoint
-from dit_scale.checkpoint.sharded import PendingSave, load_sharded, save_sharded
+from dit_scale.checkpoint.sharded import PendingSave, load_extra, load_sharded, save_sharded
 from dit_scale.checkpoint.storage import (CheckpointError, find_latest, is_run_dir, list_checkpoints,
                                           prune_checkpoints, verify_sharded)
-from dit_scale.config import ConfigError, to_yaml
+from dit_scale.config import ConfigError, config_from_yaml_text, to_yaml
+from dit_scale.config.diff import config_changes, describe
+from dit_scale.optim import hyperparameters, restore_hyperparameters
 from dit_scale.run_dir import RunDir
+
+MODEL_SECTIONS = ("model.", "moe.", "mask.", "align.", "mup.")
 
 
 class CheckpointManager:
-    def __init__(self, cfg, run: RunDir, engine, topology, streams, log: Optional[Callable[[str], None]] = None):
+    def __init__(self, cfg, run: RunDir, engine, topology, streams, log: Optional[Callable[[str], None]] = None,
+                 health: Optional[Callable[[], Optional[str]]] = None):
+        """`health()`: why the current weights must not be saved (e.g. a non-finite streak), or None."""
         self.cfg, self.run, self.engine, self.topo, self.streams = cfg, run, engine, topology, streams
         self.log = log or (print if topology.is_main else (lambda _: None))
+        self.health = health
         self._pending: Optional[PendingSave] = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -70,11 +89,13 @@ class CheckpointManager:
                                           if resume == "auto" else str(e)) from None
                 self.log(f"warning: {e} Falling back to the previous complete checkpoint "
                          f"'{os.path.basename(candidates[i + 1])}'.")
+        configured = hyperparameters(self.engine.optimizer)
         try:
             self.engine.load_state_dict(state)
         except RuntimeError as e:
             raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
                               f"resume with the config it was trained with.") from None
+        restore_hyperparameters(self.engine.optimizer, self.engine.scheduler, configured)
         step = int(state["step"])
         saved = state["per_rank"]
         if len(saved) == self.topo.world_size:
@@ -90,14 +111,36 @@ class CheckpointManager:
 
     def _read(self, path: str) -> dict:
         """The state of checkpoint `path`; a sharded one is verified by all ranks together (each hashes a share
-        of the files) and read into this run's layout."""
+        of the files), its config compared with this run's, and read into this run's layout."""
         if not os.path.isdir(path):
-            return load_checkpoint(path)
+            state = load_checkpoint(path)
+            self._compare_configs(path, state["config"])
+            return state
         error = verify_sharded(path, self.topo.rank, self.topo.world_size)
         errors = [e for e in self.engine.all_gather_object(error) if e]
         if errors:
             raise CheckpointError(errors[0])
+        self._compare_configs(path, load_extra(path).get("config"))
         return load_sharded(path, self.state_dict(0, sharded=True))
+
+    def _compare_configs(self, path: str, saved_text: Optional[str]) -> None:
+        """Print what changed against the checkpoint's config; refuse changes of the model's parameters."""
+        try:
+            saved = config_from_yaml_text(saved_text) if saved_text else None
+        except ConfigError:
+            saved = None          # written by another version: the tensor load itself says whether it fits
+        if saved is None:
+            return
+        changes = config_changes(saved, self.cfg)
+        if not changes:
+            return
+        self.log(f"config changes on resume from '{os.path.basename(path)}': {describe(changes)}")
+        shapes = [{n: tuple(p.shape) for n, p in meta_model(model_args(c)).named_parameters()} for c in (saved, self.cfg)]
+        if shapes[0] != shapes[1]:
+            model_changes = [c for c in changes if c[0].startswith(MODEL_SECTIONS)]
+            raise ConfigError(f"Checkpoint '{path}' does not fit this model: {describe(model_changes)} cannot change "
+                              f"on resume (it changes the model's parameters); resume with the config it was trained "
+                              f"with.")
 
     # ------------------------------------------------------------------------------------------------------------
     # Save
@@ -114,27 +157,68 @@ class CheckpointManager:
         it will have once its background write is published."""
         if not (final or self.due(step)):
             return ""
+        reason = self.health() if self.health else None
+        if reason is None and not self.engine.all_finite():
+            reason = "some weights are not finite"
+        if reason:
+            latest = find_latest(self.run.path)
+            self.log(f"warning: not saving step {step}: {reason}; the newest checkpoint stays "
+                     f"{os.path.basename(latest) if latest else '(none yet)'}.")
+            return ""
+        try:
+            return self._save(step)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            raise self._disk_error(step, e) from None
+
+    def _save(self, step: int) -> str:
         t = self.cfg.train
         self.wait()
+        start = time.monotonic()
         if t.checkpoint_format == "consolidated":
             state = self.state_dict(step)
             if not self.topo.is_main:
                 return ""
             path = save_checkpoint(self.run.path, step, state)
-            self._prune(path)
+            self._published(start, path)
             return path
+
+        def published(path):
+            self._published(start, path)
         self._pending = save_sharded(
             self.run.path, step, self.state_dict(step, sharded=True), rank=self.topo.rank,
             barrier=self.engine.barrier, async_save=t.async_save,
             process_group=self.engine.checkpoint_group(t.async_save),
-            on_published=self._prune if self.topo.is_main else None)
+            on_published=published if self.topo.is_main else None)
         return self._pending.path
+
+    def _published(self, start: float, path: str) -> None:
+        """Rank 0, once a checkpoint is published: retention, and how long the save took (SLURM's grace period)."""
+        self.run.record_save_seconds(time.monotonic() - start)
+        self._prune(path)
 
     def wait(self) -> None:
         """Wait until a background (async) save is published; re-raises its error."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.wait()
+            try:
+                pending.wait()
+            except (OSError, RuntimeError, CheckpointException) as e:
+                raise self._disk_error(-1, e) from None
+
+    def _disk_error(self, step: int, error) -> BaseException:
+        """A full disk as one sentence naming it (nothing trained before is lost: the previous checkpoint stays);
+        any other error as it was."""
+        free = shutil.disk_usage(self.run.path).free
+        # torch.save's zip writer reports a failed write as "unexpected pos": a nearly full disk says what it was
+        full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+                or free < 64 * 2 ** 20)
+        if not full:
+            return error
+        free /= 2 ** 30
+        latest = find_latest(self.run.path)
+        return CheckpointError(f"No space left on the disk holding {self.run.checkpoints} ({free:.1f} GiB free) while "
+                               f"saving{f' step {step}' if step >= 0 else ''}; free space or move train.run_dir — the "
+                               f"newest complete checkpoint is {latest or '(none)'}.")
 
     def _prune(self, _path: str) -> None:
         prune_checkpoints(self.run.path, self.cfg.train.keep_last, self.cfg.train.keep_every)

@@ -6,8 +6,9 @@
       extra.pt              the non-tensor values and per-rank loader/RNG state (rank 0, weights-only loadable)
       manifest.json         {"step", "format": "dcp", "files": {name: {"bytes", "sha256"}}}, written last
 
-`save_sharded` writes `step_X.tmp/`, then rank 0 hashes the files into the manifest, renames the folder and moves
-`latest` (`storage.py`). `load_sharded` reads a checkpoint into any layout: the template is the fresh engine's
+`save_sharded` writes `step_X.tmp/`; every rank hashes the files it wrote (in parallel, from the page cache) and
+rank 0 merges the digests into the manifest, renames the folder and moves `latest` (`storage.py`). Asynchronous
+saves stage the tensors into pinned host memory on GPUs (DCP's stager) before training continues. `load_sharded` reads a checkpoint into any layout: the template is the fresh engine's
 `state_dict(sharded=True)`, and DCP reads, for every tensor of it, the overlapping pieces of the saved layout.
 `load_whole` reads one into a single process as full tensors (export, sampling). Tensor entries only: a checkpoint
 holding pickled DCP entries ("bytes") is refused, and the `.metadata` index itself is read by a restricted
@@ -25,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dit_scale.checkpoint.storage import (EXTRA, MANIFEST, CheckpointError, checkpoint_dir, file_digest, fsync_dir,
-                                          looks_complete, point_latest, step_name, write_text_atomic)
+                                          point_latest, publish_dir, step_name, write_text_atomic)
 from dit_scale.checkpoint.safe_reader import SafeFileSystemReader
 from dit_scale.compat import dcp_load_whole
 
@@ -75,9 +76,9 @@ def _distributed() -> bool:
 def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Callable[[], None],
                  async_save: bool = False, process_group=None,
                  on_published: Optional[Callable[[str], None]] = None) -> PendingSave:
-    """Every rank calls this with its `state_dict(sharded=True)`. Each writes the pieces it holds; rank 0 also
-    writes extra.pt, then (once every rank's files are written) hashes the files into the manifest, renames
-    `step_X.tmp/` to `step_X/`, moves `latest` and calls `on_published(path)`.
+    """Every rank calls this with its `state_dict(sharded=True)`. Each writes the pieces it holds and hashes what it
+    wrote; rank 0 also writes extra.pt, then (once every rank's files are written) merges the digests into the
+    manifest, renames `step_X.tmp/` to `step_X/`, moves `latest` and calls `on_published(path)`.
 
     With `async_save`, this returns once the tensors are staged (copied) and writing continues in a thread; training
     may change the weights meanwhile. Call `.wait()` before the next save and before exiting. `process_group`: a
@@ -97,9 +98,10 @@ def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Ca
     kwargs = dict(storage_writer=writer, process_group=process_group, no_dist=not _distributed())
     pending = PendingSave(final if rank == 0 else "")
 
-    def publish():                                      # rank 0, once every rank's files are written
+    def publish():                                      # every rank, once its files are written
+        digests = _gather(_own_digests(tmp, rank), process_group)
         if rank == 0:
-            _publish(tmp, final, step)
+            _publish(tmp, final, step, {name: d for part in digests for name, d in part.items()})
             if on_published:
                 on_published(final)
 
@@ -107,7 +109,7 @@ def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Ca
         dcp.save(tensors, **kwargs)
         publish()
         return pending
-    future = dcp.async_save(tensors, **kwargs)          # returns after staging
+    future = dcp.async_save(tensors, async_stager=_stager(), **kwargs)     # returns after staging
 
     def finish():
         try:
@@ -121,20 +123,44 @@ def save_sharded(run_dir: str, step: int, state: dict, *, rank: int, barrier: Ca
     return pending
 
 
-def _publish(tmp: str, final: str, step: int) -> str:
-    """Rank 0, after every rank's files are written: manifest (sizes, sha256), atomic rename, `latest`."""
-    files = {}
-    for name in sorted(os.listdir(tmp)):
+def _stager():
+    """DCP's stager for async saves: a blocking copy into pinned host memory on GPUs (training waits only for the
+    device-to-host copy), a plain copy on CPUs."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
+
+
+def _own_digests(tmp: str, rank: int) -> dict:
+    """{file: {bytes, sha256}} of the files this rank wrote (DCP names them __RANK_*; rank 0 also writes the index and
+    extra.pt): every rank hashes its own share, in parallel."""
+    names = [n for n in sorted(os.listdir(tmp)) if n.startswith(f"__{rank}_") or (rank == 0 and not n.startswith("__"))]
+    out = {}
+    for name in names:
         size, sha = file_digest(os.path.join(tmp, name))
-        files[name] = {"bytes": size, "sha256": sha}
+        out[name] = {"bytes": size, "sha256": sha}
+    return out
+
+
+def _gather(obj, process_group) -> list:
+    if not _distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(process_group)
+    torch.distributed.all_gather_object(out, obj, group=process_group)
+    return out
+
+
+def _publish(tmp: str, final: str, step: int, files: dict) -> str:
+    """Rank 0, after every rank's files are written and hashed: manifest (sizes, sha256), atomic rename, `latest`."""
+    missing = sorted(set(os.listdir(tmp)) - set(files))
+    if missing:                                     # a file no rank claims: never publish a checkpoint unverified
+        raise CheckpointError(f"Checkpoint folder '{tmp}' holds {missing[0]}, which no rank wrote; not publishing it.")
+    files = dict(sorted(files.items()))
     write_text_atomic(os.path.join(tmp, MANIFEST), json.dumps({"step": int(step), "format": "dcp",
                                                                "files": files}) + "\n")
     fsync_dir(tmp)
-    if looks_complete(final):                           # the same step published before (e.g. a save right after
-        shutil.rmtree(tmp, ignore_errors=True)          # resuming): same state, keep the published one
-    else:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    publish_dir(tmp, final)                             # a newer save of the same step replaces the older one
     point_latest(os.path.dirname(final), final)
     return final
 
@@ -146,8 +172,10 @@ def load_sharded(path: str, template: dict, process_group=None) -> dict:
     import torch.distributed.checkpoint as dcp
 
     tensors, _ = split_state(template)
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()              # refuses a crafted index here, in one sentence (inside DCP it becomes a log)
     try:
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), process_group=process_group,
+        dcp.load(tensors, storage_reader=reader, process_group=process_group,
                  no_dist=not _distributed())
     except CheckpointError:
         raise

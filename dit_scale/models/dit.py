@@ -133,7 +133,6 @@ class DiT(nn.Module):
         self.pos_embed.copy_(sincos_pos_embed(self.args.hidden_size, grid).unsqueeze(0))
         for layer in self.moe_layers():
             layer.router.expert_bias.zero_()
-            layer.router.pending_counts.zero_()
 
     def moe_layers(self):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFFN)]

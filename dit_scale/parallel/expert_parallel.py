@@ -4,14 +4,17 @@
 
 `ExpertParallelDispatcher` fills the MoE dispatcher slot (see `dit_scale/models/dispatch.py`):
   1. permute local tokens expert-major over all experts (no sync);
-  2. all-to-all of the per-expert counts, then one host sync to turn them into split sizes;
+  2. all-to-all of the per-expert counts, then one device-to-host copy of them for the split sizes (the only host
+     synchronisation of the layer: all_to_all needs its split sizes on the host);
   3. autograd-aware `all_to_all_single` of the tokens (uneven splits, no capacity padding);
-  4. regroup the received rows by local expert (they arrive source-rank-major) for the grouped GEMM;
+  4. regroup the received rows by local expert (they arrive source-rank-major) for the grouped GEMM, with the order
+     and the per-expert counts computed on the device (no host-to-device copy);
   combine runs the same steps backwards and applies the routing weights on the source rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from dit_scale.compat import foreach_mul_
 from dit_scale.models.dispatch import PermuteHandle, permute, unpermute
 from dit_scale.models.moe import MoEFFN
 from dit_scale.models.roles import param_role
@@ -32,17 +36,20 @@ class EPHandle:
     recv_splits: list
 
 
-def _regroup_order(recv_counts: torch.Tensor) -> torch.Tensor:
+def _regroup_order(recv_counts: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
     """Rows arrive as blocks (source s, local expert e), s-major. Return the row order that is e-major, s ascending.
 
-    recv_counts: [ep, E_local] on the host. Returns a LongTensor `order` with received[order] grouped by expert.
-    """
+    recv_counts: [ep, E_local] (on any device); `total`: their sum, known on the host (it sizes the result without a
+    host sync). Returns a LongTensor `order` on recv_counts' device with received[order] grouped by expert."""
     ep, local = recv_counts.shape
-    starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
-    starts = starts.view(ep, local)
-    pieces = [torch.arange(int(starts[s, e]), int(starts[s, e] + recv_counts[s, e]))
-              for e in range(local) for s in range(ep)]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    flat = recv_counts.reshape(-1).long()
+    starts = torch.cumsum(flat, 0) - flat                                     # start of each (s, e) block
+    blocks = torch.arange(ep * local, device=flat.device).view(ep, local).t().reshape(-1)    # e-major block ids
+    sizes, firsts = flat[blocks], starts[blocks]
+    total = int(flat.sum()) if total is None else total
+    offsets = torch.cumsum(sizes, 0) - sizes                                  # where each block goes in the result
+    within = torch.arange(total, device=flat.device) - torch.repeat_interleave(offsets, sizes, output_size=total)
+    return torch.repeat_interleave(firsts, sizes, output_size=total) + within
 
 
 class ExpertParallelDispatcher:
@@ -59,12 +66,12 @@ class ExpertParallelDispatcher:
         dist.all_to_all_single(recv, counts, group=self.group)                    # E_local counts from each rank
         both = torch.stack([counts, recv]).cpu()                                  # the one host sync
         send_splits = both[0].view(self.ep_size, self.num_local).sum(1).tolist()
-        recv_counts = both[1].view(self.ep_size, self.num_local)
-        recv_splits = recv_counts.sum(1).tolist()
+        recv_splits = both[1].view(self.ep_size, self.num_local).sum(1).tolist()
         received = all_to_all_autograd(x.new_empty(sum(recv_splits), x.shape[1]), x, recv_splits, send_splits,
                                        group=self.group)
-        order = _regroup_order(recv_counts).to(x.device)
-        tokens_per_local_expert = recv_counts.sum(0).to(x.device)
+        recv_counts = recv.view(self.ep_size, self.num_local)                     # still on the device
+        order = _regroup_order(recv_counts, sum(recv_splits))
+        tokens_per_local_expert = recv_counts.sum(0)
         return received[order], tokens_per_local_expert, EPHandle(local, order, send_splits, recv_splits)
 
     def combine(self, expert_out, handle: EPHandle):
@@ -89,10 +96,20 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int, group) -> None:
             num_experts = experts.w13.shape[0]
             local = num_experts // ep_size
             lo, hi = ep_rank * local, (ep_rank + 1) * local
-            experts.w13 = nn.Parameter(experts.w13.detach()[lo:hi].clone())
-            experts.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
-            experts.grad_scale = 1.0 / ep_size
+            for name, p in list(experts.named_parameters(recurse=False)):    # w13, w2 (and GELU experts' b1, b2)
+                setattr(experts, name, nn.Parameter(p.detach()[lo:hi].clone()))
             module.dispatcher = ExpertParallelDispatcher(group, num_experts, ep_size)
+
+
+def scale_expert_grads_(expert_params, ep_size: int) -> None:
+    """Divide the gradients of EP-sliced experts by `ep_size`, in place: an expert's gradient sums the tokens of every
+    rank in its EP group (the all-to-all brings them), while each rank's loss is a mean over its own batch; with this
+    factor the gradient is that of the mean over the group (the FSDP engine calls it once per step, after the
+    backward of the last micro-batch; DeepSpeed's ZeRO divides by the world size itself)."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in expert_params
+             if p.grad is not None]
+    if ep_size > 1 and grads:
+        foreach_mul_(grads, 1.0 / ep_size)
 
 
 def expert_param_names(model: nn.Module) -> set:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Optional
 
@@ -62,6 +63,21 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_threads(cores: int, local_processes: int, loader_workers: int) -> int:
+    """Intra-op threads per training process on a CPU-only node: the cores left after the loader's worker processes,
+    shared by the node's training processes (at least 1). Oversubscribed cores cost far more than they give (on a
+    loaded 2-core machine 2 threads ran 5× slower than 1). OMP_NUM_THREADS, when set, wins."""
+    return max(1, (cores - local_processes * loader_workers) // max(1, local_processes))
+
+
+def _local_processes(world: int) -> int:
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]
+        if value.isdigit():
+            return int(value)
+    return world
+
+
 def check_layout(cfg, world: int) -> None:
     """Errors every rank computes identically from the config, before any collective."""
     engine, ep = cfg.parallel.engine, cfg.parallel.ep
@@ -89,12 +105,25 @@ def check_same_config(cfg, rank: int, world: int) -> None:
                           f"launch every rank with the same --config file and overrides.")
 
 
+def agree(topology: "Topology", error: Optional[str]) -> Optional[str]:
+    """The first rank's error of those that had one (e.g. only rank 0 takes the run directory's lock), so every rank
+    can raise the same ConfigError instead of waiting in the next collective."""
+    if topology.world_size == 1 or not dist.is_initialized():
+        return error
+    errors = [None] * topology.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def init_topology(cfg) -> Topology:
     rank, world, local_rank = env_rank()
     check_layout(cfg, world)
     device = pick_device(cfg.train.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads(cores, _local_processes(world), cfg.data.num_workers))
     if cfg.parallel.engine == "local":
         return Topology(device=device)
 
@@ -102,7 +131,8 @@ def init_topology(cfg) -> Topology:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
     check_same_config(cfg, rank, world)
     ep = cfg.parallel.ep
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))

@@ -1,6 +1,7 @@
 """Preemption-safe checkpoints: retention, a save killed with SIGKILL, truncated / corrupted files and the
 auto-resume fallback, SIGUSR1 and the wall-time guard (save, exit 75, resume), safetensors export."""
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -401,3 +402,8 @@ def test_signal_to_one_rank_stops_every_rank(tiny_shards, tmp_path):
     stopped = read_metrics(run)[-1]["step"]
     assert stopped < 40 and load_checkpoint(run)["step"] == stopped
     assert len(load_checkpoint(run)["per_rank"]) == 2
+
+
+def test_saves_record_how_long_they_took(trained_run):
+    seconds = json.load(open(os.path.join(trained_run, "save_seconds.json")))
+    assert 0 < seconds["last"] <= seconds["max"] < 600

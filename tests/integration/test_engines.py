@@ -160,3 +160,52 @@ def test_deepspeed_zero3_dense_matches_local():
     ref = train_steps("local", 1, 0, 1, torch.float32, DENSE)
     for result in run_distributed(ds_worker, 2, "deepspeed", 1, DENSE + ("parallel.zero_stage=3",)):
         assert_same_run(result, ref)
+
+
+def _accumulating(rank, world):
+    """FSDP, 2 micro-batches per step: each FSDP group reduce-scatters once per step (at the last micro-batch), and
+    the step equals one process taking both micro-batches of both ranks."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fsdp_group   # probe: FSDP2's reduction
+    calls = []
+    real = fsdp_group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    fsdp_group.foreach_reduce = counting
+    torch.set_default_dtype(torch.float64)
+    cfg = make_cfg("fsdp", 1, ("train.grad_accum=2",))
+    engine = build_engine(cfg, _randomized(cfg), init_topology(cfg))
+    counts = []
+    for step in range(2):
+        before = len(calls)
+        for micro in range(2):
+            x, t, y, target = (v[rank * 2 + micro:rank * 2 + micro + 1] for v in global_batch(step))
+            out, aux = engine.module(x, t, y)
+            engine.backward(((out - target).square().mean() + aux["moe_loss"]) / 2)
+        engine.clip_grad_norm(cfg.optim.grad_clip)
+        engine.step(torch.tensor(True))
+        engine.zero_grad()
+        counts.append(len(calls) - before)
+    fsdp_group.foreach_reduce = real
+    state = engine.state_dict()
+    torch.set_default_dtype(torch.float32)
+    return counts, state
+
+
+def _randomized(cfg):
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def test_fsdp_gradient_accumulation_reduces_once_per_step(reference):
+    results = run_distributed(_accumulating, 2)
+    groups = 2 + 2 + 1                     # each block, each block's experts (a group of their own), the root
+    _, _, _, ref_state = train_steps("local", 1, 0, 1, steps=2)
+    for counts, state in results:
+        assert counts == [groups, groups], counts
+        for name, v in ref_state["model"].items():
+            torch.testing.assert_close(state["model"][name], v, rtol=1e-5, atol=1e-7, msg=name)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from dit_scale.models.init import init_moe_
 from dit_scale.models.moe import MoEFFN
-from dit_scale.parallel.expert_parallel import _regroup_order, shard_experts
+from dit_scale.parallel.expert_parallel import _regroup_order, scale_expert_grads_, shard_experts
 
 D, H, E = 16, 32, 4
 
@@ -42,6 +42,7 @@ def ep_worker(rank, world, kw):
     x = rank_tokens(rank).requires_grad_()
     out, aux = layer(x)
     (out * torch.linspace(-1, 1, D)).sum().add(aux.loss).backward()
+    scale_expert_grads_(layer.experts.parameters(), world)          # what the FSDP engine does before clipping
     return out.detach(), x.grad, layer.experts.w13.grad, layer.experts.w2.grad, layer.router.weight.grad
 
 

@@ -12,6 +12,7 @@ their layout and apply the rules of `dit_scale/optim.py` (optimizer, schedule, E
     engine.barrier(); engine.checkpoint_group(async_save)   # for sharded checkpoints
     engine.state_dict() / load_state_dict(sd)      # model, EMA, optimizer, scheduler (full tensors)
     engine.state_dict(sharded=True)      # same keys and global shapes; DTensor views of each rank's piece (for DCP)
+    engine.all_finite()                   # every held weight and EMA weight finite (collective; at saves)
     with engine.sampling_module() as m:   # the EMA model for sampling (every rank calls it: forwards may be collective)
 
 The trainer never branches on the engine name. Parameter groups come from parameter roles (`dit_scale.mup`).
@@ -63,6 +64,17 @@ class Engine:
     def sampling_module(self):
         """Context manager yielding the EMA model; called on every rank."""
         raise NotImplementedError
+
+    def held_tensors(self) -> list:
+        """The weights and EMA weights this rank holds (whatever piece of them its layout gives it)."""
+        raise NotImplementedError
+
+    def all_finite(self) -> bool:
+        """Whether every weight and EMA weight of every rank is finite (collective; one host sync: call it at saves,
+        not per step)."""
+        flags = [torch.isfinite(t).all() for t in self.held_tensors() if t.numel()]
+        bad = (~torch.stack(flags)).sum().float().reshape(1)
+        return self.all_reduce_sum_(bad).item() == 0
 
     @property
     def lr(self) -> float:

@@ -14,13 +14,16 @@ How the pieces map onto DeepSpeed:
 - Gradient scale: ZeRO divides every gradient by the data-parallel world size, then sums dense gradients over all
   ranks and expert gradients over the expert-data-parallel ranks. An expert's local gradient already sums the
   tokens of its whole EP group, so that sum over edp ranks / world size is the global mean as it stands: unlike
-  FSDP (which averages over the edp ranks), the experts keep `grad_scale = 1`.
+  FSDP (which averages over the edp ranks), the experts' gradients need no factor here.
 - Parameter groups (μP multipliers, weight decay) come from `optim.build_optimizer` (parameter roles); the torch
   AdamW it builds is handed to ZeRO as the base optimizer and our LR schedule steps it. Clipping is ZeRO's (by the global
   norm with experts counted once; `clip_grad_norm` returns that norm before the step, from ZeRO's own routine).
 - Gradient accumulation: the trainer's loss is already divided by `train.grad_accum`; we mark the last
   micro-batch as the accumulation boundary ourselves.
-- EMA of what each rank holds: full dense + local experts at stage 1/2, the rank's partition at stage 3.
+- EMA of the fp32 master weights each rank holds, as FSDP keeps it: at stage 1/2 the fragments of ZeRO's fp32
+  partition (so the EMA shrinks with the data-parallel size too), at stage 3 the rank's fp32 partition. With bf16
+  the module holds bf16 copies; the EMA never follows them. Gradients accumulate and reduce in fp32
+  (`data_types.grad_accum_dtype`), as FSDP's reduce dtype.
 - `state_dict()` is the consolidated format of the other engines (full tensors, experts stacked over their global
   index), so checkpoints move between engines and process counts. DeepSpeed's `save_checkpoint` is not used: it
   writes only rank 0's module (experts of other EP ranks would be lost).
@@ -34,11 +37,12 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, zero_init_optimizer_state,
-                              zero_norm_groups)
+from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, zero_fp32_fragment, zero_fp32_full,
+                              zero_init_optimizer_state, zero_norm_groups)
 from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, uses_bf16
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names
+from dit_scale.parallel.materialize import is_meta, materialize_
 from dit_scale.parallel.parallelize import parallelize
 from dit_scale.parallel.state import ema_swapped_in, global_value, load_buffers_, persistent_buffers, rank_piece
 
@@ -65,23 +69,25 @@ def ds_config(cfg, world_size: int, bf16: bool) -> dict:
                               "overlap_comm": False},
         "zero_allow_untested_optimizer": True,       # our torch AdamW with μP groups, not DeepSpeed's Adam
         "bf16": {"enabled": bf16},
+        "data_types": {"grad_accum_dtype": "fp32"},  # accumulate and reduce gradients in fp32, as FSDP does
         "steps_per_print": 10 ** 12,
         "wall_clock_breakdown": False,
     }
 
 
 class DeepSpeedEngineWrapper(ProcessGroupEngine):
-    def __init__(self, cfg, model, topology, mup=None):
+    def __init__(self, cfg, model, topology, mup=None, init=None):
         deepspeed, DeepSpeedConfig = _import_deepspeed()
         self.cfg, self.topo = cfg, topology
         self.stage = cfg.parallel.zero_stage
-        device = topology.device
+        device = self.device = topology.device
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-        self.model = model.to(device)
+        meta = is_meta(model)
+        self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
         parallelize(model, cfg, topology)                      # checkpointing, compile, experts; ZeRO shards below
-        for layer in model.moe_layers():
-            layer.experts.grad_scale = 1.0                     # see "Gradient scale" above
+        if meta:                                               # this rank's experts only; ZeRO partitions the rest
+            materialize_(model, init, topology, device)
         moe = bool(self.expert_names)
         if moe:
             group_name = deepspeed_expert_groups(topology.ep_size)
@@ -105,12 +111,26 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self.optimizer = optimizer                     # the base torch AdamW inside ZeRO (holds lr / lr_mult)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self._init_optimizer_state()
-        self.ema = EMA([self._held(p).detach().clone().float() for p in self.params], cfg.optim.ema_decay)
+        self.ema = EMA([self._master(p).detach().clone().float() for p in self.params], cfg.optim.ema_decay)
         self._micro = 0
 
     def _held(self, p):
         """The part of a parameter this rank holds: the tensor itself (stage 1/2), its partition (stage 3)."""
         return p.ds_tensor if self.stage == 3 else p.data
+
+    def _master(self, p):
+        """The fp32 master weights of `p` this rank holds (what the EMA follows): its fragment of ZeRO's flat fp32
+        partition (stage 1/2; empty where it holds none), its fp32 partition (stage 3)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+            return safe_get_local_fp32_param(p)
+        found = zero_fp32_fragment(p)
+        return found[0] if found is not None else torch.zeros(0, device=self.topo.device)
+
+    def _full_ema(self, p, ema):
+        """Stage 1/2: the full EMA of `p` from every rank's fragment (collective)."""
+        found = zero_fp32_fragment(p)
+        return zero_fp32_full(p, ema if found is not None else None, found[1] if found is not None else None)
 
     # -- training -------------------------------------------------------------------------------------------------
     def backward(self, loss):
@@ -135,7 +155,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self._micro = 0
         applied = torch.as_tensor(self.ds.was_step_applied(), device=self.topo.device) & ok
         self.scheduler.step()
-        self.ema.update([self._held(p).float() for p in self.params], applied)
+        self.ema.update([self._master(p) for p in self.params], applied)
 
     def zero_grad(self):
         self.ds.zero_grad()
@@ -143,8 +163,13 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
     @contextmanager
     def sampling_module(self):
         """The model with EMA weights swapped into what each rank holds; every rank must call it."""
-        with ema_swapped_in([self._held(p) for p in self.params], self.ema.tensors):
+        ema = self.ema.tensors if self.stage == 3 else \
+            [self._full_ema(p, e) for p, e in zip(self.params, self.ema.tensors)]
+        with ema_swapped_in([self._held(p) for p in self.params], ema):
             yield self.model
+
+    def held_tensors(self) -> list:
+        return [self._held(p) for p in self.params] + list(self.ema.tensors)
 
     # -- consolidated state ---------------------------------------------------------------------------------------
     def _global(self, name, value, sharded):
@@ -155,6 +180,12 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         elif name not in self.expert_names:
             return value.cpu()
         return global_value(value, True, self.topo, sharded)
+
+    def _full_ema_value(self, name, p, ema, sharded=False):
+        """The global EMA of a parameter (stage 1/2: from the fragments; stage 3: from the partitions)."""
+        if self.stage == 3:
+            return self._full_from_held(name, p, ema, sharded)
+        return self._global(name, self._full_ema(p, ema), sharded)
 
     def _full_from_held(self, name, p, held, sharded=False):
         """Full tensor from a held value (stage 3: gather the partitions first)."""
@@ -184,11 +215,21 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         out[:piece.numel()] = piece
         return out
 
+    def _ema_slice(self, name, p, full):
+        """This rank's EMA piece of a global EMA value: its fragment (stage 1/2) or partition (stage 3), fp32."""
+        if self.stage == 3:
+            return self._held_slice(name, p, full).float().clone()
+        found = zero_fp32_fragment(p)
+        if found is None:
+            return torch.zeros(0, device=self.topo.device)
+        start, numel = found[1]
+        return self._local_slice(name, full).float().flatten().narrow(0, start, numel).clone()
+
     def state_dict(self, sharded: bool = False) -> dict:
         model, ema, state = {}, {}, {}
         for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema.tensors)):
             model[name] = self._full_hp(name, p, sharded=sharded)
-            ema[name] = self._full_from_held(name, p, e, sharded)
+            ema[name] = self._full_ema_value(name, p, e, sharded)
             state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg", sharded),
                         "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq", sharded)}
         for name, buf in persistent_buffers(self.model).items():
@@ -213,7 +254,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
                 full = state["model"][name]
                 safe_set_full_fp32_param(p, self._local_slice(name, full).float())
                 self._held(p).copy_(self._held_slice(name, p, full))
-                self.ema.tensors[i] = self._held_slice(name, p, state["ema"][name]).float().clone()
+                self.ema.tensors[i] = self._ema_slice(name, p, state["ema"][name])
                 s = opt_state.get(i)
                 if s:
                     for key in ("exp_avg", "exp_avg_sq"):

@@ -3,8 +3,9 @@ ranks that hold the same experts ("edp"); bf16 compute / fp32 reduction when tra
 
 Gradient scaling: the loss of each rank is a mean over its own batch, so the gradient of the global loss is the
 sum over ranks divided by the world size. Dense parameters get that from FSDP's mean over all ranks. An expert's
-gradient already sums the contributions of every rank of its EP group (through the all-to-all): the experts scale
-it by 1/ep (`GroupedExperts.grad_scale`, set by `shard_experts`) and FSDP averages it over the edp ranks.
+gradient already sums the contributions of every rank of its EP group (through the all-to-all): the engine scales
+it by 1/ep (`expert_parallel.scale_expert_grads_`, in place, after the step's last backward) and FSDP averages it
+over the edp ranks (when edp > 1; with edp = 1 the experts stay outside FSDP: nothing to shard or average).
 
 `state_dict()` returns the same consolidated format as the local engine (full tensors, experts stacked over their
 global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count. `state_dict(sharded=True)`
@@ -24,7 +25,8 @@ from dit_scale.compat import foreach_mul_
 from dit_scale.models.moe import MoEFFN
 from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state, uses_bf16
 from dit_scale.parallel.engines.base import ProcessGroupEngine
-from dit_scale.parallel.expert_parallel import expert_param_names
+from dit_scale.parallel.expert_parallel import expert_param_names, scale_expert_grads_
+from dit_scale.parallel.materialize import is_meta, materialize_
 from dit_scale.parallel.parallelize import parallelize
 from dit_scale.parallel.state import (ema_swapped_in, global_value, load_buffers_, persistent_buffers,
                                       rank_piece)
@@ -35,32 +37,55 @@ def _local(t):
 
 
 class FSDPEngine(ProcessGroupEngine):
-    def __init__(self, cfg, model, topology, mup=None):
+    def __init__(self, cfg, model, topology, mup=None, init=None):
         self.cfg, self.topo = cfg, topology
-        device = topology.device
-        self.model = model.to(device)
+        device = self.device = topology.device
+        meta = is_meta(model)                          # sharded first, then only this rank's shards materialised
+        self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if uses_bf16(cfg.train, device) else MixedPrecisionPolicy()
+        bf16 = uses_bf16(cfg.train, device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        # the root's inputs stay as they are: FSDP would cast the diffusion timestep to bf16 (998.39 -> 998; 4
+        # apart above 512); the timestep embedder takes it in fp32, autocast handles the rest
+        root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False) if bf16 else mp
 
-        def shard(m):
+        # Experts are sharded over the ranks that hold the same experts ("edp"). When every rank holds different
+        # experts (edp = 1) there is nothing to shard or reduce: they stay plain parameters, outside FSDP (which
+        # would otherwise keep a gathered copy and an unsharded gradient of them: twice their memory).
+        edp = topology.world_size // topology.ep_size
+
+        def shard(m):                                   # after expert parallelism replaced the expert parameters
+            local_experts = {p for layer in m.moe_layers() for p in layer.experts.parameters()} if edp == 1 else set()
             for block in m.blocks:
-                if isinstance(block.ffn, MoEFFN):
+                if isinstance(block.ffn, MoEFFN) and edp > 1:
                     fully_shard(block.ffn.experts, mesh=topology.mesh["edp"], mp_policy=mp)
-                fully_shard(block, mesh=topology.dp_mesh, mp_policy=mp)
-            fully_shard(m, mesh=topology.dp_mesh, mp_policy=mp)
+                fully_shard(block, mesh=topology.dp_mesh, mp_policy=mp, ignored_params=local_experts or None)
+            fully_shard(m, mesh=topology.dp_mesh, mp_policy=root_mp, ignored_params=local_experts or None)
 
         self.module = parallelize(model, cfg, topology, shard)
+        if meta:
+            materialize_(model, init, topology, device)
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for p in model.parameters()]
+        self._expert_params = [p for n, p in zip(self.names, self.params) if n in self.expert_names]
         self.optimizer = build_optimizer(cfg.optim, model, mup)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step
         self.ema = EMA([_local(p).detach().clone() for p in self.params], cfg.optim.ema_decay)
+        self._micro = 0
 
     # -- training -------------------------------------------------------------------------------------------------
     def backward(self, loss):
+        """Gradient accumulation: the gradients stay unsharded and unreduced until the last micro-batch of the step,
+        which reduce-scatters them once (not once per micro-batch)."""
+        self._micro += 1
+        last = self._micro >= self.cfg.train.grad_accum
+        self.model.set_requires_gradient_sync(last)
         loss.backward()
+        if last:                                       # the step's gradients are complete (and reduced)
+            scale_expert_grads_(self._expert_params, self.topo.ep_size)
 
     def clip_grad_norm(self, max_norm: float):
         """Global norm: every element of every (dense or expert) gradient lives in exactly one local shard, so the
@@ -74,6 +99,7 @@ class FSDPEngine(ProcessGroupEngine):
         return norm
 
     def step(self, ok):
+        self._micro = 0
         guarded_step(self.optimizer, ok)
         self.scheduler.step()
         self.ema.update([_local(p) for p in self.params], ok)
@@ -87,6 +113,9 @@ class FSDPEngine(ProcessGroupEngine):
         module is resharded before the EMA goes in and before the training weights come back."""
         with ema_swapped_in([_local(p) for p in self.params], self.ema.tensors, before_swap=self._reshard):
             yield self.model
+
+    def held_tensors(self) -> list:
+        return [_local(p) for p in self.params] + list(self.ema.tensors)
 
     def _reshard(self):
         for module in self.model.modules():

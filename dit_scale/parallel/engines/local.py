@@ -8,14 +8,15 @@ import torch
 
 from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state
 from dit_scale.parallel.engines.base import Engine
+from dit_scale.parallel.materialize import is_meta, materialize_
 from dit_scale.parallel.parallelize import parallelize
 
 
 class LocalEngine(Engine):
-    def __init__(self, cfg, model, topology, mup=None):
+    def __init__(self, cfg, model, topology, mup=None, init=None):
         self.cfg = cfg
         self.device = topology.device
-        self.model = model.to(self.device)
+        self.model = materialize_(model, init, topology, self.device) if is_meta(model) else model.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.module = parallelize(self.model, cfg, topology)
         self.optimizer = build_optimizer(cfg.optim, self.model, mup)
@@ -65,3 +66,6 @@ class LocalEngine(Engine):
     @contextmanager
     def sampling_module(self):
         yield self.ema_model
+
+    def held_tensors(self) -> list:
+        return list(self.model.parameters()) + list(self.ema_model.parameters())

@@ -1,0 +1,32 @@
+"""On a GPU (`-m gpu`; skipped without CUDA): a whole training step of the trainer — loader batch to device, forward
+with routing and grouped GEMM, loss, backward, clipping, the skip decision's all-reduce, fused AdamW, EMA, router bias
+— runs without a host synchronisation (torch.cuda.set_sync_debug_mode("error")), bf16 by default."""
+import pytest
+import torch
+
+from dit_scale.config import load_config
+from dit_scale.metrics import MoEStats
+from dit_scale.trainer import Trainer
+from tiny import tiny_overrides
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [{}, {"mask.ratio": 0.5}, {"moe.score_function": "sigmoid",
+                                                               "moe.bias_update_rate": 0.01}])
+def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
+        "train.device": "cuda", "train.deterministic": False, "data.num_workers": 0, **extra}))
+    trainer = Trainer(cfg)
+    stats = MoEStats()
+    for _ in range(2):                                    # warm-up: lazy initialisation may synchronise
+        trainer.train_step(stats)
+        trainer.step += 1
+    batch = next(trainer.loader)                          # the loader's pinned batch, as the step would take it
+    trainer.loader = iter([batch])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        totals, grad_norm, ok = trainer.train_step(stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(totals).all() and bool(ok)
