@@ -1,12 +1,17 @@
-"""Write a class-conditional sample grid (one row per class) from a run directory, a checkpoint or an export.
+"""Write a class-conditional sample grid (one row per class, titled with the class names) from a run directory,
+a checkpoint or an export; latent models are decoded through the VAE.
 
     python launch/sample.py --run runs/quickstart
     python launch/sample.py --ckpt runs/quickstart/checkpoints/step_00001500 --classes 0,3,7 --per-class 8 \
         --steps 50 --cfg-scale 3 --out grid.png
     python launch/sample.py --ckpt model.safetensors --out grid.png      # written by launch/export.py
+    python launch/sample.py --run runs/in1k --vae /models/sd-vae-ft-ema --sampler ancestral --steps 250 \
+        --cfg-scale 4 --guide-channels 3                                # DiT's sampling protocol
 
 Uses the EMA weights unless --no-ema (an exported file holds one set: the one it was exported with). The model and
-sampler settings come from the config stored in the checkpoint (an export: its safetensors metadata).
+sampler settings come from the config stored in the checkpoint (an export: its safetensors metadata). Latents are
+decoded with the VAE the training shards' manifest names (data.path of that config) or --vae PATH; without either,
+the grid shows the first three latent channels and says so.
 """
 import argparse
 import os
@@ -17,9 +22,28 @@ import torch
 from dit_scale.build import build
 from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint, load_exported
 from dit_scale.config import ConfigError, config_from_yaml_text
+from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.parallel.topology import pick_device
 from dit_scale.run_dir import RunDir
-from dit_scale.sampling import class_grid, save_grid
+from dit_scale.sampling import write_class_grid
+from dit_scale.vae import data_manifest, image_decoder
+
+
+def parse_classes(text, num_classes: int):
+    """--classes "0,3,7" as ids the model knows ([0, num_classes); an unconditional model: 0), or None (default)."""
+    if not text:
+        return None
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--classes {text!r} must be comma-separated class ids, e.g. 0,3,7.") from None
+    top = max(num_classes, 1)
+    bad = [c for c in classes if not 0 <= c < top]
+    if bad:
+        known = f"0..{num_classes - 1}" if num_classes else "0 (the model is unconditional, model.num_classes=0)"
+        raise ConfigError(f"--classes has {bad[0]}, which this model does not know: its classes are {known} "
+                          f"(class {num_classes} is the null class guidance uses, not a class to sample).")
+    return classes
 
 
 def main(argv=None):
@@ -31,7 +55,12 @@ def main(argv=None):
     p.add_argument("--classes", help="comma-separated class ids (default: the first logging.max_sample_classes)")
     p.add_argument("--per-class", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: diffusion.sample_steps)")
+    p.add_argument("--sampler", default=None, help="euler | heun (flow), ddim | ancestral (ddpm); default: "
+                                                   "diffusion.sampler")
     p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--guide-channels", type=int, default=None,
+                   help="guide only the first N channels (DiT: 3); default: all")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: the shards' manifest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto")
@@ -43,23 +72,41 @@ def main(argv=None):
         state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
         cfg = config_from_yaml_text(state["config"])
         device = pick_device(args.device)
+        decoder = image_decoder(cfg, args.vae, device)
+        manifest, _ = data_manifest(cfg)
     except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        classes = parse_classes(args.classes, cfg.model.num_classes)
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     built = build(cfg)
     model, objective = built.model, built.objective
     model.load_state_dict(state["weights"] if "weights" in state else state["model" if args.no_ema else "ema"])
     model.to(device).eval()
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     per_class = args.per_class or cfg.logging.samples_per_class
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        images = class_grid(model, objective, cfg, device, classes=classes, per_class=per_class,
-                            num_steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed)
+    sampler = args.sampler or cfg.diffusion.sampler or DEFAULT_SAMPLER[cfg.diffusion.objective]
+    steps = args.steps or cfg.diffusion.sample_steps
+    scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    step = int(state.get("step", 0))
     out = args.out or (os.path.splitext(path)[0] + "_grid.png" if "weights" in state else
                        os.path.join(RunDir(os.path.dirname(os.path.dirname(path))).samples,
-                                    f"grid_step{int(state['step']):08d}.png"))
+                                    f"grid_step{step:08d}.png"))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save_grid(images, per_class, out, upscale=2)
+    title = f"{cfg.model.name} step {step} · {sampler} {steps} steps · cfg {scale:g}"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            write_class_grid(model, objective, cfg, device, out, decoder=decoder, manifest=manifest, classes=classes,
+                             per_class=per_class, title=title, num_steps=steps, cfg_scale=scale, seed=args.seed,
+                             sampler=sampler, guide_channels=args.guide_channels)
+    except ValueError as e:             # a sampler or step count that does not fit the objective
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if decoder is None:
+        print("note: no VAE known for these latents (the shards' manifest is not here or names none); the grid "
+              "shows latent channels 0-2. Pass --vae PATH to decode them.", file=sys.stderr)
     print(out)
     return 0
 

@@ -56,6 +56,20 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_bin_prob))
 
 
+def space_timesteps(num_timesteps: int, num_steps: int) -> list:
+    """DiT's / Improved DDPM's `space_timesteps(T, "N")` for one section: N steps of the T, evenly strided from 0 to
+    T - 1 (stride (T - 1) / (N - 1), each rounded), in increasing order."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"cannot take {num_steps} steps out of num_timesteps={num_timesteps}; use 1 to "
+                         f"{num_timesteps} steps.")
+    stride = (num_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
+    steps, position = [], 0.0
+    for _ in range(num_steps):
+        steps.append(round(position))
+        position += stride
+    return sorted(set(steps))
+
+
 def _extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """Pick values[t] for a batch of integer steps t [B], as float32 on t's device, shaped [B, 1, 1, ...]."""
     picked = values.float().to(device=t.device)[t]
@@ -70,22 +84,26 @@ class GaussianDiffusion:
         beta_start, beta_end: ends of the linear beta schedule.
         learn_sigma: the model outputs [eps, v] (2x channels) and the loss adds the VLB term.
         vlb_weight: lambda in L_simple + lambda * L_vlb (only used with learn_sigma).
+        betas: an explicit schedule instead of the linear one (`respaced` builds one; num_timesteps is its length).
     """
 
     name = "ddpm"
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 learn_sigma: bool = False, vlb_weight: float = 0.001):
-        if num_timesteps < 2:
-            raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}.")
-        if not 0.0 < beta_start <= beta_end < 1.0:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}.")
-        self.num_timesteps = int(num_timesteps)
+                 learn_sigma: bool = False, vlb_weight: float = 0.001, betas: Optional[torch.Tensor] = None):
+        if betas is None:
+            if num_timesteps < 2:
+                raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}.")
+            if not 0.0 < beta_start <= beta_end < 1.0:
+                raise ValueError(f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}.")
+            betas = linear_beta_schedule(int(num_timesteps), beta_start, beta_end)
+        # Everything below is float64 on the CPU; `_extract` converts to float32 on the data's device.
+        self.betas = torch.as_tensor(betas, dtype=torch.float64)
+        if len(self.betas) < 2:
+            raise ValueError(f"a schedule needs at least 2 steps, got {len(self.betas)}.")
+        self.num_timesteps = len(self.betas)
         self.learn_sigma = bool(learn_sigma)
         self.vlb_weight = float(vlb_weight)
-
-        # Everything below is float64 on the CPU; `_extract` converts to float32 on the data's device.
-        self.betas = linear_beta_schedule(self.num_timesteps, beta_start, beta_end)
         alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(alphas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -102,6 +120,22 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = self.betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = torch.log(self.betas)
+
+    def respaced(self, num_steps: int) -> Tuple["GaussianDiffusion", list]:
+        """The process restricted to `num_steps` of the T steps, as DiT's `SpacedDiffusion` (timestep respacing):
+        (a GaussianDiffusion over the kept steps, the kept original steps in increasing order). Its betas are
+        1 - abar[t_i] / abar[t_(i-1)], so its abar at index i is this abar at t_i; the model is called with t_i."""
+        steps = space_timesteps(self.num_timesteps, num_steps)
+        abar = self.alphas_cumprod[steps]
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return GaussianDiffusion(learn_sigma=self.learn_sigma, vlb_weight=self.vlb_weight,
+                                 betas=1.0 - abar / previous), steps
+
+    def fixed_log_variance(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Log-variance of p(x_{t-1} | x_t) without a learned variance: DiT's FIXED_LARGE, beta_t (the posterior
+        variance at t = 0, for a better decoder likelihood)."""
+        large = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+        return _extract(torch.log(large), t, ndim)
 
     def out_channels(self, in_channels: int) -> int:
         """eps per input channel, plus the variance interpolation v per channel with learn_sigma."""

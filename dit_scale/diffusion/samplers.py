@@ -1,20 +1,30 @@
-"""Deterministic samplers with classifier-free guidance: one entry point, `sample`.
+"""Samplers with classifier-free guidance: one entry point, `sample`.
 
 - Flow matching: integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) on a uniform grid of `num_steps`
   intervals, with "euler" (default) or "heun" (Heun's 2nd-order method; the last step, which ends at t = 0,
   is a plain Euler step as in EDM/SiT).
 - DDPM: "ddim" with eta = 0 over `num_steps` evenly spaced integer steps from T-1 down to 0 (the same steps as
-  DiT's timestep respacing). With learn_sigma only the eps half of the model output is used.
+  DiT's timestep respacing); with learn_sigma only the eps half of the model output is used. "ancestral" is DiT's
+  own sampler (`p_sample_loop` of a respaced diffusion, DiT samples 250 steps this way): x_(t-1) ~ N(mean, var)
+  with the posterior mean of the predicted x0 and the model's learned variance (learn_sigma: v interpolates the
+  log-variance between the respaced posterior variance and beta; otherwise DiT's fixed "large" variance), no noise
+  added at the last step, x0 not clipped (DiT's sample.py: clip_denoised=False). It draws noise from `generator`.
 
 Classifier-free guidance (cfg_scale != 1): the model runs once on the doubled batch [x, x] with labels
-[y, null_label] and the two halves are combined as uncond + cfg_scale * (cond - uncond). Guidance is applied only
-at times inside `guidance_interval` = (lo, hi), inclusive, where time is t in [0, 1] for flow and step / T for
-DDPM; elsewhere the model runs on the conditional batch only.
+[y, null_label] and the two halves are combined as uncond + cfg_scale * (cond - uncond) on the first
+`guide_channels` output channels (default: all eps / velocity channels); the other channels (the rest of eps,
+the learned variance) are the conditional half's, as DiT's `forward_with_cfg` does with guide_channels=3 (it
+guides three of the four latent channels). Guidance is applied only at times inside `guidance_interval` =
+(lo, hi), inclusive, where time is t in [0, 1] for flow and step / T for DDPM; elsewhere the model runs on the
+conditional batch only.
+
+`generator` is a torch.Generator or a list of one per sample: then sample i's noise comes from generator i only,
+so a sample does not depend on which batch it is drawn in (distributed evaluation).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -23,14 +33,15 @@ from .flow import FlowMatching
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
-SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim",)}
+SAMPLERS = {"flow": ("euler", "heun"), "ddpm": ("ddim", "ancestral")}
+Generators = Union[torch.Generator, List[torch.Generator], None]
 DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddim"}
 
 
 def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_steps: int,
            sampler: Optional[str] = None, cfg_scale: float = 1.0, null_label: Optional[int] = None,
-           guidance_interval: Tuple[float, float] = (0.0, 1.0),
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           guidance_interval: Tuple[float, float] = (0.0, 1.0), guide_channels: Optional[int] = None,
+           generator: Generators = None) -> torch.Tensor:
     """Turn `noise` [B, C, ...] into samples x0 of the same shape.
 
     Args:
@@ -40,12 +51,13 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         noise: the starting point, standard normal.
         y: class labels [B] (may be None for an unconditional model when cfg_scale == 1).
         num_steps: number of integration / denoising steps.
-        sampler: flow "euler" (default) or "heun"; ddpm "ddim" (default).
+        sampler: flow "euler" (default) or "heun"; ddpm "ddim" (default) or "ancestral".
         cfg_scale: guidance weight; 1 disables guidance.
         null_label: the class id meaning "no class" (num_classes); required when cfg_scale != 1.
         guidance_interval: (lo, hi) times at which guidance is applied (see the module docstring).
-        generator: accepted so stochastic samplers can share this signature; the current samplers are all
-            deterministic and draw no random numbers.
+        guide_channels: guide only the first N output channels (DiT: 3); None: all of eps / the velocity.
+        generator: the noise of the stochastic sampler ("ancestral"): a generator or a list of one per sample
+            (see the module docstring); None: torch's global generator. The other samplers draw nothing.
     """
     if isinstance(objective, FlowMatching):
         kind = "flow"
@@ -67,12 +79,20 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
     if cfg_scale != 1.0 and y is None:
         raise ValueError("cfg_scale != 1 needs class labels y to guide towards.")
 
-    guide = _Guidance(model_fn, y, cfg_scale, null_label, guidance_interval)
+    channels = noise.shape[1]
+    if guide_channels is not None and not 1 <= guide_channels <= channels:
+        raise ValueError(f"guide_channels must be between 1 and the {channels} input channels, got {guide_channels}.")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(noise):
+        raise ValueError(f"got {len(generator)} generators for {len(noise)} samples; pass one per sample.")
+    guide = _Guidance(model_fn, y, cfg_scale, null_label, guidance_interval,
+                      channels if guide_channels is None else guide_channels)
     with torch.no_grad():
         if sampler == "euler":
             return _flow_euler(objective, guide, noise, num_steps)
         if sampler == "heun":
             return _flow_heun(objective, guide, noise, num_steps)
+        if sampler == "ancestral":
+            return _ancestral(objective, guide, noise, num_steps, generator)
         return _ddim(objective, guide, noise, num_steps)
 
 
@@ -80,8 +100,9 @@ class _Guidance:
     """Calls the model at one time value, with classifier-free guidance when that time is inside the interval."""
 
     def __init__(self, model_fn: ModelFn, y: Optional[torch.Tensor], cfg_scale: float,
-                 null_label: Optional[int], interval: Tuple[float, float]):
+                 null_label: Optional[int], interval: Tuple[float, float], guide_channels: int):
         self.model_fn = model_fn
+        self.guide_channels = guide_channels
         self.y = y
         self.cfg_scale = float(cfg_scale)
         self.low, self.high = float(interval[0]), float(interval[1])
@@ -97,7 +118,9 @@ class _Guidance:
             return self.model_fn(x, t_model, self.y)
         out = self.model_fn(torch.cat([x, x]), t_model, self.y_doubled)
         cond, uncond = out.chunk(2, dim=0)
-        return uncond + self.cfg_scale * (cond - uncond)
+        k = self.guide_channels
+        guided = uncond[:, :k] + self.cfg_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)
 
 
 def _flow_time_grid(num_steps: int):
@@ -149,4 +172,37 @@ def _ddim(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, n
         eps = eps.to(x.dtype)
         x0_pred = (x - math.sqrt(1.0 - a_cur) * eps) / math.sqrt(a_cur)
         x = math.sqrt(a_prev) * x0_pred + math.sqrt(1.0 - a_prev) * eps
+    return x
+
+
+def _randn(shape, generator: Generators, device, dtype) -> torch.Tensor:
+    """Standard normal noise of `shape`; with a list of generators, row i from generator i (on its device)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype)
+                            for g in generator]).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _ancestral(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, num_steps: int,
+               generator: Generators) -> torch.Tensor:
+    """DiT's p_sample_loop on the respaced process (see the module docstring)."""
+    if not 2 <= num_steps <= objective.num_timesteps:
+        raise ValueError(f"ancestral sampling needs 2 to num_timesteps ({objective.num_timesteps}) steps, "
+                         f"got {num_steps}.")
+    spaced, steps = objective.respaced(num_steps)
+    channels, batch = noise.shape[1], noise.shape[0]
+    x = noise
+    for i in reversed(range(len(steps))):
+        out = guide(x, float(steps[i]), steps[i] / objective.num_timesteps)
+        t = torch.full((batch,), i, dtype=torch.long, device=x.device)
+        eps = out[:, :channels].to(x.dtype)
+        if objective.learn_sigma:
+            log_variance = spaced.model_log_variance(out[:, channels:2 * channels].to(x.dtype), t)
+        else:
+            log_variance = spaced.fixed_log_variance(t, x.dim())
+        mean, _, _ = spaced.q_posterior_mean_variance(spaced.predict_x0_from_eps(x, t, eps), x, t)
+        if i == 0:
+            return mean
+        x = mean + torch.exp(0.5 * log_variance) * _randn(x.shape, generator, x.device, x.dtype)
     return x

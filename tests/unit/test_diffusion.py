@@ -292,7 +292,8 @@ def test_sampler_error_messages():
     with pytest.raises(ValueError, match=r"Unknown sampler 'ddim' for the flow objective; "
                                          r"allowed values: 'euler', 'heun'\."):
         sample(flow, model, noise, y, num_steps=2, sampler="ddim")
-    with pytest.raises(ValueError, match=r"Unknown sampler 'euler' for the ddpm objective; allowed values: 'ddim'\."):
+    with pytest.raises(ValueError, match=r"Unknown sampler 'euler' for the ddpm objective; "
+                                         r"allowed values: 'ddim', 'ancestral'\."):
         sample(ddpm, model, noise, y, num_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="cfg_scale != 1 needs null_label"):
         sample(flow, model, noise, y, num_steps=2, cfg_scale=3.0)

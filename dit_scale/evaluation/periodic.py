@@ -1,0 +1,99 @@
+"""What the trainer evaluates while it trains: `eval.every` steps a validation loss and optionally a small FID, and
+its sample grids, decoded and titled.
+
+    evaluation = TrainingEvaluation(cfg, topology, objective, device)     # once, in Trainer.__init__
+    if evaluation.due(step):
+        log.log(step, evaluation.run(step, engine))                       # every rank (forwards are collective)
+    evaluation.write_grid(engine, step, path)                             # every rank; rank 0 writes the PNG
+
+The validation loss (`evaluation/val_loss.py`) needs `eval.val_path`; the FID needs `eval.fid_samples`,
+`eval.inception` and `eval.ref` (`evaluation/evaluator.py`; a shards:PATH reference is computed at the first
+evaluation and cached). Both use the EMA weights unless eval.ema=false. The row logged: val_loss (and per t bin),
+fid, sfid, inception_score, precision, recall, and eval/* describing how the images were drawn.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from dit_scale.config import ConfigError
+from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.evaluation.evaluator import evaluate_samples, metrics_row
+from dit_scale.evaluation.generate import SamplingSpec
+from dit_scale.evaluation.inception import load_inception, weights_fingerprint
+from dit_scale.evaluation.reference import FeatureExtractor, load_reference
+from dit_scale.evaluation.val_loss import ValidationLoss
+from dit_scale.optim import autocast
+from dit_scale.sampling import class_grid, save_class_grid
+from dit_scale.vae import data_manifest, image_decoder
+
+
+_NOT_LOADED = object()
+
+
+class TrainingEvaluation:
+    def __init__(self, cfg, topology, objective, device):
+        self.cfg, self.topo, self.objective, self.device = cfg, topology, objective, device
+        e = cfg.eval
+        self.val = ValidationLoss.from_config(cfg, objective, device) if e.every and e.val_path else None
+        self.fid = bool(e.every and e.fid_samples)
+        if self.fid and not os.path.isfile(e.inception):
+            raise ConfigError(f"eval.inception={e.inception!r} is not a file; download the FID Inception weights once "
+                              f"(README, \"Evaluation\") and give their local path.")
+        self._extractor = self._reference = None
+        # the FID decodes on every rank and needs a decoder now (a latent run without a known VAE fails here, before
+        # training); grids need one on rank 0 only, loaded at the first grid
+        self._decoder = image_decoder(cfg, device=device, required=True) if self.fid else _NOT_LOADED
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.eval.every
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
+
+    def decoder(self):
+        """The run's image decoder (VAE from the shards' manifest, or pixels; None: latents without a known VAE)."""
+        if self._decoder is _NOT_LOADED:
+            self._decoder = image_decoder(self.cfg, device=self.device)
+        return self._decoder
+
+    def _model(self, engine):
+        return engine.sampling_module() if self.cfg.eval.ema else contextlib.nullcontext(engine.module)
+
+    def run(self, step: int, engine) -> dict:
+        """The evaluation row of `step` (every rank calls it; the numbers are the same on every rank)."""
+        e, collective = self.cfg.eval, self.topo.world_size > 1
+        row = {}
+        with self._model(engine) as model:
+            if self.val is not None:
+                with autocast(self.cfg.train, self.device):
+                    row.update(self.val(model, self.topo.rank, self.topo.world_size, engine.all_reduce_sum_,
+                                        collective_forward=collective))
+            if self.fid:
+                extractor, reference = self._fid_setup()
+                result = evaluate_samples(model, self.objective, self.cfg, SamplingSpec.from_config(self.cfg),
+                                          self.decoder(), extractor, reference, e.fid_samples,
+                                          batch_size=e.batch_size, collective_forward=collective)
+                row.update(metrics_row(result, ema=e.ema))
+        return row
+
+    def _fid_setup(self):
+        if self._extractor is None:
+            e = self.cfg.eval
+            self._extractor = FeatureExtractor(load_inception(e.inception, self.device, field="eval.inception"),
+                                               self.device, self.topo.rank, self.topo.world_size, e.batch_size,
+                                               weights_fingerprint(e.inception))
+            self._reference = load_reference(e.ref, self._extractor, num_samples=e.ref_samples, field="eval.ref")
+        return self._extractor, self._reference
+
+    def write_grid(self, engine, step: int, path: str) -> str:
+        """The class grid of `step` from the EMA model: every rank samples it (forwards may be collective), rank 0
+        decodes and writes it. Returns the path on rank 0, "" elsewhere."""
+        d = self.cfg.diffusion
+        sampler = d.sampler or DEFAULT_SAMPLER[d.objective]
+        with engine.sampling_module() as model:
+            samples = class_grid(model, self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
+        if not self.topo.is_main:
+            return ""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return save_class_grid(samples, self.cfg, path, decoder=self.decoder(), manifest=data_manifest(self.cfg)[0],
+                               title=f"{self.cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
+                                     f"cfg {d.cfg_scale:g}")

@@ -1,0 +1,176 @@
+"""Reference statistics: what generated images are compared with.
+
+    ref = load_reference("VIRTUAL_imagenet256_labeled.npz", extractor)   # ADM's reference batch
+    ref = load_reference("shards:data/in1k-val", extractor)               # computed once, then cached
+    ref.mu, ref.sigma, ref.mu_s, ref.sigma_s, ref.pool                    # pool: real features for precision/recall
+
+Two sources:
+- an `.npz` file: ADM's reference batches (keys `mu`, `sigma` of the pool features, optional `mu_s`, `sigma_s` of
+  the spatial ones, optional `arr_0`: uint8 images [N, H, W, 3] whose pool features this computes, over all ranks,
+  for precision/recall) or a file this module wrote (the same keys, plus `pool` and a description). Always read with
+  `allow_pickle=False`.
+- `shards:PATH`: the first `num_samples` samples of those shards (decoded through the VAE for latent shards, so
+  the reference is the VAE's reconstructions) run through Inception over all ranks; the result is cached as
+  `PATH/inception_ref_<weights fingerprint>_<num_samples>.npz` (or `cache`) and read from there next time. The
+  cache keeps the pool features of the first PR_SAMPLES images for precision/recall.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from dit_scale.config import ConfigError
+from dit_scale.evaluation.features import FeatureStore
+from dit_scale.evaluation.scores import gaussian_stats
+from dit_scale.evaluation.shard_samples import ShardSet
+from dit_scale.vae import LatentDecoder, to_uint8
+
+PR_SAMPLES = 10000          # real images for precision/recall (ADM's reference batches hold 10k)
+SHARDS_PREFIX = "shards:"
+
+
+@dataclass
+class Reference:
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: Optional[np.ndarray] = None
+    sigma_s: Optional[np.ndarray] = None
+    pool: Optional[np.ndarray] = None          # [M, 2048] real pool features (precision / recall)
+    source: str = ""
+
+    def save(self, path: str) -> str:
+        """Write an .npz (no pickled objects) atomically."""
+        arrays = {"mu": self.mu, "sigma": self.sigma, "source": np.array(self.source)}
+        for key in ("mu_s", "sigma_s", "pool"):
+            if getattr(self, key) is not None:
+                arrays[key] = getattr(self, key)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return path
+
+
+class FeatureExtractor:
+    """What computes features of images spread over the ranks: the Inception network, the device, the topology's
+    rank and world size, a batch size. `extract(batches)` runs on every rank (collective at the end)."""
+
+    def __init__(self, inception, device, rank: int = 0, world_size: int = 1, batch_size: int = 64,
+                 fingerprint: str = ""):
+        self.inception, self.device = inception, torch.device(device)
+        self.rank, self.world_size, self.batch_size, self.fingerprint = rank, world_size, batch_size, fingerprint
+
+    def features(self, images_uint8: torch.Tensor) -> dict:
+        with torch.autocast(self.device.type, enabled=False):       # float32 features, whatever the caller runs in
+            return self.inception(images_uint8.to(self.device))
+
+    def gather(self, batches, keys=("pool", "spatial", "logits")) -> dict:
+        """Feed (indices, uint8 images [B, 3, H, W]) pairs of this rank; return every rank's features by index."""
+        store = FeatureStore(keys=keys).to(self.device)
+        dims = None
+        for indices, images in batches:
+            feats = self.features(images)
+            dims = {k: feats[k].shape[1] for k in keys}
+            store.update(torch.as_tensor(indices), feats)
+        store.add_nothing(dims or _feature_dims(self.inception, self.device, keys))
+        return store.compute()
+
+
+def _feature_dims(inception, device, keys) -> dict:
+    probe = inception(torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=device))
+    return {k: probe[k].shape[1] for k in keys}
+
+
+def read_npz(path: str) -> dict:
+    """The arrays of an .npz (never unpickled); ConfigError naming the file when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Reference file {path!r} cannot be read as an .npz of arrays ({e}); pass an ADM reference "
+                          f"batch or a file written by launch/evaluate.py.") from None
+
+
+def _from_npz(path: str, extractor: FeatureExtractor) -> Reference:
+    data = read_npz(path)
+    if "mu" not in data or "sigma" not in data:
+        raise ConfigError(f"Reference file {path!r} has no 'mu' and 'sigma' (it holds {sorted(data)}); pass an ADM "
+                          f"reference batch or a file written by launch/evaluate.py.")
+    pool = data.get("pool")
+    if pool is None and "arr_0" in data:          # ADM: the reference images themselves
+        images = data["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ConfigError(f"Reference file {path!r} has arr_0 of {images.dtype} {images.shape}; ADM's reference "
+                              f"images are uint8 [N, H, W, 3].")
+        pool = extractor.gather(_image_batches(images[:PR_SAMPLES], extractor), keys=("pool",))["pool"]
+    return Reference(mu=data["mu"], sigma=data["sigma"], mu_s=data.get("mu_s"), sigma_s=data.get("sigma_s"),
+                     pool=pool, source=str(data.get("source", path)))
+
+
+def _image_batches(images: np.ndarray, extractor: FeatureExtractor):
+    """This rank's share of an in-memory image array, in fixed index batches (batch b to rank b mod W)."""
+    b = extractor.batch_size
+    for start in range(extractor.rank * b, len(images), extractor.world_size * b):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start:start + b])).permute(0, 3, 1, 2)
+        yield list(range(start, start + len(chunk))), chunk
+
+
+def cache_path(shards_path: str, fingerprint: str, num_samples: int) -> str:
+    folder = shards_path if os.path.isdir(shards_path) else os.path.dirname(shards_path)
+    return os.path.join(folder, f"inception_ref_{fingerprint}_{num_samples}.npz")
+
+
+def _from_shards(path: str, extractor: FeatureExtractor, num_samples: int, vae: Optional[str],
+                 cache: Optional[str], field: str) -> Reference:
+    shards = ShardSet.open(path, field=field)
+    n = min(num_samples, shards.num_samples)
+    cache = cache or cache_path(path, extractor.fingerprint, n)
+    if os.path.isfile(cache):
+        return _from_npz(cache, extractor)
+    decoder = None
+    if not shards.pixels:
+        info = shards.manifest.vae or {}
+        if vae:
+            decoder = LatentDecoder.from_folder(vae, extractor.device)
+        elif info.get("path"):
+            decoder = LatentDecoder(info["path"], info.get("scaling_factor") or 1.0, info.get("shift_factor") or 0.0,
+                                    extractor.device, field=f"the vae.path of {path}/manifest.json")
+        else:
+            raise ConfigError(f"{field}={path!r} holds latents but its manifest names no VAE; pass --vae with the "
+                              f"local VAE folder they were encoded with.")
+
+    def batches():
+        for batch in shards.batches(n, extractor.batch_size, extractor.rank, extractor.world_size):
+            if decoder is None:                                    # uint8 [B, H, W, 3]
+                images = torch.from_numpy(batch.x).permute(0, 3, 1, 2)
+            else:
+                images = to_uint8(decoder(torch.from_numpy(batch.x)))
+            yield batch.indices, images
+
+    feats = extractor.gather(batches())
+    mu, sigma = gaussian_stats(feats["pool"])
+    mu_s, sigma_s = gaussian_stats(feats["spatial"])
+    ref = Reference(mu, sigma, mu_s, sigma_s, pool=feats["pool"][:PR_SAMPLES],
+                    source=f"{path} ({n} samples{', decoded by ' + decoder.describe() if decoder else ''})")
+    if extractor.rank == 0:
+        try:
+            ref.save(cache)
+            print(f"reference statistics cached in {cache}", flush=True)
+        except OSError as e:
+            print(f"note: could not cache the reference statistics in {cache} ({e.strerror}); pass --ref-cache "
+                  f"FILE to keep them.", flush=True)
+    return ref
+
+
+def load_reference(spec: str, extractor: FeatureExtractor, *, num_samples: int = 50000, vae: Optional[str] = None,
+                   cache: Optional[str] = None, field: str = "--ref") -> Reference:
+    """The reference `spec` names (see the module docstring); every rank calls it (features are collective)."""
+    if spec.startswith(SHARDS_PREFIX):
+        return _from_shards(spec[len(SHARDS_PREFIX):], extractor, num_samples, vae, cache, field)
+    if not os.path.isfile(spec):
+        raise ConfigError(f"{field}={spec!r} is neither an .npz file nor shards:PATH; pass ADM's reference batch "
+                          f"(e.g. VIRTUAL_imagenet256_labeled.npz) or shards:DIR of real images.")
+    return _from_npz(spec, extractor)

@@ -1,0 +1,32 @@
+"""launch/plot.py: curves of several runs from their metrics.jsonl (step or wall-clock hours on x, FID per sample
+count), and its one-sentence errors.
+
+    .venv/bin/python -m pytest -q tests/unit/test_plot.py
+"""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+
+def test_plot_draws_curves_of_two_runs(tmp_path):
+    from launch.plot import main, series
+    for name, scale in (("a", 1.0), ("b", 0.8)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for step in range(10, 101, 10):
+                f.write(json.dumps({"step": step, "time": 1000.0 + 36 * step, "loss": scale / step}) + "\n")
+            f.write(json.dumps({"step": 50, "time": 3000.0, "val_loss": 0.3, "fid": 40.0,
+                                "eval/num_samples": 1000}) + "\n")
+            f.write(json.dumps({"step": 100, "time": 4600.0, "fid": 20.0, "eval/num_samples": 1000}) + "\n")
+            f.write('{"step": 101, "lo')                                       # cut by a kill mid-write
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl") if line.endswith("}\n")]
+    assert series(rows, "fid", "step") == {" (FID-1000)": ([50, 100], [40.0, 20.0])}
+    assert series(rows, "val_loss", "step") == {"": ([50], [0.3])}           # not split by the FID's sample count
+    assert series(rows, "loss", "hours")[""][0][:2] == pytest.approx([0.0, 0.1])
+    out = str(tmp_path / "c.png")
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", out, "--x", "hours"]) == 0
+    assert Image.open(out).size[0] > 3 * 400                                     # three panels
+    assert main([str(tmp_path / "a"), "--metrics", "recall"]) == 2
+    assert main([str(tmp_path / "missing")]) == 2
