@@ -18,8 +18,8 @@ __all__ = ["FlowMatching", "GaussianDiffusion", "SAMPLERS", "build_objective", "
 def build_objective(cfg, learn_sigma: bool = False):
     """Create the objective named by `cfg.objective` ("flow" or "ddpm").
 
-    `cfg` needs `objective`; the other fields (t_sampling, logit_normal_mean, logit_normal_std, num_timesteps,
-    beta_start, beta_end, vlb_weight) fall back to the defaults of the DiffusionConfig when missing.
+    `cfg` needs `objective`; the other fields (t_sampling, logit_normal_mean, logit_normal_std, time_scale,
+    num_timesteps, beta_start, beta_end, vlb_weight) fall back to the defaults of the DiffusionConfig when missing.
     """
     if cfg.objective == "flow":
         if learn_sigma:
@@ -28,6 +28,7 @@ def build_objective(cfg, learn_sigma: bool = False):
             t_sampling=getattr(cfg, "t_sampling", "uniform"),
             logit_normal_mean=getattr(cfg, "logit_normal_mean", 0.0),
             logit_normal_std=getattr(cfg, "logit_normal_std", 1.0),
+            time_scale=getattr(cfg, "time_scale", 1000.0),
         )
     if cfg.objective == "ddpm":
         return GaussianDiffusion(

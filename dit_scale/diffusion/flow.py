@@ -7,7 +7,8 @@ A training example is a straight line between a data point `x0` and a Gaussian n
 The model predicts the velocity of that line, v = dx_t/dt = noise - x0, and is trained with a plain mean squared
 error. Sampling integrates dx/dt = v(x, t) from t = 1 (pure noise) back to t = 0 (see `samplers.py`).
 
-The model's timestep embedder sees `t * 1000`, so that flow and DDPM models share DiT's 0..1000 timestep scale.
+The model's timestep embedder sees `t * time_scale`: 1000 by default (`diffusion.time_scale`), so that flow and DDPM
+models share DiT's 0..1000 timestep scale; DiT-MoE's rectified-flow models were trained on t itself (time_scale 1).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 T_SAMPLINGS = ("uniform", "logit_normal")
 
-# The value fed to the model's timestep embedder is t * TIME_SCALE (DiT's embedder expects 0..1000).
+# The default value fed to the model's timestep embedder is t * TIME_SCALE (DiT's embedder expects 0..1000).
 TIME_SCALE = 1000.0
 
 
@@ -33,13 +34,15 @@ class FlowMatching:
         t_sampling: how training times are drawn: "uniform" (U(0, 1)) or "logit_normal"
             (sigmoid of N(logit_normal_mean, logit_normal_std**2), as in SD3 / REPA).
         logit_normal_mean, logit_normal_std: parameters of the logit-normal distribution.
+        time_scale: the model is fed t * time_scale (`model_time`); 1000 (DiT's scale) unless the model was trained
+            otherwise (DiT-MoE's rectified-flow checkpoints: 1).
     """
 
     name = "flow"
     learn_sigma = False
 
     def __init__(self, t_sampling: str = "uniform", logit_normal_mean: float = 0.0,
-                 logit_normal_std: float = 1.0):
+                 logit_normal_std: float = 1.0, time_scale: float = TIME_SCALE):
         if t_sampling not in T_SAMPLINGS:
             raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}.")
         if logit_normal_std <= 0:
@@ -47,14 +50,17 @@ class FlowMatching:
         self.t_sampling = t_sampling
         self.logit_normal_mean = float(logit_normal_mean)
         self.logit_normal_std = float(logit_normal_std)
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale}.")
+        self.time_scale = float(time_scale)
 
     def out_channels(self, in_channels: int) -> int:
         """The model predicts one velocity per input channel."""
         return in_channels
 
     def model_time(self, t):
-        """Convert t in [0, 1] (tensor or float) to the value fed to the model's timestep embedder (0..1000)."""
-        return t * TIME_SCALE
+        """Convert t in [0, 1] (tensor or float) to the value fed to the model's timestep embedder (t * time_scale)."""
+        return t * self.time_scale
 
     def sample_t(self, batch_size: int, device: torch.device,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -77,7 +83,7 @@ class FlowMatching:
                          generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Draw t and noise for a batch of clean data `x0` [B, ...] and build the model input and target.
 
-        Returns a dict with `x_t` (model input), `t_model` (timestep fed to the model, t * 1000),
+        Returns a dict with `x_t` (model input), `t_model` (timestep fed to the model, t * time_scale),
         `target` (velocity noise - x0), and `t` (in [0, 1]), `noise`, `x0`.
         """
         t = self.sample_t(x0.shape[0], x0.device, generator)

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 class MoEArgs:
     num_experts: int
     top_k: int
-    expert_hidden: int                  # routed SwiGLU expert hidden size
+    expert_hidden: int                  # routed expert hidden size
     shared_hidden: int = 0              # always-on shared SwiGLU hidden size (0: none)
     router: str = "token_choice"        # token_choice | expert_choice
     score_function: str = "softmax"     # softmax | sigmoid
@@ -27,6 +27,7 @@ class MoEArgs:
     capacity_factor: float = 1.0
     bias_update_rate: float = 0.0
     expert_impl: str = "auto"           # auto | grouped_mm | loop
+    expert_act: str = "swiglu"          # routed + shared expert FFN: swiglu (DiT-MoE) | gelu (DiT's FFN: upcycled)
 
     @property
     def active_experts(self) -> float:

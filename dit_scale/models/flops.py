@@ -29,7 +29,8 @@ def block_macs(args: ModelArgs, tokens: int, sparse: bool = True) -> int:
         ffn = 2 * d * args.mlp_hidden
     else:
         m = args.moe
-        ffn = m.active_experts * 3 * d * m.expert_hidden + 3 * d * m.shared_hidden + d * m.num_experts
+        mats = 3 if m.expert_act == "swiglu" else 2         # SwiGLU: gate, up, down; GELU: fc1, fc2
+        ffn = m.active_experts * mats * d * m.expert_hidden + mats * d * m.shared_hidden + d * m.num_experts
     return int(tokens * (4 * d * d + ffn) + 2 * tokens * tokens * d + 2 * tokens * d + 6 * d * d)
 
 
@@ -68,7 +69,7 @@ def count_params(model: DiT) -> dict:
     inactive = 0
     for layer in model.modules():
         if isinstance(layer, MoEFFN):
-            per_expert = (layer.experts.w13.numel() + layer.experts.w2.numel()) // layer.experts.w13.shape[0]
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.experts.w13.shape[0]
             inactive += (layer.router.num_experts - layer.router.top_k) * per_expert
     return {"params": total, "active_params": total - inactive}
 

@@ -33,15 +33,15 @@ def fans(module: nn.Module, shape) -> tuple:
         return 1, shape[0]
     if isinstance(module, nn.Embedding):
         return shape[0], shape[1]                       # [num, dim]: a one-hot input
-    if isinstance(module, GroupedExperts):
-        return shape[1], shape[2]                       # [E, in, out]
+    if isinstance(module, GroupedExperts):              # [E, in, out]; a GELU expert's bias [E, out]
+        return (shape[1], shape[2]) if len(shape) == 3 else (1, shape[1])
     return math.prod(shape[1:]), shape[0]               # Linear / Conv / Router: [out, in, ...]
 
 
 def init_rule(name: str, module: nn.Module, shape) -> Tuple[str, float]:
     """DiT's init of parameter `name` (owned by `module`) at `shape`: (kind, std), kind in zeros|ones|normal|uniform."""
-    if name.endswith(".bias") or name.endswith(ZERO_INIT):
-        return "zeros", 0.0
+    if name.endswith(".bias") or name.endswith(ZERO_INIT) or (isinstance(module, GroupedExperts) and len(shape) == 2):
+        return "zeros", 0.0                             # (GroupedExperts' only 2-D tensors: GELU experts' biases)
     if name == "mask_token":
         return "normal", 0.02
     if len(shape) < 2:
@@ -49,7 +49,7 @@ def init_rule(name: str, module: nn.Module, shape) -> Tuple[str, float]:
     if isinstance(module, Router) or name in NORMAL_002:
         return "normal", 0.02
     fan_in, fan_out = fans(module, shape)
-    if isinstance(module, GroupedExperts) and name.endswith("w13"):
+    if isinstance(module, GroupedExperts) and name.endswith("w13") and module.activation == "swiglu":
         fan_out = shape[2] // 2                         # gate and up are two [D, H] matrices
     return "uniform", math.sqrt(2.0 / (fan_in + fan_out))   # xavier-uniform: bound = sqrt(3) · std
 

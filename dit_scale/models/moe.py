@@ -1,4 +1,5 @@
-"""Mixture-of-experts FFN: fp32 router, shared experts, routed SwiGLU experts as one grouped GEMM.
+"""Mixture-of-experts FFN: fp32 router, shared experts, routed SwiGLU experts as one grouped GEMM (or GELU experts,
+`expert_act="gelu"`: DiT's dense FFN with biases, what an upcycled dense DiT uses; see `GroupedExperts`).
 
     y = shared(x) + Σ_{e ∈ topk(x)} w_e(x) · SwiGLU_e(x)
 
@@ -29,7 +30,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )  # noqa: E402
 
 from dit_scale.models.dispatch import LocalDispatcher
-from dit_scale.models.layers import SwiGLU
+from dit_scale.models.layers import Mlp, SwiGLU
 
 
 class MoEOutput(NamedTuple):
@@ -53,9 +54,9 @@ class Router(nn.Module):
         self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
         self.capacity_factor, self.bias_update_rate = capacity_factor, bias_update_rate
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        # Selection-only bias (aux-loss-free balancing) and the token counts it is updated from.
+        # Selection-only bias (aux-loss-free balancing), updated from the step's token counts by `update_bias`.
+        # The forward has no side effects (activation checkpointing recomputes it): the counts leave in MoEOutput.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
-        self.register_buffer("pending_counts", torch.zeros(num_experts), persistent=False)
 
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))
@@ -91,8 +92,6 @@ class Router(nn.Module):
             scores = torch.softmax(logits, dim=-1) if self.score_function == "softmax" else None
 
         counts = routing_map.sum(dim=0).float().detach()
-        if self.bias_update_rate > 0 and self.training:
-            self.pending_counts.add_(counts)
         with torch.no_grad():
             p = scores if scores is not None else torch.sigmoid(logits)
             p = p / p.sum(dim=-1, keepdim=True)
@@ -102,10 +101,10 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, global_counts):
-        """Aux-loss-free balancing step (after the optimizer step): raise the bias of under-loaded experts."""
+        """Aux-loss-free balancing step (after the optimizer step): raise the bias of under-loaded experts.
+        `global_counts` [E]: the step's tokens per expert, summed over micro-batches and data-parallel ranks."""
         offset = global_counts.mean() - global_counts
         self.expert_bias.add_(self.bias_update_rate * torch.sign(offset))
-        self.pending_counts.zero_()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,51 +125,62 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` (see GroupedExperts.grad_scale)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+EXPERT_ACTS = ("swiglu", "gelu")
 
 
 class GroupedExperts(nn.Module):
-    """Routed SwiGLU experts as stacked weights: w13 [E, D, 2H] (gate | up) and w2 [E, H, D].
+    """Routed experts as stacked weights, one grouped GEMM per projection.
 
-    Tokens arrive grouped by expert (`tokens_per_expert` [E]); one grouped GEMM per projection. The
-    expert-parallel layer keeps the slice [E_local, ...] of these tensors; the math is the same.
+    activation "swiglu" (DiT-MoE's expert, the default): w13 [E, D, 2H] (gate | up), w2 [E, H, D], no biases:
+        y = (silu(x·gate) * (x·up))·w2
+    activation "gelu" (DiT's dense FFN as an expert, so a dense DiT upcycles exactly, `dit_scale/upcycle.py`):
+        w13 [E, D, H] (fc1), b1 [E, H], w2 [E, H, D], b2 [E, D]:  y = GELU_tanh(x·w13 + b1)·w2 + b2
+
+    Tokens arrive grouped by expert (`tokens_per_expert` [E]); the biases of a token's expert are gathered by an index
+    built on the device (no host sync). The expert-parallel layer keeps the slice [E_local, ...] of every parameter
+    (all of them are stacked over the experts); the math is the same.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, impl: str = "auto"):
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, impl: str = "auto",
+                 activation: str = "swiglu"):
         super().__init__()
-        self.impl = impl
-        # Factor on the expert weights' gradients. Expert parallelism sets 1/ep: an expert's gradient already sums
-        # the tokens of every rank in its EP group, while each rank's loss is a mean over its own batch.
-        self.grad_scale = 1.0
-        self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * expert_hidden))
+        if activation not in EXPERT_ACTS:
+            raise ValueError(f"expert activation must be one of {EXPERT_ACTS}, got {activation!r}.")
+        self.impl, self.activation = impl, activation
+        width = 2 * expert_hidden if activation == "swiglu" else expert_hidden
+        self.w13 = nn.Parameter(torch.empty(num_experts, hidden_size, width))
         self.w2 = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden_size))
+        if activation == "gelu":
+            self.b1 = nn.Parameter(torch.empty(num_experts, expert_hidden))
+            self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def _act(self, h, b1, rows):
+        """The hidden activation from the first projection `h` (rows: each row's expert, for the GELU bias)."""
+        if self.activation == "gelu":
+            return F.gelu(h + b1[rows], approximate="tanh")
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def forward(self, x, tokens_per_expert):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        w13, w2 = self.w13, self.w2
-        if self.grad_scale != 1.0:
-            w13, w2 = _ScaleGrad.apply(w13, self.grad_scale), _ScaleGrad.apply(w2, self.grad_scale)
-        x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+        params = [self.w13, self.w2] + ([self.b1, self.b2] if self.activation == "gelu" else [None, None])
+        x = x.to(dtype)
+        w13, w2, b1, b2 = (p if p is None else p.to(dtype) for p in params)
         use_grouped = self.impl == "grouped_mm" or (self.impl == "auto" and grouped_mm_available(x.device, dtype))
         if use_grouped:
             offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-            gate, up = torch._grouped_mm(x, w13, offs=offsets).chunk(2, dim=-1)
-            return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2, offs=offsets)
+            rows = None
+            if b1 is not None:      # each row's expert, without a host sync (output_size is known)
+                rows = torch.repeat_interleave(torch.arange(len(tokens_per_expert), device=x.device),
+                                               tokens_per_expert, output_size=x.shape[0])
+            h = self._act(torch._grouped_mm(x, w13, offs=offsets), b1, rows)
+            out = torch._grouped_mm(h.contiguous(), w2, offs=offsets)
+            return out if b2 is None else out + b2[rows]
         # Fallback: one matmul per expert; needs the counts on the host (one sync).
         outs = []
         for e, chunk in enumerate(x.split(tokens_per_expert.tolist())):
-            gate, up = (chunk @ w13[e]).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ w2[e])
+            out = self._act(chunk @ w13[e], b1, e) @ w2[e]
+            outs.append(out if b2 is None else out + b2[e])
         return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
 
 
@@ -182,12 +192,15 @@ class MoEFFN(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, expert_hidden: int, shared_hidden: int = 0,
                  router: str = "token_choice", score_function: str = "softmax", normalize_topk: bool = False,
                  aux_loss_coeff: float = 0.01, z_loss_coeff: float = 0.0, capacity_factor: float = 1.0,
-                 bias_update_rate: float = 0.0, expert_impl: str = "auto"):
+                 bias_update_rate: float = 0.0, expert_impl: str = "auto", expert_act: str = "swiglu"):
+        """`expert_act`: the routed and shared experts' FFN, "swiglu" (DiT-MoE) or "gelu" (DiT's dense FFN with
+        biases; see `GroupedExperts`)."""
         super().__init__()
         self.router = Router(hidden_size, num_experts, top_k, router, score_function, normalize_topk,
                              aux_loss_coeff, z_loss_coeff, capacity_factor, bias_update_rate)
-        self.experts = GroupedExperts(num_experts, hidden_size, expert_hidden, expert_impl)
-        self.shared = SwiGLU(hidden_size, shared_hidden) if shared_hidden > 0 else None
+        self.experts = GroupedExperts(num_experts, hidden_size, expert_hidden, expert_impl, expert_act)
+        shared = SwiGLU if expert_act == "swiglu" else Mlp
+        self.shared = shared(hidden_size, shared_hidden) if shared_hidden > 0 else None
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x):

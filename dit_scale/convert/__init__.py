@@ -1,0 +1,54 @@
+"""Import public checkpoints into dit_scale's format (and export back): one module per source format.
+
+    dit.py        facebookresearch/DiT (DiT-XL/2-256 / -512 and friends: dense, DDPM, learned sigma)
+    dit_moe.py    feizc/DiT-MoE (S/2-8E2A, B/2-8E2A with timm attention; DDPM or rectified flow)
+    common.py     reading a source safely, configs derived from the weights, our model filled and written
+
+    weights, cfg = convert("dit", "DiT-XL-2-256x256.pt", "DiT-XL/2")
+    save_weights(fill_model(cfg, weights, source=path), cfg, "dit-xl-2.safetensors", source=path)
+
+`launch/convert.py` is the command line; its output is what `launch/export.py` writes (weights + resolved config),
+so `launch/sample.py --ckpt`, `train.init_from=` and `launch/upcycle.py` take it.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from dit_scale.config import ConfigError
+from dit_scale.convert.common import fill_model, read_ours, read_source, save_weights
+
+FORMATS = ("dit", "dit-moe")
+
+__all__ = ["FORMATS", "convert", "export_to", "fill_model", "read_ours", "read_source", "save_weights"]
+
+
+def convert(fmt: str, path: str, model: str, objective: str = None, overrides: Iterable[str] = (),
+            weights: str = "auto"):
+    """(our weights, resolved config, which weights were read) of the checkpoint `path` in format `fmt`."""
+    state, which = read_source(path, weights)
+    if fmt == "dit":
+        from dit_scale.convert.dit import from_dit
+        if objective not in (None, "ddpm"):
+            raise ConfigError(f"--objective {objective} does not apply to --from dit: facebookresearch/DiT trains "
+                             f"DDPM models only.")
+        ours, cfg = from_dit(state, model, overrides, source=path)
+    elif fmt == "dit-moe":
+        from dit_scale.convert.dit_moe import from_dit_moe
+        if objective is None:
+            raise ConfigError("--from dit-moe needs --objective: ddpm for DiT-MoE's S/2 and B/2 releases, flow for "
+                             "its rectified-flow (--rf) models.")
+        ours, cfg = from_dit_moe(state, model, objective, overrides, source=path)
+    else:
+        raise ConfigError(f"--from {fmt!r} is not one of {', '.join(FORMATS)}.")
+    return ours, cfg, which
+
+
+def export_to(fmt: str, weights: dict, cfg) -> dict:
+    """Our weights in the layout of `fmt` (a plain state dict their code's `load_state_dict` takes)."""
+    if fmt == "dit":
+        from dit_scale.convert.dit import to_dit
+        return to_dit(weights, cfg)
+    if fmt == "dit-moe":
+        from dit_scale.convert.dit_moe import to_dit_moe
+        return to_dit_moe(weights, cfg)
+    raise ConfigError(f"--to {fmt!r} is not one of {', '.join(FORMATS)}.")

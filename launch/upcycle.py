@@ -1,0 +1,103 @@
+"""Upcycle a dense DiT into a DiT-MoE whose output at conversion equals the dense model's.
+
+    python launch/upcycle.py dit-xl-2-256.safetensors --experts 8 --top-k 2 --out dit-xl-2-8e2a.safetensors
+    python launch/upcycle.py runs/dense --experts 8 --top-k 2 --shared-ratio 2 --noise 0.01 --out up.safetensors
+    python launch/upcycle.py dense.safetensors --experts 8 --top-k 8 --mode split --shared-ratio 1 \
+        --calib-data /data/in1k-256 --calib-batches 8 --out split.safetensors                      # Dense2MoE
+
+DENSE_CKPT: anything of ours holding a dense DiT with its config — a run directory, a checkpoint (its EMA), an
+export (launch/export.py) or a converted file (launch/convert.py --from dit). The experts are GELU MLPs like the
+dense FFN (moe.expert_act=gelu; no SwiGLU computes a GELU MLP exactly), routing is token choice with the top-k
+weights renormalised (moe.normalize_topk=true). --mode copy (default): every routed expert is the dense FFN, the
+router its init, a shared expert (--shared-ratio > 0) adds 0 — exact; --noise perturbs the copies (not exact).
+--mode split (Dense2MoE): the FFN's hidden units split into the experts, the most important (Taylor score on
+--calib-data) into the shared expert — exact when --top-k equals --experts, an approximation otherwise. After
+writing, the output is compared with the dense model on a random batch (skip with --no-check) and the largest
+difference printed. Trailing key=value overrides go into the written config. Fine-tune the result with
+`launch/train.py --config OUT.yaml train.init_from=OUT.safetensors ...`. Exit code 2 with one sentence on bad input.
+"""
+import argparse
+import sys
+
+import torch
+
+from dit_scale.checkpoint import CheckpointError
+from dit_scale.config import ConfigError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dense", help="dense DiT: run directory, checkpoint, export or converted .safetensors")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per block (E)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token (k)")
+    p.add_argument("--shared-ratio", type=float, default=0.0, help="shared expert hidden / width (0: none)")
+    p.add_argument("--mode", choices=("copy", "split"), default="copy")
+    p.add_argument("--noise", type=float, default=0.0, help="copy: relative noise std on each copy (0: exact)")
+    p.add_argument("--router-std", type=float, default=None, help="router init std (default: the model's, 0.02)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-data", help="split: shards for the Taylor importance (default: the config's data.path)")
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--calib-batch-size", type=int, default=16)
+    p.add_argument("--no-check", action="store_true", help="skip the dense-vs-upcycled comparison")
+    p.add_argument("--out", required=True, help="output .safetensors (a sidecar .yaml is written beside it)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the written config")
+    args = p.parse_intermixed_args(argv)      # CKPT, options and key=value overrides in any order
+    from dit_scale.build import build_model
+    from dit_scale.convert import read_ours, save_weights
+    from dit_scale.upcycle import UpcycleSpec, taylor_scores, upcycle
+    try:
+        if not args.out.endswith(".safetensors"):
+            raise ConfigError(f"--out '{args.out}' must end with .safetensors.")
+        spec = UpcycleSpec(args.experts, args.top_k, args.shared_ratio, args.mode, args.noise, args.router_std,
+                           args.seed)
+        weights, dense_cfg = read_ours(args.dense, "DENSE_CKPT")
+        dense = None
+        if args.mode == "split" or not args.no_check:
+            dense = build_model(dense_cfg)
+            dense.load_state_dict(weights)
+            dense.eval()
+        scores = _scores(dense, dense_cfg, args, taylor_scores) if args.mode == "split" else None
+        model, cfg = upcycle(weights, dense_cfg, spec, args.overrides, scores)
+        save_weights(model, cfg, args.out, source=f"upcycle:{args.dense}", which="model",
+                     extra={"upcycle": repr(spec)})
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    line = f"{args.out}: {cfg.model.name} ({args.mode}, GELU experts of {cfg.moe.expert_hidden}, shared " \
+           f"{cfg.moe.shared_hidden}, normalised top-{cfg.moe.top_k}); config {args.out[:-len('.safetensors')]}.yaml"
+    if not args.no_check:
+        line += f"; max |MoE - dense| on a random batch: {_difference(dense, model, cfg, args.seed):.3g}"
+    print(line)
+    return 0
+
+
+def _scores(dense, cfg, args, taylor_scores):
+    from dit_scale.build import build_objective
+    from dit_scale.data import build_loader
+    data = cfg.data
+    path = args.calib_data or data.path
+    node = {"path": path, "sources": [], "weights": [], "batch_size": args.calib_batch_size, "shuffle_buffer": 0,
+            "hflip": False, "image_key": data.image_key, "num_workers": 0, "mode": "epoch", "steps_per_epoch": 0,
+            "manifest": None if args.calib_data else data.manifest}
+    m = cfg.model
+    loader = build_loader(argparse.Namespace(**node), seed=args.seed,
+                          expect={"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes})
+    try:
+        batches = [next(loader) for _ in range(args.calib_batches)]
+    finally:
+        loader.close()
+    return taylor_scores(dense, build_objective(cfg), batches, seed=args.seed)
+
+
+@torch.no_grad()
+def _difference(dense, model, cfg, seed) -> float:
+    m = cfg.model
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g)
+    t = torch.rand(2, generator=g) * 999
+    y = torch.randint(0, max(1, m.num_classes), (2,), generator=g)
+    return (model(x, t, y)[0] - dense(x, t, y)[0]).abs().max().item()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
