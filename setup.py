@@ -24,11 +24,19 @@ setup(
         "safetensors>=0.4,<1",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",
+        # launch/evaluate.py: the gathered Inception features are a torchmetrics Metric (its distributed sync). Not
+        # torch-fidelity: it imports torchvision, which cannot be installed beside the CPU torch, and once installed
+        # without it `import torchmetrics` fails; dit_scale/evaluation/inception.py holds its Inception port.
+        "torchmetrics>=1.4,<2",
     ],
     entry_points={"console_scripts": [      # the same main(argv) as `python launch/X.py` and `python -m launch.X`
         "dit-train = launch.train:main",
         "dit-sample = launch.sample:main",
+        "dit-evaluate = launch.evaluate:main",
+        "dit-plot = launch.plot:main",
         "dit-export = launch.export:main",
+        "dit-convert = launch.convert:main",
+        "dit-upcycle = launch.upcycle:main",
         "dit-model-info = launch.model_info:main",
         "dit-bench = launch.bench:main",
         "dit-coord-check = launch.coord_check:main",
@@ -40,7 +48,7 @@ setup(
     extras_require={
         # tests/unit/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
         # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.
-        "dev": ["pytest>=8,<10"],
+        "dev": ["pytest>=8,<10", "scipy>=1.11,<2"],       # scipy: the tests' direct Fréchet distance (sqrtm)
         # data_tools/build_shards.py (VAE latents, DINOv2 features) and tests/unit/test_data_tools.py
         "data": ["diffusers>=0.30,<1", "transformers>=4.44,<6"],
     },

@@ -1,4 +1,5 @@
-"""Run metrics: `metrics.jsonl` (one JSON object per line with `step`), wandb, a tqdm bar, MFU, MoE statistics.
+"""Run metrics: `metrics.jsonl` (one JSON object per line with `step` and `time`, the wall clock in Unix seconds),
+wandb, a tqdm bar, MFU, MoE statistics.
 
     interval = IntervalStats(names, device)      # device-side sums of one logging interval (no sync per step)
     interval.add(totals, grad_norm, ok)
@@ -123,8 +124,10 @@ class IntervalStats:
         values = (all_reduce_sum_(self.sums.clone()) / world_size).tolist()
         self.moe.all_reduce(all_reduce_sum_, world_size)
         skipped = self.skipped.item()
-        n_ok = max(1.0, self.steps - (skipped - self.skipped_before))
-        row = {**{k: v / n_ok for k, v in zip(self.names, values)}, "grad_norm": values[-1] / self.steps,
+        n_ok = self.steps - (skipped - self.skipped_before)
+        # an interval whose steps were all skipped has no loss to report: null, and "skipped": true (not 0.0)
+        losses = {k: (v / n_ok if n_ok > 0 else None) for k, v in zip(self.names, values)}
+        row = {**losses, "grad_norm": values[-1] / self.steps if n_ok > 0 else None, "skipped": n_ok <= 0,
                "images_per_s": images_per_step * self.steps / elapsed, "skipped_steps": skipped,
                **self.moe.summary()}
         self.moe_counts = self.moe.counts
@@ -162,13 +165,14 @@ class MetricsLogger:
     def log(self, step: int, values: dict):
         if not self.is_main:
             return
-        record = {"step": step, **values}
+        record = {"step": step, "time": round(time.time(), 3), **values}     # time: wall clock, Unix seconds
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(values, step=step)
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
+            loss = values.get("loss")
+            self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}",
                                  img_s=f"{values.get('images_per_s', 0):.1f}")
 
     def advance(self, n: int = 1):

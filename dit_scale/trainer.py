@@ -13,23 +13,23 @@ train.resume=auto).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dit_scale.build import build
-from dit_scale.checkpoint import CheckpointManager
+from dit_scale.checkpoint import CheckpointManager, find_latest
+from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
-from dit_scale.config import save_config
+from dit_scale.config import ConfigError, save_config
 from dit_scale.data import build_loader
+from dit_scale.evaluation.periodic import TrainingEvaluation
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
 from dit_scale.models.flops import count_params
 from dit_scale.optim import autocast, uses_bf16
 from dit_scale.parallel import build_engine, init_topology
+from dit_scale.parallel.topology import agree
 from dit_scale.preemption import Preemption, TrainingInterrupted
 from dit_scale.run_dir import RunDir
-from dit_scale.sampling import class_grid, save_grid
 
 __all__ = ["Trainer", "TrainingAborted", "TrainingInterrupted", "train"]
 
@@ -69,21 +69,29 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         t = cfg.train
+        self.run = RunDir(t.run_dir)
+        self.run.check_usable(t.resume)                     # every rank, before any collective
         self.topo = init_topology(cfg)
         self.device = self.topo.device
-        self.run = RunDir(t.run_dir)
+        error = agree(self.topo, self.run.lock() if self.topo.is_main else None)   # one run per run directory
+        if error:
+            raise ConfigError(error)
         if self.topo.is_main:
-            save_config(cfg, self.run.makedirs().path)
+            save_config(cfg, self.run.path)
         seed_everything(t.seed, t.deterministic)
-        built = build(cfg)                                  # the same initial weights on every rank (cfg.train.seed)
+        built = build(cfg, device="meta")                   # shapes only: the engine materialises this rank's pieces
+        built.init = init_from(cfg, self.run, built, self.topo.is_main)   # train.init_from (weights only; resume wins)
         self.model, self.objective = built.model, built.objective
         self.sizes = count_params(self.model)
         self.streams = RankStreams(cfg, self.topo, self.device)
-        self.engine = build_engine(cfg, self.model, self.topo, mup=built.mup)
+        self.engine = build_engine(cfg, self.model, self.topo, mup=built.mup, init=built.init)
         self.streams.rng.reseed(0)                          # per-rank randomness from here on
         self.loss = TrainingLoss.from_config(cfg, self.objective, built.args, self.device)
+        self.evaluation = TrainingEvaluation(cfg, self.topo, self.objective, self.device)   # eval.*, sample grids
         self.metric_names = ["loss"] + [f"loss_{k}" for k in self.loss.names]
-        self.checkpoints = CheckpointManager(cfg, self.run, self.engine, self.topo, self.streams)
+        self.interval = IntervalStats(self.metric_names, self.device)
+        self.checkpoints = CheckpointManager(cfg, self.run, self.engine, self.topo, self.streams,
+                                             health=self._unhealthy)
         self.preemption = Preemption(t.max_wall_minutes)
         self.bf16 = uses_bf16(t, self.device)
         self.step = 0
@@ -116,6 +124,7 @@ class Trainer:
         """Returns device tensors (losses in `self.metric_names` order, grad norm, finite flag); no host sync."""
         accum = self.cfg.train.grad_accum
         totals = torch.zeros(len(self.metric_names), device=self.device)
+        counts = None                       # tokens per expert [L, E] of this step (aux-loss-free balancing)
         for _ in range(accum):
             batch = next(self.loader)
             with autocast(self.cfg.train, self.device):
@@ -125,6 +134,8 @@ class Trainer:
             totals += torch.stack([out.loss.detach().float()]
                                   + [out.terms[k].detach().float() for k in self.loss.names]) / accum
             moe_stats.add(out.aux)
+            if "tokens_per_expert" in out.aux:
+                counts = out.aux["tokens_per_expert"] if counts is None else counts + out.aux["tokens_per_expert"]
         grad_norm = self.engine.clip_grad_norm(self.cfg.optim.grad_clip)
         # every rank must take the same decision: count non-finite losses over the data-parallel ranks
         # ... and the same all-reduce carries the stop votes (signal / wall time): no extra collective per step
@@ -134,14 +145,19 @@ class Trainer:
         ok = (flags[0] == 0) & torch.isfinite(grad_norm)
         self.engine.step(ok)
         self.engine.zero_grad()
-        self._update_router_bias()
+        self._update_router_bias(counts)
         return totals, grad_norm, ok
 
-    def _update_router_bias(self):
-        """Aux-loss-free balancing: counts summed over data-parallel ranks, then each router's sign update."""
-        for layer in self.model.moe_layers():
+    def _update_router_bias(self, counts):
+        """Aux-loss-free balancing: the step's tokens per expert (from the forwards' outputs, so a recomputed
+        checkpointed forward counts nothing twice), summed over data-parallel ranks, then each router's sign update."""
+        layers = self.model.moe_layers()
+        if counts is None or not any(layer.router.bias_update_rate > 0 for layer in layers):
+            return
+        counts = self.engine.all_reduce_sum_(counts.clone())
+        for layer, layer_counts in zip(layers, counts):
             if layer.router.bias_update_rate > 0:
-                layer.router.update_bias(self.engine.all_reduce_sum_(layer.router.pending_counts.clone()))
+                layer.router.update_bias(layer_counts)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loop
@@ -158,10 +174,13 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.start()
+        if self.topo.is_main:
+            self.run.truncate_metrics(self.step)            # rows a killed run logged after its last save
         log = MetricsLogger(cfg, self.run, self.topo.is_main, t.steps, self.step)
         log.write(f"{cfg.model.name}: {self.sizes['params'] / 1e6:.2f}M params, "
-                  f"{self.sizes['active_params'] / 1e6:.2f}M active, device {self.device}, run dir {self.run}")
-        interval = IntervalStats(self.metric_names, self.device)
+                  f"{self.sizes['active_params'] / 1e6:.2f}M active, device {self.device}, "
+                  f"{torch.get_num_threads()} CPU threads, run dir {self.run}")
+        interval = self.interval
         try:
             with self.preemption:
                 while self.step < t.steps:
@@ -177,6 +196,8 @@ class Trainer:
                     with interval.paused():             # sampling / saving time is not training throughput
                         if self._samples_due():
                             self.write_samples()
+                        if self.evaluation.due(self.step):
+                            log.log(self.step, self.evaluation.run(self.step, self.engine))
                         self.checkpoints.save(self.step)
                 self.checkpoints.save(self.step, final=True)
                 self.write_samples()
@@ -191,9 +212,13 @@ class Trainer:
         t = self.cfg.train
         worst = interval.worst_bad_streak()
         if worst >= t.max_bad_steps:
+            self.checkpoints.wait()
+            latest = find_latest(self.run.path)
+            where = (f"the newest checkpoint is {latest} (resume from it with train.resume=auto)" if latest else
+                     "no checkpoint was saved yet")
             raise TrainingAborted(
                 f"{worst} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
-                f"{t.max_bad_steps}); lower optim.lr or check the data. The last checkpoint is in {self.run.checkpoints}.")
+                f"{t.max_bad_steps}); lower optim.lr or check the data; {where}.")
         images_per_step = self.cfg.data.batch_size * t.grad_accum * self.topo.dp_size
         row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size, images_per_step)
         row["lr"] = self.engine.lr
@@ -204,6 +229,14 @@ class Trainer:
             row["mfu"] = row["images_per_s"] * self.loss.flops_per_image(self.step - 1) / (peak * self.topo.world_size)
         self._moe_counts = interval.moe_counts
         return row
+
+    def _unhealthy(self):
+        """Why the current weights must not be saved (the CheckpointManager asks at each save), or None: after a
+        non-finite step the weights may be the diverged ones every later step is skipped on."""
+        streak = int(self.interval.consecutive_bad.item())
+        if streak:
+            return f"the last {streak} step(s) had a non-finite loss or gradient (the weights may have diverged)"
+        return None
 
     def _samples_due(self) -> bool:
         every = self.cfg.logging.sample_every
@@ -231,13 +264,9 @@ class Trainer:
         raise TrainingInterrupted(self.step, self.preemption.describe(), path)
 
     def write_samples(self) -> str:
-        with self.engine.sampling_module() as model:        # every rank samples the same grid (collective)
-            images = class_grid(model, self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
-        if not self.topo.is_main:
-            return ""
-        path = self.run.sample_grid(self.step)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return save_grid(images, self.cfg.logging.samples_per_class, path, upscale=2)
+        """The decoded, titled class grid of this step (every rank samples: collective); its path on rank 0."""
+        with autocast(self.cfg.train, self.device):         # bf16 engines hold bf16 weights (DeepSpeed's module)
+            return self.evaluation.write_grid(self.engine, self.step, self.run.sample_grid(self.step))
 
     def write_expert_load(self):
         if self.topo.is_main and self._moe_counts is not None:

@@ -40,6 +40,7 @@ class MoEConfig:
     capacity_factor: float = 1.0        # expert_choice: each expert takes capacity_factor * k * T / E tokens
     bias_update_rate: float = 0.0       # >0: aux-loss-free balancing (selection bias, sigmoid scores)
     expert_impl: str = "auto"           # auto | grouped_mm | loop
+    expert_act: str = "swiglu"          # expert FFN: swiglu (DiT-MoE) | gelu (DiT's dense FFN, biases: upcycled DiTs)
     expert_hidden: Optional[int] = None  # derived: expert_mlp_ratio × width, rounded up to a multiple of 8
     shared_hidden: Optional[int] = None  # derived: shared_mlp_ratio × width, rounded up to a multiple of 8
 
@@ -50,6 +51,7 @@ class DiffusionConfig:
     t_sampling: str = "uniform"         # flow: uniform | logit_normal
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
+    time_scale: float = 1000.0          # flow: the model sees t × time_scale (DiT's 0..1000; DiT-MoE's flow models: 1)
     num_timesteps: int = 1000           # ddpm
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -106,6 +108,8 @@ class TrainConfig:
     max_bad_steps: int = 5              # consecutive non-finite losses before aborting
     checkpoint_every: int = 0           # 0: only at the end
     resume: str = "none"                # none | auto | PATH
+    init_from: Optional[str] = None     # weights only (step 0, fresh optimizer): a checkpoint, export or converted /
+                                        # upcycled file; a resume of this run's own checkpoints wins over it
     checkpoint_format: str = "sharded"  # sharded (DCP: every rank writes its pieces) | consolidated (one .pt file)
     async_save: bool = False            # sharded: block only while staging, write in a background thread
     keep_last: int = 3                  # keep the newest N checkpoints (0: keep all)
@@ -129,6 +133,7 @@ class ParallelConfig:
     engine: str = "local"               # local (one process) | fsdp (FSDP2) | deepspeed (ZeRO), any process count
     ep: int = 1                         # expert-parallel size
     zero_stage: int = 2                 # deepspeed: 1 | 2 (with experts) | 3 (dense models only)
+    timeout_minutes: float = 30.0       # collective timeout of the process group: longer than the slowest save
 
 
 @dataclass
@@ -167,6 +172,26 @@ class AlignConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0                      # periodic evaluation every N training steps (0: off); also at the last step
+    val_path: Optional[str] = None      # held-out shards for the validation loss (None: no validation loss)
+    val_samples: int = 256              # the first N held-out samples
+    val_t_bins: int = 4                 # each sample at every bin centre t = (k + 0.5) / bins, fixed noise
+    val_batch_size: int = 32
+    fid_samples: int = 0                # images for the periodic FID (0: none); evaluate.py: --num-samples
+    inception: Optional[str] = None     # local FID Inception weights (.pth / .safetensors), needed for FID
+    ref: Optional[str] = None           # reference statistics: an .npz (ADM batch or cache) or shards:PATH
+    ref_samples: int = 50000            # shards:PATH references use the first N samples
+    sampler: Optional[str] = None       # sampling for evaluation; None: diffusion.sampler (ddpm: also ancestral)
+    steps: Optional[int] = None         # None: diffusion.sample_steps
+    cfg_scale: Optional[float] = None   # None: diffusion.cfg_scale
+    guide_channels: Optional[int] = None  # guide only the first N channels (DiT: 3); None: all
+    batch_size: int = 32                # images per sampling batch and rank
+    seed: int = 0                       # noise seeds of evaluation samples and of the validation loss
+    ema: bool = True                    # evaluate the EMA weights (false: the trained weights)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -179,12 +204,14 @@ class Config:
     mup: MuPConfig = field(default_factory=MuPConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
     "moe.router": ("token_choice", "expert_choice"),
     "moe.score_function": ("softmax", "sigmoid"),
     "moe.expert_impl": ("auto", "grouped_mm", "loop"),
+    "moe.expert_act": ("swiglu", "gelu"),
     "diffusion.objective": ("flow", "ddpm"),
     "diffusion.t_sampling": ("uniform", "logit_normal"),
     "optim.schedule": ("constant", "cosine"),

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 
 from dit_scale.config.errors import ConfigError
@@ -18,17 +20,28 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
-POSITIVE_INTS = ("model.input_size", "model.in_channels", "model.num_classes", "train.steps", "train.grad_accum",
+POSITIVE_INTS = ("model.input_size", "model.in_channels", "train.steps", "train.grad_accum",
                  "data.batch_size", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
-                 "train.max_bad_steps", "parallel.ep")
+                 "train.max_bad_steps", "parallel.ep", "logging.samples_per_class", "logging.max_sample_classes")
 OPTIONAL_POSITIVE_INTS = ("model.depth", "model.hidden_size", "model.num_heads")
 NON_NEGATIVE = ("data.shuffle_buffer", "optim.warmup_steps", "train.checkpoint_every", "logging.sample_every",
                 "optim.weight_decay", "optim.grad_clip", "moe.aux_loss_coeff", "moe.z_loss_coeff",
-                "moe.bias_update_rate", "moe.shared_mlp_ratio")
+                "moe.bias_update_rate", "moe.shared_mlp_ratio", "model.num_classes", "train.seed", "optim.eps")
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every number in the config is finite (`optim.lr=inf`, `optim.weight_decay=nan` are mistakes, not settings)."""
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            _check_finite(value, path + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            _fail(f"{path} must be a finite number, got {value}.")
 
 
 def check_values(cfg: DictConfig) -> None:
     """Choices, signs and ranges of the values as given (before the derived values are resolved)."""
+    _check_finite(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -53,6 +66,8 @@ def check_values(cfg: DictConfig) -> None:
             _fail(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}.")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         _fail(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    if cfg.model.mlp_ratio <= 0:
+        _fail(f"model.mlp_ratio must be > 0 (the dense FFN's width / model.hidden_size), got {cfg.model.mlp_ratio}.")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -80,6 +95,12 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
         _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
               f"{d.guidance_low}, {d.guidance_high}.")
+    if d.cfg_scale != 1.0 and m.num_classes == 0:
+        _fail(f"diffusion.cfg_scale={d.cfg_scale} guides towards a class, but model.num_classes=0 (unconditional); "
+              f"set diffusion.cfg_scale=1.")
+    if d.cfg_scale != 1.0 and m.class_dropout == 0:
+        _fail(f"diffusion.cfg_scale={d.cfg_scale} needs the null class, which the model learns only from dropped "
+              f"labels: set model.class_dropout > 0 (DiT: 0.1), or diffusion.cfg_scale=1.")
     if d.logit_normal_std <= 0 or d.beta_start <= 0 or not d.beta_start < d.beta_end < 1:
         _fail("diffusion.logit_normal_std must be > 0 and 0 < diffusion.beta_start < diffusion.beta_end < 1.")
     _validate_data(cfg.data)
@@ -91,9 +112,14 @@ def validate(cfg: DictConfig) -> None:
         _fail(f"train.checkpoint_format must be sharded or consolidated, got {t.checkpoint_format!r}.")
     if t.async_save and t.checkpoint_format != "sharded":
         _fail("train.async_save=true needs train.checkpoint_format=sharded.")
+    if cfg.parallel.timeout_minutes < 1:
+        _fail(f"parallel.timeout_minutes must be >= 1 (a collective must outlast the slowest checkpoint save), got "
+              f"{cfg.parallel.timeout_minutes}.")
     for key in ("keep_last", "keep_every", "max_wall_minutes"):
         if t[key] < 0:
             _fail(f"train.{key} must be >= 0 (0 = off), got {t[key]}.")
+    _validate_eval(cfg)
+    _validate_start_weights(cfg)
 
 
 def _validate_data(data) -> None:
@@ -193,3 +219,58 @@ def _validate_mask_align(cfg) -> None:
     elif a.repa_weight > 0 and a.teacher_dim is None:
         _fail("align.repa_weight > 0 with align.teacher=shards needs align.teacher_dim (the width of the "
               "features stored in the shards, e.g. 768 for DINOv2-B).")
+
+
+def _validate_eval(cfg) -> None:
+    """eval.*: periodic validation loss / FID and the sampling settings of evaluation (files are checked when used:
+    a stored config must stay loadable on a machine without them)."""
+    e, d = cfg.eval, cfg.diffusion
+    for key in ("every", "fid_samples"):
+        if e[key] < 0:
+            _fail(f"eval.{key} must be >= 0 (0 = off), got {e[key]}.")
+    for key in ("val_samples", "val_t_bins", "val_batch_size", "batch_size", "ref_samples"):
+        if e[key] < 1:
+            _fail(f"eval.{key} must be a positive integer, got {e[key]}.")
+    if e.seed < 0:
+        _fail(f"eval.seed must be >= 0, got {e.seed}.")
+    if e.every and not e.val_path and not e.fid_samples:
+        _fail(f"eval.every={e.every} has nothing to evaluate; set eval.val_path (held-out shards) and/or "
+              f"eval.fid_samples with eval.inception and eval.ref, or eval.every=0.")
+    if e.fid_samples:
+        if e.fid_samples < 4:
+            _fail(f"eval.fid_samples={e.fid_samples} is too few for FID and precision/recall; use at least 4 "
+                  f"(FID-50k: 50000), or 0 for none.")
+        for key in ("inception", "ref"):
+            if not e[key]:
+                _fail(f"eval.fid_samples={e.fid_samples} needs eval.{key} (" + (
+                    "the local FID Inception weights file" if key == "inception" else
+                    "an .npz of reference statistics or shards:PATH") + ").")
+    if e.sampler is not None and e.sampler not in SAMPLERS[d.objective]:
+        _fail(f"eval.sampler={e.sampler!r} does not fit diffusion.objective={d.objective}; "
+              f"choose one of: {', '.join(SAMPLERS[d.objective])}.")
+    if e.steps is not None and e.steps < 1:
+        _fail(f"eval.steps must be a positive integer or null (diffusion.sample_steps), got {e.steps}.")
+    if e.guide_channels is not None and not 1 <= e.guide_channels <= cfg.model.in_channels:
+        _fail(f"eval.guide_channels={e.guide_channels} must be between 1 and model.in_channels="
+              f"{cfg.model.in_channels}, or null (all).")
+    scale = d.cfg_scale if e.cfg_scale is None else e.cfg_scale
+    if scale != 1.0 and (cfg.model.num_classes == 0 or cfg.model.class_dropout == 0):
+        _fail(f"eval.cfg_scale={scale} needs a class-conditional model trained with label dropout "
+              f"(model.num_classes > 0, model.class_dropout > 0); set eval.cfg_scale=1.")
+
+
+def _validate_start_weights(cfg) -> None:
+    """diffusion.time_scale, and train.init_from against train.resume: a resume of a checkpoint PATH restores that
+    run (weights, optimizer, step), so naming starting weights as well is a contradiction; train.resume=auto with
+    train.init_from is the fine-tune that continues its own checkpoints once it has some (whether the file exists is
+    checked when it is read, so a stored config stays loadable elsewhere)."""
+    d, t = cfg.diffusion, cfg.train
+    if not d.time_scale > 0:
+        _fail(f"diffusion.time_scale must be > 0 (the flow model sees t × time_scale; DiT: 1000, DiT-MoE's flow "
+              f"checkpoints: 1), got {d.time_scale}.")
+    if t.init_from is not None and not str(t.init_from).strip():
+        _fail("train.init_from must be a checkpoint, export or converted file, or null (start from the init).")
+    if t.init_from and t.resume not in ("none", "auto"):
+        _fail(f"train.init_from={t.init_from!r} and train.resume={t.resume!r} both name the starting weights; use "
+              f"train.resume=auto with train.init_from (a requeued fine-tune continues its own checkpoints), or drop "
+              f"train.init_from to continue that checkpoint's run.")
