@@ -7,7 +7,7 @@ It runs, in order:
 1. the `gpu`-marked tests (pytest -m gpu): a whole training step without a host synchronisation, the MoE forward
    without one (on a CPU they are collected and skipped: the dry run checks they exist);
 2. training throughput in bf16 (fp32 in the dry run) with the trainer's own loss and the one-process engine, for
-   DiT-XL/2 (batch 32) and DiT-XL/2-8E2A, with torch.compile off and on, and the same at mask ratio 0.75: images/s,
+   DiT-XL/2 (batch 32) and DiT-XL/2-8E2A, with torch.compile off and on, at mask ratio 0 and 0.75: images/s,
    MFU (against the device's bf16 peak, FLOPs of what runs) and the peak device memory;
 3. whether a training step synchronised with the host (torch.cuda.set_sync_debug_mode, counted over a timed step).
 
@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -41,7 +42,7 @@ DRY_OVERRIDES = ["model.input_size=16", "model.depth=2", "model.hidden_size=64",
 def run_gpu_tests() -> dict:
     """pytest -m gpu: counts of passed / failed / skipped tests."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests")], cwd=ROOT, capture_output=True, text=True)
+                           os.path.join(ROOT, "tests", "gpu")], cwd=ROOT, capture_output=True, text=True)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-200:]
     counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
     words = summary.split(" in ")[0].replace(",", "").split()
@@ -49,8 +50,12 @@ def run_gpu_tests() -> dict:
         key = "errors" if key.startswith("error") else key
         if key in counts and value.isdigit():
             counts[key] = int(value)
-    return {"summary": summary, **counts, "ok": proc.returncode in (0, 5) and counts["failed"] == 0
-            and counts["errors"] == 0}
+    ok = proc.returncode in (0, 5) and counts["failed"] == 0 and counts["errors"] == 0
+    report = {"summary": summary, **counts, "ok": ok}
+    if not ok:                                              # what failed, so the JSON alone says what to fix
+        lines = (proc.stdout + proc.stderr).splitlines()
+        report["failures"] = [line for line in lines if line.startswith(("FAILED", "ERROR", "E "))][:40]
+    return report
 
 
 def measure(model: str, batch: int, compile_: bool, mask: float, device, dry: bool, steps: int) -> dict:
@@ -70,13 +75,14 @@ def measure(model: str, batch: int, compile_: bool, mask: float, device, dry: bo
         loss_fn = TrainingLoss(built.objective, built.args, device, mask_ratio=mask)
         data = random_batch(built.args, batch, device)
         generator = torch.Generator(device=device).manual_seed(0)
+        ok = torch.tensor(True, device=device)              # made once: a blocking host-to-device copy syncs
 
         def step(i):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry):
                 out = loss_fn(engine.module, data, step=i, generator=generator)
             engine.backward(out.loss)
             engine.clip_grad_norm(1.0)
-            engine.step(torch.tensor(True, device=device))
+            engine.step(ok)
             engine.zero_grad()
 
         start = time.perf_counter()
@@ -84,7 +90,10 @@ def measure(model: str, batch: int, compile_: bool, mask: float, device, dry: bo
             step(i)
         sync(device)
         record["warmup_s"] = round(time.perf_counter() - start, 2)
-        record["host_syncs_in_step"] = count_syncs(lambda: step(2), device)
+        syncs = count_syncs(lambda: step(2), device)
+        record["host_syncs_in_step"] = None if syncs is None else len(syncs)
+        if syncs:
+            record["host_sync_sites"] = sorted(set(syncs))
         sync(device)
         start = time.perf_counter()
         for i in range(steps):
@@ -119,19 +128,31 @@ def sync(device) -> None:
 
 
 def count_syncs(fn, device):
-    """Host synchronisations during fn() on CUDA (set_sync_debug_mode warns on each); None on a CPU."""
+    """Where fn() synchronised with the host on CUDA (set_sync_debug_mode warns on each): one entry per sync, the
+    innermost frame of this repository's code that led to it and the frame that warned; None on a CPU."""
     if device.type != "cuda":
         fn()
         return None
+    sites = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message).lower():
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(ROOT) and not f.filename.endswith("gpu_check.py")]
+        where = f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno}" if ours else "?"
+        sites.append(f"{where} <- {os.path.basename(filename)}:{lineno}")
+
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return sites
 
 
 def main(argv=None) -> int:
@@ -148,22 +169,32 @@ def main(argv=None) -> int:
     device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
     start = time.time()
     result = {"check": "gpu", "dry_run": args.dry_run, "torch": torch.__version__,
-              "device": "cpu" if args.dry_run else torch.cuda.get_device_name(device), "tests": run_gpu_tests()}
+              "device": "cpu" if args.dry_run else torch.cuda.get_device_name(device)}
+    result["tests"] = run_gpu_tests()
+    write(result, args.out)
     steps = args.steps or (2 if args.dry_run else 10)
     models = DRY_MODELS if args.dry_run else GPU_MODELS
     configs = [(m, b, c, 0.0) for m, b in models for c in ((False,) if args.no_compile else (False, True))]
-    configs += [(m, b, False, 0.75) for m, b in models]
-    result["training"] = [measure(m, b, c, r, device, args.dry_run, steps) for m, b, c, r in configs]
+    configs += [(m, b, c, 0.75) for m, b in models for c in ((False,) if args.no_compile else (False, True))]
+    result["training"] = []
+    for m, b, c, r in configs:                              # written after each, so a timeout still leaves results
+        result["training"].append(measure(m, b, c, r, device, args.dry_run, steps))
+        write(result, args.out)
     result["host_sync_free"] = None if args.dry_run else all(
         r.get("host_syncs_in_step") == 0 for r in result["training"] if r.get("ok"))
     result["seconds"] = round(time.time() - start, 1)
     result["ok"] = bool(result["tests"]["ok"] and all(r.get("ok") is not False for r in result["training"]))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(write(result, args.out))
     return 0 if result["ok"] else 1
+
+
+def write(result: dict, path) -> str:
+    text = json.dumps(result, indent=1)
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    return text
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from tiny import tiny_overrides
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [{}, {"mask.ratio": 0.5}, {"moe.score_function": "sigmoid",
-                                                               "moe.bias_update_rate": 0.01}])
+                                                               "moe.bias_update_rate": 0.01},
+                                   {"model.name": "DiT-XS/4"}, {"model.name": "DiT-XS/4", "mask.ratio": 0.5}])
 def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "train.device": "cuda", "train.deterministic": False, "data.num_workers": 0, **extra}))
