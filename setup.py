@@ -44,6 +44,7 @@ setup(
         "dit-submit = launch.submit:main",
         "dit-make-synthetic = data_tools.make_synthetic:main",
         "dit-build-shards = data_tools.build_shards:main",
+        "dit-make-text-encoder = data_tools.make_text_encoder:main",
     ]},
     extras_require={
         # tests/unit/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with

@@ -5,9 +5,13 @@
         --vae /models/sd-vae-ft-ema --teacher /models/dinov2-vitb14 --workers 8
     # a list file (TSV: image path, optional integer label, optional caption), pixels only (small images):
     python -m data_tools.build_shards --list images.tsv --out data/pix64 --resolution 64 --pixels
+    # text-to-image: captions (`path<TAB>caption` lines, or IMAGE.txt next to each image) encoded by a local T5:
+    python -m data_tools.build_shards --list captions.tsv --out /data/t2i-256 --resolution 256 \
+        --vae /models/sd-vae-ft-ema --text-encoder /models/t5-v1_1-xxl --max-length 120
     # the same: dit-build-shards ... (console script) or python data_tools/build_shards.py ...
 
---vae is a local diffusers AutoencoderKL folder, --teacher a local transformers DINOv2 folder (AutoModel); no
+--vae is a local diffusers AutoencoderKL folder, --teacher a local transformers DINOv2 folder (AutoModel),
+--text-encoder a local T5 encoder or CLIP text model folder with its tokenizer (dit_scale/text_encoder.py); no
 weights are downloaded. Each image is center-cropped and resized as in ADM (box-halve while >= 2x the target,
 bicubic to the short side, center crop). Sample KEY (8-digit index into the shuffled item list) holds
 
@@ -17,13 +21,20 @@ bicubic to the short side, center crop). Sample KEY (8-digit index into the shuf
     KEY.feat.npy         float16 [N, D] teacher patch tokens (after the final norm) at --teacher-resolution,
                          bilinearly resized to the DiT token grid (--feat-grid, default latent side / --patch-size)
     KEY.cls / KEY.caption.txt   label (ASCII integer) and caption, when given
+    KEY.caption_feat.npy float16 [L, T] the caption's token features (--text-encoder; L = --max-length, 0 at padding)
+    KEY.caption_mask.npy bool [L]        True for the caption's tokens
+
+Captions come from the list's caption column (`path<TAB>caption`, or `path<TAB>label<TAB>caption`) or, for an
+image folder, from a sidecar text file next to each image (IMAGE.txt for IMAGE.jpg). An image folder without class
+sub-folders is read flat (no labels).
 
 The item list is shuffled with --seed so every shard holds a mix of classes. Shard i (shard-%06d.tar) holds
 items [i*S, (i+1)*S) and is written by one worker to a temporary name, renamed, then described by a
 shard-%06d.tar.json sidecar (sample count, bytes, sha256). A re-run with the same arguments keeps finished shards
 and writes the rest; manifest.json (dit_scale.data.manifest: shards, counts, shapes, dtypes, encoders, checksums)
 is written at the end.
-Workers (--workers) are separate processes; with GPUs each worker takes one (round-robin).
+Workers (--workers) are separate processes; with GPUs each worker takes one (round-robin), and the VAE, the teacher
+and the text encoder run there on batches of --batch-size images / captions.
 """
 from __future__ import annotations
 
@@ -39,7 +50,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from data_tools.writer import ShardWriter, encode_label, encode_npy, encode_png, sha256_file  # noqa: F401
+from data_tools.writer import (ShardWriter, caption_members, encode_label, encode_npy, encode_png,  # noqa: F401
+                               sha256_file, text_manifest_fields)
 from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
@@ -49,23 +61,39 @@ FORMAT_VERSION = 1
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
-def scan_image_folder(root: str) -> tuple[list[tuple[str, Optional[int], Optional[str]]], list[str]]:
-    """(items, class names) of an ImageNet-style folder: label = index of the sorted class sub-folder."""
+def scan_image_folder(root: str) -> tuple[list[tuple[str, Optional[int], Optional[str]]], Optional[list[str]]]:
+    """(items, class names) of an ImageNet-style folder: label = index of the sorted class sub-folder. A folder with
+    no sub-folders but images is read flat (no labels, class names None). Each image's caption is its sidecar text
+    file (IMAGE.txt next to IMAGE.jpg), when there is one."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise ValueError("%s has no class sub-folders (expected ROOT/CLASS/IMAGE.jpg); use --list for a flat list"
-                         % root)
+    flat = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_SUFFIXES)) if not classes else []
+    if not classes and not flat:
+        raise ValueError("%s has no class sub-folders (expected ROOT/CLASS/IMAGE.jpg) and no images; use --list for a "
+                         "list file" % root)
+    if flat:
+        return [(os.path.join(root, f), None, sidecar_caption(os.path.join(root, f))) for f in flat], None
     items = []
     for label, name in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_SUFFIXES):
-                    items.append((os.path.join(dirpath, f), label, None))
+                    path = os.path.join(dirpath, f)
+                    items.append((path, label, sidecar_caption(path)))
     return items, classes
 
 
+def sidecar_caption(image_path: str) -> Optional[str]:
+    """The caption in IMAGE.txt next to IMAGE.jpg (whitespace stripped), or None."""
+    path = os.path.splitext(image_path)[0] + ".txt"
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def read_list_file(path: str) -> list[tuple[str, Optional[int], Optional[str]]]:
-    """Items of a TSV list: `image path [TAB label [TAB caption]]` (relative paths: relative to the list file)."""
+    """Items of a TSV list: `image path [TAB label [TAB caption]]` or `image path TAB caption` (a second column that
+    is not an integer is a caption); relative paths are relative to the list file."""
     items = []
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
@@ -76,6 +104,8 @@ def read_list_file(path: str) -> list[tuple[str, Optional[int], Optional[str]]]:
             parts = line.split("\t")
             label = parts[1].strip() if len(parts) > 1 else ""
             caption = parts[2] if len(parts) > 2 else None
+            if len(parts) == 2 and label and not label.lstrip("-").isdigit():     # path<TAB>caption
+                label, caption = "", parts[1]
             try:
                 label_value = int(label) if label else None
             except ValueError:
@@ -124,6 +154,15 @@ class Encoders:
             transformers.utils.logging.disable_progress_bar()
             self.teacher = AutoModel.from_pretrained(params["teacher"]).to(self.device).eval()
             self.skip_tokens = 1 + int(getattr(self.teacher.config, "num_register_tokens", 0) or 0)
+        self.text = None
+        if params.get("text_encoder"):
+            from dit_scale.text_encoder import TextEncoder
+            self.text = TextEncoder(params["text_encoder"], params["max_length"], self.device)
+
+    def captions(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """float16 [B, L, T] caption token features (0 at padding) and bool [B, L] masks, one batch on the device."""
+        features, mask = self.text(captions)
+        return features.numpy().astype(np.float16), mask.numpy()
 
     def latents(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] -> float32 [2B, C, h, w]: the images, then their horizontal flips."""
@@ -177,7 +216,8 @@ def _init_worker(params: dict, devices: list[str], threads: int) -> None:
     torch.set_num_threads(max(1, threads))
     identity = mp.current_process()._identity
     device = devices[(identity[0] - 1) % len(devices)] if identity else devices[0]
-    _WORKER["encoders"] = Encoders(params, device) if (params["vae"] or params["teacher"]) else None
+    _WORKER["encoders"] = Encoders(params, device) if (params["vae"] or params["teacher"]
+                                                       or params.get("text_encoder")) else None
     _WORKER["params"] = params
 
 
@@ -193,6 +233,7 @@ def write_shard(job: tuple[int, list]) -> dict:
             images = np.stack([load_image(p, size) for _, p, _, _ in chunk])
             latents = enc.latents(images) if params["vae"] else None
             feats = enc.features(images) if params["teacher"] else None
+            text, text_mask = enc.captions([c for _, _, _, c in chunk]) if params.get("text_encoder") else (None, None)
             for i, (key, _, label, caption) in enumerate(chunk):
                 members = {}
                 if latents is not None:
@@ -207,7 +248,8 @@ def write_shard(job: tuple[int, list]) -> dict:
                 if label is not None:
                     members["cls"] = encode_label(label)
                 if caption is not None:
-                    members["caption.txt"] = caption.encode("utf-8")
+                    members.update(caption_members(caption, None if text is None else text[i],
+                                                   None if text is None else text_mask[i]))
                 shard.add("%08d" % key, members)
     entry = {**shard.entry.to_dict(), "params_hash": params["hash"]}
     with open(path + ".json.tmp", "w") as f:
@@ -234,6 +276,15 @@ def _encoder_info(params: dict) -> dict:
     return info
 
 
+def _text_encoder_info(params: dict) -> dict:
+    """The manifest's record of the caption encoder (what TextEncoder.info() says), from its config.json."""
+    from dit_scale.text_encoder import read_text_encoder_config
+    path = params["text_encoder"]
+    config = read_text_encoder_config(path)
+    return {"path": path, "name": os.path.basename(path.rstrip("/")), "model_type": config["model_type"],
+            "class": config["class"], "width": config["width"], "max_length": params["max_length"]}
+
+
 def _probe_shapes(params: dict) -> tuple[list[int], Optional[list[int]]]:
     """x shape ([C, H, W]) and feature shape ([N, D]) from the encoders' configs."""
     size = params["resolution"]
@@ -256,13 +307,13 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
                  patch_size: int = 2, feat_grid: Optional[int] = None, teacher_resolution: int = 224,
                  samples_per_shard: int = 1000, workers: int = 1, batch_size: int = 32, seed: int = 0,
                  flip: bool = True, latent_dtype: str = "float16", device: str = "auto",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, text_encoder: Optional[str] = None, max_length: int = 120) -> dict:
     """Write (or complete) the shards in `out`; returns the manifest."""
     if (images is None) == (list_file is None):
         raise ValueError("give exactly one of --images DIR and --list FILE")
     if pixels == (vae is not None):
         raise ValueError("give --vae PATH for latent shards or --pixels for pixel shards (not both, not neither)")
-    for name, path in (("--vae", vae), ("--teacher", teacher)):
+    for name, path in (("--vae", vae), ("--teacher", teacher), ("--text-encoder", text_encoder)):
         if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError("%s %s is not a local model folder with a config.json (weights are never downloaded)"
                              % (name, path))
@@ -279,6 +330,19 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
     missing = [p for p, _, _ in items if not os.path.isfile(p)]
     if missing:
         raise ValueError("%d listed images do not exist, e.g. %s" % (len(missing), missing[0]))
+    if text_encoder is not None:
+        uncaptioned = [p for p, _, c in items if c is None]
+        if uncaptioned:
+            raise ValueError("--text-encoder needs a caption for every image, but %d have none, e.g. %s; give the "
+                             "list a caption column or put IMAGE.txt next to each image" % (len(uncaptioned),
+                                                                                          uncaptioned[0]))
+        if max_length < 1:
+            raise ValueError("--max-length must be >= 1 caption tokens")
+        from dit_scale.text_encoder import read_text_encoder_config
+        try:
+            read_text_encoder_config(text_encoder)
+        except (OSError, ValueError) as e:
+            raise ValueError("--text-encoder %s is not a T5 encoder or CLIP text model folder: %s" % (text_encoder, e))
     has_labels = [label is not None for _, label, _ in items]
     if any(has_labels) and not all(has_labels):
         raise ValueError("some items have a label and some do not; label all of them or none")
@@ -289,6 +353,8 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
                   teacher=os.path.abspath(teacher) if teacher else None, flip=bool(flip and vae),
                   latent_dtype=latent_dtype, patch_size=patch_size, teacher_resolution=teacher_resolution,
                   samples_per_shard=samples_per_shard, seed=seed)
+    if text_encoder is not None:             # (only then: the hash of a build without captions stays as it was)
+        params.update(text_encoder=os.path.abspath(text_encoder), max_length=int(max_length))
     x_shape, _ = _probe_shapes(dict(params, feat_grid=0))
     params["feat_grid"] = feat_grid or x_shape[-1] // patch_size
     item_digest = hashlib.sha256(json.dumps([it[1:] for it in jobs_items]).encode()).hexdigest()
@@ -339,6 +405,7 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
                 pool.join()
 
     encoders = _encoder_info(params)
+    text = text_manifest_fields(_text_encoder_info(params)) if text_encoder is not None else {}
     manifest = Manifest(
         shards=[ShardEntry(**{k: entries[i][k] for k in ("name", "num_samples", "bytes", "sha256")}) for i, _ in jobs],
         builder="build_shards", kind="latent" if vae else "pixel", image_key="latent.npy" if vae else "image.png",
@@ -348,7 +415,7 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
         x_shape=x_shape, x_dtype=latent_dtype if vae else "uint8",
         feat_shape=feat_shape, feat_dtype="float16" if teacher else None, resolution=resolution,
         num_classes=(max(lb for _, lb, _ in items) + 1) if has_labels[0] else None, class_names=class_names,
-        vae=encoders.get("vae"), teacher=encoders.get("teacher"),
+        vae=encoders.get("vae"), teacher=encoders.get("teacher"), **text,
         params={k: v for k, v in params.items() if k not in ("out", "batch_size")},
         source=os.path.abspath(images or list_file))
     write_manifest(manifest, manifest_path)
@@ -361,13 +428,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="image folder with one sub-folder per class (ImageNet layout)")
-    src.add_argument("--list", dest="list_file", help="TSV: image path [TAB label [TAB caption]] per line")
+    src.add_argument("--list", dest="list_file", help="TSV: image path [TAB label [TAB caption]] or image path TAB "
+                                                      "caption per line")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resolution", type=int, default=256)
     enc = parser.add_mutually_exclusive_group(required=True)
     enc.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent shards)")
     enc.add_argument("--pixels", action="store_true", help="store the RGB crops as PNG (no VAE)")
     parser.add_argument("--teacher", help="local transformers DINOv2 folder (feat.npy for alignment)")
+    parser.add_argument("--text-encoder", help="local T5 encoder / CLIP text model folder with its tokenizer: store "
+                                               "caption token features (caption_feat.npy, caption_mask.npy)")
+    parser.add_argument("--max-length", type=int, default=120, help="caption tokens stored per image (padding / "
+                                                                     "truncation; PixArt-α: 120)")
     parser.add_argument("--patch-size", type=int, default=2, help="DiT patch size (sets the default --feat-grid)")
     parser.add_argument("--feat-grid", type=int, default=None, help="token grid side (default: x side / patch)")
     parser.add_argument("--teacher-resolution", type=int, default=224)
@@ -385,10 +457,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 feat_grid=args.feat_grid, teacher_resolution=args.teacher_resolution,
                                 samples_per_shard=args.samples_per_shard, workers=args.workers,
                                 batch_size=args.batch_size, seed=args.seed, flip=args.flip,
-                                latent_dtype=args.latent_dtype, device=args.device)
+                                latent_dtype=args.latent_dtype, device=args.device, text_encoder=args.text_encoder,
+                                max_length=args.max_length)
     except ValueError as e:
         sys.exit("error: %s" % e)
-    print(json.dumps({k: manifest[k] for k in ("num_samples", "x_shape", "feat_shape", "image_key")}
+    print(json.dumps({k: manifest.get(k) for k in ("num_samples", "x_shape", "feat_shape", "image_key")}
+                     | ({"text_shape": manifest["text_shape"]} if "text_shape" in manifest else {})
                      | {"shards": len(manifest["shards"])}))
 
 

@@ -2,6 +2,9 @@
 
     python -m data_tools.make_synthetic --out data/synthetic --num-samples 20000 --num-classes 10 \
         --size 32 --samples-per-shard 2000 --seed 0
+    # captioned ("a small red circle in the top left"), with caption features from a local text encoder:
+    python -m data_tools.make_text_encoder --out data/tiny_t5
+    python -m data_tools.make_synthetic --out data/synthetic_text --captions --text-encoder data/tiny_t5
     # the same: dit-make-synthetic ... (console script) or python data_tools/make_synthetic.py ...
 
 or from Python:
@@ -15,6 +18,12 @@ class up to 100 is a distinct pair and the first 10 differ in both shape and col
 filled, on a light background whose tint varies mildly per sample, with small random jitter in position, size
 and colour; shapes always stay inside the image. Drawing happens at 4x resolution and is box-downsampled, so
 edges are anti-aliased.
+
+With --captions the shape also has a size (small or large) and a place on a 3×3 grid (top left ... bottom right),
+and each sample gets a caption that says all four: "a large teal ring in the middle right" (KEY.caption.txt; the
+class label stays). With --text-encoder PATH (a local T5 encoder / CLIP text model, e.g. the tiny one
+data_tools/make_text_encoder.py writes) the captions' token features are stored too (KEY.caption_feat.npy float16
+[L, T], KEY.caption_mask.npy bool [L], L = --max-length), as data_tools/build_shards.py --text-encoder does.
 
 Output in --out: shard-000000.tar, shard-000001.tar, ... (sample KEY = "%08d" global index, members KEY.png and
 KEY.cls with the ASCII class id), manifest.json (dit_scale.data.manifest: shards with sample counts, sizes and
@@ -37,7 +46,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_tools.writer import ShardWriter, describe_shard, encode_label, encode_png
+from data_tools.writer import (ShardWriter, caption_members, describe_shard, encode_label, encode_png,
+                               text_manifest_fields)
 from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
 from dit_scale.data.shards import decode_image, iter_tar_samples
 
@@ -56,6 +66,12 @@ COLOURS = {
 }
 COLOUR_NAMES = list(COLOURS)
 MAX_CLASSES = len(SHAPES) * len(COLOURS)
+SHAPE_WORDS = {"circle": "circle", "square": "square", "triangle": "triangle", "ring": "ring", "plus": "plus sign",
+               "hbars": "block of horizontal stripes", "vbars": "block of vertical stripes", "diamond": "diamond",
+               "xcross": "cross", "checker": "checkerboard"}
+SIZES = {"small": 0.13, "large": 0.22}          # half-side of the shape / image side (captioned samples)
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")
+GRID_CENTRES = (0.27, 0.5, 0.73)                 # ± 0.03 jitter: a large shape stays inside the image
 SUPERSAMPLE = 4
 FORMAT_VERSION = 1
 
@@ -120,18 +136,63 @@ def render_sample(label: int, size: int, rng: np.random.Generator) -> Image.Imag
     return image.resize((size, size), Image.BOX)
 
 
+def position_name(row: int, column: int) -> str:
+    """top left, top center, ..., middle left, center, middle right, ..., bottom right."""
+    if row == 1 and column == 1:
+        return "center"
+    return "%s %s" % (ROWS[row], COLUMNS[column])
+
+
+def caption_words() -> list[str]:
+    """Every word a caption of this generator uses (the tiny text encoder's vocabulary)."""
+    words = {"a", "in", "the", *SIZES, *COLOURS, *ROWS, *COLUMNS}
+    for phrase in SHAPE_WORDS.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def render_captioned(label: int, size: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """One image of class `label` at a random size and grid place, and its caption."""
+    shape, colour = class_spec(label)
+    big = size * SUPERSAMPLE
+    grey = rng.uniform(200, 240)
+    background = tuple(int(v) for v in np.clip(grey + rng.uniform(-12, 12, 3), 0, 255))
+    foreground = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.uniform(-15, 15, 3), 0, 255))
+    size_name = ("small", "large")[int(rng.integers(2))]
+    row, column = (int(v) for v in rng.integers(3, size=2))
+    cx, cy = big * (np.array([GRID_CENTRES[column], GRID_CENTRES[row]]) + rng.uniform(-0.03, 0.03, 2))
+    r = big * SIZES[size_name] * rng.uniform(0.9, 1.0)
+    image = Image.new("RGB", (big, big), background)
+    _draw_shape(ImageDraw.Draw(image), shape, float(cx), float(cy), float(r), foreground)
+    caption = "a %s %s %s in the %s" % (size_name, colour, SHAPE_WORDS[shape], position_name(row, column))
+    return image.resize((size, size), Image.BOX), caption
+
+
 def _shard_ranges(num_samples: int, samples_per_shard: int) -> list[tuple[int, int]]:
     return [(s, min(num_samples, s + samples_per_shard)) for s in range(0, num_samples, samples_per_shard)]
 
 
 def _write_shard(path: str, index: int, start: int, end: int, num_classes: int, size: int,
-                 seed: int) -> ShardEntry:
+                 seed: int, captions: bool = False, encoder=None) -> ShardEntry:
     rng = np.random.default_rng([seed, index])
     labels = rng.permutation(np.arange(start, end) % num_classes)   # balanced classes, shuffled
+    if not captions:
+        with ShardWriter(path) as shard:
+            for key, label in zip(range(start, end), labels):
+                shard.add("%08d" % key, {"png": encode_png(render_sample(int(label), size, rng)),
+                                         "cls": encode_label(label)})
+        return shard.entry
+    samples = [render_captioned(int(label), size, rng) for label in labels]
+    features = mask = None
+    if encoder is not None:
+        features, mask = encoder([caption for _, caption in samples], batch_size=256)
+        features, mask = features.numpy(), mask.numpy()
     with ShardWriter(path) as shard:
-        for key, label in zip(range(start, end), labels):
-            shard.add("%08d" % key, {"png": encode_png(render_sample(int(label), size, rng)),
-                                     "cls": encode_label(label)})
+        for i, (key, label, (image, caption)) in enumerate(zip(range(start, end), labels, samples)):
+            members = {"png": encode_png(image), "cls": encode_label(label)}
+            members.update(caption_members(caption, None if features is None else features[i],
+                                           None if mask is None else mask[i]))
+            shard.add("%08d" % key, members)
     return shard.entry
 
 
@@ -170,14 +231,26 @@ def write_preview(out: str, shard_paths: list[str], num_classes: int, size: int,
 
 
 def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, size: int = 32,
-                   samples_per_shard: int = 2000, seed: int = 0, verbose: bool = False) -> list[str]:
-    """Write (or complete) the dataset in `out`; returns the shard paths in order."""
+                   samples_per_shard: int = 2000, seed: int = 0, verbose: bool = False, captions: bool = False,
+                   text_encoder: str | None = None, max_length: int = 16) -> list[str]:
+    """Write (or complete) the dataset in `out`; returns the shard paths in order. `captions`: captioned samples
+    (sizes, places, KEY.caption.txt); `text_encoder`: also their token features (`max_length` tokens)."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError("num_classes must be in 1..%d, got %d" % (MAX_CLASSES, num_classes))
     if num_samples < 1 or samples_per_shard < 1 or size < 8 or seed < 0:
         raise ValueError("need num_samples >= 1, samples_per_shard >= 1, size >= 8 and seed >= 0")
+    if text_encoder is not None and not captions:
+        raise ValueError("--text-encoder encodes the captions: add --captions")
     params = dict(num_samples=num_samples, num_classes=num_classes, size=size,
                   samples_per_shard=samples_per_shard, seed=seed, version=FORMAT_VERSION)
+    encoder = None
+    if captions:                             # (only then: the params of an uncaptioned set stay as they were)
+        params["captions"] = True
+    if text_encoder is not None:
+        from dit_scale.text_encoder import TextEncoder
+        import torch
+        encoder = TextEncoder(text_encoder, max_length, "cuda" if torch.cuda.is_available() else "cpu")
+        params.update(text_encoder=encoder.path, max_length=int(max_length))
     os.makedirs(out, exist_ok=True)
     manifest_path = os.path.join(out, MANIFEST_NAME)
     if os.path.exists(manifest_path):
@@ -196,7 +269,7 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
             entry, status = describe_shard(path, end - start), "exists"
         else:
             t0 = time.time()
-            entry = _write_shard(path, index, start, end, num_classes, size, seed)
+            entry = _write_shard(path, index, start, end, num_classes, size, seed, captions, encoder)
             status = "wrote in %.1fs" % (time.time() - t0)
         if verbose:
             print("%s: %d samples, %s" % (path, end - start, status), flush=True)
@@ -205,7 +278,9 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
 
     manifest = Manifest(shards=shards, builder="make_synthetic", kind="pixel", image_key="png", label_key="cls",
                         x_shape=[3, size, size], x_dtype="uint8", resolution=size, num_classes=num_classes,
-                        class_names=class_names(num_classes), params=params)
+                        class_names=class_names(num_classes), params=params,
+                        caption_key="caption.txt" if captions else None,
+                        **(text_manifest_fields(encoder.info()) if encoder is not None else {}))
     write_manifest(manifest, manifest_path)
     preview = write_preview(out, paths, num_classes, size)
     if verbose:
@@ -221,12 +296,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--captions", action="store_true",
+                        help="random sizes and places, and a caption per sample "
+                             "(\"a small red circle in the top left\")")
+    parser.add_argument("--text-encoder", default=None,
+                        help="local T5 encoder / CLIP text model folder: also store the captions' token features")
+    parser.add_argument("--max-length", type=int, default=16, help="caption tokens stored per sample")
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
         paths = make_synthetic(args.out, num_samples=args.num_samples, num_classes=args.num_classes,
                                size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed,
-                               verbose=True)
+                               verbose=True, captions=args.captions, text_encoder=args.text_encoder,
+                               max_length=args.max_length)
     except ValueError as e:
         sys.exit("error: %s" % e)
     print("%d shards in %s (%.1fs)" % (len(paths), args.out, time.time() - t0))

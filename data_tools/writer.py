@@ -90,3 +90,21 @@ def encode_png(image: Union[Image.Image, np.ndarray]) -> bytes:
 
 def encode_label(label: int) -> bytes:
     return str(int(label)).encode("ascii")
+
+
+def caption_members(caption: str, features: np.ndarray, mask: np.ndarray) -> dict[str, bytes]:
+    """The members of a captioned sample: the caption text and, with a text encoder, its token features (float16
+    [L, T], zero at padding) and mask (bool [L]) under the manifest's default keys."""
+    from dit_scale.data.manifest import CAPTION_FEAT_KEY, CAPTION_MASK_KEY
+    members = {"caption.txt": caption.encode("utf-8")}
+    if features is not None:
+        members[CAPTION_FEAT_KEY] = encode_npy(np.asarray(features, dtype=np.float16))
+        members[CAPTION_MASK_KEY] = encode_npy(np.asarray(mask, dtype=bool))
+    return members
+
+
+def text_manifest_fields(info: dict) -> dict:
+    """Manifest fields of caption features written with the text encoder described by `info` (TextEncoder.info())."""
+    from dit_scale.data.manifest import CAPTION_FEAT_KEY, CAPTION_MASK_KEY
+    return {"text_key": CAPTION_FEAT_KEY, "text_mask_key": CAPTION_MASK_KEY,
+            "text_shape": [int(info["max_length"]), int(info["width"])], "text_dtype": "float16", "text_encoder": info}

@@ -11,6 +11,7 @@ When torch or DeepSpeed is upgraded, this file (and `tests/unit/test_compat.py`)
     DeepSpeedEngine._configure_distributed_model (overridden) mark our MoE layers as MoE             deepspeed_engine_class
     ZeRO stage 1/2 optimizer ._get_norm_groups (stage 3), ._lazy_init_hp_params_optimizer_state       zero_*
     ZeRO stage 1/2 parameter ._hp_mapping, ._dp_group (the fp32 master fragment a rank holds)          zero_fp32_*
+    torch.distributed.device_mesh.DeviceMesh._flatten         one mesh dimension from several (tp/cp)  flatten_mesh
 
 One exception lives in `dit_scale/models/moe.py` because models import nothing outside `dit_scale/models/`:
 `torch._grouped_mm` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it runs).
@@ -31,6 +32,12 @@ def foreach_lerp_(tensors, ends, weight) -> None:
 
 def foreach_mul_(tensors, factor) -> None:
     torch._foreach_mul_(tensors, factor)
+
+
+def flatten_mesh(mesh, name: str):
+    """The 1-D DeviceMesh over the ranks of each group of `mesh`'s dimensions (e.g. mesh["cp", "tp"]), named `name`,
+    sharing `mesh`'s root (FSDP2 needs that to shard tensor-parallel DTensors over it). Collective: every rank."""
+    return mesh._flatten(name)
 
 
 def dcp_load_whole(reader) -> dict:

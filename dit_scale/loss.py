@@ -24,6 +24,7 @@ from dit_scale.align.aligner import Aligner
 from dit_scale.models.args import ModelArgs
 from dit_scale.models.flops import forward_macs
 from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss, num_kept
+from dit_scale.models.text import Captions
 
 
 @dataclass
@@ -31,6 +32,15 @@ class LossOutput:
     loss: torch.Tensor                  # what backward sees
     terms: Dict[str, torch.Tensor]      # scalars, alignment terms unweighted
     aux: dict                           # the model's aux outputs
+
+
+def batch_condition(batch: dict, args: ModelArgs, device):
+    """What the model is conditioned on: the labels [B], or for a text model (`args.conditioning="text"`) the
+    batch's caption features and mask (`Captions`)."""
+    if args.conditioning == "text":
+        return Captions(batch["caption_feat"].to(device, non_blocking=True),
+                        batch["caption_mask"].to(device, non_blocking=True))
+    return batch["y"].to(device, non_blocking=True)
 
 
 class TrainingLoss:
@@ -62,7 +72,7 @@ class TrainingLoss:
                  ema: Optional[Callable] = None) -> LossOutput:
         """Loss of one micro-batch `batch` ({"x", "y", optional "feat"}); `ema()` yields the EMA model (SRA only)."""
         x = batch["x"].to(self.device, non_blocking=True)
-        y = batch["y"].to(self.device, non_blocking=True)
+        y = batch_condition(batch, self.args, self.device)
         targets = self.objective.training_targets(x, generator=generator)
         ratio = self.mask_ratio(step)
         keep = draw_keep_indices(x.shape[0], self.args.num_tokens, ratio, generator, self.device) if ratio > 0 \

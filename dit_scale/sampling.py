@@ -41,9 +41,10 @@ def _font(size: int):
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: str, pad: int = 2, upscale: int = 1,
-              row_titles: Optional[Sequence[str]] = None, title: Optional[str] = None) -> str:
-    """Save [N, C, H, W] images in [-1, 1] as a PNG grid with `nrow` images per row; `row_titles` (one per row)
-    are written left of the rows, `title` above the grid."""
+              row_titles: Optional[Sequence[str]] = None, title: Optional[str] = None,
+              max_title_chars: int = MAX_TITLE_CHARS) -> str:
+    """Save [N, C, H, W] images in [-1, 1] as a PNG grid with `nrow` images per row; `row_titles` (one per row,
+    cut at `max_title_chars`) are written left of the rows, `title` above the grid."""
     arr = to_uint8_images(images)
     n, h, w, _ = arr.shape
     rows = (n + nrow - 1) // nrow
@@ -55,15 +56,17 @@ def save_grid(images: torch.Tensor, nrow: int, path: str, pad: int = 2, upscale:
     if upscale > 1:
         image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
     if row_titles or title:
-        image = _with_titles(image, rows, (h + pad) * upscale, pad * upscale, row_titles or [], title)
+        image = _with_titles(image, rows, (h + pad) * upscale, pad * upscale, row_titles or [], title,
+                             max_title_chars)
     image.save(path)
     return path
 
 
-def _with_titles(grid: Image.Image, rows: int, row_height: int, top_pad: int, row_titles, title) -> Image.Image:
+def _with_titles(grid: Image.Image, rows: int, row_height: int, top_pad: int, row_titles, title,
+                 max_title_chars: int = MAX_TITLE_CHARS) -> Image.Image:
     font = _font(int(np.clip(row_height // 4, 10, 18)))
     measure = ImageDraw.Draw(grid)
-    labels = [str(t)[:MAX_TITLE_CHARS] for t in row_titles][:rows]
+    labels = [str(t)[:max_title_chars] for t in row_titles][:rows]
     label_w = max([int(measure.textlength(t, font=font)) for t in labels] + [0]) + (8 if labels else 0)
     title_h = int(font.size if hasattr(font, "size") else 11) + 8 if title else 0
     canvas = Image.new("RGB", (grid.width + label_w, grid.height + title_h), "white")

@@ -44,12 +44,16 @@ class RankStreams:
     def __init__(self, cfg, topology, device):
         self.cfg, self.topo = cfg, topology
         self.loader = self._build_loader(cfg.train.seed)
-        self.rng = RNGStreams(cfg.train.seed, topology.rank, device, cfg.train.deterministic)
+        # seeded per data-parallel rank: the ranks sharing an image (tensor / context parallelism) draw alike
+        self.rng = RNGStreams(cfg.train.seed, topology.dp_rank, device, cfg.train.deterministic)
 
     def _build_loader(self, seed: int):
         m = self.cfg.model
+        expect = {"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes}
+        if m.conditioning == "text":        # caption features of the model's width and length; labels unused
+            expect.update(num_classes=0, text_dim=m.text_dim, text_len=m.text_len)
         return build_loader(self.cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=seed,
-                            expect={"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes})
+                            expect=expect)
 
     def state_dict(self) -> dict:
         return {"data": self.loader.state_dict(), "rng": self.rng.state_dict()}

@@ -8,6 +8,7 @@
     python launch/bench.py data                                        # loader (2 workers) vs DiT-S/2 training
     python launch/bench.py checkpoint                                  # DiT-B/2-8E2A: sharded / async / consolidated
     python launch/bench.py memory --model DiT-B/2-8E2A                 # peak memory per rank: 1 vs 2 processes
+    python launch/bench.py parallel --layout tp2                       # tp2 | cp2 | ep2 on 2 processes vs 1
 
 `model`: forward+backward time per step of the sparse model and of a dense model with the same *active*
 parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
@@ -32,7 +33,7 @@ from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import peak_flops
 from dit_scale.models import DiT, ModelArgs
 from dit_scale.models.flops import count_params, forward_macs
-from launch import bench_align, bench_checkpoint, bench_data, bench_memory
+from launch import bench_align, bench_checkpoint, bench_data, bench_memory, bench_parallel
 from launch.bench_common import alternate, device_and_precision, header, random_batch, training_step
 
 
@@ -172,12 +173,15 @@ def main(argv=None):
     bench_data.add_parser(sub)            # data
     bench_checkpoint.add_parser(sub)      # checkpoint
     bench_memory.add_parser(sub)          # memory
+    bench_parallel.add_parser(sub)        # parallel (tensor / context / expert parallel layouts)
     args = parser.parse_args(argv)
     try:
         if args.what == "data":
             bench_data.run(args)
         elif args.what == "memory":
             bench_memory.run(args)
+        elif args.what == "parallel":
+            bench_parallel.run(args)
         elif args.what == "checkpoint":
             bench_checkpoint.run(args)
         elif args.what in ("masking", "align"):

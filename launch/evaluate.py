@@ -9,8 +9,10 @@ precision/recall as JSON (stdout) and as a row of the run's metrics.jsonl.
 
 Defaults come from the checkpoint's config: eval.* (num samples eval.fid_samples, eval.ref, eval.inception, sampler,
 steps, cfg scale, guide channels, seed), which default to diffusion.*. EMA weights unless --no-ema. Sample i has class
-i mod num_classes and its own noise seed (seed, i), so 1 and N processes draw the same images and report the same
-statistics. Latents are decoded with the VAE the shards' manifest names, or --vae. A shards:PATH reference is
+i mod num_classes (a text model: the caption of held-out sample i mod M, from --captions / eval.captions / the
+shards:PATH of --ref / eval.val_path; give the same shards as the reference for a caption-conditioned FID) and its
+own noise seed (seed, i), so 1 and N processes draw the same images and report the same statistics. Latents are
+decoded with the VAE the shards' manifest names, or --vae. A shards:PATH reference is
 computed once over all processes and cached next to the shards (inception_ref_<weights>_<N>.npz, or --ref-cache).
 Under torchrun / srun each process uses one GPU (NCCL) or, without GPUs, gloo on CPU.
 
@@ -26,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dit_scale.build import build
+from dit_scale.captions import eval_conditions
 from dit_scale.checkpoint import CheckpointError, load_checkpoint, load_exported
 from dit_scale.checkpoint.load import resolve_path
 from dit_scale.config import ConfigError, config_from_yaml_text, to_yaml
@@ -49,6 +52,8 @@ def parse_args(argv=None):
                                                                    "else 50000)")
     p.add_argument("--ref", default=None, help="reference: ADM .npz batch, a cached .npz, or shards:PATH")
     p.add_argument("--inception", default=None, help="local FID Inception weights (.pth or .safetensors)")
+    p.add_argument("--captions", default=None, help="a text model: captioned held-out shards whose captions condition "
+                                                    "the samples (default: eval.captions, else --ref shards:PATH)")
     p.add_argument("--vae", default=None, help="local VAE folder (default: the one the shards' manifest names)")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -130,9 +135,15 @@ def evaluate(args) -> dict:
             print(f"evaluate: {done[0] * topo.world_size} / {num_samples} images (approx.)", file=sys.stderr,
                   flush=True)
 
+    conditions = None
+    if cfg.model.conditioning == "text":          # held-out captions: the reference's own when it is shards:PATH
+        given = args.captions or (ref[len("shards:"):] if ref.startswith("shards:") and not cfg.eval.captions
+                                  else None)
+        conditions = eval_conditions(cfg, num_samples, batch_size, topo.rank, topo.world_size, path=given)
     try:
         result = evaluate_samples(model, built.objective, cfg, spec, decoder, extractor, reference, num_samples,
-                                  batch_size=batch_size, collective_forward=False, progress=progress)
+                                  batch_size=batch_size, collective_forward=False, progress=progress,
+                                  conditions=conditions)
     except ValueError as err:           # a sampler / step count / guide channel count that does not fit the model
         raise ConfigError(str(err)) from None
     step = int(state.get("step", 0))

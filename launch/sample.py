@@ -7,6 +7,13 @@ a checkpoint or an export; latent models are decoded through the VAE.
     python launch/sample.py --ckpt model.safetensors --out grid.png      # written by launch/export.py
     python launch/sample.py --run runs/in1k --vae /models/sd-vae-ft-ema --sampler ancestral --steps 250 \
         --cfg-scale 4 --guide-channels 3                                # DiT's sampling protocol
+    python launch/sample.py --run runs/quickstart_text --prompts "a small red circle in the top left" prompts.txt \
+        --per-prompt 4                                                  # a text model: one row per prompt
+
+A text model (model.conditioning=text) is conditioned on prompts: each --prompts argument is a prompt or a file with
+one prompt per line. They are encoded by the run's local text encoder (--text-encoder, else model.text_encoder, else
+the one the training shards' manifest names) at the training captions' length (model.text_len), and each grid row is
+titled with its prompt. Without --prompts the grid shows the first captions of the training shards.
 
 Uses the EMA weights unless --no-ema (an exported file holds one set: the one it was exported with). The model and
 sampler settings come from the config stored in the checkpoint (an export: its safetensors metadata). Latents are
@@ -20,6 +27,7 @@ import sys
 import torch
 
 from dit_scale.build import build
+from dit_scale.captions import CaptionTable, prompt_encoder, read_prompts, training_caption_path, write_prompt_grid
 from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint, load_exported
 from dit_scale.config import ConfigError, config_from_yaml_text
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
@@ -46,6 +54,19 @@ def parse_classes(text, num_classes: int):
     return classes
 
 
+def prompt_table(cfg, args, manifest, device) -> CaptionTable:
+    """A text model's rows: --prompts encoded by the run's text encoder, else the first captions of the training
+    shards (their stored features: no encoder needed)."""
+    if args.prompts:
+        return CaptionTable.from_prompts(read_prompts(args.prompts), prompt_encoder(cfg, args.text_encoder, manifest,
+                                                                                    device))
+    try:
+        return CaptionTable.from_shards(training_caption_path(cfg), cfg.logging.max_sample_classes, field="data.path")
+    except ConfigError as e:
+        raise ConfigError(f"This text model needs prompts: pass --prompts TEXT|FILE ... (the training shards' captions "
+                          f"are not available: {e})") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -53,7 +74,12 @@ def main(argv=None):
     src.add_argument("--ckpt", help="checkpoint (step_* folder or step_*.pt file) or exported .safetensors file")
     p.add_argument("--out", help="output PNG (default: RUN/samples/grid_stepN.png)")
     p.add_argument("--classes", help="comma-separated class ids (default: the first logging.max_sample_classes)")
-    p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--per-class", "--per-prompt", dest="per_class", type=int, default=None,
+                   help="samples per class (a text model: per prompt); default: logging.samples_per_class")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="a text model's prompts: texts and/or files with one prompt per line")
+    p.add_argument("--text-encoder", default=None, help="local T5 / CLIP text folder for the prompts (default: "
+                                                        "model.text_encoder, else the shards' manifest's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: diffusion.sample_steps)")
     p.add_argument("--sampler", default=None, help="euler | heun (flow), ddim | ancestral (ddpm); default: "
                                                    "diffusion.sampler")
@@ -77,8 +103,16 @@ def main(argv=None):
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    text = cfg.model.conditioning == "text"
     try:
-        classes = parse_classes(args.classes, cfg.model.num_classes)
+        classes = parse_classes(args.classes, cfg.model.num_classes) if not text else None
+        table = prompt_table(cfg, args, manifest, device) if text else None
+        if args.prompts and not text:
+            raise ConfigError("--prompts needs a text model (model.conditioning=text); this one is class-conditional: "
+                              "pass --classes instead.")
+        if args.classes and text:
+            raise ConfigError("--classes needs a class-conditional model; this one is a text model "
+                              "(model.conditioning=text): pass --prompts instead.")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,9 +132,14 @@ def main(argv=None):
     title = f"{cfg.model.name} step {step} · {sampler} {steps} steps · cfg {scale:g}"
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            write_class_grid(model, objective, cfg, device, out, decoder=decoder, manifest=manifest, classes=classes,
-                             per_class=per_class, title=title, num_steps=steps, cfg_scale=scale, seed=args.seed,
-                             sampler=sampler, guide_channels=args.guide_channels)
+            if text:
+                write_prompt_grid(model, objective, cfg, device, table, out, per_prompt=per_class, decoder=decoder,
+                                  title=title, num_steps=steps, cfg_scale=scale, seed=args.seed, sampler=sampler,
+                                  guide_channels=args.guide_channels)
+            else:
+                write_class_grid(model, objective, cfg, device, out, decoder=decoder, manifest=manifest,
+                                 classes=classes, per_class=per_class, title=title, num_steps=steps, cfg_scale=scale,
+                                 seed=args.seed, sampler=sampler, guide_channels=args.guide_channels)
     except ValueError as e:             # a sampler or step count that does not fit the objective
         print(f"error: {e}", file=sys.stderr)
         return 2

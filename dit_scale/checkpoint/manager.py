@@ -98,16 +98,24 @@ class CheckpointManager:
         restore_hyperparameters(self.engine.optimizer, self.engine.scheduler, configured)
         step = int(state["step"])
         saved = state["per_rank"]
-        if len(saved) == self.topo.world_size:
+        if len(saved) == self.topo.world_size and self._same_data_layout(saved[self.topo.rank]):
             self.streams.load_state_dict(saved[self.topo.rank])
         else:   # resharded: model, EMA and optimizer moved; per-rank streams cannot be split anew
             self.log(f"warning: checkpoint '{path}' was written by {len(saved)} process(es) and this run has "
-                     f"{self.topo.world_size}: weights, EMA and optimizer state are resharded, but the data loader "
-                     f"and RNG streams restart (shuffled with a seed derived from step {step}), so the data order "
-                     f"differs from an uninterrupted run.")
+                     f"{self.topo.world_size} (data-parallel size {self.topo.dp_size}): weights, EMA and optimizer "
+                     f"state are resharded, but the data loader and RNG streams restart (shuffled with a seed derived "
+                     f"from step {step}), so the data order differs from an uninterrupted run.")
             self.streams.restart(step)
         self.log(f"resumed from {path} at step {step}")
         return step
+
+    def _same_data_layout(self, saved_streams) -> bool:
+        """Whether this rank's saved loader had this rank's data-parallel rank and size (tensor / context
+        parallelism change them at the same process count)."""
+        data = saved_streams.get("data") if isinstance(saved_streams, dict) else None
+        if not isinstance(data, dict) or "dp_size" not in data:
+            return True
+        return (data["dp_rank"], data["dp_size"]) == (self.topo.dp_rank, self.topo.dp_size)
 
     def _read(self, path: str) -> dict:
         """The state of checkpoint `path`; a sharded one is verified by all ranks together (each hashes a share

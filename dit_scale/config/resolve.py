@@ -6,6 +6,7 @@
     moe.num_experts, moe.top_k                         from model.name's -{E}E{k}A suffix unless given (0, 0: dense)
     moe.expert_hidden, moe.shared_hidden               ratio × width, rounded up to a multiple of 8
     align.teacher_dim                                  the online teacher's hidden size (its config.json)
+    model.text_dim                                     text: model.text_encoder's width (its config.json)
 
 A derived field that already holds a value (a stored config, or one set by hand) must equal what it derives from;
 anything else is a ConfigError naming the field. Expert hidden sizes are rounded up to a multiple of 8 so that the
@@ -77,6 +78,20 @@ def resolve(cfg) -> None:
     _set_derived(moe, "shared_hidden", hidden_size_for(width, moe.shared_mlp_ratio) if experts else 0,
                  "moe.shared_mlp_ratio × model.hidden_size (rounded up to a multiple of 8)")
     _resolve_teacher_dim(cfg)
+    _resolve_text_dim(cfg)
+
+
+def _resolve_text_dim(cfg) -> None:
+    """model.text_dim from model.text_encoder's config.json for a text model that does not give it (an unreadable
+    folder leaves it unset, and `validate` asks for it)."""
+    m = cfg.model
+    if m.conditioning != "text" or m.text_dim is not None or not m.text_encoder:
+        return
+    from dit_scale.text_encoder import read_text_encoder_config
+    try:
+        m.text_dim = read_text_encoder_config(m.text_encoder)["width"]
+    except (OSError, ValueError):
+        pass
 
 
 def _resolve_teacher_dim(cfg) -> None:

@@ -24,6 +24,11 @@ class ModelConfig:
     mlp_ratio: float = 4.0              # dense FFN width (GELU MLP, as DiT)
     patch_size: Optional[int] = None    # derived from the name when the config is loaded
     num_tokens: Optional[int] = None    # derived: (input_size / patch_size)²
+    conditioning: str = "class"         # class (labels) | text (captions, cross-attention: README "Text-to-image")
+    caption_dropout: float = 0.1        # text: captions replaced by the learned null caption (classifier-free guidance)
+    text_dim: Optional[int] = None      # text: caption feature width (derived from model.text_encoder's config.json)
+    text_len: Optional[int] = None      # text: caption tokens per sample (the shards' text_encoder.max_length)
+    text_encoder: Optional[str] = None  # text: local T5 / CLIP text folder for prompts (default: the shards' manifest's)
 
 
 @dataclass
@@ -131,7 +136,10 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     engine: str = "local"               # local (one process) | fsdp (FSDP2) | deepspeed (ZeRO), any process count
-    ep: int = 1                         # expert-parallel size
+    ep: int = 1                         # expert-parallel size (over the data-parallel ranks)
+    tp: int = 1                         # tensor-parallel size: attention heads and FFN widths split (Megatron)
+    sp: bool = True                     # with tp > 1, sequence parallelism: 1/tp of the tokens between the splits
+    cp: int = 1                         # context-parallel size: 1/cp of the tokens, all-to-all attention (Ulysses)
     zero_stage: int = 2                 # deepspeed: 1 | 2 (with experts) | 3 (dense models only)
     timeout_minutes: float = 30.0       # collective timeout of the process group: longer than the slowest save
 
@@ -182,6 +190,8 @@ class EvalConfig:
     inception: Optional[str] = None     # local FID Inception weights (.pth / .safetensors), needed for FID
     ref: Optional[str] = None           # reference statistics: an .npz (ADM batch or cache) or shards:PATH
     ref_samples: int = 50000            # shards:PATH references use the first N samples
+    captions: Optional[str] = None      # text models: held-out shards whose captions condition the FID samples
+                                        # (sample i: caption i mod M); None: eval.ref's shards:PATH, else eval.val_path
     sampler: Optional[str] = None       # sampling for evaluation; None: diffusion.sampler (ddpm: also ancestral)
     steps: Optional[int] = None         # None: diffusion.sample_steps
     cfg_scale: Optional[float] = None   # None: diffusion.cfg_scale
@@ -208,6 +218,7 @@ class Config:
 
 
 CHOICES = {
+    "model.conditioning": ("class", "text"),
     "moe.router": ("token_choice", "expert_choice"),
     "moe.score_function": ("softmax", "sigmoid"),
     "moe.expert_impl": ("auto", "grouped_mm", "loop"),

@@ -61,7 +61,7 @@ def check_values(cfg: DictConfig) -> None:
         _fail(f"optim.lr must be a positive number, got {o.lr}.")
     if not 0.0 <= o.ema_decay < 1.0:
         _fail(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}.")
-    for key in ("optim.beta1", "optim.beta2", "model.class_dropout"):
+    for key in ("optim.beta1", "optim.beta2", "model.class_dropout", "model.caption_dropout"):
         if not 0.0 <= OmegaConf.select(cfg, key) < 1.0:
             _fail(f"{key} must be in [0, 1), got {OmegaConf.select(cfg, key)}.")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -95,14 +95,15 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
         _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
               f"{d.guidance_low}, {d.guidance_high}.")
-    if d.cfg_scale != 1.0 and m.num_classes == 0:
+    if d.cfg_scale != 1.0 and m.conditioning == "class" and m.num_classes == 0:
         _fail(f"diffusion.cfg_scale={d.cfg_scale} guides towards a class, but model.num_classes=0 (unconditional); "
               f"set diffusion.cfg_scale=1.")
-    if d.cfg_scale != 1.0 and m.class_dropout == 0:
+    if d.cfg_scale != 1.0 and m.conditioning == "class" and m.class_dropout == 0:
         _fail(f"diffusion.cfg_scale={d.cfg_scale} needs the null class, which the model learns only from dropped "
               f"labels: set model.class_dropout > 0 (DiT: 0.1), or diffusion.cfg_scale=1.")
     if d.logit_normal_std <= 0 or d.beta_start <= 0 or not d.beta_start < d.beta_end < 1:
         _fail("diffusion.logit_normal_std must be > 0 and 0 < diffusion.beta_start < diffusion.beta_end < 1.")
+    _validate_text(cfg)
     _validate_data(cfg.data)
     _validate_mup(cfg)
     _validate_mask_align(cfg)
@@ -120,6 +121,25 @@ def validate(cfg: DictConfig) -> None:
             _fail(f"train.{key} must be >= 0 (0 = off), got {t[key]}.")
     _validate_eval(cfg)
     _validate_start_weights(cfg)
+    _validate_model_parallel(cfg)
+
+
+def _validate_text(cfg) -> None:
+    """model.conditioning=text: the caption width and length, and guidance's null caption."""
+    m, d = cfg.model, cfg.diffusion
+    if m.conditioning != "text":
+        return
+    if m.text_dim is None or m.text_dim < 1:
+        where = (f" (model.text_encoder={m.text_encoder!r} has no readable config.json to read it from)"
+                 if m.text_encoder else "")
+        _fail(f"model.conditioning=text needs model.text_dim, the width of the caption features (the text encoder's "
+              f"d_model / hidden_size, e.g. 4096 for T5-XXL; text_encoder.width in the shards' manifest){where}.")
+    if m.text_len is None or m.text_len < 1:
+        _fail("model.conditioning=text needs model.text_len, the caption tokens per sample (the max length the "
+              "shards were encoded with: text_encoder.max_length in their manifest, e.g. 120).")
+    if d.cfg_scale != 1.0 and m.caption_dropout == 0:
+        _fail(f"diffusion.cfg_scale={d.cfg_scale} needs the null caption, which the model learns only from dropped "
+              f"captions: set model.caption_dropout > 0 (PixArt-α: 0.1), or diffusion.cfg_scale=1.")
 
 
 def _validate_data(data) -> None:
@@ -254,7 +274,11 @@ def _validate_eval(cfg) -> None:
         _fail(f"eval.guide_channels={e.guide_channels} must be between 1 and model.in_channels="
               f"{cfg.model.in_channels}, or null (all).")
     scale = d.cfg_scale if e.cfg_scale is None else e.cfg_scale
-    if scale != 1.0 and (cfg.model.num_classes == 0 or cfg.model.class_dropout == 0):
+    if scale != 1.0 and cfg.model.conditioning == "text" and cfg.model.caption_dropout == 0:
+        _fail(f"eval.cfg_scale={scale} needs a text model trained with caption dropout (model.caption_dropout > 0); "
+              f"set eval.cfg_scale=1.")
+    if scale != 1.0 and cfg.model.conditioning == "class" and (cfg.model.num_classes == 0
+                                                               or cfg.model.class_dropout == 0):
         _fail(f"eval.cfg_scale={scale} needs a class-conditional model trained with label dropout "
               f"(model.num_classes > 0, model.class_dropout > 0); set eval.cfg_scale=1.")
 
@@ -274,3 +298,49 @@ def _validate_start_weights(cfg) -> None:
         _fail(f"train.init_from={t.init_from!r} and train.resume={t.resume!r} both name the starting weights; use "
               f"train.resume=auto with train.init_from (a requeued fine-tune continues its own checkpoints), or drop "
               f"train.init_from to continue that checkpoint's run.")
+
+
+def _validate_model_parallel(cfg) -> None:
+    """parallel.tp / sp / cp: what tensor, sequence and context parallelism can split (the process count is checked
+    at start-up, `parallel/topology.py`'s check_layout)."""
+    from dit_scale.models.masking import num_kept
+    p, m, moe = cfg.parallel, cfg.model, cfg.moe
+    for key in ("tp", "cp"):
+        if not isinstance(p[key], int) or p[key] < 1:
+            _fail(f"parallel.{key} must be a positive integer (1: off), got {p[key]}.")
+    split = p.tp * p.cp
+    if split == 1:
+        return
+    which = " × ".join(f"parallel.{k}={p[k]}" for k in ("tp", "cp") if p[k] > 1)
+    if p.engine != "fsdp":
+        _fail(f"{which} needs parallel.engine=fsdp (FSDP2 composes with tensor and context parallelism; "
+              f"parallel.engine={p.engine} does not), so set parallel.engine=fsdp.")
+    if m.num_heads % split:
+        _fail(f"model.num_heads={m.num_heads} must be divisible by tp × cp = {split} ({which}: each rank attends "
+              f"with num_heads / {split} heads); choose a tp × cp that divides it.")
+    if m.num_tokens % split:
+        _fail(f"{which} splits each image's {m.num_tokens} tokens into {split} equal parts, which does not divide "
+              f"them; choose a tp × cp that divides model.num_tokens (model.input_size / patch size, squared).")
+    if cfg.mask.ratio > 0 and num_kept(m.num_tokens, cfg.mask.ratio) % split:
+        kept = num_kept(m.num_tokens, cfg.mask.ratio)
+        near = [k for k in range(split, m.num_tokens, split)]
+        best = min(near, key=lambda k: abs(k - kept)) if near else None
+        _fail(f"mask.ratio={cfg.mask.ratio} keeps {kept} of {m.num_tokens} tokens, which {which} cannot split into "
+              f"{split} equal parts; " + (f"use mask.ratio={1 - best / m.num_tokens:.6g} (keeps {best})."
+                                         if best else "use a smaller tp × cp."))
+    widths = {"model.mlp_ratio × model.hidden_size (the dense FFN)": int(m.hidden_size * m.mlp_ratio)}
+    if moe.num_experts and moe.shared_hidden:
+        widths["moe.shared_hidden (the shared experts)"] = moe.shared_hidden
+    for name, width in widths.items():
+        if width % p.tp:
+            _fail(f"{name} = {width} must be divisible by parallel.tp={p.tp} (tensor parallelism splits it).")
+    if moe.num_experts and moe.router == "expert_choice":
+        _fail(f"moe.router=expert_choice picks each expert's tokens among all of an image's tokens, which {which} "
+              f"splits over ranks; use moe.router=token_choice with tensor or context parallelism.")
+    if cfg.align.haste_weight > 0:
+        _fail(f"align.haste_weight > 0 distils attention maps, whose heads {which} splits over ranks; use "
+              f"parallel.tp=1 and parallel.cp=1 with HASTE (REPA and SRA work with both).")
+    if cfg.eval.every:
+        _fail(f"eval.every={cfg.eval.every} evaluates with every rank drawing its own images, while {which} makes "
+              f"ranks share each image; set eval.every=0 and evaluate checkpoints with launch/evaluate.py "
+              f"(parallel.tp=1 parallel.cp=1).")

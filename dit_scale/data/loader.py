@@ -1,10 +1,13 @@
 """The data-parallel, multi-worker, resumable shard loader the trainer uses.
 
     loader = build_loader(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
-                          expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K})
+                          expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K,
+                                  "text_dim": T, "text_len": L})
                                   # ConfigError on a mismatch; K = 0: unconditional, every y is 0
     batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str],
-                                  #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any}
+                                  #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any,
+                                  #  "caption_feat": float32 [B, L, T], "caption_mask": bool [B, L] if the shards
+                                  #  hold caption features (data_tools --text-encoder)}
     state = loader.state_dict()   # plain ints / lists: goes into the checkpoint (per rank)
     loader.load_state_dict(state) # the following batches equal those of the uninterrupted run
     loader.close()                # stops worker processes (also on garbage collection / exit)
@@ -32,7 +35,7 @@ import torch
 
 from dit_scale.config import ConfigError
 from dit_scale.data.errors import DataError
-from dit_scale.data.manifest import find_manifest
+from dit_scale.data.manifest import CAPTION_FEAT_KEY, CAPTION_MASK_KEY, find_manifest
 from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, decode_image, first_sample, \
     list_shards
 from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, SliceSpec, SliceStream, SourceSpec, initial_slice_state
@@ -260,6 +263,9 @@ def _resolve_source(path: str, field: str, weight: float, image_key: str, manife
         src.num_classes = manifest.num_classes
         src.x_shape = tuple(manifest.x_shape) if manifest.x_shape else None
         src.feat_shape = tuple(manifest.feat_shape) if manifest.feat_shape else None
+        src.text_key, src.text_mask_key = manifest.text_key, manifest.text_mask_key
+        src.text_shape = tuple(manifest.text_shape) if manifest.text_shape else None
+        src.text_encoder = manifest.text_encoder
     if src.image_key in (None, "auto") or src.x_shape is None:
         sample = first_sample(shards[0])
         if sample is None:
@@ -273,6 +279,9 @@ def _resolve_source(path: str, field: str, weight: float, image_key: str, manife
             src.image_key, src.key_origin = found_keys[0], "found in the first sample of %s" % shards[0]
             if "feat.npy" in sample and src.feat_key is None:
                 src.feat_key = "feat.npy"
+        if manifest is None and CAPTION_FEAT_KEY in sample:
+            src.text_key, src.text_mask_key = CAPTION_FEAT_KEY, CAPTION_MASK_KEY
+            src.text_shape = tuple(decode_array(sample[CAPTION_FEAT_KEY], CAPTION_FEAT_KEY).shape)
         if manifest is None:
             src.labels = "cls" in sample
         if src.image_key not in sample:
@@ -304,6 +313,7 @@ def check_expected(sources: list[SourceSpec], expect: dict) -> None:
                 raise ConfigError("%s has num_classes=%d in its manifest but model.num_classes=%d; set "
                                   "model.num_classes=%d or use shards with at most %d classes."
                                   % (src.name, src.num_classes, num_classes, src.num_classes, num_classes))
+        _check_text(src, expect.get("text_dim"), expect.get("text_len"))
         dim, tokens = expect.get("feat_dim"), expect.get("feat_tokens")
         if (dim is not None or tokens is not None) and src.feat_key is None:
             raise ConfigError("%s holds no teacher features (feat.npy) but representation alignment needs them; "
@@ -322,11 +332,33 @@ def check_expected(sources: list[SourceSpec], expect: dict) -> None:
                               % (src.name, n, tokens, int(round(tokens ** 0.5))))
 
 
+def _check_text(src: SourceSpec, dim: Optional[int], length: Optional[int]) -> None:
+    """A text model (expect text_dim / text_len) needs caption features of its width and length."""
+    if dim is None and length is None:
+        return
+    encoder = src.text_encoder or {}
+    name = " (text encoder %s)" % encoder["path"] if encoder.get("path") else ""
+    if src.text_key is None:
+        raise ConfigError("%s holds no caption features (caption_feat.npy) but model.conditioning=text; build the "
+                          "shards with data_tools/build_shards.py --text-encoder PATH (or make_synthetic.py "
+                          "--captions --text-encoder PATH)." % src.name)
+    if src.text_shape is None:
+        return
+    length_, dim_ = src.text_shape
+    if dim is not None and dim_ != dim:
+        raise ConfigError("%s holds caption features of width %d%s but model.text_dim=%d; set model.text_dim=%d or "
+                          "rebuild the shards with the model's text encoder." % (src.name, dim_, name, dim, dim_))
+    if length is not None and length_ != length:
+        raise ConfigError("%s holds captions of %d tokens%s but model.text_len=%d; set model.text_len=%d or rebuild "
+                          "the shards with --max-length %d." % (src.name, length_, name, length, length_, length))
+
+
 def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expect: Optional[dict] = None,
                  num_slices: Optional[int] = None) -> ShardLoader:
     """ShardLoader for a DataConfig-like `cfg` (path or sources/weights, batch_size, shuffle_buffer, hflip,
     image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction, max_consecutive_corrupt).
-    `expect` may hold "x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K; a mismatch with the
+    `expect` may hold "x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K, "text_dim": T,
+    "text_len": L (caption features, a text model); a mismatch with the
     shards is a ConfigError. With K > 0 a label outside [0, K) is a corrupt sample; K = 0 trains unconditionally
     (labels ignored, every y is 0); without K labels are passed as stored. `num_slices` (default:
     max(1, num_workers)) with num_workers=0 runs that many slices in this process: the same batches as that many

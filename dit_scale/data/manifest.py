@@ -11,16 +11,19 @@ JSON keys (format_version 2; keys the data tools wrote before are kept under the
     image_key, flip_key, label_key, feat_key, caption_key member names (KEY.<name>), null when absent
     x_shape [C, H, W], x_dtype                            x after decoding (pixels: channels first)
     feat_shape [N, D], feat_dtype                         teacher features
+    text_key, text_mask_key, text_shape [L, T], text_dtype   caption token features (text encoder) and their mask
     resolution                                            side of the (cropped) images, in pixels
     image_size, channels                                  pixel manifests only: format 1's names for x_shape
     num_samples, num_classes, class_names
     vae {path, scaling_factor, shift_factor, ...}, teacher {path, model_type, ...}   encoders (latent shards)
+    text_encoder {path, name, model_type, class, width, max_length}                   the caption encoder
     shards [{name, num_samples, bytes, sha256}]           per shard, in order; bytes/sha256 may be null
     params, source                                        the builder's arguments and input
 
 Format 1 (no format_version) had two dialects: data_tools/make_synthetic.py wrote image_size/channels and no
 kind or x_shape; data_tools/build_shards.py and the data benchmark wrote kind/x_shape. Both still load; fields
-they lack are left unknown (None) and the loader reads them from the first sample.
+they lack are left unknown (None) and the loader reads them from the first sample. The caption-feature keys
+(text_*) are optional format-2 fields: manifests written before them load with text_key null.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from dit_scale.config import ConfigError
 from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, is_url, shard_name
 
 MANIFEST_NAME = "manifest.json"
+CAPTION_FEAT_KEY = "caption_feat.npy"      # float16 [L, T] caption token features (data_tools, --text-encoder)
+CAPTION_MASK_KEY = "caption_mask.npy"      # bool [L]: True for the caption's tokens, False for padding
 FORMAT_VERSION = 2
 KINDS = ("pixel", "latent")
 _REBUILD = "fix that field or rebuild the manifest with the data tool that wrote the shards"
@@ -64,11 +69,16 @@ class Manifest:
     feat_shape: Optional[list[int]] = None  # [N, D]
     feat_dtype: Optional[str] = None
     caption_key: Optional[str] = None      # e.g. "caption.txt"
+    text_key: Optional[str] = None         # caption token features, e.g. "caption_feat.npy"
+    text_mask_key: Optional[str] = None    # their mask, e.g. "caption_mask.npy"
+    text_shape: Optional[list[int]] = None  # [L, T]: max length, text encoder width
+    text_dtype: Optional[str] = None
     resolution: Optional[int] = None       # image side in pixels
     num_classes: Optional[int] = None
     class_names: Optional[list[str]] = None
     vae: Optional[dict] = None             # {path, class, scaling_factor, shift_factor, latent_channels, latent}
     teacher: Optional[dict] = None         # {path, model_type, hidden_size, patch_size, resolution, grid}
+    text_encoder: Optional[dict] = None    # {path, name, model_type, class, width, max_length}
     builder: Optional[str] = None          # make_synthetic | build_shards | bench_data
     params: dict = field(default_factory=dict)
     source: Optional[str] = None
@@ -89,6 +99,10 @@ class Manifest:
             "feat_key": self.feat_key, "caption_key": self.caption_key,
             "x_shape": _list(self.x_shape), "x_dtype": self.x_dtype,
             "feat_shape": _list(self.feat_shape), "feat_dtype": self.feat_dtype, "resolution": self.resolution}
+        if self.text_key is not None:           # written only when present: older readers see the manifest unchanged
+            out.update({"text_key": self.text_key, "text_mask_key": self.text_mask_key,
+                        "text_shape": _list(self.text_shape), "text_dtype": self.text_dtype,
+                        "text_encoder": self.text_encoder})
         if self.kind == "pixel" and self.x_shape is not None:
             out["image_size"], out["channels"] = self.x_shape[-1], self.x_shape[0]
         out.update({"num_samples": self.num_samples, "num_classes": self.num_classes,
@@ -118,7 +132,10 @@ class Manifest:
             caption_key=check.member("caption_key"), resolution=check.integer("resolution", 1),
             num_classes=check.integer("num_classes", 1), class_names=check.names("class_names"),
             vae=check.encoder("vae", numbers=("scaling_factor", "shift_factor")),
-            teacher=check.encoder("teacher", numbers=()), builder=check.string("builder"),
+            teacher=check.encoder("teacher", numbers=()), text_key=check.member("text_key"),
+            text_mask_key=check.member("text_mask_key"), text_shape=check.shape("text_shape", 2),
+            text_dtype=check.string("text_dtype"), text_encoder=check.encoder("text_encoder", numbers=()),
+            builder=check.string("builder"),
             params=check.mapping("params"), source=check.string("source"), format_version=FORMAT_VERSION)
         if data.get("num_samples") is not None and data["num_samples"] != manifest.num_samples:
             check.fail("num_samples", "=%r but its shards hold %d samples" % (data["num_samples"],
@@ -132,6 +149,14 @@ class Manifest:
                 check.fail("kind", "=%r but image_key=%r" % (manifest.kind, manifest.image_key))
         if manifest.feat_shape is not None and manifest.feat_key is None:
             check.fail("feat_key", "is null but feat_shape=%s" % manifest.feat_shape)
+        if (manifest.text_shape is not None or manifest.text_mask_key is not None) and manifest.text_key is None:
+            check.fail("text_key", "is null but text_shape / text_mask_key are set")
+        if manifest.text_key is not None and manifest.text_mask_key is None:
+            check.fail("text_mask_key", "is null but text_key=%r (caption features need their mask)"
+                       % manifest.text_key)
+        encoder = manifest.text_encoder or {}
+        if manifest.text_shape is not None and encoder.get("width") not in (None, manifest.text_shape[1]):
+            check.fail("text_encoder.width", "=%r but text_shape=%s" % (encoder.get("width"), manifest.text_shape))
         if (manifest.class_names is not None and manifest.num_classes is not None
                 and len(manifest.class_names) != manifest.num_classes):
             check.fail("class_names", "has %d names for num_classes=%d" % (len(manifest.class_names),

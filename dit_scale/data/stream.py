@@ -58,6 +58,10 @@ class SourceSpec:
     labels: bool = True                    # samples carry a .cls label (else y = -1)
     x_shape: Optional[tuple] = None        # [C, H, W] after decoding, when known
     feat_shape: Optional[tuple] = None     # [N, D]
+    text_key: Optional[str] = None         # caption token features [L, T], e.g. "caption_feat.npy"
+    text_mask_key: Optional[str] = None    # their mask [L], e.g. "caption_mask.npy"
+    text_shape: Optional[tuple] = None     # [L, T]
+    text_encoder: Optional[dict] = None    # the manifest's record of the caption encoder (for messages)
     num_samples: Optional[int] = None      # from the manifest
     num_classes: Optional[int] = None      # from the manifest
     shard_samples: dict = field(default_factory=dict)   # {shard spec: samples its manifest lists}
@@ -171,7 +175,8 @@ class SourceCursor:
 
 
 class SliceStream:
-    """Batches of one slice: {"x", "y", ["feat"], ["caption"], "key"} plus "__state__" (the slice state after it).
+    """Batches of one slice: {"x", "y", ["feat"], ["caption"], ["caption_feat", "caption_mask"], "key"} plus
+    "__state__" (the slice state after it).
     `parent_pid`: in a loader worker, the training process; the worker exits when it is gone."""
 
     def __init__(self, spec: SliceSpec, slice_id: int, state: Optional[dict] = None,
@@ -238,6 +243,8 @@ class SliceStream:
                 if side * side == feat.shape[0]:
                     feat = feat.reshape(side, side, -1)[:, ::-1].reshape(feat.shape)
             out["feat"] = feat
+        if src.text_key is not None:
+            out["caption_feat"], out["caption_mask"] = _caption_features(sample, src)
         for caption_key in ("caption.txt", "txt"):
             if caption_key in sample:
                 out["caption"] = sample[caption_key].decode("utf-8")
@@ -304,6 +311,21 @@ class SliceStream:
         return {**collate(items), "__state__": self.state(), "__slice__": self.slice_id}
 
 
+def _caption_features(sample: dict, src: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(features [L, T], mask bool [L]) of a sample's caption; not flipped with the image (a caption that says left
+    or right then describes the mirror image wrongly: keep data.hflip=false for such captions)."""
+    for key in (src.text_key, src.text_mask_key):
+        if key not in sample:
+            raise ValueError("no .%s member" % key)
+    feat = decode_array(sample[src.text_key], src.text_key)
+    mask = decode_array(sample[src.text_mask_key], src.text_mask_key)
+    if feat.ndim != 2 or (src.text_shape is not None and tuple(feat.shape) != tuple(src.text_shape)):
+        raise ValueError("caption features have shape %s, expected %s" % (tuple(feat.shape), src.text_shape))
+    if mask.shape != feat.shape[:1]:
+        raise ValueError("caption mask has shape %s for %d caption tokens" % (tuple(mask.shape), feat.shape[0]))
+    return feat, mask.astype(bool)
+
+
 def collate(items: list[dict]) -> dict[str, Any]:
     pixel_rows = [i for i, item in enumerate(items) if item["pixels"]]
     if pixel_rows and len(pixel_rows) != len(items):
@@ -321,6 +343,10 @@ def collate(items: list[dict]) -> dict[str, Any]:
     if all("feat" in item for item in items):
         batch["feat"] = torch.from_numpy(np.ascontiguousarray(np.stack([item["feat"] for item in items]),
                                                               dtype=np.float32))
+    if items and all("caption_feat" in item for item in items):
+        batch["caption_feat"] = torch.from_numpy(np.ascontiguousarray(
+            np.stack([item["caption_feat"] for item in items]), dtype=np.float32))
+        batch["caption_mask"] = torch.from_numpy(np.stack([item["caption_mask"] for item in items]))
     if any("caption" in item for item in items):
         batch["caption"] = [item.get("caption", "") for item in items]
     return batch

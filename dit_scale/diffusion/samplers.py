@@ -49,7 +49,8 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         model_fn: model_fn(x, t_model, y) -> output with the training channel layout; t_model is a float [B]
             tensor on DiT's 0..1000 scale.
         noise: the starting point, standard normal.
-        y: class labels [B] (may be None for an unconditional model when cfg_scale == 1).
+        y: class labels [B] (may be None for an unconditional model when cfg_scale == 1), or a text model's
+            `Captions` (guidance's unconditional half: `y.with_null()`, the null caption; null_label unused).
         num_steps: number of integration / denoising steps.
         sampler: flow "euler" (default) or "heun"; ddpm "ddim" (default) or "ancestral".
         cfg_scale: guidance weight; 1 disables guidance.
@@ -73,7 +74,7 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         raise ValueError(f"Unknown sampler {sampler!r} for the {kind} objective; allowed values: {allowed}.")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-    if cfg_scale != 1.0 and null_label is None:
+    if cfg_scale != 1.0 and null_label is None and not hasattr(y, "with_null"):
         raise ValueError("cfg_scale != 1 needs null_label, the class id the model uses for 'no class' "
                          "(usually num_classes).")
     if cfg_scale != 1.0 and y is None:
@@ -106,8 +107,9 @@ class _Guidance:
         self.y = y
         self.cfg_scale = float(cfg_scale)
         self.low, self.high = float(interval[0]), float(interval[1])
-        if self.cfg_scale != 1.0:
-            self.y_doubled = torch.cat([y, torch.full_like(y, null_label)])
+        if self.cfg_scale != 1.0:     # captions (models/text.py) bring their own null: the learned null caption
+            self.y_doubled = y.with_null() if hasattr(y, "with_null") else \
+                torch.cat([y, torch.full_like(y, null_label)])
 
     def __call__(self, x: torch.Tensor, t_model_value: float, time: float) -> torch.Tensor:
         """Model output at `x` for the (Python float) model timestep; `time` in [0, 1] decides guidance."""

@@ -42,6 +42,8 @@ def metrics_row(result: dict, **extra) -> dict:
     row = {k: result[k] for k in SCORES if k in result}
     for key in ("num_samples", "sampler", "steps", "cfg_scale", "guide_channels", "seed", "reference", *extra):
         row[f"eval/{key}"] = extra[key] if key in extra else result.get(key)
+    if "captions" in result:                      # a text model: which held-out captions conditioned the samples
+        row["eval/captions"] = result["captions"]
     return row
 
 
@@ -55,10 +57,11 @@ def log_result(run_dir: str, step: int, row: dict) -> str:
 
 def evaluate_samples(model, objective, cfg, spec: SamplingSpec, decoder, extractor: FeatureExtractor,
                      reference: Reference, num_samples: int, batch_size: int = 32, collective_forward: bool = False,
-                     progress=None) -> dict:
+                     progress=None, conditions=None) -> dict:
     """Every rank calls it with the same arguments. `collective_forward`: the model's forward is a collective
     (FSDP, expert parallelism), so every rank runs the same number of batches. `progress(n)` is called after each
-    batch with the number of images this rank finished."""
+    batch with the number of images this rank finished. `conditions`: a text model's captions by sample index
+    (`captions.eval_conditions`); None: classes."""
     device = extractor.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     start = time.perf_counter()
@@ -67,7 +70,7 @@ def evaluate_samples(model, objective, cfg, spec: SamplingSpec, decoder, extract
         for batch in rank_batches(num_samples, batch_size, extractor.rank, extractor.world_size,
                                   pad=collective_forward):
             with autocast:
-                latents = sample_indices(model, objective, cfg, spec, batch.indices, device)
+                latents = sample_indices(model, objective, cfg, spec, batch.indices, device, conditions)
             if batch.real:
                 yield batch.indices, to_uint8(decoder(latents.float()))
                 if progress is not None:
@@ -77,4 +80,6 @@ def evaluate_samples(model, objective, cfg, spec: SamplingSpec, decoder, extract
     result = scores(features, reference)
     result.update(num_samples=int(num_samples), **spec.as_dict(), decoder=decoder.describe(),
                   reference=reference.source, seconds=round(time.perf_counter() - start, 1))
+    if conditions is not None:
+        result["captions"] = conditions.source
     return result

@@ -4,7 +4,8 @@
     for batch in rank_batches(num_samples, batch_size, rank, world_size, pad=False):
         latents = sample_indices(model, objective, cfg, spec, batch.indices, device)
 
-Sample i has class i mod num_classes (balanced classes) and its own noise generator seeded from (seed, i): its
+Sample i has class i mod num_classes (balanced classes; a text model: held-out caption i mod M, `captions.py`'s
+`eval_conditions` passed as `conditions`) and its own noise generator seeded from (seed, i): its
 starting noise and every noise draw of a stochastic sampler come from that generator only. Batches are fixed
 ranges of global indices ([b·B, (b+1)·B)) handed out round-robin (batch b to rank b mod W), so every sample is
 computed in the same batch whatever the number of processes — the set of images, and on a given machine the
@@ -78,13 +79,16 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int, 
 
 
 @torch.no_grad()
-def sample_indices(model, objective, cfg, spec: SamplingSpec, indices: List[int], device) -> torch.Tensor:
+def sample_indices(model, objective, cfg, spec: SamplingSpec, indices: List[int], device,
+                   conditions=None) -> torch.Tensor:
     """Samples [len(indices), C, H, W] (the model's space: latents or pixels) of the given global indices, with the
-    model in eval mode (restored afterwards)."""
+    model in eval mode (restored afterwards). `conditions(indices)`: what the samples are conditioned on (a text
+    model's captions); None: class i mod num_classes."""
     m = cfg.model
     generators = [torch.Generator(device="cpu").manual_seed(sample_seed(spec.seed, i)) for i in indices]
     noise = torch.stack([torch.randn(m.in_channels, m.input_size, m.input_size, generator=g) for g in generators])
-    y = torch.tensor([class_of(i, m.num_classes) for i in indices], device=device)
+    y = conditions(indices).to(device) if conditions is not None else \
+        torch.tensor([class_of(i, m.num_classes) for i in indices], device=device)
     was_training = model.training
     model.eval()
     try:

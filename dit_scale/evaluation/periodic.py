@@ -9,13 +9,16 @@ its sample grids, decoded and titled.
 The validation loss (`evaluation/val_loss.py`) needs `eval.val_path`; the FID needs `eval.fid_samples`,
 `eval.inception` and `eval.ref` (`evaluation/evaluator.py`; a shards:PATH reference is computed at the first
 evaluation and cached). Both use the EMA weights unless eval.ema=false. The row logged: val_loss (and per t bin),
-fid, sfid, inception_score, precision, recall, and eval/* describing how the images were drawn.
+fid, sfid, inception_score, precision, recall, and eval/* describing how the images were drawn. A text model's FID
+samples are conditioned on held-out captions (`captions.eval_conditions`) and its grids show the first captions of
+the training shards, one row per caption.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 
+from dit_scale.captions import CaptionTable, eval_conditions, training_caption_path, write_prompt_grid
 from dit_scale.config import ConfigError
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.evaluation.evaluator import evaluate_samples, metrics_row
@@ -40,7 +43,8 @@ class TrainingEvaluation:
         if self.fid and not os.path.isfile(e.inception):
             raise ConfigError(f"eval.inception={e.inception!r} is not a file; download the FID Inception weights once "
                               f"(README, \"Evaluation\") and give their local path.")
-        self._extractor = self._reference = None
+        self._extractor = self._reference = self._conditions = None
+        self._grid_captions = _NOT_LOADED
         # the FID decodes on every rank and needs a decoder now (a latent run without a known VAE fails here, before
         # training); grids need one on rank 0 only, loaded at the first grid
         self._decoder = image_decoder(cfg, device=device, required=True) if self.fid else _NOT_LOADED
@@ -71,7 +75,8 @@ class TrainingEvaluation:
                 extractor, reference = self._fid_setup()
                 result = evaluate_samples(model, self.objective, self.cfg, SamplingSpec.from_config(self.cfg),
                                           self.decoder(), extractor, reference, e.fid_samples,
-                                          batch_size=e.batch_size, collective_forward=collective)
+                                          batch_size=e.batch_size, collective_forward=collective,
+                                          conditions=self._fid_conditions(collective))
                 row.update(metrics_row(result, ema=e.ema))
         return row
 
@@ -84,11 +89,23 @@ class TrainingEvaluation:
             self._reference = load_reference(e.ref, self._extractor, num_samples=e.ref_samples, field="eval.ref")
         return self._extractor, self._reference
 
+    def _fid_conditions(self, collective: bool):
+        """A text model's captions of the FID samples (this rank's, loaded once); None for a class model."""
+        if self.cfg.model.conditioning != "text":
+            return None
+        if self._conditions is None:
+            e = self.cfg.eval
+            self._conditions = eval_conditions(self.cfg, e.fid_samples, e.batch_size, self.topo.rank,
+                                               self.topo.world_size, pad=collective)
+        return self._conditions
+
     def write_grid(self, engine, step: int, path: str) -> str:
         """The class grid of `step` from the EMA model: every rank samples it (forwards may be collective), rank 0
-        decodes and writes it. Returns the path on rank 0, "" elsewhere."""
+        decodes and writes it. Returns the path on rank 0, "" elsewhere. A text model: one row per caption."""
         d = self.cfg.diffusion
         sampler = d.sampler or DEFAULT_SAMPLER[d.objective]
+        if self.cfg.model.conditioning == "text":
+            return self._write_caption_grid(engine, step, path, sampler)
         with engine.sampling_module() as model:
             samples = class_grid(model, self.objective, self.cfg, self.device, seed=self.cfg.train.seed)
         if not self.topo.is_main:
@@ -97,3 +114,24 @@ class TrainingEvaluation:
         return save_class_grid(samples, self.cfg, path, decoder=self.decoder(), manifest=data_manifest(self.cfg)[0],
                                title=f"{self.cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
                                      f"cfg {d.cfg_scale:g}")
+
+    def _write_caption_grid(self, engine, step: int, path: str, sampler: str) -> str:
+        """A text model's grid: the first logging.max_sample_classes captions of the training shards, one row each
+        (none, with a note, when the shards have no manifest to read them by)."""
+        cfg, d = self.cfg, self.cfg.diffusion
+        if self._grid_captions is _NOT_LOADED:
+            try:
+                self._grid_captions = CaptionTable.from_shards(training_caption_path(cfg),
+                                                               cfg.logging.max_sample_classes, field="data.path")
+            except ConfigError as e:
+                self._grid_captions = None
+                if self.topo.is_main:
+                    print(f"note: no sample grids for this text run ({e})", flush=True)
+        if self._grid_captions is None:
+            return ""
+        with engine.sampling_module() as model:
+            return write_prompt_grid(model, self.objective, cfg, self.device, self._grid_captions, path,
+                                     per_prompt=cfg.logging.samples_per_class, seed=cfg.train.seed,
+                                     write=self.topo.is_main, decoder=self.decoder() if self.topo.is_main else None,
+                                     title=f"{cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
+                                           f"cfg {d.cfg_scale:g}")

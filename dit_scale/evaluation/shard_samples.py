@@ -5,6 +5,8 @@ held-out set of the validation loss.
     for batch in shards.batches(num_samples=50000, batch_size=64, rank=rank, world_size=world):
         batch.indices, batch.x, batch.y       # global indices; x as stored (uint8 [B, H, W, 3] pixels or float32
                                               # [B, C, H, W] latents); class labels (0 without .cls)
+        batch.captions, batch.text, batch.text_mask   # caption texts, caption features [B, L, T] and masks [B, L]
+                                                      # when the shards hold them (else None)
 
 Global order: shards sorted by name, samples in tar order; index = the shard's offset (its manifest's counts of the
 shards before it) + the position inside it. Shard j is read by rank j mod W, in batches of consecutive samples of
@@ -14,13 +16,13 @@ counts). Members are decoded as the training loader decodes them (npy never unpi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import numpy as np
 
 from dit_scale.config import ConfigError
 from dit_scale.data import DataError, find_manifest, iter_tar_samples, list_shards
-from dit_scale.data.shards import PIXEL_SUFFIXES, decode_image
+from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image
 
 
 @dataclass
@@ -28,6 +30,9 @@ class SampleBatch:
     indices: List[int]
     x: np.ndarray
     y: List[int]
+    captions: Optional[List[str]] = None       # caption.txt of every sample, when they all have one
+    text: Optional[np.ndarray] = None          # float32 [B, L, T] caption features, when the manifest names them
+    text_mask: Optional[np.ndarray] = None     # bool [B, L]
 
 
 @dataclass
@@ -85,8 +90,26 @@ class ShardSet:
             raise DataError(f"Sample {sample['__key__']} of {sample['__shard__']} has no .{self.image_key} member; "
                             f"rebuild the shard.")
         y = int(sample["cls"].decode("ascii").strip()) if "cls" in sample else 0
-        return index, decode_image(sample[self.image_key], self.image_key), y
+        extra = {}
+        if "caption.txt" in sample:
+            extra["caption"] = sample["caption.txt"].decode("utf-8")
+        text_key, mask_key = self.manifest.text_key, self.manifest.text_mask_key
+        if text_key is not None:
+            if text_key not in sample or mask_key not in sample:
+                raise DataError(f"Sample {sample['__key__']} of {sample['__shard__']} has no .{text_key} / "
+                                f".{mask_key} member; rebuild the shard.")
+            extra["text"] = decode_array(sample[text_key], text_key).astype(np.float32)
+            extra["text_mask"] = decode_array(sample[mask_key], mask_key).astype(bool)
+        return index, decode_image(sample[self.image_key], self.image_key), y, extra
 
 
 def _collate(items) -> SampleBatch:
-    return SampleBatch([i for i, _, _ in items], np.stack([x for _, x, _ in items]), [y for _, _, y in items])
+    extras = [e for _, _, _, e in items]
+    batch = SampleBatch([i for i, _, _, _ in items], np.stack([x for _, x, _, _ in items]),
+                        [y for _, _, y, _ in items])
+    if all("caption" in e for e in extras):
+        batch.captions = [e["caption"] for e in extras]
+    if all("text" in e for e in extras):
+        batch.text = np.stack([e["text"] for e in extras])
+        batch.text_mask = np.stack([e["text_mask"] for e in extras])
+    return batch

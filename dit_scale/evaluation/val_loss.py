@@ -9,7 +9,8 @@ Noise levels: eval.val_t_bins bins of the time range, each sample evaluated at e
 t_k = (k + 0.5) / bins (flow: t in [0, 1]; DDPM: the integer step floor(t_k · T)). The noise of sample i at
 bin k is drawn from a generator seeded with (eval.seed, i, k): the same for every run, step and process count.
 The loss is the objective's per-sample loss (flow: velocity MSE; DDPM: eps MSE, plus the VLB term with a learned
-variance), the model in eval mode (no label dropout). Batches are split over the ranks (rank r takes batches
+variance), the model in eval mode (no label dropout). A text model is conditioned on each held-out sample's own
+caption features. Batches are split over the ranks (rank r takes batches
 r, r + W, ...; a collective forward gets padding batches) and the sums are all-reduced: one number per bin.
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dit_scale.config import ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
+from dit_scale.models.text import Captions
 
 
 def t_bins(bins: int) -> list:
@@ -28,8 +31,8 @@ def t_bins(bins: int) -> list:
 
 
 class ValidationLoss:
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, objective, bins: int, batch_size: int, seed: int, device):
-        self.x, self.y, self.objective = x, y, objective
+    def __init__(self, x: torch.Tensor, y, objective, bins: int, batch_size: int, seed: int, device):
+        self.x, self.y, self.objective = x, y, objective      # y: labels [N], or a text model's Captions (float16)
         self.bins, self.batch_size, self.seed, self.device = bins, batch_size, seed, torch.device(device)
         self.centres = t_bins(bins)
 
@@ -41,8 +44,14 @@ class ValidationLoss:
         x = np.concatenate([b.x for b in batches])
         if shards.pixels:                                        # as the training loader: [-1, 1], channels first
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-        y = [label for b in batches for label in b.y]
-        return cls(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.tensor(y), objective,
+        y = torch.tensor([label for b in batches for label in b.y])
+        if cfg.model.conditioning == "text":
+            if any(b.text is None for b in batches):
+                raise ConfigError(f"eval.val_path={e.val_path!r} holds no caption features, which a text model's "
+                                  f"validation loss needs; build the held-out shards with --text-encoder PATH.")
+            y = Captions(torch.from_numpy(np.concatenate([b.text for b in batches])).to(torch.float16),
+                         torch.from_numpy(np.concatenate([b.text_mask for b in batches])))
+        return cls(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, objective,
                    e.val_t_bins, e.val_batch_size, e.seed, device)
 
     def _targets(self, x0: torch.Tensor, indices: range, k: int) -> dict:
@@ -77,7 +86,9 @@ class ValidationLoss:
                     break
                 real = batch < num_batches
                 indices = range(batch * b, min(n, (batch + 1) * b)) if real else range(0, min(n, b))
-                x0, y = self.x[indices.start:indices.stop], self.y[indices.start:indices.stop].to(self.device)
+                x0, y = self.x[indices.start:indices.stop], self.y[indices.start:indices.stop]
+                y = Captions(y.features.float(), y.mask).to(self.device) if isinstance(y, Captions) else \
+                    y.to(self.device)
                 for k in range(self.bins):
                     targets = self._targets(x0, indices, k)
                     out = module(targets["x_t"], targets["t_model"], y)[0]

@@ -54,6 +54,10 @@ class ModelArgs:
     mixer_depth: int = 0                # dense blocks on all tokens before masking (deferred masking)
     mask_token: bool = False            # learn the vector that fills dropped positions (training with masks)
     align_heads: Dict[str, Tuple[int, Tuple[int, ...]]] = field(default_factory=dict)   # {name: (block, dims)}
+    conditioning: str = "class"         # class (labels) | text (captions: cross-attention, models/text.py)
+    text_dim: int = 0                   # text: width T of the caption features
+    text_len: int = 0                   # text: caption tokens L (FLOP counts; the model takes any length)
+    caption_dropout: float = 0.1        # text: captions replaced by the null caption (classifier-free guidance)
 
     @property
     def num_tokens(self) -> int:

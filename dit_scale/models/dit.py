@@ -11,8 +11,13 @@ whose attention logits to return (aux["attn"][k], [B, H, K, K]), `return_hidden`
 (aux["hidden"][k], [B, K, D]; block k counts from 1 over `blocks`), `stop_after` skip the blocks after k and the
 final layer (the output is None).
 
+Text conditioning (`args.conditioning="text"`, `models/text.py`): `y` is a `Captions` batch (caption token features
+and mask) instead of labels; each block adds a cross-attention to the caption tokens after its self-attention, and the
+pooled caption joins the timestep embedding in c. Everything else (masking, MoE routing, heads) is unchanged.
+
 The model is single-device PyTorch: no process groups, no engine, no config. Distribution wraps it from the outside
-(`dit_scale/parallel/`). Built on the meta device it allocates nothing; `init.initialize_` fills its weights.
+(`dit_scale/parallel/`), through the slots it leaves: `sequence` (tokens split over processes, `sequence.py`), each
+attention's `core`, each MoE layer's `dispatcher` and its router's `tokens`. Built on the meta device it allocates nothing; `init.initialize_` fills its weights.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from dit_scale.models.layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, 
                                      sincos_pos_embed)
 from dit_scale.models.masking import gather_tokens, scatter_tokens
 from dit_scale.models.moe import MoEFFN
+from dit_scale.models.sequence import LocalSequence
+from dit_scale.models.text import CaptionEmbedder, CrossAttention
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,16 +43,19 @@ from dit_scale.models.moe import MoEFFN
 # ----------------------------------------------------------------------------------------------------------------
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False, attn_scale=None):
+    def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False, attn_scale=None,
+                 cross_attn: Optional[nn.Module] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm, attn_scale)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ffn = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.cross_attn = cross_attn                # text conditioning (models/text.py); None: class blocks
 
-    def forward(self, x, c, return_attn: bool = False):
-        """-> (x, moe output or None), plus the attention logits [B, H, N, N] with `return_attn`."""
+    def forward(self, x, c, return_attn: bool = False, context=None):
+        """-> (x, moe output or None), plus the attention logits [B, H, N, N] with `return_attn`. `context`:
+        (caption tokens [B, L, D], mask [B, L]) for the cross-attention of a text model."""
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.adaLN_modulation(c).chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_a, scale_a)
         if return_attn:
@@ -53,6 +63,8 @@ class DiTBlock(nn.Module):
         else:
             h = self.attn(h)
         x = x + gate_a.unsqueeze(1) * h
+        if self.cross_attn is not None:             # text: attend to the caption tokens (not modulated)
+            x = x + self.cross_attn(x, *context)
         h = self.ffn(modulate(self.norm2(x), shift_f, scale_f))
         h, moe = h if isinstance(h, tuple) else (h, None)
         if return_attn:
@@ -105,12 +117,18 @@ class DiT(nn.Module):
         self.grad_checkpointing = False
         self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout)
+        self.caption_embedder = None
+        if args.conditioning == "text":             # captions instead of class labels (models/text.py)
+            self.caption_embedder = CaptionEmbedder(args.text_dim, d, args.caption_dropout)
+        else:
+            self.y_embedder = LabelEmbedder(args.num_classes, d, args.class_dropout)
         grid = args.input_size // args.patch_size
         self.register_buffer("pos_embed", sincos_pos_embed(d, grid).unsqueeze(0), persistent=False)
 
         def block(ffn):
-            return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale)
+            cross = CrossAttention(d, args.num_heads, args.qk_norm, args.attn_scale) \
+                if args.conditioning == "text" else None
+            return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale, cross)
 
         def ffn():
             return Mlp(d, args.mlp_hidden) if args.moe is None else MoEFFN(d, **vars(args.moe))
@@ -123,6 +141,8 @@ class DiT(nn.Module):
             self.align_heads = nn.ModuleDict({name: ProjectorMLP(*dims) for name, (_, dims) in
                                               args.align_heads.items()})
         self.final_layer = FinalLayer(d, args.patch_size, args.out_channels, args.output_mult)
+        # how the tokens are split over processes (`sequence.py`): all here; sequence / context parallelism replace it
+        self.sequence = LocalSequence()
         if not self.x_embedder.proj.weight.is_meta:
             initialize_(self, default_seed() if init_seed is None else init_seed, init_rules(self))
 
@@ -143,30 +163,41 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def _run_block(self, block, x, c, return_attn: bool):
+    def _run_block(self, block, x, c, return_attn: bool, context=None):
         if self.grad_checkpointing and self.training:
-            res = checkpoint(block, x, c, return_attn, use_reentrant=False)
+            res = checkpoint(block, x, c, return_attn, context, use_reentrant=False)
         else:
-            res = block(x, c, return_attn)
+            res = block(x, c, return_attn, context)
         return res if return_attn else (*res, None)
+
+    def _condition(self, t, y, force_drop):
+        """The adaLN input c [B, D] and the cross-attention context: (caption tokens, mask) for a text model (`y`:
+        `Captions`), None for a class model (`y`: labels [B])."""
+        if self.caption_embedder is None:
+            return self.t_embedder(t) + self.y_embedder(y, self.training, force_drop), None
+        tokens, mask, pooled = self.caption_embedder(y, self.training, force_drop)
+        return self.t_embedder(t) + pooled, (tokens, mask)
 
     def forward(self, x, t, y, force_drop=None, mask=None, heads=(), attn_layers=(), return_hidden=(),
                 stop_after: Optional[int] = None):
-        """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids -> (output [B, C_out, H, W], aux dict).
-        The optional arguments are described in the module docstring; without them this is DiT's forward."""
+        """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids (a text model: `Captions`) -> (output
+        [B, C_out, H, W], aux dict). The optional arguments are described in the module docstring; without them this
+        is DiT's forward."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)
-        for block in self.mixer:                                    # patch-mixer: every token
-            x = self._run_block(block, x, c, False)[0]
+        c, context = self._condition(t, y, force_drop)
+        seq = self.sequence                                         # from here on this process's tokens only
         num_tokens = x.shape[1]
+        x = seq.split(x)
+        for block in self.mixer:                                    # patch-mixer: every token
+            x = self._run_block(block, x, c, False, context)[0]
         if mask is not None:
             if self.mask_token is None:
                 raise ValueError("mask= needs a model built with a mask token (mask.ratio > 0 in the config).")
-            x = gather_tokens(x, mask)                              # the backbone sees the kept tokens only
+            x = seq.resplit(x, lambda h: gather_tokens(h, mask))    # the backbone sees the kept tokens only
         wanted = set(return_hidden) | {self.head_depths[name] for name in heads}
         moe_outputs, hidden, attn = [], {}, {}
         for i, block in enumerate(self.blocks, start=1):
-            x, moe, logits = self._run_block(block, x, c, i in attn_layers)
+            x, moe, logits = self._run_block(block, x, c, i in attn_layers, context)
             if moe is not None:
                 moe_outputs.append(moe)
             if logits is not None:
@@ -177,16 +208,17 @@ class DiT(nn.Module):
                 break
         aux = collect_moe_aux(moe_outputs, x)
         if heads:
-            aux["heads"] = {name: self.align_heads[name](hidden[self.head_depths[name]]) for name in heads}
+            aux["heads"] = {name: seq.gather(self.align_heads[name](hidden[self.head_depths[name]]))
+                            for name in heads}
         if return_hidden:
-            aux["hidden"] = {k: hidden[k] for k in return_hidden}
+            aux["hidden"] = {k: seq.gather(hidden[k]) for k in return_hidden}
         if attn_layers:
             aux["attn"] = attn
         if stop_after is not None:
             return None, aux
-        if mask is not None:
-            x = scatter_tokens(x, mask, num_tokens, self.mask_token)   # back in place, mask token elsewhere
-        out = self.unpatchify(self.final_layer(x, c))
+        if mask is not None:                                        # back in place, mask token elsewhere
+            x = seq.resplit(x, lambda h: scatter_tokens(h, mask, num_tokens, self.mask_token))
+        out = self.unpatchify(seq.gather(self.final_layer(x, c)))
         return out, aux
 
 

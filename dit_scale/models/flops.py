@@ -31,12 +31,25 @@ def block_macs(args: ModelArgs, tokens: int, sparse: bool = True) -> int:
         m = args.moe
         mats = 3 if m.expert_act == "swiglu" else 2         # SwiGLU: gate, up, down; GELU: fc1, fc2
         ffn = m.active_experts * mats * d * m.expert_hidden + mats * d * m.shared_hidden + d * m.num_experts
-    return int(tokens * (4 * d * d + ffn) + 2 * tokens * tokens * d + 2 * tokens * d + 6 * d * d)
+    return int(tokens * (4 * d * d + ffn) + 2 * tokens * tokens * d + 2 * tokens * d + 6 * d * d
+               + cross_attention_macs(args, tokens))
+
+
+def cross_attention_macs(args: ModelArgs, tokens: int) -> int:
+    """A text model's cross-attention in one block: q and output projections and the LayerNorm on `tokens` image
+    tokens, keys / values of the `text_len` caption tokens, the two attention matmuls (0 for a class model)."""
+    if args.conditioning != "text":
+        return 0
+    d, length = args.hidden_size, args.text_len
+    return tokens * (2 * d * d + d) + 2 * length * d * d + 2 * tokens * length * d
 
 
 def embed_macs(args: ModelArgs) -> int:
     d, p = args.hidden_size, args.patch_size
-    return args.num_tokens * d * args.in_channels * p * p + 256 * d + d * d
+    macs = args.num_tokens * d * args.in_channels * p * p + 256 * d + d * d
+    if args.conditioning == "text":     # caption projection (T -> D -> D) on every caption token, pooled projection
+        macs += args.text_len * (args.text_dim * d + d * d) + d * d
+    return macs
 
 
 def final_macs(args: ModelArgs) -> int:

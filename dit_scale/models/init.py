@@ -9,7 +9,8 @@ weights independent of how the model is laid out: a rank that holds a shard of a
 slice of its experts (expert parallelism) draws the same full tensor and keeps its piece, so 1 process, N processes
 and every engine start from the same global weights. The rules are DiT's (`facebookresearch/DiT` `initialize_weights`
 and DiT-MoE's experts): xavier-uniform Linear / conv weights, zero biases, N(0, 0.02) label table, timestep MLP,
-router and mask token, zeroed adaLN modulation and readout; μP replaces the std per parameter (`dit_scale.mup`).
+router and mask token, zeroed adaLN modulation and readout (and, for text models, zeroed cross-attention output
+and pooled-caption projection, the null caption N(0, 1/T)); μP replaces the std per parameter (`dit_scale.mup`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch.nn as nn
 
 from dit_scale.models.moe import GroupedExperts, Router
 
-ZERO_INIT = ("adaLN_modulation.1.weight", "final_layer.linear.weight")
+ZERO_INIT = ("adaLN_modulation.1.weight", "final_layer.linear.weight",
+             "cross_attn.proj.weight", "caption_embedder.pool.weight")     # text: a fresh model ignores captions
 NORMAL_002 = ("y_embedder.table.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight")
 
 
@@ -44,6 +46,8 @@ def init_rule(name: str, module: nn.Module, shape) -> Tuple[str, float]:
         return "zeros", 0.0                             # (GroupedExperts' only 2-D tensors: GELU experts' biases)
     if name == "mask_token":
         return "normal", 0.02
+    if name == "caption_embedder.null_caption":        # a token in the text encoder's space (PixArt-α: 1/sqrt(T))
+        return "normal", shape[0] ** -0.5
     if len(shape) < 2:
         return "ones", 0.0
     if isinstance(module, Router) or name in NORMAL_002:

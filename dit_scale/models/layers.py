@@ -91,9 +91,19 @@ def sincos_pos_embed(hidden_size: int, grid_size: int) -> torch.Tensor:
 # Attention and dense FFNs
 # ----------------------------------------------------------------------------------------------------------------
 
+def dot_product_attention(q, k, v, scale=None):
+    """The attention core: q, k, v [B, H, N, hd] -> [B, H, N, hd] (`scaled_dot_product_attention`)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`; optional RMS qk-norm per head.
-    `scale`: softmax temperature, None for 1/sqrt(head_dim) (μP's option is 1/head_dim)."""
+    `scale`: softmax temperature, None for 1/sqrt(head_dim) (μP's option is 1/head_dim).
+
+    Two things let `dit_scale/parallel/` split it without a process group in here: the number of heads and tokens
+    is read from the projection's output (tensor parallelism keeps this rank's heads, sequence parallelism gathers
+    every token before it), and `core` is the attention core `core(q, k, v, scale)`, a slot like the MoE
+    dispatcher's (context parallelism puts an all-to-all one there)."""
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, scale=None):
         super().__init__()
@@ -104,13 +114,15 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.core = dot_product_attention
 
     def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = self.core(q, k, v, self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class Mlp(nn.Module):

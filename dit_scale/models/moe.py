@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.moe_utils import (
 
 from dit_scale.models.dispatch import LocalDispatcher
 from dit_scale.models.layers import Mlp, SwiGLU
+from dit_scale.models.sequence import LocalTokens
 
 
 class MoEOutput(NamedTuple):
@@ -57,6 +58,9 @@ class Router(nn.Module):
         # Selection-only bias (aux-loss-free balancing), updated from the step's token counts by `update_bias`.
         # The forward has no side effects (activation checkpointing recomputes it): the counts leave in MoEOutput.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        # The micro-batch's token statistics (`sequence.py`): this rank's own, or summed over the ranks that split
+        # the micro-batch's tokens (sequence / context parallelism), so the losses equal one process's.
+        self.tokens = LocalTokens()
 
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))
@@ -67,9 +71,10 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.weight.to(dtype))
         num_tokens = logits.shape[0]
+        total = self.tokens.total(num_tokens)                        # tokens of the micro-batch
         loss = logits.new_zeros(())
         if self.z_loss_coeff > 0:
-            loss = loss + z_loss_func(logits, self.z_loss_coeff)
+            loss = loss + z_loss_func(logits, self.z_loss_coeff) * (num_tokens / total)
 
         if self.kind == "expert_choice":
             scores = torch.softmax(logits, dim=-1)
@@ -87,8 +92,9 @@ class Router(nn.Module):
             num_routed = num_tokens * self.top_k
             if self.aux_loss_coeff > 0:
                 aux_map, aux_scores = compute_routing_scores_for_aux_loss(logits, self.top_k, self.score_function)
-                loss = loss + switch_load_balancing_loss_func(
-                    aux_scores, aux_map.sum(dim=0), num_tokens, self.top_k, self.num_experts, self.aux_loss_coeff)
+                loss = loss + switch_load_balancing_loss_func(      # local scores, the micro-batch's counts
+                    aux_scores, self.tokens.count(aux_map.sum(dim=0)), total, self.top_k, self.num_experts,
+                    self.aux_loss_coeff)
             scores = torch.softmax(logits, dim=-1) if self.score_function == "softmax" else None
 
         counts = routing_map.sum(dim=0).float().detach()
@@ -97,7 +103,7 @@ class Router(nn.Module):
             p = p / p.sum(dim=-1, keepdim=True)
             entropy = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
             dropped = (~routing_map.any(dim=1)).sum().float()
-        return probs, routing_map, num_routed, MoEOutput(loss, counts, entropy, dropped)
+        return probs, routing_map, num_routed, MoEOutput(self.tokens.sum(loss), counts, entropy, dropped)
 
     @torch.no_grad()
     def update_bias(self, global_counts):

@@ -1,9 +1,11 @@
 """Parameter roles: what each parameter of a DiT does, read from its name in the *unsharded* module structure.
 
-    input    maps fixed-size inputs into the width (patch embedding, label table, timestep MLP input)
-    hidden   width × width matrices (attention, dense FFN, adaLN, timestep MLP output, shared experts)
+    input    maps fixed-size inputs into the width (patch embedding, label table, timestep MLP input, caption
+             projection input)
+    hidden   width × width matrices (attention and cross-attention, dense FFN, adaLN, timestep MLP output, caption
+             projection output, pooled-caption projection, shared experts)
     output   the readout (final linear layer)
-    vector   biases, norm gains and the mask token (a learned point in the width, like a bias)
+    vector   biases, norm gains, the mask token (a learned point in the width, like a bias) and the null caption
     router   MoE router weights
     expert   stacked routed-expert weights
     head     weight matrices of the alignment heads (their biases are `vector`)
@@ -32,7 +34,7 @@ def param_role(name: str, param) -> str:
         return "expert"
     if param.ndim < 2:
         return "vector"
-    if name.startswith(("x_embedder.", "y_embedder.", "t_embedder.mlp.0.")):
+    if name.startswith(("x_embedder.", "y_embedder.", "t_embedder.mlp.0.", "caption_embedder.proj.fc1.")):
         return "input"
     if name.startswith("final_layer.linear."):
         return "output"

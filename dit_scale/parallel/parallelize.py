@@ -1,12 +1,17 @@
 """One step that turns a single-device DiT into this rank's part of the parallel model, in a fixed order:
 
     parallelize(model, cfg, topology, shard=fsdp_shard)
-      1. activation checkpointing   recompute each block in the backward (train.activation_checkpointing)
-      2. compile                    torch.compile each block (train.compile; lazy: compiled at the first forward)
-      3. expert parallelism         keep this rank's experts, plug in the all-to-all dispatcher (parallel.ep)
-      4. sharding                   the engine's: FSDP2's fully_shard (DeepSpeed partitions inside its own engine)
+      1. tensor / sequence / context parallelism   split heads and FFN widths over the tp ranks (`tensor_parallel.py`),
+                                    each image's tokens over the cp (and, with sequence parallelism, tp) ranks
+                                    (`sequence.py`), attention's all-to-all core (`context_parallel.py`) (parallel.tp,
+                                    parallel.sp, parallel.cp)
+      2. activation checkpointing   recompute each block in the backward (train.activation_checkpointing)
+      3. compile                    torch.compile each block (train.compile; lazy: compiled at the first forward)
+      4. expert parallelism         keep this rank's experts, plug in the all-to-all dispatcher (parallel.ep)
+      5. sharding                   the engine's: FSDP2's fully_shard (DeepSpeed partitions inside its own engine)
 
-The model itself stays free of process groups: each step changes modules from the outside.
+Step 1 comes first as in torchtitan: FSDP then shards the tensor-parallel DTensors over the data-parallel ranks.
+The model itself stays free of process groups: each step changes modules from the outside or fills their slots.
 """
 from __future__ import annotations
 
@@ -14,10 +19,16 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
+from dit_scale.parallel.context_parallel import apply_context_parallel
 from dit_scale.parallel.expert_parallel import shard_experts
+from dit_scale.parallel.sequence import split_sequence
+from dit_scale.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, cfg, topology, shard: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    apply_tensor_parallel(model, topology)
+    split_sequence(model, topology)
+    apply_context_parallel(model, topology)
     model.grad_checkpointing = bool(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         for block in model.blocks:

@@ -1,14 +1,19 @@
-"""Process layout of a run: global rank, data-parallel rank, expert-parallel rank, device, and every DeviceMesh.
+"""Process layout of a run: global rank, data-parallel rank, expert-, tensor- and context-parallel ranks, device, and
+every DeviceMesh.
 
     topo = init_topology(cfg)      # reads the torchrun / SLURM environment, creates the process group and meshes
 
-Dense parameters are data-parallel over all ranks (`dp_mesh`, 1-D "dp"). Experts are split over `parallel.ep`
-consecutive ranks (the "ep" dimension of `mesh`) and data-parallel over the other dimension ("edp": ranks holding
-the same experts). `expert_mesh` is the same ranks ep-major ("ep", "edp"): the layout in which a global expert
-tensor [E, ...] is split, for sharded checkpoints. The data loader and everything that must differ per model
-replica use `dp_rank` / `dp_size`, never the global rank. Backend: NCCL on GPU, gloo on CPU. Layout errors are
-raised on every rank before the process group exists. All meshes are created here, once (creating one is
-collective).
+The ranks form a mesh ("edp", "ep", "cp", "tp") (`mesh`), tp fastest: `parallel.tp` consecutive ranks split each
+layer's heads and FFN widths (tensor parallelism), `parallel.cp` groups of them split each image's tokens (context
+parallelism), and the remaining WORLD_SIZE / (tp·cp) = dp data-parallel ranks see different images. Experts are
+split over `parallel.ep` of the data-parallel ranks ("ep") and held alike by the others ("edp", and every cp and tp
+rank). FSDP shards replicated parameters over every rank (`dp_mesh`, 1-D "dp"), tensor-parallel ones over the dp·cp
+ranks holding the same tensor-parallel piece (`dense_mesh`), experts over the ranks holding the same experts
+(`expert_mesh["edp"]`); `expert_mesh` is every rank ep-major ("ep", "edp"): the layout in which a global expert
+tensor [E, ...] is split, for sharded checkpoints. `image_mesh` (cp·tp ranks) is every rank that shares an image.
+The data loader and everything that must differ per model replica use `dp_rank` / `dp_size`, never the global rank.
+Backend: NCCL on GPU, gloo on CPU. Layout errors are raised on every rank before the process group exists. All
+meshes are created here, once (creating one is collective).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from dit_scale.compat import flatten_mesh
 from dit_scale.config import ConfigError, to_yaml
 
 
@@ -33,17 +39,32 @@ class Topology:
     ep_rank: int = 0
     ep_size: int = 1
     device: torch.device = torch.device("cpu")
-    mesh: Optional[object] = None          # DeviceMesh ("edp", "ep") when a process group exists
-    dp_mesh: Optional[object] = None       # DeviceMesh ("dp",): every rank (dense parameters)
+    mesh: Optional[object] = None          # DeviceMesh ("edp", "ep", "cp", "tp") when a process group exists
+    dp_mesh: Optional[object] = None       # DeviceMesh ("dp",): every rank (replicated parameters)
     expert_mesh: Optional[object] = None   # DeviceMesh ("ep", "edp"): global expert tensors split ep-major
+    tp_rank: int = 0
+    tp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    sp: bool = False                       # sequence parallelism (tp > 1 and parallel.sp)
+    dense_mesh: Optional[object] = None    # 1-D ("dp_cp"): ranks holding the same tensor-parallel piece (tp > 1)
+    image_mesh: Optional[object] = None    # 1-D ("cp_tp"): ranks sharing each image (cp·tp > 1)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def group(self, dim: str):
-        """Process group of a mesh dimension: "ep" (ranks splitting the experts) or "edp" (holding the same ones)."""
+        """Process group of a mesh dimension: "ep" (ranks splitting the experts), "edp" (data-parallel ranks holding
+        the same ones), "tp" (splitting layers), "cp" (splitting tokens), or "image" (every rank sharing an image)."""
+        if dim == "image":
+            return self.image_mesh.get_group()
         return self.mesh.get_group(dim)
+
+    @property
+    def image_size(self) -> int:
+        """Ranks sharing each image: cp · tp (they split its tokens or its layers; 1 without either)."""
+        return self.cp_size * self.tp_size
 
 
 def env_rank() -> tuple:
@@ -81,11 +102,18 @@ def _local_processes(world: int) -> int:
 def check_layout(cfg, world: int) -> None:
     """Errors every rank computes identically from the config, before any collective."""
     engine, ep = cfg.parallel.engine, cfg.parallel.ep
+    split = cfg.parallel.tp * cfg.parallel.cp
     if engine == "local" and world != 1:
         raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; use "
                           f"parallel.engine=fsdp or deepspeed for several processes (or launch a single one).")
-    if world % ep:
+    if world % split:
+        raise ConfigError(f"parallel.tp × parallel.cp = {split} must divide the number of processes "
+                          f"(WORLD_SIZE={world}); launch a multiple of {split} processes.")
+    if split == 1 and world % ep:
         raise ConfigError(f"parallel.ep={ep} must divide the number of processes (WORLD_SIZE={world}).")
+    if split > 1 and (world // split) % ep:
+        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size WORLD_SIZE / (parallel.tp × "
+                          f"parallel.cp) = {world // split} (experts are split over data-parallel ranks).")
     if engine == "local" and ep != 1:
         raise ConfigError(f"parallel.ep={ep} needs as many processes and parallel.engine=fsdp or deepspeed; "
                           f"parallel.engine=local runs one, so set parallel.ep=1.")
@@ -134,9 +162,16 @@ def init_topology(cfg) -> Topology:
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
     check_same_config(cfg, rank, world)
-    ep = cfg.parallel.ep
-    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    ep, tp, cp = cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.cp
+    dp = world // (tp * cp)
+    mesh = init_device_mesh(device.type, (dp // ep, ep, cp, tp), mesh_dim_names=("edp", "ep", "cp", "tp"))
     dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    expert_mesh = DeviceMesh(device.type, torch.arange(world).view(-1, ep).t(), mesh_dim_names=("ep", "edp"))
-    return Topology(rank=rank, world_size=world, dp_rank=rank, dp_size=world, ep_rank=rank % ep, ep_size=ep,
-                    device=device, mesh=mesh, dp_mesh=dp_mesh, expert_mesh=expert_mesh)
+    ranks = torch.arange(world).view(dp // ep, ep, cp * tp).transpose(0, 1).reshape(ep, -1)
+    expert_mesh = DeviceMesh(device.type, ranks, mesh_dim_names=("ep", "edp"))
+    dense_mesh = flatten_mesh(mesh["edp", "ep", "cp"], "dp_cp") if tp > 1 else None
+    image_mesh = flatten_mesh(mesh["cp", "tp"], "cp_tp") if tp * cp > 1 else None
+    dp_rank = rank // (tp * cp)
+    return Topology(rank=rank, world_size=world, dp_rank=dp_rank, dp_size=dp, ep_rank=dp_rank % ep, ep_size=ep,
+                    device=device, mesh=mesh, dp_mesh=dp_mesh, expert_mesh=expert_mesh, tp_rank=rank % tp,
+                    tp_size=tp, cp_rank=(rank // tp) % cp, cp_size=cp, sp=bool(cfg.parallel.sp and tp > 1),
+                    dense_mesh=dense_mesh, image_mesh=image_mesh)

@@ -1,5 +1,6 @@
 """Resharding: a sharded checkpoint written by N processes with expert-parallel size e resumes with M processes and
-e' (2→1, 1→2, EP 2→1, EP 1→2, DeepSpeed → FSDP). The reference is the writer's *consolidated* state (gathered
+e' (2→1, 1→2, EP 2→1, EP 1→2, DeepSpeed → FSDP), and one written with tensor parallelism (tp 2) resumes at tp 1,
+tp 2 and with other dp / ep sizes. The reference is the writer's *consolidated* state (gathered
 with all-gathers, a second code path); after resuming, the reader's consolidated state must equal it tensor for
 tensor: model, EMA, AdamW moments and step, scheduler, step. Then the resumed run trains on.
 The first two cases cover 2→1, 1→2, EP 2→1 and EP 1→2 in the default suite; the others are marked slow and run in
@@ -22,6 +23,8 @@ LAYOUTS = {             # name: (processes, overrides)
     "fsdp-ep2": (2, {"parallel.engine": "fsdp", "parallel.ep": 2}),
     "deepspeed-ep2": (2, {"parallel.engine": "deepspeed", "parallel.ep": 2}),
     "fsdp4-ep2": (4, {"parallel.engine": "fsdp", "parallel.ep": 2}),     # experts sharded over ep and edp
+    "fsdp-tp2": (2, {"parallel.engine": "fsdp", "parallel.ep": 1, "parallel.tp": 2}),     # tensor parallelism (SP)
+    "fsdp4-tp2-ep2": (4, {"parallel.engine": "fsdp", "parallel.ep": 2, "parallel.tp": 2}),    # dp 2 × tp 2, EP 2
 }
 
 
@@ -46,7 +49,7 @@ def _write(rank, world, shards, run, layout):
 def _read(rank, world, shards, run, layout):
     """Resume the writer's checkpoint in this layout; return the consolidated state, then train 2 more steps."""
     ckpt = find_latest(run)
-    trainer = Trainer(_cfg(shards, run + "-resumed", layout, **{"train.steps": 5, "train.resume": ckpt}))
+    trainer = Trainer(_cfg(shards, f"{run}-resumed-{layout}", layout, **{"train.steps": 5, "train.resume": ckpt}))
     trainer.start()                                    # the resume (fit's first call)
     state = copy.deepcopy(trainer.state_dict())        # the local engine's tensors alias the live ones
     last = trainer.fit()
@@ -104,6 +107,11 @@ def _assert_same_state(got, want):
     pytest.param("fsdp-ep1", "fsdp-ep2", marks=pytest.mark.slow),        # EP 1 → 2 on 2 processes
     pytest.param("deepspeed-ep2", "fsdp-ep1", marks=pytest.mark.slow),   # DeepSpeed ZeRO-2 → FSDP, EP 2 → 1
     pytest.param("fsdp4-ep2", "fsdp-ep2", marks=pytest.mark.slow),       # 4 → 2 processes, EP 2 × edp 2 → EP 2
+    ("fsdp-tp2", "local"),          # tensor parallelism: tp 2 → 1 (one process)
+    ("fsdp-tp2", "fsdp-ep2"),       # tp 2 → 1 with dp 1 → 2 and EP 1 → 2
+    pytest.param("fsdp-tp2", "fsdp-tp2", marks=pytest.mark.slow),        # tp 2 → 2 (the same layout)
+    pytest.param("fsdp-ep2", "fsdp-tp2", marks=pytest.mark.slow),        # dp 2, EP 2 → tp 2
+    pytest.param("fsdp4-tp2-ep2", "fsdp-tp2", marks=pytest.mark.slow),   # dp 2 × tp 2, EP 2 → tp 2
 ])
 def test_resume_in_another_layout(written, tiny_shards, source, target, capsys):
     run = written(source)

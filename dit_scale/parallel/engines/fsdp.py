@@ -7,6 +7,14 @@ gradient already sums the contributions of every rank of its EP group (through t
 it by 1/ep (`expert_parallel.scale_expert_grads_`, in place, after the step's last backward) and FSDP averages it
 over the edp ranks (when edp > 1; with edp = 1 the experts stay outside FSDP: nothing to shard or average).
 
+Tensor and context parallelism (parallel.tp, parallel.cp; `parallel/parallelize.py`): the split layers of each block
+are one FSDP group over the dp·cp ranks holding the same tensor-parallel piece (2-D DTensors, dp·cp × tp), the rest
+of each block and the root are sharded over every rank, experts over every rank holding the same ones. Every rank of
+an image's cp·tp ranks computes its tokens' share of each gradient (`parallel/sequence.py`), so FSDP sums over them
+and averages over the data-parallel ranks only (its gradient divide factor is the data-parallel size: dp for dense
+parameters, dp/ep for experts; the gradients that are the same on every tp rank, without sequence parallelism, are
+averaged over tp as well).
+
 `state_dict()` returns the same consolidated format as the local engine (full tensors, experts stacked over their
 global index [E, ...]), gathered on every rank, so a checkpoint loads with any process count. `state_dict(sharded=True)`
 has the same keys and global shapes, but every tensor is a DTensor view of this rank's piece (no gather): DCP writes
@@ -14,12 +22,13 @@ each piece from the rank that holds it, and reads any layout's pieces back (`dit
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dit_scale.compat import foreach_mul_
 from dit_scale.models.moe import MoEFFN
@@ -30,10 +39,18 @@ from dit_scale.parallel.materialize import is_meta, materialize_
 from dit_scale.parallel.parallelize import parallelize
 from dit_scale.parallel.state import (ema_swapped_in, global_value, load_buffers_, persistent_buffers,
                                       rank_piece)
+from dit_scale.parallel.tensor_parallel import HeadGrouped, partial_modules, split_modules
 
 
 def _local(t):
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _replicas(p) -> int:
+    """On how many ranks each element of `p`'s local piece lives (its mesh dimensions with a Replicate placement)."""
+    if not isinstance(p, DTensor):
+        return 1
+    return math.prod(p.device_mesh.size(i) for i, placement in enumerate(p.placements) if placement.is_replicate())
 
 
 class FSDPEngine(ProcessGroupEngine):
@@ -43,6 +60,7 @@ class FSDPEngine(ProcessGroupEngine):
         meta = is_meta(model)                          # sharded first, then only this rank's shards materialised
         self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
+        self.layout = HeadGrouped(model, topology.tp_size)      # the fused q|k|v's tensor-parallel pieces
         bf16 = uses_bf16(cfg.train, device)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
@@ -54,19 +72,36 @@ class FSDPEngine(ProcessGroupEngine):
         # Experts are sharded over the ranks that hold the same experts ("edp"). When every rank holds different
         # experts (edp = 1) there is nothing to shard or reduce: they stay plain parameters, outside FSDP (which
         # would otherwise keep a gathered copy and an unsharded gradient of them: twice their memory).
+        # With tp / cp they are also held alike by the ranks sharing an image.
         edp = topology.world_size // topology.ep_size
+        split = topology.image_size > 1
+        dp, tp = topology.dp_size, topology.tp_size
+        replicated = dp * (tp if tp > 1 and not topology.sp else 1)   # same gradient on every tp rank: average
+
+        def reduce_over(modules, data_parallel: int):
+            """Sum the group's gradients over the ranks sharing an image, average over `data_parallel` ranks."""
+            for module in modules if split else ():
+                module.set_gradient_divide_factor(float(data_parallel))
+                module.set_force_sum_reduction_for_comms(True)
 
         def shard(m):                                   # after expert parallelism replaced the expert parameters
             local_experts = {p for layer in m.moe_layers() for p in layer.experts.parameters()} if edp == 1 else set()
-            for block in m.blocks:
+            for block in [*m.mixer, *m.blocks] if split else m.blocks:
                 if isinstance(block.ffn, MoEFFN) and edp > 1:
-                    fully_shard(block.ffn.experts, mesh=topology.mesh["edp"], mp_policy=mp)
-                fully_shard(block, mesh=topology.dp_mesh, mp_policy=mp, ignored_params=local_experts or None)
-            fully_shard(m, mesh=topology.dp_mesh, mp_policy=root_mp, ignored_params=local_experts or None)
+                    reduce_over([fully_shard(block.ffn.experts, mesh=topology.expert_mesh["edp"], mp_policy=mp)],
+                                dp // topology.ep_size)
+                if tp > 1:
+                    reduce_over(fully_shard(split_modules(block), mesh=topology.dense_mesh, mp_policy=mp), dp)
+                    if not topology.sp and partial_modules(block):
+                        reduce_over(fully_shard(partial_modules(block), mesh=topology.dp_mesh, mp_policy=mp), dp)
+                reduce_over([fully_shard(block, mesh=topology.dp_mesh, mp_policy=mp,
+                                         ignored_params=local_experts or None)], replicated)
+            reduce_over([fully_shard(m, mesh=topology.dp_mesh, mp_policy=root_mp,
+                                     ignored_params=local_experts or None)], replicated)
 
         self.module = parallelize(model, cfg, topology, shard)
         if meta:
-            materialize_(model, init, topology, device)
+            materialize_(model, init, topology, device, self.layout)
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for p in model.parameters()]
         self._expert_params = [p for n, p in zip(self.names, self.params) if n in self.expert_names]
@@ -89,9 +124,13 @@ class FSDPEngine(ProcessGroupEngine):
 
     def clip_grad_norm(self, max_norm: float):
         """Global norm: every element of every (dense or expert) gradient lives in exactly one local shard, so the
-        sum of local squares over all ranks counts each once."""
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
-        sq = torch.stack([g.float().square().sum() for g in grads]).sum()
+        sum of local squares over all ranks counts each once; a tensor-parallel piece that is replicated over the tp
+        ranks (a row split's bias) counts 1/tp on each."""
+        with_grad = [p for p in self.params if p.grad is not None]
+        grads = [_local(p.grad) for p in with_grad]
+        squares = [g.float().square().sum() for g in grads]
+        squares = [s / r if r > 1 else s for s, r in zip(squares, map(_replicas, with_grad))]
+        sq = torch.stack(squares).sum()
         dist.all_reduce(sq)
         norm = sq.sqrt()
         if max_norm > 0:
@@ -124,10 +163,28 @@ class FSDPEngine(ProcessGroupEngine):
 
     # -- consolidated / sharded state ------------------------------------------------------------------------------
     def _global(self, name, local, param, sharded):
+        if name in self.layout:
+            return self._global_head_grouped(name, local, param, sharded)
         return global_value(local, name in self.expert_names, self.topo, sharded, param)
+
+    def _global_head_grouped(self, name, local, param, sharded):
+        """A head-grouped q|k|v value: gathered whole (its pieces are three row ranges of the global tensor, which
+        no DTensor describes), then, for a sharded checkpoint, rows split evenly over every rank (a DTensor view DCP
+        writes and reads in any layout)."""
+        full = DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride()).full_tensor()
+        full = self.layout.to_global(name, full)
+        if not sharded:
+            return full.cpu()
+        mine = distribute_tensor(full, self.topo.dp_mesh, [Shard(0)], src_data_rank=None).to_local().clone()
+        return DTensor.from_local(mine, self.topo.dp_mesh, [Shard(0)], shape=full.shape, stride=full.stride())
 
     def _local_slice(self, name, full, param):
         """This rank's FSDP shard of a global value (as `param` holds it), on the device."""
+        if name in self.layout:                        # whole, head-grouped, then this rank's piece
+            full = full.full_tensor() if isinstance(full, DTensor) else full
+            full = self.layout.to_pieces(name, full.to(self.topo.device, dtype=_local(param).dtype))
+            return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
         piece = rank_piece(full, name in self.expert_names, self.topo)
         piece = piece.to(self.topo.device, dtype=_local(param).dtype)
         if isinstance(param, DTensor) and not isinstance(full, DTensor):
