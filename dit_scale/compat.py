@@ -13,8 +13,10 @@ When torch or DeepSpeed is upgraded, this file (and `tests/unit/test_compat.py`)
     ZeRO stage 1/2 parameter ._hp_mapping, ._dp_group (the fp32 master fragment a rank holds)          zero_fp32_*
     torch.distributed.device_mesh.DeviceMesh._flatten         one mesh dimension from several (tp/cp)  flatten_mesh
 
-One exception lives in `dit_scale/models/moe.py` because models import nothing outside `dit_scale/models/`:
-`torch._grouped_mm` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it runs).
+Two exceptions live beside their only user: `torch._grouped_mm` in `dit_scale/models/moe.py`, because models import
+nothing outside `dit_scale/models/` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it
+runs), and `ColwiseParallel._partition_linear_fn`, overridden by `HeadColwiseParallel` in
+`dit_scale/parallel/tensor_parallel.py` (fused q|k|v and k|v projections split by whole heads).
 """
 from __future__ import annotations
 

@@ -141,10 +141,13 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x, context, mask):
-        b, n, d = x.shape
-        length = context.shape[1]
-        q = self.q(self.norm(x)).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(context).view(b, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # heads and tokens are read from the projections' outputs (tensor parallelism keeps this rank's heads of
+        # q and of k|v, sequence parallelism gathers every token before q), as in `layers.Attention`
+        q = self.q(self.norm(x))
+        b, n = q.shape[:2]
+        q = q.view(b, n, -1, self.head_dim).transpose(1, 2)
+        kv = self.kv(context)
+        k, v = kv.view(b, kv.shape[1], 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :], scale=self.scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))

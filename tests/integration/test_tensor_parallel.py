@@ -61,9 +61,9 @@ def test_layout_matches_one_process(reference, world, layout, masked):
     pytest.param(2, TP2_NO_SP, marks=pytest.mark.slow),
 ], ids=["tp2", "cp2", "tp2-nosp"])
 def test_text_model_matches_one_process(reference, world, layout):
-    """A text model (model.conditioning=text): each block's cross-attention to the caption tokens stays replicated
-    under tensor parallelism (the queries are this rank's tokens; caption tokens are the same on every rank), so its
-    gradients are token shares like the adaLN's; masked, with the MoE losses."""
+    """A text model (model.conditioning=text): each block's cross-attention is split by heads under tensor
+    parallelism (q and the fused k|v column, proj row) while the caption tokens are the same on every rank, so the
+    caption projection's gradient must come out whole (no SP) or as a share (SP); masked, with the MoE losses."""
     extra = MOE_LOSSES + MASKED + TEXT
     for result in run_distributed(train, world, layout, extra, True):
         assert_parity(result, reference(extra, True))
