@@ -2,6 +2,7 @@
 (`dit_scale.loss.TrainingLoss`, the trainer's own), and timing variants alternately so both see the same machine."""
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 
@@ -71,3 +72,15 @@ def header(name: str, model: str, device, bf16: bool, batch: int, steps: int, **
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "batch": batch, "precision": "bf16" if bf16 else "fp32",
             "steps": steps, **extra}
+
+
+def spawn_ranks(worker, world: int, args) -> list:
+    """worker(rank, world, args, port, results) in `world` fresh processes (a free localhost port for their process
+    group; each puts its record in results[rank]): the records in rank order."""
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world, args, port, results), nprocs=world, join=True)
+    return [results[r] for r in range(world)]

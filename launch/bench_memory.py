@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import socket
 
 import torch
 
@@ -75,18 +74,9 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _measure(world: int, args) -> list:
-    import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, args, port, results), nprocs=world, join=True)
-    return [results[r] for r in range(world)]
-
-
 def run(args) -> dict:
-    one, two = _measure(1, args), _measure(2, args)
+    from launch.bench_common import spawn_ranks
+    one, two = spawn_ranks(_worker, 1, args), spawn_ranks(_worker, 2, args)
     key = "build_peak" if args.build_only else "peak"
     out = {"bench": "memory", "model": args.model, "device": args.device, "batch_per_rank": args.batch,
            "steps": 0 if args.build_only else args.steps, "unit": "GiB (peak resident memory per process)",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 
@@ -112,18 +111,9 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
     results[rank] = record
 
 
-def _measure(world: int, args) -> list:
-    import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, args, port, results), nprocs=world, join=True)
-    return [results[r] for r in range(world)]
-
-
 def run(args) -> dict:
-    one, layout = _measure(1, args), _measure(2, args)
+    from launch.bench_common import spawn_ranks
+    one, layout = spawn_ranks(_worker, 1, args), spawn_ranks(_worker, 2, args)
     step = max(r["step_s"] for r in layout)
     out = {"bench": "parallel", "layout": args.layout, "model": args.model, "input_size": args.input_size,
            "global_batch": args.batch, "device": args.device, "backend": "gloo" if args.device == "cpu" else "nccl",
