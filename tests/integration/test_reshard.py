@@ -108,7 +108,7 @@ def _assert_same_state(got, want):
     pytest.param("deepspeed-ep2", "fsdp-ep1", marks=pytest.mark.slow),   # DeepSpeed ZeRO-2 → FSDP, EP 2 → 1
     pytest.param("fsdp4-ep2", "fsdp-ep2", marks=pytest.mark.slow),       # 4 → 2 processes, EP 2 × edp 2 → EP 2
     ("fsdp-tp2", "local"),          # tensor parallelism: tp 2 → 1 (one process)
-    ("fsdp-tp2", "fsdp-ep2"),       # tp 2 → 1 with dp 1 → 2 and EP 1 → 2
+    pytest.param("fsdp-tp2", "fsdp-ep2", marks=pytest.mark.slow),        # tp 2 → 1, dp 1 → 2, EP 1 → 2
     pytest.param("fsdp-tp2", "fsdp-tp2", marks=pytest.mark.slow),        # tp 2 → 2 (the same layout)
     pytest.param("fsdp-ep2", "fsdp-tp2", marks=pytest.mark.slow),        # dp 2, EP 2 → tp 2
     pytest.param("fsdp4-tp2-ep2", "fsdp-tp2", marks=pytest.mark.slow),   # dp 2 × tp 2, EP 2 → tp 2

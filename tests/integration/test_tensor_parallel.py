@@ -35,7 +35,7 @@ def reference():
 # as tests/integration/test_engines.py does.
 @pytest.mark.parametrize("world, layout, masked", [
     (2, TP2, True),                                          # tp=2 with sequence parallelism, masked
-    (2, TP2_NO_SP, True),                                    # tp=2 without sequence parallelism, masked
+    pytest.param(2, TP2_NO_SP, True, marks=pytest.mark.slow),  # tp=2 without sequence parallelism, masked
     (2, CP2, True),                                          # Ulysses cp=2, masked
     pytest.param(2, TP2, False, marks=pytest.mark.slow),
     pytest.param(2, TP2_NO_SP, False, marks=pytest.mark.slow),
@@ -79,7 +79,7 @@ def _fit(rank, world, shards, run, layout):
 
 @pytest.mark.parametrize("world, layout, one", [
     (2, {"parallel.engine": "fsdp", **TP2}, (1, {})),
-    (2, {"parallel.engine": "fsdp", **CP2}, (1, {})),
+    pytest.param(2, {"parallel.engine": "fsdp", **CP2}, (1, {}), marks=pytest.mark.slow),
     # dp2 × tp2 reads the data as 2 data-parallel ranks do: against FSDP on 2 processes (tp = 1)
     pytest.param(4, {"parallel.engine": "fsdp", **TP2}, (2, {"parallel.engine": "fsdp"}), marks=pytest.mark.slow),
 ], ids=["tp2", "cp2", "dp2xtp2"])

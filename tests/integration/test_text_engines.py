@@ -5,6 +5,7 @@ norms, final weights, EMA) — and the per-name initialisation of a meta-built t
 equal to the eager init (parallel/materialize.py covers the new parameters)."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -80,6 +81,7 @@ def assert_same(result, ref, rtol, atol):
                                        msg=lambda m, k=key, name=name: f"{k}.{name}: {m}")
 
 
+@pytest.mark.slow                   # ~45 s on 2 cores: CI's second stage (.ci/run)
 def test_fsdp_and_deepspeed_with_experts_match_one_process():
     os.environ.pop("WORLD_SIZE", None)
     ref64 = train_steps("local", 1, 0, 1, torch.float64)
