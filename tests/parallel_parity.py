@@ -67,15 +67,22 @@ def _loss(module, batch, masked):
     return denoise + aux["moe_loss"] + 0.5 * (aux["heads"]["repa"] - batch["feat"]).square().mean()
 
 
-def train(rank, world, layout, extra=(), masked=False):
-    torch.set_default_dtype(torch.float64)
-    cfg = make_cfg(layout, extra)
+def parity_engine(cfg, dtype=torch.float64):
+    """(topology, model, engine) of a parity test: default dtype `dtype`, the model built from seed 0 with every
+    weight drawn N(0, 0.1) (leaving adaLN-Zero and the other zero inits, so every weight gets a gradient). The same
+    in every layout, so only the layout differs between the runs a test compares."""
+    torch.set_default_dtype(dtype)
     topo = init_topology(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
-    for p in model.parameters():                          # leave adaLN-Zero so every weight gets a gradient
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    engine = build_engine(cfg, model, topo)
+    return topo, model, build_engine(cfg, model, topo)
+
+
+def train(rank, world, layout, extra=(), masked=False):
+    cfg = make_cfg(layout, extra)
+    topo, model, engine = parity_engine(cfg)
     per_rank = BATCH // topo.dp_size
     losses, norms, grads = [], [], None
     for step in range(STEPS):

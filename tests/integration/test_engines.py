@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from parallel_parity import parity_engine
 from dit_scale.build import build_model
 from dit_scale.parallel import build_engine, init_topology
 
@@ -32,14 +33,8 @@ def train_steps(engine_name, ep, rank, world, dtype=torch.float64, extra=(), sta
                 steps=STEPS):
     # float64 (the router's softmax stays fp32 inside megatron-core): the layouts differ only in reduction order.
     # DeepSpeed's ZeRO optimizers take fp32 (or bf16/fp16) parameters only: its comparisons run in fp32.
-    torch.set_default_dtype(dtype)
     cfg = make_cfg(engine_name, ep, extra)
-    topo = init_topology(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    for p in model.parameters():                          # leave adaLN-Zero so every weight gets a gradient
-        torch.nn.init.normal_(p, std=0.1)
-    engine = build_engine(cfg, model, topo)
+    topo, model, engine = parity_engine(cfg, dtype)
     if start is not None:                                 # resume from a consolidated state (any engine's)
         engine.load_state_dict(start)
     per_rank = BATCH // world

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from parallel_parity import parity_engine
 from dit_scale.build import build, build_model
 from dit_scale.models.text import Captions
 from dit_scale.parallel import build_engine, init_topology
@@ -36,14 +37,8 @@ def global_batch(step, dtype):
 
 
 def train_steps(engine_name, ep, rank, world, dtype):
-    torch.set_default_dtype(dtype)
     cfg = make_cfg(engine_name, ep)
-    topo = init_topology(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    for p in model.parameters():                          # leave the zero inits so every weight gets a gradient
-        torch.nn.init.normal_(p, std=0.1)
-    engine = build_engine(cfg, model, topo)
+    topo, model, engine = parity_engine(cfg, dtype)
     per_rank = BATCH // world
     losses, norms = [], []
     for step in range(STEPS):
