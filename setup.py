@@ -49,7 +49,8 @@ setup(
     extras_require={
         # tests/unit/test_mup.py also needs microsoft's `mup` (the μP reference); launch/setup_env.sh installs it with
         # --no-deps because its metadata asks for torchvision, pandas and seaborn, none of which it imports.
-        "dev": ["pytest>=8,<10", "scipy>=1.11,<2"],       # scipy: the tests' direct Fréchet distance (sqrtm)
+        # scipy: the tests' direct Fréchet distance (sqrtm); pytest-timeout: pytest.ini's per-test time limit
+        "dev": ["pytest>=8,<10", "scipy>=1.11,<2", "pytest-timeout>=2.3,<3"],
         # data_tools/build_shards.py (VAE latents, DINOv2 features) and tests/unit/test_data_tools.py
         "data": ["diffusers>=0.30,<1", "transformers>=4.44,<6"],
     },

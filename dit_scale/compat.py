@@ -12,6 +12,7 @@ When torch or DeepSpeed is upgraded, this file (and `tests/unit/test_compat.py`)
     ZeRO stage 1/2 optimizer ._get_norm_groups (stage 3), ._lazy_init_hp_params_optimizer_state       zero_*
     ZeRO stage 1/2 parameter ._hp_mapping, ._dp_group (the fp32 master fragment a rank holds)          zero_fp32_*
     torch.distributed.device_mesh.DeviceMesh._flatten         one mesh dimension from several (tp/cp)  flatten_mesh
+    deepspeed.comm.torch.build_shm_op (replaced)              no JIT-built shm op at start-up          deepspeed_init_distributed
 
 Two exceptions live beside their only user: `torch._grouped_mm` in `dit_scale/models/moe.py`, because models import
 nothing outside `dit_scale/models/` (the grouped GEMM of the routed experts; `grouped_mm_available` says where it
@@ -49,6 +50,18 @@ def dcp_load_whole(reader) -> dict:
     tensors: dict = {}
     _load_state_dict(tensors, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return tensors
+
+
+def deepspeed_init_distributed(backend: str) -> None:
+    """deepspeed.init_distributed on the existing process group, without DeepSpeed's shared-memory op. On the CPU its
+    TorchBackend JIT-builds `deepspeed_shm_comm` into torch's extensions cache under a file lock (FileBaton); a run
+    killed during that build leaves the lock, and every later DeepSpeed start waits on it forever. The op serves only
+    `inference_all_reduce` (DeepSpeed inference), which ZeRO training never calls, so it is not built at all."""
+    import importlib
+    import deepspeed
+    backend_module = importlib.import_module("deepspeed.comm.torch")   # `deepspeed.comm.torch` the attribute is torch
+    backend_module.build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
 
 
 def deepspeed_expert_groups(ep_size: int) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dit_scale.build import build
-from dit_scale.checkpoint import CheckpointManager, find_latest
+from dit_scale.checkpoint import CheckpointManager, disk_error, find_latest
 from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
 from dit_scale.config import ConfigError, save_config
@@ -77,11 +77,10 @@ class Trainer:
         self.run.check_usable(t.resume)                     # every rank, before any collective
         self.topo = init_topology(cfg)
         self.device = self.topo.device
-        error = agree(self.topo, self.run.lock() if self.topo.is_main else None)   # one run per run directory
+        # one run per run directory; its config written first (a full disk stops the run before anything else)
+        error = agree(self.topo, (self.run.lock() or self._write_config()) if self.topo.is_main else None)
         if error:
             raise ConfigError(error)
-        if self.topo.is_main:
-            save_config(cfg, self.run.path)
         seed_everything(t.seed, t.deterministic)
         built = build(cfg, device="meta")                   # shapes only: the engine materialises this rank's pieces
         built.init = init_from(cfg, self.run, built, self.topo.is_main)   # train.init_from (weights only; resume wins)
@@ -96,12 +95,24 @@ class Trainer:
         self.interval = IntervalStats(self.metric_names, self.device)
         self.checkpoints = CheckpointManager(cfg, self.run, self.engine, self.topo, self.streams,
                                              health=self._unhealthy)
-        self.preemption = Preemption(t.max_wall_minutes)
+        self.preemption = Preemption(t.max_wall_minutes, t.run_dir)
         self.bf16 = uses_bf16(t, self.device)
         self.step = 0
         self._started = False
         self._stop_votes = None      # device scalar: ranks voting to stop, all-reduced in train_step
         self._moe_counts = None      # tokens per expert of the last logging interval, for expert_load.png
+
+    def _write_config(self):
+        """Rank 0 writes the resolved config into the run directory; returns the one-line disk message when the disk
+        cannot take it (full, read-only), else None."""
+        try:
+            save_config(self.cfg, self.run.path)
+        except OSError as e:
+            error = disk_error(self.run, e, "while writing the run's config")
+            if error is e:
+                raise
+            return str(error)
+        return None
 
     # the loader, the training generator and the aligner, where tests and tools look for them
     @property
@@ -203,7 +214,7 @@ class Trainer:
                         if self.evaluation.due(self.step):
                             log.log(self.step, self.evaluation.run(self.step, self.engine))
                         self.checkpoints.save(self.step)
-                self.checkpoints.save(self.step, final=True)
+                self._save_last()
                 self.write_samples()
                 self.write_expert_load()
                 self.checkpoints.wait()
@@ -261,8 +272,20 @@ class Trainer:
     def wait_for_save(self) -> None:
         self.checkpoints.wait()
 
+    def _save_last(self) -> str:
+        """Save the step the run stops at (collective); a run that cannot (its weights are not finite) is aborted
+        (exit 3) rather than ending as if its last step were saved."""
+        path = self.save()
+        refused = self.checkpoints.refused
+        if refused is not None and refused[0] == self.step:
+            latest = find_latest(self.run.path)
+            raise TrainingAborted(f"the run stops without saving step {self.step}: {refused[1]}; the newest checkpoint "
+                                  f"is {latest or '(none)'} (lower optim.lr or check the data, then resume from it "
+                                  f"with train.resume=auto).")
+        return path
+
     def _save_and_interrupt(self):
-        path = self.save()                                  # every rank (collective); rank 0 writes
+        path = self._save_last()                            # every rank (collective); rank 0 writes
         self.checkpoints.wait()
         self.engine.all_reduce_sum_(torch.zeros(1, device=self.device)).item()   # barrier: the file is in place
         raise TrainingInterrupted(self.step, self.preemption.describe(), path)

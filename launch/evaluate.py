@@ -93,7 +93,7 @@ def _process_config(cfg, device: str):
 def evaluate(args) -> dict:
     path = args.ckpt or resolve_path(args.run)
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
-    cfg = config_from_yaml_text(state["config"])
+    cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     e = cfg.eval
     inception_path, ref = args.inception or e.inception, args.ref or e.ref
     if not ref:

@@ -96,7 +96,7 @@ def main(argv=None):
         if path is None:
             raise CheckpointError(f"Run directory '{args.run}' has no checkpoints/; train first or pass --ckpt.")
         state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
-        cfg = config_from_yaml_text(state["config"])
+        cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
         device = pick_device(args.device)
         decoder = image_decoder(cfg, args.vae, device)
         manifest, _ = data_manifest(cfg)

@@ -10,8 +10,11 @@ Exit codes:
     0   done (train.steps reached, final checkpoint written)
     2   configuration / input error, e.g. a bad key or a corrupt checkpoint (one sentence on stderr)
     3   training aborted (train.max_bad_steps non-finite steps in a row)
-    75  EX_TEMPFAIL: interrupted by SIGTERM / SIGUSR1 or train.max_wall_minutes; every rank saved a checkpoint at
-        the current step. Requeue the same command with train.resume=auto to continue (e.g. `scontrol requeue`).
+    75  EX_TEMPFAIL: interrupted by SIGTERM / SIGUSR1 / SIGHUP or train.max_wall_minutes; every rank saved a
+        checkpoint at the current step. Requeue the same command with train.resume=auto to continue (e.g.
+        `scontrol requeue`).
+    130 interrupted by SIGINT (Ctrl-C): saved like 75 (run again with train.resume=auto); a second Ctrl-C exits at
+        once without saving (one line says what is lost).
 """
 import argparse
 import os
@@ -19,13 +22,12 @@ import sys
 
 from dit_scale.preemption import catch_early_signals
 
-catch_early_signals()       # before the heavy imports: a scheduler's SIGTERM / SIGUSR1 during start-up is kept
+catch_early_signals()       # before the heavy imports: a stop signal (or Ctrl-C) during start-up is kept
 
 import torch  # noqa: E402
 
 from dit_scale.checkpoint import CheckpointError  # noqa: E402
 from dit_scale.config import ConfigError, load_config  # noqa: E402
-from dit_scale.preemption import EXIT_REQUEUE  # noqa: E402
 from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
 
 
@@ -46,7 +48,7 @@ def main(argv=None):
     except TrainingInterrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"interrupted: {e}", file=sys.stderr, flush=True)
-        return EXIT_REQUEUE
+        return e.exit_code
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -17,13 +17,13 @@ Loading never unpickles arbitrary objects: `torch.load(weights_only=True)` and D
 from dit_scale.checkpoint.consolidated import save_checkpoint
 from dit_scale.checkpoint.export import export, load_exported
 from dit_scale.checkpoint.load import load_checkpoint
-from dit_scale.checkpoint.manager import CheckpointManager
+from dit_scale.checkpoint.manager import CheckpointManager, disk_error
 from dit_scale.checkpoint.sharded import PendingSave, load_sharded, save_sharded
 from dit_scale.checkpoint.storage import (CheckpointError, checkpoint_dir, find_latest, is_run_dir, list_checkpoints,
                                           manifest_path, prune_checkpoints, verify, verify_sharded)
 
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "PendingSave", "checkpoint_dir", "export", "find_latest",
+__all__ = ["CheckpointError", "CheckpointManager", "PendingSave", "checkpoint_dir", "disk_error", "export", "find_latest",
            "is_run_dir", "list_checkpoints", "load_checkpoint", "load_exported", "manifest_path", "load_sharded", "prune_checkpoints",
            "save_checkpoint", "save_sharded", "verify", "verify_sharded"]

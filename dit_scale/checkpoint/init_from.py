@@ -139,13 +139,18 @@ def read_weights(path: str, field: str = "train.init_from") -> StartWeights:
     return _read_consolidated(path, field)
 
 
-def _saved_config(config_text: Optional[str], cfg):
-    """The file's stored config, when there is one, it still loads, and there is a run config to compare with."""
-    if not config_text or cfg is None:
+def _saved_config(config_text: Optional[str], cfg, origin: str):
+    """The file's stored config, when there is one, it still loads, and there is a run config to compare with.
+    Stored text that is no config at all (a YAML tag, a list) is a ConfigError naming `origin`; one of another
+    version is only not compared."""
+    if not config_text:
         return None
-    from dit_scale.config import ConfigError, config_from_yaml_text
+    from dit_scale.config import ConfigError, config_from_yaml_text, parse_stored_config
+    parse_stored_config(config_text, origin)
+    if cfg is None:
+        return None
     try:
-        return config_from_yaml_text(config_text)
+        return config_from_yaml_text(config_text, origin)
     except ConfigError:
         return None
 
@@ -161,7 +166,7 @@ def check_fits(source: StartWeights, shapes: Dict[str, tuple], cfg=None,
     ({name: global shape}: a model's state_dict) at those shapes, alignment heads and the mask token excepted.
     Returns the names the file lacks of those (they keep their init); logs what it tells the user."""
     path = source.path
-    saved = _saved_config(source.config, cfg)
+    saved = _saved_config(source.config, cfg, f"the config stored in train.init_from='{path}'")
     hint = _changes(saved, cfg, lambda k: k.startswith(("model.", "moe.", "mask.", "align.")))
     hint = f" (the file's config differs: {hint})" if hint else ""
     fix = "train with the config the file was made with (the .yaml beside it), or convert / upcycle it to this model"

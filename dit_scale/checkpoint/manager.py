@@ -14,7 +14,8 @@ Resuming with a changed config prints every difference. Hyperparameters apply (p
 weight decay, betas, eps, clipping, loss weights: the optimizer's moments and step stay as saved); a change that
 alters the model's parameters (depth, width, experts, heads of the alignment losses, ...) is refused in one
 sentence. A save never writes non-finite weights, nor weights of a non-finite streak (`health()` names why not): the
-previous checkpoint stays the newest. A full disk is one sentence naming it.
+previous checkpoint stays the newest. A full disk or quota, or a checkpoint folder that cannot be written, is one
+sentence naming it (`disk_error`).
 
 `engine` provides the model/EMA/optimizer state and the collectives; `streams` is this rank's stateful loader and
 RNG streams (`state_dict`, `load_state_dict`, `restart(step)`), gathered from every rank into `per_rank`.
@@ -35,7 +36,7 @@ from dit_scale.checkpoint.load import load_checkpoint
 from dit_scale.checkpoint.sharded import PendingSave, load_extra, load_sharded, save_sharded
 from dit_scale.checkpoint.storage import (CheckpointError, find_latest, is_run_dir, list_checkpoints,
                                           prune_checkpoints, verify_sharded)
-from dit_scale.config import ConfigError, config_from_yaml_text, to_yaml
+from dit_scale.config import ConfigError, config_from_yaml_text, parse_stored_config, to_yaml
 from dit_scale.config.diff import config_changes, describe
 from dit_scale.optim import hyperparameters, restore_hyperparameters
 from dit_scale.run_dir import RunDir
@@ -51,6 +52,7 @@ class CheckpointManager:
         self.log = log or (print if topology.is_main else (lambda _: None))
         self.health = health
         self._pending: Optional[PendingSave] = None
+        self.refused: Optional[tuple] = None      # (step, why) of the last save refused for the weights' health
 
     # ------------------------------------------------------------------------------------------------------------
     # State
@@ -79,9 +81,11 @@ class CheckpointManager:
         else:
             candidates = [find_latest(resume) or os.path.join(resume, RunDir.CHECKPOINTS)] \
                 if is_run_dir(resume) else [resume]
+        configured = hyperparameters(self.engine.optimizer)
         for i, path in enumerate(candidates):
             try:
                 state = self._read(path)
+                self._load_weights(path, state)
                 break
             except CheckpointError as e:
                 if i + 1 == len(candidates):
@@ -89,12 +93,6 @@ class CheckpointManager:
                                           if resume == "auto" else str(e)) from None
                 self.log(f"warning: {e} Falling back to the previous complete checkpoint "
                          f"'{os.path.basename(candidates[i + 1])}'.")
-        configured = hyperparameters(self.engine.optimizer)
-        try:
-            self.engine.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
-                              f"resume with the config it was trained with.") from None
         restore_hyperparameters(self.engine.optimizer, self.engine.scheduler, configured)
         step = int(state["step"])
         saved = state["per_rank"]
@@ -108,6 +106,18 @@ class CheckpointManager:
             self.streams.restart(step)
         self.log(f"resumed from {path} at step {step}")
         return step
+
+    def _load_weights(self, path: str, state: dict) -> None:
+        """Load model, EMA and optimizer state into the engine (collective); ConfigError if they do not fit this
+        model, CheckpointError naming the checkpoint if a weight or EMA weight is not finite (a damaged save)."""
+        try:
+            self.engine.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"Checkpoint '{path}' does not fit this model ({str(e).splitlines()[0]}); "
+                              f"resume with the config it was trained with.") from None
+        if not self.engine.all_finite():
+            raise CheckpointError(f"Checkpoint '{path}' holds weights that are not finite (NaN or Inf in the model or "
+                                  f"its EMA); use an earlier checkpoint.")
 
     def _same_data_layout(self, saved_streams) -> bool:
         """Whether this rank's saved loader had this rank's data-parallel rank and size (tensor / context
@@ -132,13 +142,19 @@ class CheckpointManager:
         return load_sharded(path, self.state_dict(0, sharded=True))
 
     def _compare_configs(self, path: str, saved_text: Optional[str]) -> None:
-        """Print what changed against the checkpoint's config; refuse changes of the model's parameters."""
-        try:
-            saved = config_from_yaml_text(saved_text) if saved_text else None
-        except ConfigError:
-            saved = None          # written by another version: the tensor load itself says whether it fits
-        if saved is None:
+        """Print what changed against the checkpoint's config; refuse changes of the model's parameters. Stored text
+        that is no config at all (a YAML tag, a list) makes the checkpoint unusable (CheckpointError naming it)."""
+        if not saved_text:
             return
+        origin = f"the config stored in checkpoint '{path}'"
+        try:
+            parse_stored_config(saved_text, origin)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        try:
+            saved = config_from_yaml_text(saved_text, origin)
+        except ConfigError:
+            return                # written by another version: the tensor load itself says whether it fits
         changes = config_changes(saved, self.cfg)
         if not changes:
             return
@@ -169,6 +185,7 @@ class CheckpointManager:
         if reason is None and not self.engine.all_finite():
             reason = "some weights are not finite"
         if reason:
+            self.refused = (step, reason)
             latest = find_latest(self.run.path)
             self.log(f"warning: not saving step {step}: {reason}; the newest checkpoint stays "
                      f"{os.path.basename(latest) if latest else '(none yet)'}.")
@@ -176,7 +193,7 @@ class CheckpointManager:
         try:
             return self._save(step)
         except (OSError, RuntimeError, CheckpointException) as e:
-            raise self._disk_error(step, e) from None
+            raise disk_error(self.run, e, f"while saving step {step}") from None
 
     def _save(self, step: int) -> str:
         t = self.cfg.train
@@ -211,22 +228,36 @@ class CheckpointManager:
             try:
                 pending.wait()
             except (OSError, RuntimeError, CheckpointException) as e:
-                raise self._disk_error(-1, e) from None
-
-    def _disk_error(self, step: int, error) -> BaseException:
-        """A full disk as one sentence naming it (nothing trained before is lost: the previous checkpoint stays);
-        any other error as it was."""
-        free = shutil.disk_usage(self.run.path).free
-        # torch.save's zip writer reports a failed write as "unexpected pos": a nearly full disk says what it was
-        full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-                or free < 64 * 2 ** 20)
-        if not full:
-            return error
-        free /= 2 ** 30
-        latest = find_latest(self.run.path)
-        return CheckpointError(f"No space left on the disk holding {self.run.checkpoints} ({free:.1f} GiB free) while "
-                               f"saving{f' step {step}' if step >= 0 else ''}; free space or move train.run_dir — the "
-                               f"newest complete checkpoint is {latest or '(none)'}.")
+                raise disk_error(self.run, e, "while saving") from None
 
     def _prune(self, _path: str) -> None:
         prune_checkpoints(self.run.path, self.cfg.train.keep_last, self.cfg.train.keep_every)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)                 # the disk or the quota is full
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)   # a read-only mount, permissions
+
+
+def _write_errno(error: BaseException) -> Optional[int]:
+    """The errno of a failed write (DCP's CheckpointException holds the ranks' errors as text), or None."""
+    code = getattr(error, "errno", None)
+    if code in FULL + NOT_WRITABLE:
+        return code
+    return next((c for c in FULL + NOT_WRITABLE if os.strerror(c) in str(error)), None)
+
+
+def disk_error(run: RunDir, error: BaseException, when: str) -> BaseException:
+    """A full disk or quota, or a checkpoint folder that cannot be written (read-only, permissions), as one
+    sentence naming the folder and the newest complete checkpoint (nothing trained before it is lost); any other
+    error as it was. `when`: what was being written, e.g. "while saving step 4"."""
+    code = _write_errno(error)
+    latest = find_latest(run.path) or "(none)"
+    if code in NOT_WRITABLE:
+        return CheckpointError(f"Cannot write to {run.checkpoints} ({os.strerror(code)}) {when}; make it writable or "
+                               f"move train.run_dir — the newest complete checkpoint is {latest}.")
+    free = shutil.disk_usage(run.path).free
+    # torch.save's zip writer reports a failed write as "unexpected pos": a nearly full disk says what it was
+    if code not in FULL and free >= 64 * 2 ** 20:
+        return error
+    return CheckpointError(f"No space left on the disk holding {run.checkpoints} ({free / 2 ** 30:.1f} GiB free) "
+                           f"{when}; free space or move train.run_dir — the newest complete checkpoint is {latest}.")

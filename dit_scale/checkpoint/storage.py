@@ -8,8 +8,8 @@
 Every published checkpoint has a manifest holding the size and sha256 of its files. Publication is atomic: data
 goes to a `*.tmp` name, the manifest is written, then a rename makes the checkpoint visible and only then does
 `latest` move. A process killed at any point leaves a `*.tmp`, a folder without manifest or a manifest without its
-.pt, all of which `list_checkpoints` ignores (and `prune_checkpoints` deletes), so auto-resume never picks a partial
-checkpoint.
+.pt, all of which `find_latest` ignores (and `prune_checkpoints` deletes), so auto-resume never picks a partial
+checkpoint (a folder without manifest is named in a warning first).
 """
 from __future__ import annotations
 
@@ -160,13 +160,13 @@ def _pointer_target(folder: str) -> Optional[str]:
 
 def list_checkpoints(run_dir: str, check: bool = True) -> List[str]:
     """Published checkpoints (with `check`: those whose size matches their manifest), newest first (the one
-    `latest` names leads)."""
+    `latest` names leads). Without `check`, step_X folders that lack their manifest are listed too, so that resume
+    names them (`verify_sharded`) before it falls back."""
     folder = checkpoint_dir(run_dir)
     if not os.path.isdir(folder):
         return []
     found = sorted(((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
                     for m in [NAME.match(name)] if m), reverse=True)
-    found = [(step, p) for step, p in found if not os.path.isdir(p) or os.path.exists(manifest_path(p))]
     paths = [p for _, p in found if not check or looks_complete(p)]
     pointed = _pointer_target(folder)
     if pointed in paths:

@@ -8,12 +8,13 @@
     cfg = load_config("configs/quickstart.yaml", ["train.steps=100"])
 """
 from dit_scale.config.errors import ConfigError
-from dit_scale.config.loading import config_from_yaml_text, load_config, merge, save_config, to_yaml
+from dit_scale.config.loading import (config_from_yaml_text, load_config, merge, parse_stored_config, save_config,
+                                      to_yaml)
 from dit_scale.config.resolve import hidden_size_for, width_overrides
 from dit_scale.config.schema import CHOICES, Config
 
 __all__ = ["CHOICES", "Config", "ConfigError", "config_from_yaml_text", "hidden_size_for", "load_config", "merge",
-           "resolved_moe", "save_config", "to_yaml", "width_overrides"]
+           "parse_stored_config", "resolved_moe", "save_config", "to_yaml", "width_overrides"]
 
 
 def resolved_moe(cfg) -> tuple:

@@ -120,12 +120,38 @@ def save_config(cfg: DictConfig, path: str) -> str:
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, "config.yaml")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(to_yaml(cfg))
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):                 # a full disk: leave nothing behind
+            os.remove(tmp)
+        raise
     return path
 
 
-def config_from_yaml_text(text: str) -> DictConfig:
-    """Rebuild a validated config from the YAML text stored in a run directory or checkpoint."""
-    return _finish(merge(OmegaConf.structured(Config), OmegaConf.create(text), "the stored config"))
+def parse_stored_config(text: str, origin: str = "the stored config") -> DictConfig:
+    """The YAML text a run directory, checkpoint or export stores, as a mapping of sections; ConfigError naming
+    `origin` (e.g. "the config stored in 'model.safetensors'") when it is not one: not YAML or not plain YAML (a tag
+    such as !!python/object), a list, or a section that is not a mapping."""
+    try:
+        node = OmegaConf.create(text)
+    except Exception as e:  # yaml syntax errors, tags OmegaConf's safe loader has no constructor for
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"Cannot use {origin}: it is not plain YAML ({reason}), so dit_scale did not write it; use "
+                          f"a file that a training run or launch/export.py wrote.") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"Cannot use {origin}: it is a YAML list, not a mapping of sections (model:, train:, ...); "
+                          f"use a file that a training run or launch/export.py wrote.")
+    for section, value in node.items_ex(resolve=False):
+        if not isinstance(value, DictConfig):
+            raise ConfigError(f"Cannot use {origin}: its section '{section}' is not a mapping; use a file that a "
+                              f"training run or launch/export.py wrote.")
+    return node
+
+
+def config_from_yaml_text(text: str, origin: str = "the stored config") -> DictConfig:
+    """Rebuild a validated config from the YAML text stored in a run directory or checkpoint; ConfigError naming
+    `origin` (see `parse_stored_config`) when it is not a valid config."""
+    return _finish(merge(OmegaConf.structured(Config), parse_stored_config(text, origin), origin))

@@ -142,6 +142,9 @@ def _validate_text(cfg) -> None:
               f"captions: set model.caption_dropout > 0 (PixArt-α: 0.1), or diffusion.cfg_scale=1.")
 
 
+MAX_BATCH = 2 ** 16      # images per rank and micro-batch: far above what fits a device, far below a start-up that hangs
+
+
 def _validate_data(data) -> None:
     for key in ("num_workers", "steps_per_epoch"):
         if data[key] < 0:

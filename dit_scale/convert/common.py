@@ -158,4 +158,5 @@ def read_ours(path: str, field: str = "DENSE_CKPT"):
     if not source.config:
         raise CheckpointError(f"{field}='{path}' carries no config, so it is not in dit_scale's format; convert it "
                               f"with launch/convert.py first (or export a run with launch/export.py).")
-    return {k: source.tensors[k] for k in source.tensors}, config_from_yaml_text(source.config)
+    return ({k: source.tensors[k] for k in source.tensors},
+            config_from_yaml_text(source.config, f"the config stored in {field}='{path}'"))

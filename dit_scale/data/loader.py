@@ -19,8 +19,8 @@ consumed, whatever the workers prefetched. The loader never ends: every rank can
 
 When the data stops the run (too many corrupt samples, no progress: see stream.py) the loader raises DataError,
 one sentence; a worker hands that message over as a batch and the training process raises it. Worker processes
-ignore SIGTERM, SIGUSR1 and SIGINT (a signal to the whole process group is for the training process to act on)
-and exit when the training process is gone; close() and interpreter exit stop them.
+ignore SIGTERM, SIGUSR1, SIGINT and SIGHUP (a signal to the whole process group is for the training process to act
+on) and exit when the training process is gone; close() and interpreter exit stop them.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, 
 from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, SliceSpec, SliceStream, SourceSpec, initial_slice_state
 
 STATE_FORMAT = "dit_scale.data/1"
-WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 _LOADERS_WITH_WORKERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
 
 

@@ -228,6 +228,7 @@ class SliceStream:
         shape = (x.shape[2], x.shape[0], x.shape[1]) if pixels else tuple(x.shape)        # as [C, H, W]
         if src.x_shape is not None and shape != tuple(src.x_shape):
             raise ValueError("x has shape %s, expected %s" % (shape, tuple(src.x_shape)))
+        _check_finite("x", x)
         out = {"x": x, "pixels": pixels, "key": sample["__key__"], "y": self._label(sample, src)}
         if src.feat_key is not None:
             if src.feat_key not in sample:
@@ -238,6 +239,7 @@ class SliceStream:
                                 src.feat_key)
             if feat.ndim != 2 or (src.feat_shape is not None and tuple(feat.shape) != tuple(src.feat_shape)):
                 raise ValueError("feat has shape %s, expected %s" % (tuple(feat.shape), src.feat_shape))
+            _check_finite("feat", feat)
             if flip and flipped not in sample:     # mirror the token grid (features of the flipped image)
                 side = int(round(feat.shape[0] ** 0.5))
                 if side * side == feat.shape[0]:
@@ -323,7 +325,15 @@ def _caption_features(sample: dict, src: SourceSpec) -> tuple[np.ndarray, np.nda
         raise ValueError("caption features have shape %s, expected %s" % (tuple(feat.shape), src.text_shape))
     if mask.shape != feat.shape[:1]:
         raise ValueError("caption mask has shape %s for %d caption tokens" % (tuple(mask.shape), feat.shape[0]))
+    _check_finite("caption features", feat)
     return feat, mask.astype(bool)
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    """A float array holding NaN or ±Inf makes its sample corrupt: skipped and counted here, in the loader worker,
+    instead of making the training step skip its whole batch."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError("%s holds values that are not finite (NaN or Inf)" % name)
 
 
 def collate(items: list[dict]) -> dict[str, Any]:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dit_scale.compat import deepspeed_init_distributed
+
 
 def _local_attention(q, k, v, scale=None):
     """The core after the all-to-all, in DeepSpeed's batch-first layout [B, N, H/cp, hd]."""
@@ -39,7 +41,7 @@ class UlyssesAttention:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        deepspeed_init_distributed(dist.get_backend())   # compat: without the JIT-built shm op
         from deepspeed.sequence.layer import DistributedAttention
         # heads are dim 2 of [B, n, H, hd] (scattered), tokens dim 1 (gathered)
         self.attention = DistributedAttention(_local_attention, group, scatter_idx=2, gather_idx=1)

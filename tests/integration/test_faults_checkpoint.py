@@ -198,7 +198,8 @@ def test_diverged_weights_are_never_saved(tiny_shards, tmp_path):
                                              ("model.mlp_ratio=-2", "model.mlp_ratio"),
                                              ("logging.samples_per_class=0", "logging.samples_per_class"),
                                              ("model.class_dropout=0", "model.class_dropout"),
-                                             ("train.run_dir=${nope}", "train.run_dir")])
+                                             ("train.run_dir=${nope}", "train.run_dir"),
+                                             ("data.batch_size=1000000000", "data.batch_size")])
 def test_bad_values_are_one_sentence(override, field, capsys):
     from launch.train import main                        # in this process: the entry point's own error handling
     code = main(["--config", QUICKSTART, override])
@@ -255,24 +256,167 @@ def test_unwritable_run_directory_is_one_sentence(tiny_shards, tmp_path):
     assert str(blocker) in line
 
 
-def test_full_disk_is_one_sentence_naming_it(tiny_shards, tmp_path):
-    """The run directory on a 700 KiB filesystem: config and metrics fit, the first checkpoint does not."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        proc = train_cli(tiny_shards, str(mount / "run"), **{"train.steps": 3, "train.checkpoint_every": 1})
-        line = one_line_error(proc)
-        assert "No space left on the disk holding" in line and str(mount) in line
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 def test_sampling_a_class_the_model_does_not_know_is_one_sentence(four_steps):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sample.py"), "--run", four_steps,
                            "--classes", "0,4", "--out", os.devnull], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     line = one_line_error(proc)
     assert "--classes has 4" in line and "0..3" in line
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 11. A stored config that is not a config (a YAML tag, a list): one sentence naming the file, exit 2, for every
+#     reader (sample, evaluate, convert --to, upcycle, train.init_from, resume)
+# ----------------------------------------------------------------------------------------------------------------
+
+BAD_STORED_CONFIGS = {"yaml tag": "model: !!python/object/apply:os.system ['touch {marker}']\n",
+                      "list": "- model\n- train\n",
+                      "list section": "model: [1, 2]\ntrain:\n  steps: 4\n"}
+
+
+def with_stored_config(four_steps, tmp_path, text):
+    """(an export of the 4-step run, a copy of its step_4 checkpoint) both storing `text` as their config."""
+    from safetensors.torch import load_file, save_file
+    from dit_scale.checkpoint import export
+    exported = export(four_steps, str(tmp_path / "model.safetensors"), ema=True)
+    save_file(load_file(exported), exported, metadata={"format": "dit_scale", "config": text, "step": "4"})
+    ckpt = copy_run(os.path.join(four_steps, "checkpoints", "step_00000004"), tmp_path / "step_00000004")
+    extra = torch.load(os.path.join(ckpt, "extra.pt"), weights_only=True)
+    extra["config"] = text
+    torch.save(extra, os.path.join(ckpt, "extra.pt"))
+    rewrite_manifest(ckpt)
+    return exported, ckpt
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_STORED_CONFIGS))
+def test_a_bad_stored_config_is_one_sentence_for_every_reader(kind, four_steps, tiny_shards, tmp_path, capsys):
+    from launch import convert, evaluate, sample, train, upcycle
+    marker = str(tmp_path / "pwned")
+    exported, ckpt = with_stored_config(four_steps, tmp_path, BAD_STORED_CONFIGS[kind].format(marker=marker))
+    out = str(tmp_path / "out")
+    calls = {"sample": (sample.main, ["--ckpt", exported, "--out", out + ".png"], exported),
+             "evaluate": (evaluate.main, ["--ckpt", exported, "--ref", "shards:" + tiny_shards], exported),
+             "convert --to": (convert.main, ["--to", "dit", exported, "--out", out + ".pt"], exported),
+             "upcycle": (upcycle.main, [exported, "--experts", "2", "--top-k", "1", "--out", out + ".safetensors"],
+                         exported),
+             "init_from": (train.main, ["--config", QUICKSTART, *tiny_overrides(tiny_shards, str(tmp_path / "a"), **{
+                 "train.steps": 1, "train.init_from": exported})], exported),
+             "resume": (train.main, ["--config", QUICKSTART, *tiny_overrides(tiny_shards, str(tmp_path / "b"), **{
+                 "train.steps": 6, "train.resume": ckpt})], ckpt)}
+    for name, (main, argv, path) in calls.items():
+        code = main(argv)
+        err = capsys.readouterr().err
+        line = one_line_error(subprocess.CompletedProcess([], code, "", err))
+        assert path in line and "config stored in" in line, (name, line)
+    assert not os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 12. A checkpoint folder that cannot be written, a resume on a full disk: the one-line disk message, exit 2
+# ----------------------------------------------------------------------------------------------------------------
+
+def mount_tmpfs(mount, options):
+    """A tmpfs at `mount` (root only); skips the test where it cannot be mounted."""
+    os.makedirs(mount, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+
+
+def test_read_only_checkpoint_folder_is_the_disk_sentence(four_steps, tiny_shards, tmp_path):
+    """checkpoints/ on a read-only mount (the run directory itself writable): the first save stops the run with
+    the one line naming the folder and the newest complete checkpoint."""
+    run = copy_run(four_steps, tmp_path / "run")
+    folder = os.path.join(run, "checkpoints")
+    mount_tmpfs(folder, "size=256m")
+    try:
+        copy_run(os.path.join(four_steps, "checkpoints", "step_00000004"), os.path.join(folder, "step_00000004"))
+        with open(os.path.join(folder, "latest"), "w") as f:
+            f.write("step_00000004\n")
+        subprocess.run(["mount", "-o", "remount,ro", folder], check=True)
+        proc = train_cli(tiny_shards, run, **{"train.steps": 6, "train.checkpoint_every": 1, "train.resume": "auto"})
+        line = one_line_error(proc)
+        assert folder in line and "read-only" in line.lower() and "step_00000004" in line, line
+    finally:
+        subprocess.run(["umount", "-l", folder], capture_output=True)
+
+
+def test_full_disk_is_one_sentence_naming_it_and_so_is_its_resume(tiny_shards, tmp_path):
+    """The run directory on a 700 KiB filesystem: config and metrics fit, the first checkpoint does not; the resumed
+    run on the same full disk stops with the same sentence before it writes anything."""
+    mount = tmp_path / "small"
+    mount_tmpfs(mount, "size=700k")
+    try:
+        run = str(mount / "run")
+        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1})
+        line = one_line_error(proc)
+        assert "No space left on the disk holding" in line and str(mount) in line
+        with open(os.path.join(run, "filler"), "wb") as f:      # whatever room the failed save left: none now
+            with pytest.raises(OSError):
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        before = {p: os.path.getsize(os.path.join(run, p)) for p in os.listdir(run) if p != ".lock"}
+        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1, "train.resume": "auto"})
+        line = one_line_error(proc)
+        assert "No space left on the disk holding" in line and str(mount) in line, line
+        assert {p: os.path.getsize(os.path.join(run, p)) for p in os.listdir(run) if p != ".lock"} == before
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 13. Resume past a checkpoint without its manifest, or holding non-finite weights: one line, then the fallback
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_a_checkpoint_without_its_manifest_is_reported_then_skipped(four_steps, tiny_shards, tmp_path):
+    run = copy_run(four_steps, tmp_path / "run")
+    four = os.path.join(run, "checkpoints", "step_00000004")
+    os.remove(os.path.join(four, "manifest.json"))
+    proc = train_cli(tiny_shards, run, **{"train.steps": 4, "train.checkpoint_every": 2, "train.resume": "auto"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert f"warning: Checkpoint '{four}' has no readable manifest.json" in said, said[-3000:]
+    assert "Falling back to the previous complete checkpoint 'step_00000002'" in said
+    assert "resumed from" in said and "at step 2" in said
+    assert load_checkpoint(four)["step"] == 4                 # retrained and saved again, with its manifest
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(four_steps, tiny_shards, tmp_path):
+    """A NaN in the EMA of step 5 (saved with a valid manifest): resume=auto names it and continues from step 4;
+    resume=PATH is an error naming it."""
+    from dit_scale.checkpoint import save_checkpoint
+    run = copy_run(four_steps, tmp_path / "run")
+    state = load_checkpoint(find_latest(run))
+    name = next(k for k, v in state["ema"].items() if v.is_floating_point())
+    state["ema"][name] = state["ema"][name].clone()
+    state["ema"][name].view(-1)[0] = float("nan")
+    state["step"] = 5
+    bad = save_checkpoint(run, 5, state)
+    line = one_line_error(train_cli(tiny_shards, run, **{"train.steps": 6, "train.resume": bad}))
+    assert bad in line and "not finite" in line
+    proc = train_cli(tiny_shards, run, **{"train.steps": 6, "train.resume": "auto"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert f"warning: Checkpoint '{bad}'" in said and "not finite" in said, said[-3000:]
+    assert "Falling back to the previous complete checkpoint 'step_00000004'" in said
+
+
+def test_a_run_that_cannot_save_its_last_step_is_aborted(tiny_shards, tmp_path):
+    """Weights that turn non-finite in the last update (a finite loss, so no skipped step): the final save is
+    refused and the run ends with TrainingAborted (exit 3) instead of a success without its last checkpoint."""
+    run = str(tmp_path / "run")
+    cfg = load_config(None, tiny_overrides(tiny_shards, run, **{"train.steps": 2, "logging.log_every": 1,
+                                                                "data.batch_size": 4}))
+    trainer = Trainer(cfg)
+    real_step = trainer.engine.step
+
+    def overflowing(ok):
+        real_step(ok)
+        if trainer.step == 1:                                # the update of the last step overflows one weight
+            with torch.no_grad():
+                trainer.model.x_embedder.proj.weight[0, 0, 0, 0] = float("nan")
+    trainer.engine.step = overflowing
+    with pytest.raises(TrainingAborted, match="without saving step 2"):
+        trainer.fit()
+    assert find_latest(run) is None

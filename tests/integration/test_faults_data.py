@@ -27,17 +27,21 @@ from dit_scale.data import DataError, Manifest, build_loader, read_manifest, wri
 SIZES = [10, 10]
 
 
-def write_shards(directory, sizes=SIZES, labels=True, manifest=True, image_key="npy", num_classes=3, garbage=()):
+def write_shards(directory, sizes=SIZES, labels=True, manifest=True, image_key="npy", num_classes=3, garbage=(),
+                 nonfinite=None):
     """Shards part-000.tar, ... of [1, 2, 2] float32 samples filled with their global id, label id % 3, with a
     manifest.json (image_key as given: it may name a member the shards lack); shards in `garbage` are random
-    bytes instead of a tar."""
+    bytes instead of a tar; samples in `nonfinite` ({id: value}) hold that value (NaN, ±Inf) in one element."""
     os.makedirs(directory, exist_ok=True)
     entries, i = [], 0
     for s, size in enumerate(sizes):
         path = os.path.join(directory, "part-%03d.tar" % s)
         with ShardWriter(path) as shard:
             for i in range(i, i + size):
-                members = {"npy": encode_npy(np.full((1, 2, 2), i, np.float32))}
+                x = np.full((1, 2, 2), i, np.float32)
+                if nonfinite and i in nonfinite:
+                    x[0, 1, 1] = nonfinite[i]
+                members = {"npy": encode_npy(x)}
                 if labels:
                     members["cls"] = encode_label(i % 3)
                 shard.add("%06d" % i, members)
@@ -248,6 +252,27 @@ def test_labels_outside_the_model_classes_are_corrupt(tmp_path, capsys):
     assert batch["y"].tolist() == [i % 3 for i in ids(batch)]
     assert loader.corrupt == (6, 20)
     assert "label 2 is outside [0, 2) (model.num_classes=2)" in capsys.readouterr().err
+
+
+def test_non_finite_samples_are_corrupt(tmp_path, capfd):
+    """NaN / ±Inf in a latent: skipped in the loader worker, named in a warning, counted toward
+    data.max_corrupt_fraction (not left for the training step to skip with the good samples of its batch)."""
+    bad = {3: np.nan, 11: np.inf, 17: -np.inf}
+    directory = write_shards(tmp_path, nonfinite=bad)
+    loader = build_loader(cfg(directory, batch_size=17, num_workers=1, max_corrupt_fraction=1.0))
+    try:
+        batch = next(loader)
+    finally:
+        loader.close()
+    assert sorted(ids(batch)) == [i for i in range(20) if i not in bad]
+    assert bool(np.isfinite(batch["x"].numpy()).all())
+    assert loader.corrupt == (3, 20)
+    err = capfd.readouterr().err                                  # the worker's warnings
+    for i in bad:
+        assert "data: skipping corrupt sample %06d" % i in err and "not finite" in err, err
+    error = str(first_batch_error(build_loader(cfg(directory, batch_size=17))))     # past 1% of 100 samples
+    assert re.match(r"2 of 1[0-9] samples read by data-parallel rank 0 .* the last: x holds values that are not "
+                    r"finite", error), error
 
 
 def test_class_count_mismatches_are_config_errors(tmp_path):

@@ -37,8 +37,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, zero_fp32_fragment, zero_fp32_full,
-                              zero_init_optimizer_state, zero_norm_groups)
+from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, deepspeed_init_distributed,
+                              zero_fp32_fragment, zero_fp32_full, zero_init_optimizer_state, zero_norm_groups)
 from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, uses_bf16
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names
@@ -81,7 +81,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         self.cfg, self.topo = cfg, topology
         self.stage = cfg.parallel.zero_stage
         device = self.device = topology.device
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        deepspeed_init_distributed(dist.get_backend())       # compat: without the JIT-built shm op
         meta = is_meta(model)
         self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
