@@ -33,6 +33,7 @@ setup(
         "dit-train = launch.train:main",
         "dit-sample = launch.sample:main",
         "dit-evaluate = launch.evaluate:main",
+        "dit-analyze-experts = launch.analyze_experts:main",
         "dit-plot = launch.plot:main",
         "dit-export = launch.export:main",
         "dit-convert = launch.convert:main",

@@ -58,3 +58,31 @@ def write_latent_shards(out: str, images: str, vae: str, resolution: int = 16, s
     build_shards(out, images=images, resolution=resolution, vae=vae, samples_per_shard=samples_per_shard,
                  batch_size=4, progress=False)
     return out
+
+
+DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def write_tiny_dinov2(path: str, seed: int = 0) -> str:
+    """A 1-layer transformers DINOv2 with random weights (patch 56 at 224×224: 16 patches), saved with
+    save_pretrained (the folder evaluate.py --dinov2 and REPA's online teacher load)."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.Dinov2Config(image_size=224, patch_size=56, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32)
+    transformers.Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def direct_dino_features(path: str, images_uint8: np.ndarray) -> np.ndarray:
+    """[N, D] DINOv2 CLS features by hand (FD-DINOv2's second code path): EDM2's preprocessing written out (bicubic
+    antialiased resize of 0..255 to 224², / 255, ImageNet mean / std), transformers' last_hidden_state[:, 0]."""
+    import torch.nn.functional as F
+    import transformers
+    model = transformers.Dinov2Model.from_pretrained(path).eval()
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).double()
+    x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True) / 255.0
+    mean, std = (torch.tensor(v, dtype=x.dtype).view(1, 3, 1, 1) for v in (DINO_MEAN, DINO_STD))
+    x = (x - mean) / std
+    with torch.no_grad():
+        return model(pixel_values=x.float()).last_hidden_state[:, 0].numpy()

@@ -13,6 +13,11 @@ Two sources:
   the reference is the VAE's reconstructions) run through Inception over all ranks; the result is cached as
   `PATH/inception_ref_<weights fingerprint>_<num_samples>.npz` (or `cache`) and read from there next time. The
   cache keeps the pool features of the first PR_SAMPLES images for precision/recall.
+
+DINOv2 statistics for FD-DINOv2 (`load_dino_reference`, an extractor whose network is `dinov2.DINOv2Features`):
+`shards:PATH` as above, cached as `PATH/dinov2_ref_<folder fingerprint>_<num_samples>.npz`; an `.npz` written for
+DINOv2 (`features` = "dinov2") is read as it is; any other `.npz` with images (`arr_0`, e.g. ADM's reference batch)
+has their DINOv2 statistics computed over all ranks and cached next to it (`<name>_dinov2_<fingerprint>.npz`).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 from dit_scale.config import ConfigError
+from dit_scale.evaluation.dinov2 import KEY as DINO_KEY
 from dit_scale.evaluation.features import FeatureStore
 from dit_scale.evaluation.scores import gaussian_stats
 from dit_scale.evaluation.shard_samples import ShardSet
@@ -41,10 +47,12 @@ class Reference:
     sigma_s: Optional[np.ndarray] = None
     pool: Optional[np.ndarray] = None          # [M, 2048] real pool features (precision / recall)
     source: str = ""
+    features: str = "inception"                # or "dinov2": which network's statistics these are
 
     def save(self, path: str) -> str:
         """Write an .npz (no pickled objects) atomically."""
-        arrays = {"mu": self.mu, "sigma": self.sigma, "source": np.array(self.source)}
+        arrays = {"mu": self.mu, "sigma": self.sigma, "source": np.array(self.source),
+                  "features": np.array(self.features)}
         for key in ("mu_s", "sigma_s", "pool"):
             if getattr(self, key) is not None:
                 arrays[key] = getattr(self, key)
@@ -118,18 +126,29 @@ def _image_batches(images: np.ndarray, extractor: FeatureExtractor):
         yield list(range(start, start + len(chunk))), chunk
 
 
-def cache_path(shards_path: str, fingerprint: str, num_samples: int) -> str:
+def cache_path(shards_path: str, fingerprint: str, num_samples: int, features: str = "inception") -> str:
     folder = shards_path if os.path.isdir(shards_path) else os.path.dirname(shards_path)
-    return os.path.join(folder, f"inception_ref_{fingerprint}_{num_samples}.npz")
+    return os.path.join(folder, f"{features}_ref_{fingerprint}_{num_samples}.npz")
+
+
+def _save_cache(ref: Reference, cache: str, extractor: FeatureExtractor) -> None:
+    if extractor.rank != 0:
+        return
+    try:
+        ref.save(cache)
+        print(f"reference statistics cached in {cache}", flush=True)
+    except OSError as e:
+        print(f"note: could not cache the reference statistics in {cache} ({e.strerror}); pass --ref-cache "
+              f"FILE to keep them.", flush=True)
 
 
 def _from_shards(path: str, extractor: FeatureExtractor, num_samples: int, vae: Optional[str],
-                 cache: Optional[str], field: str) -> Reference:
+                 cache: Optional[str], field: str, features: str = "inception") -> Reference:
     shards = ShardSet.open(path, field=field)
     n = min(num_samples, shards.num_samples)
-    cache = cache or cache_path(path, extractor.fingerprint, n)
+    cache = cache or cache_path(path, extractor.fingerprint, n, features)
     if os.path.isfile(cache):
-        return _from_npz(cache, extractor)
+        return _from_npz(cache, extractor) if features == "inception" else _dino_from_npz(cache, extractor)
     decoder = None
     if not shards.pixels:
         info = shards.manifest.vae or {}
@@ -150,19 +169,47 @@ def _from_shards(path: str, extractor: FeatureExtractor, num_samples: int, vae: 
                 images = to_uint8(decoder(torch.from_numpy(batch.x)))
             yield batch.indices, images
 
-    feats = extractor.gather(batches())
-    mu, sigma = gaussian_stats(feats["pool"])
-    mu_s, sigma_s = gaussian_stats(feats["spatial"])
-    ref = Reference(mu, sigma, mu_s, sigma_s, pool=feats["pool"][:PR_SAMPLES],
-                    source=f"{path} ({n} samples{', decoded by ' + decoder.describe() if decoder else ''})")
-    if extractor.rank == 0:
-        try:
-            ref.save(cache)
-            print(f"reference statistics cached in {cache}", flush=True)
-        except OSError as e:
-            print(f"note: could not cache the reference statistics in {cache} ({e.strerror}); pass --ref-cache "
-                  f"FILE to keep them.", flush=True)
+    source = f"{path} ({n} samples{', decoded by ' + decoder.describe() if decoder else ''})"
+    if features == "dinov2":
+        mu, sigma = gaussian_stats(extractor.gather(batches(), keys=(DINO_KEY,))[DINO_KEY])
+        ref = Reference(mu, sigma, source=source, features="dinov2")
+    else:
+        feats = extractor.gather(batches())
+        mu, sigma = gaussian_stats(feats["pool"])
+        mu_s, sigma_s = gaussian_stats(feats["spatial"])
+        ref = Reference(mu, sigma, mu_s, sigma_s, pool=feats["pool"][:PR_SAMPLES], source=source)
+    _save_cache(ref, cache, extractor)
     return ref
+
+
+def _dino_from_npz(path: str, extractor: FeatureExtractor, cache: Optional[str] = None) -> Reference:
+    data = read_npz(path)
+    if str(data.get("features", "")) == "dinov2":
+        return Reference(mu=data["mu"], sigma=data["sigma"], source=str(data.get("source", path)),
+                         features="dinov2")
+    images = data.get("arr_0")
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(f"Reference file {path!r} has neither DINOv2 statistics nor images (uint8 arr_0 "
+                          f"[N, H, W, 3]) to compute them from; pass shards:PATH of real images or ADM's reference "
+                          f"batch.")
+    cache = cache or f"{os.path.splitext(path)[0]}_dinov2_{extractor.fingerprint}.npz"
+    if os.path.isfile(cache):
+        return _dino_from_npz(cache, extractor)
+    mu, sigma = gaussian_stats(extractor.gather(_image_batches(images, extractor), keys=(DINO_KEY,))[DINO_KEY])
+    ref = Reference(mu, sigma, source=f"{path} ({len(images)} images)", features="dinov2")
+    _save_cache(ref, cache, extractor)
+    return ref
+
+
+def load_dino_reference(spec: str, extractor: FeatureExtractor, *, num_samples: int = 50000,
+                        vae: Optional[str] = None, cache: Optional[str] = None, field: str = "--ref") -> Reference:
+    """DINOv2 statistics of the reference `spec` names (module docstring); every rank calls it."""
+    if spec.startswith(SHARDS_PREFIX):
+        return _from_shards(spec[len(SHARDS_PREFIX):], extractor, num_samples, vae, cache, field, "dinov2")
+    if not os.path.isfile(spec):
+        raise ConfigError(f"{field}={spec!r} is neither an .npz file nor shards:PATH; pass ADM's reference batch "
+                          f"(its images give the DINOv2 statistics) or shards:DIR of real images.")
+    return _dino_from_npz(spec, extractor, cache)
 
 
 def load_reference(spec: str, extractor: FeatureExtractor, *, num_samples: int = 50000, vae: Optional[str] = None,

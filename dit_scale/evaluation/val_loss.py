@@ -37,22 +37,28 @@ class ValidationLoss:
         self.centres = t_bins(bins)
 
     @classmethod
-    def from_config(cls, cfg, objective, device) -> "ValidationLoss":
+    def from_config(cls, cfg, objective, device, path=None, num_samples=None, bins=None, batch_size=None,
+                    field: str = "eval.val_path") -> "ValidationLoss":
+        """The held-out set of eval.val_path (eval.val_samples samples, eval.val_t_bins bins, eval.val_batch_size);
+        the keyword arguments replace those (`field` names `path` in errors)."""
         e = cfg.eval
-        shards = ShardSet.open(e.val_path, field="eval.val_path")
-        batches = list(shards.batches(min(e.val_samples, shards.num_samples), e.val_batch_size))
+        path, field = (path, field) if path else (e.val_path, "eval.val_path")
+        num_samples, bins = num_samples or e.val_samples, bins or e.val_t_bins
+        batch_size = batch_size or e.val_batch_size
+        shards = ShardSet.open(path, field=field)
+        batches = list(shards.batches(min(num_samples, shards.num_samples), batch_size))
         x = np.concatenate([b.x for b in batches])
         if shards.pixels:                                        # as the training loader: [-1, 1], channels first
             x = x.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
         y = torch.tensor([label for b in batches for label in b.y])
         if cfg.model.conditioning == "text":
             if any(b.text is None for b in batches):
-                raise ConfigError(f"eval.val_path={e.val_path!r} holds no caption features, which a text model's "
+                raise ConfigError(f"{field}={path!r} holds no caption features, which a text model's "
                                   f"validation loss needs; build the held-out shards with --text-encoder PATH.")
             y = Captions(torch.from_numpy(np.concatenate([b.text for b in batches])).to(torch.float16),
                          torch.from_numpy(np.concatenate([b.text_mask for b in batches])))
         return cls(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, objective,
-                   e.val_t_bins, e.val_batch_size, e.seed, device)
+                   bins, batch_size, e.seed, device)
 
     def _targets(self, x0: torch.Tensor, indices: range, k: int) -> dict:
         """The objective's training targets for clean `x0` at bin k with the fixed noise of each sample."""
