@@ -7,6 +7,9 @@ this one function, so what is measured is what is trained.
     out.terms                   # {"denoise", "moe", "repa", "haste", "sra"} (those switched on), scalars
     out.aux                     # the model's aux outputs (MoE routing statistics)
 
+With the token budget (`mask.scale_batch`) a micro-batch of a masked step is `batch_multiple(step)` loader batches
+(the trainer concatenates them), so every step trains on the same number of backbone tokens.
+
 Per micro-batch: the objective draws t and noise (`training_targets`); with masking on at this step
 (`mask.ratio` until `mask.unmask_at_step`) the kept tokens are drawn with the same generator and the denoising loss
 is taken per token (`models/masking.py`); while alignment is on (`align.*` until `align.stop_step`) the aligner's
@@ -23,7 +26,7 @@ import torch
 from dit_scale.align.aligner import Aligner
 from dit_scale.models.args import ModelArgs
 from dit_scale.models.flops import forward_macs
-from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss, num_kept
+from dit_scale.models.masking import draw_keep_indices, kept_denoise_loss, masked_denoise_loss, num_kept
 from dit_scale.models.text import Captions
 
 
@@ -46,9 +49,10 @@ def batch_condition(batch: dict, args: ModelArgs, device):
 class TrainingLoss:
     def __init__(self, objective, args: ModelArgs, device, *, mask_ratio: float = 0.0,
                  unmask_at_step: Optional[int] = None, masked_loss_weight: float = 0.0,
-                 aligner: Optional[Aligner] = None):
+                 aligner: Optional[Aligner] = None, scale_batch: bool = False):
         self.objective, self.args, self.device = objective, args, torch.device(device)
         self.ratio, self.unmask_at_step, self.masked_loss_weight = float(mask_ratio), unmask_at_step, masked_loss_weight
+        self.scale_batch = scale_batch
         self.aligner = aligner if aligner is not None and aligner.names else None
         self.names = ["denoise", "moe"] + (self.aligner.names if self.aligner else [])
 
@@ -57,13 +61,28 @@ class TrainingLoss:
         """The loss a config trains with (its aligner loads an online teacher if one is configured)."""
         aligner = Aligner(cfg, device)
         return cls(objective, args, device, mask_ratio=cfg.mask.ratio, unmask_at_step=cfg.mask.unmask_at_step,
-                   masked_loss_weight=cfg.mask.masked_loss_weight, aligner=aligner)
+                   masked_loss_weight=cfg.mask.masked_loss_weight, aligner=aligner, scale_batch=cfg.mask.scale_batch)
 
     def mask_ratio(self, step: int) -> float:
         """The mask ratio of training step `step` (0-based): `mask.ratio` until `mask.unmask_at_step`, then 0."""
         if self.ratio <= 0 or (self.unmask_at_step is not None and step >= self.unmask_at_step):
             return 0.0
         return self.ratio
+
+    def batch_multiple(self, step: int) -> int:
+        """Loader batches in one micro-batch at step `step`: with the token budget (`mask.scale_batch`) tokens / kept,
+        so a masked micro-batch holds as many backbone tokens as an unmasked one (4 at ratio 0.75); otherwise 1.
+        A function of the step alone: every rank, and a resumed run, takes the same."""
+        ratio = self.mask_ratio(step)
+        if not self.scale_batch or ratio == 0:
+            return 1
+        return self.args.num_tokens // num_kept(self.args.num_tokens, ratio)
+
+    def images_before(self, step: int, images_per_batch: int) -> int:
+        """Images trained on before step `step` when one micro-batch of a multiple-1 step holds `images_per_batch`
+        (the mask schedule has two phases: masked until `mask.unmask_at_step`, then unmasked)."""
+        masked = step if self.unmask_at_step is None else min(step, self.unmask_at_step)
+        return images_per_batch * (masked * self.batch_multiple(0) + (step - masked) * self.batch_multiple(step))
 
     def align_active(self, step: int) -> bool:
         return self.aligner is not None and self.aligner.active(step)
@@ -77,7 +96,8 @@ class TrainingLoss:
         ratio = self.mask_ratio(step)
         keep = draw_keep_indices(x.shape[0], self.args.num_tokens, ratio, generator, self.device) if ratio > 0 \
             else None
-        kwargs = {} if keep is None else {"mask": keep}
+        kept_only = keep is not None and self.masked_loss_weight == 0.0
+        kwargs = {} if keep is None else {"mask": keep, "kept_only": kept_only}
         align_on = self.align_active(step)
         if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
             sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep)
@@ -86,6 +106,8 @@ class TrainingLoss:
         out, aux = module(targets["x_t"], targets["t_model"], y, **kwargs)
         if keep is None:
             denoise = self.objective.loss(out.float(), targets).mean()
+        elif kept_only:
+            denoise = kept_denoise_loss(out, targets["target"], keep, self.args.patch_size).mean()
         else:
             denoise = masked_denoise_loss(out, targets["target"], keep, self.args.patch_size,
                                           self.masked_loss_weight).mean()

@@ -2,8 +2,8 @@
 wandb, a tqdm bar, MFU, MoE statistics.
 
     interval = IntervalStats(names, device)      # device-side sums of one logging interval (no sync per step)
-    interval.add(totals, grad_norm, ok)
-    row = interval.summary(all_reduce_sum_, world_size, images_per_step)   # one sync, at the logging step
+    interval.add(totals, grad_norm, ok, images)  # images: the step's global images (a host int)
+    row = interval.summary(all_reduce_sum_, world_size)   # one sync, at the logging step
     log = MetricsLogger(cfg, run_dir, is_main, total_steps, start_step); log.log(step, row)
 
 Only the main process writes.
@@ -92,11 +92,13 @@ class IntervalStats:
         self.consecutive_bad = torch.zeros((), device=device)
         self.worst_bad = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
-        self.steps, self.skipped_before, self.last = 0, 0.0, {}
+        self.steps, self.images, self.skipped_before, self.last = 0, 0, 0.0, {}
         self.moe_counts = None            # tokens per expert [L, E] of the last interval (expert_load.png)
         self._tic, self._paused = time.perf_counter(), 0.0
 
-    def add(self, totals: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor) -> None:
+    def add(self, totals: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, images: int) -> None:
+        """One step: its loss terms, gradient norm, whether it was applied, and its images over every data-parallel
+        rank (a host number: with the token budget a masked step holds more images than an unmasked one)."""
         bad = (~ok).float()
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.worst_bad = torch.maximum(self.worst_bad, self.consecutive_bad)
@@ -104,6 +106,7 @@ class IntervalStats:
         self.sums += torch.cat([torch.nan_to_num(totals, nan=0.0, posinf=0.0) * ok,
                                 torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
         self.steps += 1
+        self.images += images
 
     @contextmanager
     def paused(self):
@@ -117,7 +120,7 @@ class IntervalStats:
         """The longest run of consecutive skipped steps so far (one host sync)."""
         return int(self.worst_bad.item())
 
-    def summary(self, all_reduce_sum_, world_size: int, images_per_step: int) -> dict:
+    def summary(self, all_reduce_sum_, world_size: int) -> dict:
         """The interval's row (losses averaged over applied steps and ranks, grad norm, images/s, cumulative
         skipped steps, MoE load), then a fresh interval. Collective: every rank calls it."""
         elapsed = max(1e-9, time.perf_counter() - self._tic - self._paused)
@@ -128,12 +131,12 @@ class IntervalStats:
         # an interval whose steps were all skipped has no loss to report: null, and "skipped": true (not 0.0)
         losses = {k: (v / n_ok if n_ok > 0 else None) for k, v in zip(self.names, values)}
         row = {**losses, "grad_norm": values[-1] / self.steps if n_ok > 0 else None, "skipped": n_ok <= 0,
-               "images_per_s": images_per_step * self.steps / elapsed, "skipped_steps": skipped,
+               "images_per_s": self.images / elapsed, "skipped_steps": skipped,
                **self.moe.summary()}
         self.moe_counts = self.moe.counts
         self.moe.reset()
         self.sums.zero_()
-        self.steps, self.skipped_before, self.last = 0, skipped, row
+        self.steps, self.images, self.skipped_before, self.last = 0, 0, skipped, row
         self._tic, self._paused = time.perf_counter(), 0.0
         return row
 

@@ -2,7 +2,8 @@
 
     python launch/train.py --config configs/quickstart.yaml train.steps=200 train.run_dir=runs/try
 
-One step is `train.grad_accum` micro-batches of `data.batch_size`, each through the one training loss
+One step is `train.grad_accum` micro-batches of `data.batch_size` images (with the token budget, `mask.scale_batch`,
+tokens / kept times as many on a masked step: `TrainingLoss.batch_multiple`), each through the one training loss
 (`dit_scale/loss.py`); the engine clips by the global norm and steps. A non-finite loss or gradient skips the step
 on the device (no host sync); `train.max_bad_steps` in a row abort with a message. Statistics accumulate on the
 device and are read every `logging.log_every` steps (`metrics.IntervalStats`). Checkpoints are the
@@ -20,13 +21,14 @@ from dit_scale.checkpoint import CheckpointManager, disk_error, find_latest
 from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
 from dit_scale.config import ConfigError, save_config
-from dit_scale.data import build_loader
+from dit_scale.data import build_loader, take_batches
 from dit_scale.evaluation.periodic import TrainingEvaluation
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
 from dit_scale.models.flops import count_params
 from dit_scale.optim import autocast, uses_bf16
 from dit_scale.parallel import build_engine, init_topology
+from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES
 from dit_scale.parallel.topology import agree
 from dit_scale.preemption import Preemption, TrainingInterrupted
 from dit_scale.run_dir import RunDir
@@ -97,6 +99,7 @@ class Trainer:
                                              health=self._unhealthy)
         self.preemption = Preemption(t.max_wall_minutes, t.run_dir)
         self.bf16 = uses_bf16(t, self.device)
+        self._cuda_graphs = bool(t.compile and t.compile_mode in CUDA_GRAPH_MODES)
         self.step = 0
         self._started = False
         self._stop_votes = None      # device scalar: ranks voting to stop, all-reduced in train_step
@@ -140,8 +143,11 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         totals = torch.zeros(len(self.metric_names), device=self.device)
         counts = None                       # tokens per expert [L, E] of this step (aux-loss-free balancing)
+        multiple = self.loss.batch_multiple(self.step)     # token budget: 1, or tokens / kept on a masked step
         for _ in range(accum):
-            batch = next(self.loader)
+            if self._cuda_graphs:           # the previous micro-batch's graph outputs are consumed: replay may reuse them
+                torch.compiler.cudagraph_mark_step_begin()
+            batch = take_batches(self.loader, multiple)
             with autocast(self.cfg.train, self.device):
                 out = self.loss(self.engine.module, batch, step=self.step, generator=self.generator,
                                 ema=self.engine.sampling_module)
@@ -201,7 +207,7 @@ class Trainer:
                 while self.step < t.steps:
                     totals, grad_norm, ok = self.train_step(interval.moe)
                     self.step += 1
-                    interval.add(totals, grad_norm, ok)
+                    interval.add(totals, grad_norm, ok, self.images_in_step(self.step - 1))
                     log.advance()
                     stop = self.preemption.agreed(self._stop_votes) and self.step < t.steps
                     if stop or self.step % cfg.logging.log_every == 0 or self.step == t.steps:
@@ -234,8 +240,8 @@ class Trainer:
             raise TrainingAborted(
                 f"{worst} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
                 f"{t.max_bad_steps}); lower optim.lr or check the data; {where}.")
-        images_per_step = self.cfg.data.batch_size * t.grad_accum * self.topo.dp_size
-        row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size, images_per_step)
+        row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size)
+        row["images"] = self.loss.images_before(self.step, self._images_per_batch())   # trained on so far
         row["lr"] = self.engine.lr
         if self.cfg.mask.ratio > 0:
             row["mask_ratio"] = self.loss.mask_ratio(self.step - 1)
@@ -244,6 +250,14 @@ class Trainer:
             row["mfu"] = row["images_per_s"] * self.loss.flops_per_image(self.step - 1) / (peak * self.topo.world_size)
         self._moe_counts = interval.moe_counts
         return row
+
+    def _images_per_batch(self) -> int:
+        """Images of one loader batch over every data-parallel rank and micro-batch of a step."""
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.topo.dp_size
+
+    def images_in_step(self, step: int) -> int:
+        """Images over every data-parallel rank that (0-based) step `step` trains on (token budget: more when masked)."""
+        return self._images_per_batch() * self.loss.batch_multiple(step)
 
     def _unhealthy(self):
         """Why the current weights must not be saved (the CheckpointManager asks at each save), or None: after a

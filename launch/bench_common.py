@@ -9,12 +9,14 @@ import time
 import torch
 
 from dit_scale.optim import autocast
-from dit_scale.parallel.topology import pick_device
+from dit_scale.parallel.topology import pick_device, retain_freed_host_memory
 
 
 def device_and_precision(args):
     """(device, bf16) from --device and --precision (auto: bf16 on GPU, fp32 on CPU)."""
     device = pick_device(args.device)
+    if device.type == "cpu":
+        retain_freed_host_memory()                   # as the trainer does (topology.init_topology)
     bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
     return device, bf16
 

@@ -53,11 +53,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from dit_scale import profiling
 from dit_scale.build import build
-from dit_scale.config import load_config
+from dit_scale.config import ConfigError, load_config
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import peak_flops
 from dit_scale.models.masking import num_kept
 from dit_scale.parallel import build_engine, init_topology
+from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES, check_compile_mode
+from dit_scale.parallel.topology import Topology
 from launch.bench_common import random_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,6 +151,12 @@ def run_config(spec: dict, device, dry: bool, args, budget: Budget, save) -> dic
     if not budget.fits(estimate):
         record.update(ok=None, skipped=budget.skipped(estimate))
         return record
+    if device.type != "cuda" and spec["compile_mode"] in CUDA_GRAPH_MODES:    # the dry run: refused in one sentence
+        try:
+            check_compile_mode(spec["compile_mode"], Topology(device=device))
+        except ConfigError as e:
+            record.update(ok=None, skipped=f"CUDA graphs need a GPU; the trainer refuses them here: {e}")
+            return record
     started = time.perf_counter()
     try:
         engine, loss_fn, model_args = build_config(spec, device, dry)

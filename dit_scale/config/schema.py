@@ -109,6 +109,8 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    compile_mode: str = "default"       # with compile: default | reduce-overhead (CUDA graphs) | max-autotune |
+                                        # max-autotune-no-cudagraphs (torch.compile modes)
     activation_checkpointing: bool = False
     max_bad_steps: int = 5              # consecutive non-finite losses before aborting
     checkpoint_every: int = 0           # 0: only at the end
@@ -159,6 +161,8 @@ class MaskConfig:
     mixer_depth: int = 0                # dense blocks on all tokens before the drop (deferred masking's patch-mixer)
     masked_loss_weight: float = 0.0     # weight of the denoising loss on the dropped tokens (kept tokens: 1)
     unmask_at_step: Optional[int] = None    # from this step on train unmasked (the short finetune phase); null: never
+    scale_batch: bool = False           # token budget: a masked micro-batch holds data.batch_size × tokens / kept
+                                        # images (as many backbone tokens as an unmasked one); needs tokens / kept whole
 
 
 @dataclass
@@ -228,6 +232,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logging.wandb": ("offline", "online", "disabled"),
     "parallel.engine": ("local", "fsdp", "deepspeed"),
     "parallel.zero_stage": (1, 2, 3),

@@ -146,6 +146,9 @@ MAX_BATCH = 2 ** 16      # images per rank and micro-batch: far above what fits 
 
 
 def _validate_data(data) -> None:
+    if data.batch_size > MAX_BATCH:
+        _fail(f"data.batch_size={data.batch_size} images per rank and micro-batch cannot work (at most {MAX_BATCH}); "
+              f"use a smaller data.batch_size, and train.grad_accum or more processes for a larger global batch.")
     for key in ("num_workers", "steps_per_epoch"):
         if data[key] < 0:
             _fail(f"data.{key} must be >= 0, got {data[key]}.")
@@ -189,6 +192,8 @@ def _validate_mask_align(cfg) -> None:
             _fail(f"{key} must be >= 0 or null (never), got {v}.")
     if mk.masked_loss_weight > 0 and mk.ratio == 0:
         _fail("mask.masked_loss_weight only applies with mask.ratio > 0; set mask.ratio or remove it.")
+    if mk.scale_batch:
+        _validate_token_budget(cfg)
     if mk.ratio > 0 and cfg.model.learn_sigma:
         _fail("mask.ratio > 0 takes the denoising loss per token, which model.learn_sigma=true (the VLB term) does "
               "not support; set model.learn_sigma=false.")
@@ -301,6 +306,21 @@ def _validate_start_weights(cfg) -> None:
         _fail(f"train.init_from={t.init_from!r} and train.resume={t.resume!r} both name the starting weights; use "
               f"train.resume=auto with train.init_from (a requeued fine-tune continues its own checkpoints), or drop "
               f"train.init_from to continue that checkpoint's run.")
+
+
+def _validate_token_budget(cfg) -> None:
+    """mask.scale_batch: a masked micro-batch holds data.batch_size × tokens / kept images, a whole number."""
+    from dit_scale.models.masking import num_kept
+    mk, n = cfg.mask, cfg.model.num_tokens
+    if mk.ratio == 0:
+        _fail("mask.scale_batch=true sizes masked micro-batches by their kept tokens, but mask.ratio=0 masks nothing; "
+              "set mask.ratio (e.g. 0.75) or remove mask.scale_batch.")
+    kept = num_kept(n, mk.ratio)
+    if n % kept:
+        whole = [1 - 1 / m for m in (2, 4, 8) if n % m == 0]
+        _fail(f"mask.scale_batch=true needs whole images per micro-batch, but mask.ratio={mk.ratio} keeps {kept} of "
+              f"{n} tokens ({n / kept:.3g} × data.batch_size images); use a ratio that keeps a divisor of {n} "
+              f"tokens, e.g. mask.ratio=" + " or ".join(f"{r:g}" for r in whole) + ".")
 
 
 def _validate_model_parallel(cfg) -> None:

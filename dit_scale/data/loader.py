@@ -4,6 +4,7 @@
                           expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K,
                                   "text_dim": T, "text_len": L})
                                   # ConfigError on a mismatch; K = 0: unconditional, every y is 0
+    batch = take_batches(loader, n)   # n batches as one (the token budget's larger masked micro-batches)
     batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str],
                                   #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any,
                                   #  "caption_feat": float32 [B, L, T], "caption_mask": bool [B, L] if the shards
@@ -235,6 +236,24 @@ class ShardLoader:
             self.close()
         except Exception:   # noqa: BLE001 -- interpreter shutdown
             pass
+
+
+def take_batches(loader: Iterator[dict], n: int) -> dict[str, Any]:
+    """The next `n` batches of `loader` as one batch of n × batch_size samples (concatenated in order): the token
+    budget's larger masked micro-batches. The loader's state afterwards is that after the n-th, as if they were taken
+    one by one, so a checkpoint resumes exactly whatever n each step took."""
+    if n == 1:
+        return next(loader)
+    return concat_batches([next(loader) for _ in range(n)])
+
+
+def concat_batches(batches: list[dict]) -> dict[str, Any]:
+    """Batches with the same keys -> one batch: tensors concatenated along dim 0, lists (keys, captions) joined."""
+    out: dict[str, Any] = {}
+    for key, first in batches[0].items():
+        parts = [b[key] for b in batches]
+        out[key] = torch.cat(parts) if isinstance(first, torch.Tensor) else [v for part in parts for v in part]
+    return out
 
 
 @atexit.register

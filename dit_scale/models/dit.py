@@ -9,7 +9,8 @@ Optional training-time inputs and outputs (all off by default): `mask` [B, K] ke
 backbone runs on those tokens only), `heads` alignment heads to apply (aux["heads"][name]), `attn_layers` blocks
 whose attention logits to return (aux["attn"][k], [B, H, K, K]), `return_hidden` blocks whose output to return
 (aux["hidden"][k], [B, K, D]; block k counts from 1 over `blocks`), `stop_after` skip the blocks after k and the
-final layer (the output is None).
+final layer (the output is None), `kept_only` with `mask`: the kept tokens' output patches only (the training loss
+on kept tokens).
 
 Text conditioning (`args.conditioning="text"`, `models/text.py`): `y` is a `Captions` batch (caption token features
 and mask) instead of labels; each block adds a cross-attention to the caption tokens after its self-attention, and the
@@ -179,10 +180,12 @@ class DiT(nn.Module):
         return self.t_embedder(t) + pooled, (tokens, mask)
 
     def forward(self, x, t, y, force_drop=None, mask=None, heads=(), attn_layers=(), return_hidden=(),
-                stop_after: Optional[int] = None):
+                stop_after: Optional[int] = None, kept_only: bool = False):
         """x [B, C, H, W], t [B] (DiT scale 0..1000), y [B] class ids (a text model: `Captions`) -> (output
         [B, C_out, H, W], aux dict). The optional arguments are described in the module docstring; without them this
-        is DiT's forward."""
+        is DiT's forward. `kept_only` (with `mask`): the output of the kept tokens only, as patches
+        [B, K, p·p·C_out] in `masking.patchify`'s layout: no mask token, no full-length scatter, final layer and
+        unpatchify (what a loss on the kept tokens needs)."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c, context = self._condition(t, y, force_drop)
         seq = self.sequence                                         # from here on this process's tokens only
@@ -216,6 +219,8 @@ class DiT(nn.Module):
             aux["attn"] = attn
         if stop_after is not None:
             return None, aux
+        if mask is not None and kept_only:                          # kept patches [B, K, p·p·C_out]
+            return seq.gather(self.final_layer(x, c)), aux
         if mask is not None:                                        # back in place, mask token elsewhere
             x = seq.resplit(x, lambda h: scatter_tokens(h, mask, num_tokens, self.mask_token))
         out = self.unpatchify(seq.gather(self.final_layer(x, c)))

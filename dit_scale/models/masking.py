@@ -2,12 +2,15 @@
 
     keep = draw_keep_indices(B, N, ratio=0.75, generator=g)     # the training loss draws it with its generator
     out, aux = model(x_t, t, y, mask=keep)                      # backbone runs on the kept tokens only
-    loss = masked_denoise_loss(out, target, keep, patch_size, masked_weight=0.0)
+    loss = masked_denoise_loss(out, target, keep, patch_size, masked_weight=0.3)
+    kept, aux = model(x_t, t, y, mask=keep, kept_only=True)     # masked_weight 0: the kept tokens' patches only
+    loss = kept_denoise_loss(kept, target, keep, patch_size)
 
 Deferred masking: the optional patch-mixer (`mask.mixer_depth` dense blocks) sees every token, then the tokens not in
 `keep` are dropped; the backbone (and every MoE router) sees the kept tokens; before the final layer the outputs are
 put back in place and the dropped positions get a learned mask token. The denoising loss is the mean over kept
-tokens, plus `masked_weight` × the mean over dropped ones. The model never draws random numbers for masking, and
+tokens, plus `masked_weight` × the mean over dropped ones; with `masked_weight` 0 (the default) the training loss
+asks for the kept tokens' output only (`kept_only`), so nothing after the backbone runs on the dropped positions. The model never draws random numbers for masking, and
 sampling / evaluation never pass a mask.
 """
 from __future__ import annotations
@@ -60,6 +63,14 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 def token_loss(out: torch.Tensor, target: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Per-token mean squared error [B, N] (fp32). Its mean over tokens is the objectives' MSE loss."""
     return patchify((out.float() - target.float()) ** 2, patch_size).mean(dim=-1)
+
+
+def kept_denoise_loss(kept_out: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, patch_size: int):
+    """Per-sample loss [B] from the kept tokens' output alone (`model(..., mask=keep, kept_only=True)`, patches
+    [B, K, p·p·C]): the mean MSE over kept tokens, what `masked_denoise_loss` gives with masked_weight 0 without
+    a full-length output or per-token loss."""
+    kept_target = gather_tokens(patchify(target, patch_size), keep)
+    return (kept_out.float() - kept_target.float()).square().mean(dim=(1, 2))
 
 
 def masked_denoise_loss(out, target, keep: torch.Tensor, patch_size: int, masked_weight: float = 0.0):

@@ -1,6 +1,7 @@
 """On a GPU (`-m gpu`; skipped without CUDA): a whole training step of the trainer — loader batch to device, forward
 with routing and grouped GEMM, loss, backward, clipping, the skip decision's all-reduce, fused AdamW, EMA, router bias
-— runs without a host synchronisation (torch.cuda.set_sync_debug_mode("error")), bf16 by default."""
+— runs without a host synchronisation (torch.cuda.set_sync_debug_mode("error")), bf16 by default; masked steps too,
+with the token budget's concatenated micro-batch and the kept-token output."""
 import pytest
 import torch
 
@@ -13,7 +14,8 @@ from tiny import tiny_overrides
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [{}, {"mask.ratio": 0.5}, {"moe.score_function": "sigmoid",
                                                                "moe.bias_update_rate": 0.01},
-                                   {"model.name": "DiT-XS/4"}, {"model.name": "DiT-XS/4", "mask.ratio": 0.5}])
+                                   {"model.name": "DiT-XS/4"}, {"model.name": "DiT-XS/4", "mask.ratio": 0.5},
+                                   {"mask.ratio": 0.75, "mask.scale_batch": True, "data.batch_size": 4}])
 def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "train.device": "cuda", "train.deterministic": False, "data.num_workers": 0, **extra}))
@@ -22,8 +24,8 @@ def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
     for _ in range(2):                                    # warm-up: lazy initialisation may synchronise
         trainer.train_step(stats)
         trainer.step += 1
-    batch = next(trainer.loader)                          # the loader's pinned batch, as the step would take it
-    trainer.loader = iter([batch])
+    multiple = trainer.loss.batch_multiple(trainer.step)  # the token budget's loader batches in one micro-batch
+    trainer.loader = iter([next(trainer.loader) for _ in range(multiple)])   # as the step would take them
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -48,6 +48,29 @@ def test_masked_loss_draws_the_kept_tokens_after_the_targets():
     torch.testing.assert_close(out.terms["denoise"], masked_denoise_loss(pred, targets["target"], keep, 4, 0.1).mean())
 
 
+def test_token_budget_batch_is_the_mean_of_per_image_losses():
+    """mask.scale_batch: a masked step's micro-batch is tokens / kept loader batches (4 at 0.75, 1 once unmasked); its
+    denoising loss is the mean over its images of each image's kept-token loss, computed here image by image from the
+    full output (the second code path: scatter, mask token, unpatchify), so the per-image loss is the same with and
+    without the budget."""
+    cfg = tiny_cfg("model.class_dropout=0", "mask.ratio=0.75", "mask.scale_batch=true", "mask.unmask_at_step=5")
+    built = build(cfg)
+    loss_fn = TrainingLoss.from_config(cfg, built.objective, built.args, "cpu")
+    assert [loss_fn.batch_multiple(s) for s in (0, 4, 5, 9)] == [4, 4, 1, 1]
+    assert [loss_fn.images_before(s, 2) for s in (0, 1, 5, 6, 8)] == [0, 8, 40, 42, 46]
+    data = batch(b=8)
+    out = loss_fn(built.model, data, step=0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    targets = built.objective.training_targets(data["x"], generator=g)
+    keep = draw_keep_indices(8, 16, 0.75, g)
+    per_image = []
+    for i in range(8):
+        pred, _ = built.model(targets["x_t"][i:i + 1], targets["t_model"][i:i + 1], data["y"][i:i + 1],
+                              mask=keep[i:i + 1])
+        per_image.append(masked_denoise_loss(pred, targets["target"][i:i + 1], keep[i:i + 1], 4))
+    torch.testing.assert_close(out.terms["denoise"], torch.cat(per_image).mean())
+
+
 def test_flops_follow_what_runs():
     dim = 8
     cfg = tiny_cfg("mask.ratio=0.75", "mask.mixer_depth=1", "align.repa_weight=0.5", "align.repa_depth=1",

@@ -7,8 +7,8 @@ from dit_scale.config import ConfigError, load_config
 from dit_scale.diffusion import build_objective
 from dit_scale.build import build_model
 from dit_scale.loss import TrainingLoss
-from dit_scale.models.masking import (draw_keep_indices, gather_tokens, kept_mask, masked_denoise_loss,
-                                      scatter_tokens, token_loss)
+from dit_scale.models.masking import (draw_keep_indices, gather_tokens, kept_denoise_loss, kept_mask,
+                                      masked_denoise_loss, patchify, scatter_tokens, token_loss)
 
 from tiny import tiny_cfg, tiny_overrides
 
@@ -98,6 +98,28 @@ def test_masked_loss_against_direct_computation():
         expected.append(kept + 0.3 * dropped)
     torch.testing.assert_close(masked_denoise_loss(out, target, keep, p, masked_weight=0.3), torch.stack(expected))
     torch.testing.assert_close(token_loss(out, target, p).mean(1), ((out - target) ** 2).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("mixer", [0, 1])
+def test_kept_only_output_is_the_full_output_at_the_kept_patches(mixer):
+    """`kept_only` skips the scatter, mask token, final layer on dropped tokens and unpatchify: its patches are the
+    full output's at the kept positions, its loss and gradients are those of the full output's loss on kept tokens."""
+    torch.manual_seed(0)
+    model = randomized(build_model(cfg_with("mask.ratio=0.75", f"mask.mixer_depth={mixer}"))).train()
+    model.y_embedder.dropout = 0.0
+    x, t, y = inputs()
+    keep = draw_keep_indices(3, 16, 0.75, torch.Generator().manual_seed(3))
+    target = torch.randn_like(x)
+    full, _ = model(x, t, y, mask=keep)
+    kept, _ = model(x, t, y, mask=keep, kept_only=True)
+    assert kept.shape == (3, 4, 4 * 4 * 3)
+    torch.testing.assert_close(kept, gather_tokens(patchify(full, 4), keep), rtol=0, atol=0)
+    loss_full = masked_denoise_loss(full, target, keep, 4)
+    loss_kept = kept_denoise_loss(kept, target, keep, 4)
+    torch.testing.assert_close(loss_kept, loss_full, rtol=1e-6, atol=1e-7)
+    grads = [torch.autograd.grad(loss.sum(), list(model.blocks.parameters())) for loss in (loss_full, loss_kept)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_backbone_sees_only_kept_tokens():

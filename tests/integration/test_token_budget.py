@@ -1,0 +1,66 @@
+"""The token budget (`mask.scale_batch=true`): a masked micro-batch holds tokens / kept × data.batch_size images, so a
+masked step trains on as many backbone tokens as an unmasked one. Checked end to end with the trainer: the images each
+step takes (and the metrics' `images` column) follow the mask schedule, a run stopped before or after the unmasked
+phase starts resumes exactly, and layouts that split experts, heads or tokens over processes log the losses of the
+layout without them."""
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from dit_scale.config import ConfigError, load_config
+from dit_scale.metrics import read_metrics
+from dit_scale.trainer import Trainer
+from tiny import tiny_cfg, tiny_overrides
+
+# 16 tokens per image (16×16 pixels, patch 4); ratio 0.75 keeps 4: a masked micro-batch is 4 loader batches
+BUDGET = {"mask.ratio": 0.75, "mask.scale_batch": True}
+
+
+def _fit(rank, world, shards, run, extra):
+    cfg = load_config(None, tiny_overrides(shards, run, **{
+        **BUDGET, "train.steps": 6, "data.batch_size": 4, "logging.log_every": 1, "diffusion.sample_steps": 1,
+        "logging.samples_per_class": 1, **extra}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return ([(r["step"], r["loss"], r["images"]) for r in read_metrics(run)], trainer.loader.batches)
+
+
+def test_masked_steps_take_the_budget_and_resume_exactly_across_the_unmask(tiny_shards, tmp_path):
+    unmask = {"mask.unmask_at_step": 3}
+    rows, batches = _fit(0, 1, tiny_shards, str(tmp_path / "full"), unmask)
+    # steps 0-2 masked: 4 loader batches of 4 images each; steps 3-5 unmasked: 1 batch
+    assert [r[2] for r in rows] == [16, 32, 48, 52, 56, 60]
+    assert batches == 3 * 4 + 3
+    for stop in (2, 4):                         # stopped in the masked phase, and after the change
+        part = str(tmp_path / f"part{stop}")
+        _fit(0, 1, tiny_shards, part, {**unmask, "train.steps": stop})
+        resumed, _ = _fit(0, 1, tiny_shards, part, {**unmask, "train.resume": "auto"})
+        assert resumed == rows
+
+
+@pytest.mark.parametrize("world, layout, one", [
+    (2, {"parallel.engine": "fsdp", "parallel.ep": 2}, (2, {"parallel.engine": "fsdp"})),   # FSDP + EP=2
+    (2, {"parallel.engine": "fsdp", "parallel.tp": 2}, (1, {})),                            # tp=2 (+ SP)
+    pytest.param(2, {"parallel.engine": "fsdp", "parallel.cp": 2}, (1, {}), marks=pytest.mark.slow),
+    pytest.param(2, {"parallel.engine": "deepspeed", "parallel.ep": 2}, (2, {"parallel.engine": "fsdp"}),
+                 marks=pytest.mark.slow),
+], ids=["fsdp-ep2", "tp2", "cp2", "deepspeed-ep2"])
+def test_budget_under_parallel_layouts(tiny_shards, tmp_path, world, layout, one):
+    """Every rank takes the same number of loader batches per step (a function of the step), so the split layouts
+    train on the same images as the reference and log its losses (deterministic mode, float32: to rounding)."""
+    ref = run_distributed(_fit, one[0], tiny_shards, str(tmp_path / "one"), one[1])[0] if one[0] > 1 else \
+        _fit(0, 1, tiny_shards, str(tmp_path / "one"), one[1])
+    got = run_distributed(_fit, world, tiny_shards, str(tmp_path / "layout"), layout)[0]
+    assert [r[2] for r in got[0]] == [r[2] for r in ref[0]]
+    assert got[1] == ref[1] == 6 * 4
+    torch.testing.assert_close(torch.tensor([r[1] for r in got[0]]), torch.tensor([r[1] for r in ref[0]]),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"mask.ratio": 0.0}, "mask.ratio=0 masks nothing"),
+    ({"mask.ratio": 0.6}, "keeps 6 of 16 tokens"),
+])
+def test_budget_config_errors(extra, words):
+    with pytest.raises(ConfigError, match=words):
+        tiny_cfg(*[f"{k}={v}" for k, v in {**BUDGET, **extra}.items()])
