@@ -1,5 +1,5 @@
 """Run metrics: `metrics.jsonl` (one JSON object per line with `step` and `time`, the wall clock in Unix seconds),
-wandb, a tqdm bar, MFU, MoE statistics.
+wandb, a tqdm bar on a terminal (in a log file one plain line per logging interval instead), MFU, MoE statistics.
 
     interval = IntervalStats(names, device)      # device-side sums of one logging interval (no sync per step)
     interval.add(totals, grad_norm, ok, images)  # images: the step's global images (a host int)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Optional
@@ -141,6 +142,19 @@ class IntervalStats:
         return row
 
 
+def progress_line(step: int, total: int, values: dict, eta_s: Optional[float]) -> str:
+    """One plain line for a logging interval, what a log file gets instead of a progress bar's carriage returns:
+    `step 200/800 | loss 0.1792 | 78.0 images/s | ETA 7m41s`."""
+    loss = values.get("loss")
+    parts = [f"step {step}/{total}", "loss skipped" if loss is None else f"loss {loss:.4f}",
+             f"{values.get('images_per_s', 0.0):.1f} images/s"]
+    if eta_s is not None:
+        minutes, seconds = divmod(int(round(eta_s)), 60)
+        hours, minutes = divmod(minutes, 60)
+        parts.append("ETA " + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"))
+    return " | ".join(parts)
+
+
 class MetricsLogger:
     def __init__(self, cfg, run_dir, is_main: bool, total_steps: int, start_step: int = 0):
         self.is_main = is_main
@@ -152,7 +166,8 @@ class MetricsLogger:
             return
         run_dir.makedirs()
         self.file = open(self.path, "a")
-        if cfg.logging.progress_bar:
+        self.total_steps, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
+        if cfg.logging.progress_bar and sys.stderr.isatty():    # a terminal: a bar; a log file: one line per row
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
         if cfg.logging.wandb != "disabled":
@@ -177,6 +192,10 @@ class MetricsLogger:
             loss = values.get("loss")
             self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}",
                                  img_s=f"{values.get('images_per_s', 0):.1f}")
+        elif "loss" in values:                  # a training row (not an evaluation's), in a log file
+            done = step - self.start_step
+            eta = (self.total_steps - step) * (time.perf_counter() - self.t0) / done if done > 0 else None
+            print(progress_line(step, self.total_steps, values, eta), flush=True)
 
     def advance(self, n: int = 1):
         if self.bar is not None:

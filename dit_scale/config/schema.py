@@ -13,14 +13,14 @@ from typing import List, Optional
 class ModelConfig:
     name: str = "DiT-S/2-8E2A"          # registry name: DiT-{XS,S,B,L,XL,G}/{2,4,8}[-{E}E{k}A]
     input_size: int = 32                # spatial size of the model input (latent or pixels)
-    in_channels: int = 4
-    num_classes: int = 1000
+    in_channels: int = 4                # channels of the model input (latents: 4; pixels: 3)
+    num_classes: int = 1000             # class labels (0: unconditional)
     class_dropout: float = 0.1          # label dropout for classifier-free guidance
     learn_sigma: bool = False           # DDPM only: predict the variance too (DiT's hybrid loss)
-    qk_norm: bool = False
+    qk_norm: bool = False               # RMS-normalise queries and keys per head
     depth: Optional[int] = None         # overrides of the registry size (None: from the name)
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
+    hidden_size: Optional[int] = None   # width (None: from the name)
+    num_heads: Optional[int] = None     # attention heads (None: from the name)
     mlp_ratio: float = 4.0              # dense FFN width (GELU MLP, as DiT)
     patch_size: Optional[int] = None    # derived from the name when the config is loaded
     num_tokens: Optional[int] = None    # derived: (input_size / patch_size)²
@@ -41,7 +41,7 @@ class MoEConfig:
     expert_mlp_ratio: float = 4.0       # routed SwiGLU expert hidden = ratio * width (DiT-MoE: 4)
     shared_mlp_ratio: float = 2.0       # always-on shared SwiGLU hidden = ratio * width (DiT-MoE: 2); 0 = none
     aux_loss_coeff: float = 0.01        # DiT-MoE expert-level balance loss alpha
-    z_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0           # router z-loss coefficient (0: off)
     capacity_factor: float = 1.0        # expert_choice: each expert takes capacity_factor * k * T / E tokens
     bias_update_rate: float = 0.0       # >0: aux-loss-free balancing (selection bias, sigmoid scores)
     expert_impl: str = "auto"           # auto | grouped_mm | loop
@@ -54,39 +54,39 @@ class MoEConfig:
 class DiffusionConfig:
     objective: str = "flow"             # flow | ddpm
     t_sampling: str = "uniform"         # flow: uniform | logit_normal
-    logit_normal_mean: float = 0.0
-    logit_normal_std: float = 1.0
+    logit_normal_mean: float = 0.0      # logit_normal t sampling: mean of the normal
+    logit_normal_std: float = 1.0       # logit_normal t sampling: standard deviation
     time_scale: float = 1000.0          # flow: the model sees t × time_scale (DiT's 0..1000; DiT-MoE's flow models: 1)
     num_timesteps: int = 1000           # ddpm
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    vlb_weight: float = 0.001
+    beta_start: float = 1e-4            # ddpm: first beta of the linear schedule
+    beta_end: float = 0.02              # ddpm: last beta of the linear schedule
+    vlb_weight: float = 0.001           # ddpm with learn_sigma: weight of the variational bound term
     sampler: Optional[str] = None       # None: euler (flow) / ddim (ddpm); also heun
-    sample_steps: int = 50
-    cfg_scale: float = 1.0
+    sample_steps: int = 50              # sampler steps for sample grids
+    cfg_scale: float = 1.0              # classifier-free guidance scale for sample grids (1: none)
     guidance_low: float = 0.0           # guidance interval in t ∈ [0, 1]
-    guidance_high: float = 1.0
+    guidance_high: float = 1.0          # upper end of the guidance interval
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 1e-4                    # AdamW learning rate (peak, after warm-up)
+    weight_decay: float = 0.0           # AdamW decoupled weight decay (roles decide which parameters)
+    beta1: float = 0.9                  # AdamW beta1
+    beta2: float = 0.999                # AdamW beta2
+    eps: float = 1e-8                   # AdamW epsilon
+    warmup_steps: int = 0               # linear learning-rate warm-up, optimizer steps
     schedule: str = "constant"          # constant | cosine
     min_lr_ratio: float = 0.0           # cosine floor as a fraction of lr
     grad_clip: float = 1.0              # 0 disables clipping (the norm is still logged)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999           # EMA decay per optimizer step (with warm-up)
 
 
 @dataclass
 class DataConfig:
     path: str = "data/synthetic"        # shards: directory, glob, brace list, pipe:CMD, s3:// or http(s):// pattern
     batch_size: int = 32                # per-process micro-batch
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000          # samples in each stream's shuffle buffer (0: shard order)
     hflip: bool = False                 # random horizontal flips (latent shards: the stored latent_flip.npy)
     image_key: str = "auto"             # member holding x; auto: from the manifest (or the first sample)
     num_workers: int = 0                # loader worker processes per rank (0: all in the training process)
@@ -101,17 +101,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    run_dir: str = "runs/default"
-    seed: int = 0
-    grad_accum: int = 1
-    deterministic: bool = False
+    steps: int = 1000                   # optimizer steps of the run
+    run_dir: str = "runs/default"       # where checkpoints, metrics, samples and the config go
+    seed: int = 0                       # seed of the init, the data order and the training randomness
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    deterministic: bool = False         # deterministic algorithms (slower; for exact reproduction)
     device: str = "auto"                # auto | cpu | cuda
     precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    compile: bool = False               # torch.compile each block
     compile_mode: str = "default"       # with compile: default | reduce-overhead (CUDA graphs) | max-autotune |
                                         # max-autotune-no-cudagraphs (torch.compile modes)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False # recompute each block in the backward (less memory)
     max_bad_steps: int = 5              # consecutive non-finite losses before aborting
     checkpoint_every: int = 0           # 0: only at the end
     resume: str = "none"                # none | auto | PATH
@@ -126,13 +126,13 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
+    log_every: int = 10                 # steps per metrics row (and per host sync of the statistics)
     sample_every: int = 0               # 0: only at the end
-    samples_per_class: int = 4
-    max_sample_classes: int = 10
+    samples_per_class: int = 4          # columns of the sample grid
+    max_sample_classes: int = 10        # rows of the sample grid (the first classes)
     wandb: str = "offline"              # offline | online | disabled
-    wandb_project: str = "dit_scale"
-    progress_bar: bool = True
+    wandb_project: str = "dit_scale"    # wandb project name
+    progress_bar: bool = True           # a tqdm bar on a terminal (a log file gets one line per row)
 
 
 @dataclass
@@ -189,7 +189,7 @@ class EvalConfig:
     val_path: Optional[str] = None      # held-out shards for the validation loss (None: no validation loss)
     val_samples: int = 256              # the first N held-out samples
     val_t_bins: int = 4                 # each sample at every bin centre t = (k + 0.5) / bins, fixed noise
-    val_batch_size: int = 32
+    val_batch_size: int = 32            # images per validation-loss batch and rank
     fid_samples: int = 0                # images for the periodic FID (0: none); evaluate.py: --num-samples
     inception: Optional[str] = None     # local FID Inception weights (.pth / .safetensors), needed for FID
     ref: Optional[str] = None           # reference statistics: an .npz (ADM batch or cache) or shards:PATH

@@ -1,0 +1,35 @@
+"""What a run prints per logging interval: a tqdm bar only on a terminal; in a log file (a SLURM job's, a pipe) one
+plain line per interval with the step, loss, images/s and ETA, and no carriage-return updates."""
+import io
+
+from dit_scale.metrics import MetricsLogger, progress_line
+from tiny import tiny_cfg
+
+
+def test_progress_line():
+    assert progress_line(200, 800, {"loss": 0.17923, "images_per_s": 78.04}, 461.0) == \
+        "step 200/800 | loss 0.1792 | 78.0 images/s | ETA 7m41s"
+    assert progress_line(5, 10, {"loss": None, "images_per_s": 3.0}, 7300) == \
+        "step 5/10 | loss skipped | 3.0 images/s | ETA 2h01m"
+    assert progress_line(1, 10, {"loss": 1.0}, None) == "step 1/10 | loss 1.0000 | 0.0 images/s"
+
+
+class _NotATerminal(io.StringIO):
+    def isatty(self):
+        return False
+
+
+def test_a_log_file_gets_one_line_per_interval_and_no_bar(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stderr", _NotATerminal())
+    cfg = tiny_cfg("logging.progress_bar=true", "logging.wandb=disabled")
+    log = MetricsLogger(cfg, str(tmp_path), True, total_steps=40, start_step=10)
+    assert log.bar is None
+    for step in (20, 30, 40):
+        log.advance(10)
+        log.log(step, {"loss": 0.5, "images_per_s": 12.0})
+    log.log(40, {"val_loss": 0.4})                          # an evaluation row: no progress line
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["step 20/40", "step 30/40", "step 40/40"]
+    assert all("\r" not in line for line in lines) and lines[-1].endswith("ETA 0m00s")
+    assert "\r" not in __import__("sys").stderr.getvalue()
