@@ -169,7 +169,7 @@ def evaluate(args) -> dict:
         raise ConfigError("No reference statistics: pass --ref (ADM's .npz reference batch or shards:PATH of real "
                           "images), or set eval.ref in the config.")
     if not inception_path:
-        raise ConfigError("No Inception weights: pass --inception PATH (README, \"Evaluation\", says where to get "
+        raise ConfigError("No Inception weights: pass --inception PATH (docs/evaluation.md says where to get "
                           "them), or set eval.inception in the config.")
     num_samples = args.num_samples or e.fid_samples or 50000
     if num_samples < 4:

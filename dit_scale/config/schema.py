@@ -24,7 +24,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0              # dense FFN width (GELU MLP, as DiT)
     patch_size: Optional[int] = None    # derived from the name when the config is loaded
     num_tokens: Optional[int] = None    # derived: (input_size / patch_size)²
-    conditioning: str = "class"         # class (labels) | text (captions, cross-attention: README "Text-to-image")
+    conditioning: str = "class"         # class (labels) | text (captions, cross-attention: docs/text-to-image.md)
     caption_dropout: float = 0.1        # text: captions replaced by the learned null caption (classifier-free guidance)
     text_dim: Optional[int] = None      # text: caption feature width (derived from model.text_encoder's config.json)
     text_len: Optional[int] = None      # text: caption tokens per sample (the shards' text_encoder.max_length)

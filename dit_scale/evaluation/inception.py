@@ -7,7 +7,7 @@ its weights read from a local file; nothing is downloaded.
 Weights: torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` or pytorch-fid's
 `pt_inception-2015-12-05-6726825d.pth` (both convert the TensorFlow graph; same parameter names as this module), or
 the same state dict as `.safetensors`. A `.pth` is read with `torch.load(weights_only=True)`: tensors only, never
-code. Download either file once on a machine with internet (README, "Evaluation").
+code. Download either file once on a machine with internet (docs/evaluation.md).
 
 Why not torch-fidelity's `FeatureExtractorInceptionV3` itself: importing `torch_fidelity` imports torchvision (its
 CLIP and VGG extractors), which cannot be installed beside this CPU torch, and once torch-fidelity is installed
@@ -225,7 +225,7 @@ def load_inception(path: str, device="cpu", field: str = "--inception") -> Incep
     `device`; ValueError naming `field` and the file when it is missing or is not this network's weights."""
     if not path or not os.path.isfile(path):
         raise ValueError(f"{field}={path!r} is not a file; download the FID Inception weights once "
-                         f"(README, \"Evaluation\") and pass their local path.")
+                         f"(docs/evaluation.md) and pass their local path.")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

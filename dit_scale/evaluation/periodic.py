@@ -42,7 +42,7 @@ class TrainingEvaluation:
         self.fid = bool(e.every and e.fid_samples)
         if self.fid and not os.path.isfile(e.inception):
             raise ConfigError(f"eval.inception={e.inception!r} is not a file; download the FID Inception weights once "
-                              f"(README, \"Evaluation\") and give their local path.")
+                              f"(docs/evaluation.md) and give their local path.")
         self._extractor = self._reference = self._conditions = None
         self._grid_captions = _NOT_LOADED
         # the FID decodes on every rank and needs a decoder now (a latent run without a known VAE fails here, before

@@ -1,5 +1,6 @@
-"""Every command the README's quick sections show (Configs, Models, Training) runs as written, with tiny step counts
-and a tiny model on the tiny shards appended as later overrides, and writes into a temporary folder."""
+"""Every command the docs' quick sections show (docs/configuration.md "Configs", docs/models.md "Models",
+docs/training.md "Training") runs as written, with tiny step counts and a tiny model on the tiny shards appended as
+later overrides, and writes into a temporary folder."""
 import os
 import re
 import shlex
@@ -10,28 +11,52 @@ import pytest
 
 from tiny import ROOT, TINY_MODEL, as_overrides
 
-QUICK_SECTIONS = ("### Configs", "### Models", "### Training")
+# (page, heading): a section runs from its heading to the next heading of the same or a higher level
+QUICK_SECTIONS = (("docs/configuration.md", "## Configs"), ("docs/models.md", "## Models"),
+                  ("docs/training.md", "## Training"))
+
+
+def doc_section(page: str, heading: str) -> str:
+    """The text of the first section of `page` (README.md or a docs page) whose heading line starts with `heading`,
+    down to the next heading of the same or a higher level (its subsections included)."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    level = len(heading) - len(heading.lstrip("#"))
+    lines, out, inside, fence = text.splitlines(), [], False, False
+    for line in lines:
+        if line.startswith("```"):
+            fence = not fence
+        m = None if fence else re.match(r"^(#+) ", line)
+        if m and inside and len(m.group(1)) <= level:
+            break
+        if m and not inside and line.startswith(heading):
+            inside = True
+        if inside:
+            out.append(line)
+    assert out, f"{page} has no section {heading!r}"
+    return "\n".join(out) + "\n"
+
+
+def bash_commands(text: str) -> list:
+    """argv of every command line in the ```bash blocks of `text` (continuations joined, comments dropped)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip()
+            if line:
+                out.append(shlex.split(line))
+    return out
 
 
 def readme_commands():
     """(section, argv) of every command line in a ```bash block of the quick sections."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    out = []
-    for block in re.finditer(r"^(#+ .*?)$|```bash\n(.*?)```", text, flags=re.M | re.S):
-        if block.group(1):
-            section = block.group(1)
-            continue
-        if section.startswith(QUICK_SECTIONS):
-            for line in block.group(2).replace("\\\n", " ").splitlines():
-                line = line.split("#")[0].strip()
-                if line:
-                    out.append((section, shlex.split(line)))
-    return out
+    return [(f"{page} {heading}", argv) for page, heading in QUICK_SECTIONS
+            for argv in bash_commands(doc_section(page, heading))]
 
 
 def test_the_quick_sections_have_commands():
-    sections = {s.split("(")[0].strip() for s, _ in readme_commands()}
-    assert sections == {"### Configs", "### Models", "### Training"}, sections
+    sections = {s for s, _ in readme_commands()}
+    assert sections == {f"{page} {heading}" for page, heading in QUICK_SECTIONS}, sections
+    assert len(readme_commands()) >= 4, readme_commands()      # train override, two model_info, sample
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +76,14 @@ def tiny_run(shards, run_dir):
 
 
 @pytest.mark.parametrize("section, argv", readme_commands(), ids=lambda v: " ".join(v)[:60] if isinstance(v, list)
-                         else v[4:20])
+                         else v.split("## ")[-1][:20])
 def test_readme_command_runs(section, argv, tiny_shards, quickstart_run):
     argv = [a.replace("runs/", f"{quickstart_run}/") for a in argv]
     assert argv[0] == ".venv/bin/python", argv
     argv[0] = sys.executable
     if argv[1] == "launch/train.py":
         run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("train.run_dir="))
-        argv += tiny_run(tiny_shards, run_dir)          # later overrides win: the README's own ones are checked too
+        argv += tiny_run(tiny_shards, run_dir)          # later overrides win: the docs' own ones are checked too
     if argv[1] == "launch/sample.py":
         argv += ["--steps", "2"]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,5 @@
-"""The README's Text-to-image commands run as written, in order, with tiny sizes appended as later arguments
-(argparse and config overrides: the last one wins) and data/ and runs/ moved into a temporary folder; the random
+"""The captioned quickstart's commands (docs/text-to-image.md, "The captioned quickstart") run as written, in order,
+with tiny sizes appended as later arguments (argparse and config overrides: the last one wins) and data/ and runs/ moved into a temporary folder; the random
 Inception weights stand in for the FID file. Marked slow (seven processes, about a minute): CI's second stage."""
 import json
 import math
@@ -14,14 +14,18 @@ import pytest
 from eval_utils import write_random_inception
 from tiny import ROOT, TINY_MODEL, TINY_RUN, as_overrides
 
-SECTION = "### Text-to-image"
+PAGE, SECTION = "docs/text-to-image.md", "## The captioned quickstart"
 
 
 def section_commands():
-    """argv of every command line of the section's first ```bash block."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    start = text.index(SECTION)
-    body = text[start:text.index("\n### ", start + 1)]
+    """argv of every command line of the section's first ```bash block (the section ends at the next heading of its
+    level or higher, outside code blocks)."""
+    text = open(os.path.join(ROOT, PAGE), encoding="utf-8").read()
+    start = text.index("\n" + SECTION) + 1
+    body = text[start:]
+    ends = [m.start() for m in re.finditer(r"^#{1,2} ", body, flags=re.M) if m.start() > 0
+            and body[:m.start()].count("```") % 2 == 0]
+    body = body[:ends[0]] if ends else body
     block = re.search(r"```bash\n(.*?)```", body, flags=re.S).group(1)
     lines = [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
     return [shlex.split(line) for line in lines if line]
