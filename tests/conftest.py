@@ -1,12 +1,9 @@
 """Shared pytest set-up: markers, CPU threads, the tiny synthetic dataset (`tiny.py` holds the tiny config)."""
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))          # tests/: `from tiny import ...`
-from tiny import ROOT, tiny_cfg, tiny_overrides, write_tiny_shards  # noqa: E402,F401  (re-exported)
+from tiny import ROOT, tiny_cfg, tiny_overrides, write_tiny_shards  # noqa: F401  (re-exported; tests/ is on the
+#                                                                     import path through pytest.ini's `pythonpath`)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

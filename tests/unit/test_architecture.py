@@ -88,6 +88,9 @@ def test_private_apis_live_in_compat():
 
 
 def test_no_sys_path_edits():
+    """Nothing edits the import path: the package is installed, tests/ is on it through pytest.ini."""
+    conftest = open(os.path.join(ROOT, "tests", "conftest.py")).read()
+    assert "sys.path" not in conftest
     roots = [PACKAGE, os.path.join(ROOT, "launch"), os.path.join(ROOT, "data_tools")]
     for root in roots:
         for folder, _, files in os.walk(root):
