@@ -248,11 +248,17 @@ def take_batches(loader: Iterator[dict], n: int) -> dict[str, Any]:
 
 
 def concat_batches(batches: list[dict]) -> dict[str, Any]:
-    """Batches with the same keys -> one batch: tensors concatenated along dim 0, lists (keys, captions) joined."""
+    """Batches with the same keys -> one batch: tensors concatenated along dim 0 (into pinned memory when they were
+    pinned, so the step's host-to-device copy stays asynchronous), lists (keys, captions) joined."""
     out: dict[str, Any] = {}
     for key, first in batches[0].items():
         parts = [b[key] for b in batches]
-        out[key] = torch.cat(parts) if isinstance(first, torch.Tensor) else [v for part in parts for v in part]
+        if not isinstance(first, torch.Tensor):
+            out[key] = [v for part in parts for v in part]
+            continue
+        into = torch.empty((sum(len(p) for p in parts), *first.shape[1:]), dtype=first.dtype,
+                           pin_memory=first.is_pinned())
+        out[key] = torch.cat(parts, out=into)
     return out
 
 

@@ -33,3 +33,15 @@ def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(totals).all() and bool(ok)
+
+
+@pytest.mark.gpu
+def test_token_budget_batches_stay_pinned():
+    """The token budget's concatenated micro-batch is pinned like the loader's batches, so its copy to the GPU does
+    not wait for the host."""
+    from dit_scale.data import take_batches
+    parts = [{"x": torch.randn(2, 3).pin_memory(), "key": ["a", "b"]},
+             {"x": torch.randn(2, 3).pin_memory(), "key": ["c", "d"]}]
+    batch = take_batches(iter(parts), 2)
+    assert batch["x"].is_pinned() and batch["key"] == ["a", "b", "c", "d"]
+    assert torch.equal(batch["x"], torch.cat([p["x"] for p in parts]))
