@@ -10,9 +10,13 @@ this one function, so what is measured is what is trained.
 With the token budget (`mask.scale_batch`) a micro-batch of a masked step is `batch_multiple(step)` loader batches
 (the trainer concatenates them), so every step trains on the same number of backbone tokens.
 
-Per micro-batch: the objective draws t and noise (`training_targets`); with masking on at this step
-(`mask.ratio` until `mask.unmask_at_step`) the kept tokens are drawn with the same generator and the denoising loss
-is taken per token (`models/masking.py`); while alignment is on (`align.*` until `align.stop_step`) the aligner's
+Per micro-batch: the objective's t and noise (`training_targets`); with masking on at this step (`mask.ratio` until
+`mask.unmask_at_step`) the kept tokens, and the denoising loss is taken per token (`models/masking.py`). In training
+every sample brings its own draws (`batch["uniform"]`, `batch["noise"]`: the loader draws them from the seed and the
+sample's global index, so a sample gets the same time, noise, mask and label / caption dropout on whichever rank and
+in whichever micro-batch it lands): uniform 0 is its time (`objective.t_from_uniform`), 1 its condition dropout,
+2… its token scores (the lowest are kept). A batch without them (benchmarks, the coordinate check) draws from
+`generator`; while alignment is on (`align.*` until `align.stop_step`) the aligner's
 targets are computed first (the SRA target is an EMA forward, which must not interleave with the online one), then
 its heads and attention maps are requested from the forward. `flops_per_image(step)` counts what that step runs.
 """
@@ -26,7 +30,8 @@ import torch
 from dit_scale.align.aligner import Aligner
 from dit_scale.models.args import ModelArgs
 from dit_scale.models.flops import forward_macs
-from dit_scale.models.masking import draw_keep_indices, kept_denoise_loss, masked_denoise_loss, num_kept
+from dit_scale.models.masking import draw_keep_indices, keep_from_scores, kept_denoise_loss, masked_denoise_loss, \
+    num_kept
 from dit_scale.models.text import Captions
 
 
@@ -84,6 +89,15 @@ class TrainingLoss:
         masked = step if self.unmask_at_step is None else min(step, self.unmask_at_step)
         return images_per_batch * (masked * self.batch_multiple(0) + (step - masked) * self.batch_multiple(step))
 
+    @property
+    def uniforms_per_sample(self) -> int:
+        """Uniform draws a training sample carries (`batch["uniform"]`): its time, its condition dropout and one
+        score per token (its mask)."""
+        return 2 + self.args.num_tokens
+
+    def _condition_dropout(self) -> float:
+        return self.args.caption_dropout if self.args.conditioning == "text" else self.args.class_dropout
+
     def align_active(self, step: int) -> bool:
         return self.aligner is not None and self.aligner.active(step)
 
@@ -92,12 +106,22 @@ class TrainingLoss:
         """Loss of one micro-batch `batch` ({"x", "y", optional "feat"}); `ema()` yields the EMA model (SRA only)."""
         x = batch["x"].to(self.device, non_blocking=True)
         y = batch_condition(batch, self.args, self.device)
-        targets = self.objective.training_targets(x, generator=generator)
         ratio = self.mask_ratio(step)
-        keep = draw_keep_indices(x.shape[0], self.args.num_tokens, ratio, generator, self.device) if ratio > 0 \
-            else None
+        kwargs = {}
+        if "uniform" in batch:          # the sample's own draws (see the module docstring)
+            u = batch["uniform"].to(self.device, non_blocking=True)
+            noise = batch["noise"].to(self.device, non_blocking=True).to(x.dtype)
+            targets = self.objective.training_targets(x, t=self.objective.t_from_uniform(u[:, 0]), noise=noise)
+            keep = keep_from_scores(u[:, 2:], ratio) if ratio > 0 else None
+            if self._condition_dropout() > 0:
+                kwargs["force_drop"] = u[:, 1] < self._condition_dropout()
+        else:
+            targets = self.objective.training_targets(x, generator=generator)
+            keep = draw_keep_indices(x.shape[0], self.args.num_tokens, ratio, generator, self.device) if ratio > 0 \
+                else None
         kept_only = keep is not None and self.masked_loss_weight == 0.0
-        kwargs = {} if keep is None else {"mask": keep, "kept_only": kept_only}
+        if keep is not None:
+            kwargs.update(mask=keep, kept_only=kept_only)
         align_on = self.align_active(step)
         if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
             sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep)

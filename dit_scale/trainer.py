@@ -21,7 +21,8 @@ from dit_scale.checkpoint import CheckpointManager, disk_error, find_latest
 from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
 from dit_scale.config import ConfigError, save_config
-from dit_scale.data import build_loader, take_batches
+from dit_scale.data import build_loader, merge_states, split_rows, take_batches
+from dit_scale.data.loader import STATE_FORMAT
 from dit_scale.evaluation.periodic import TrainingEvaluation
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
@@ -41,10 +42,12 @@ class TrainingAborted(RuntimeError):
 
 
 class RankStreams:
-    """This rank's data loader and RNG streams: what differs per data-parallel rank in a checkpoint."""
+    """This rank's data loader and RNG streams: what a checkpoint holds per rank. The loader's order is global (any
+    layout continues it); a training sample's randomness comes with it from the loader (its own draws); the RNG
+    streams (torch, numpy, python globals) are per data-parallel rank."""
 
-    def __init__(self, cfg, topology, device):
-        self.cfg, self.topo = cfg, topology
+    def __init__(self, cfg, topology, device, uniforms: int):
+        self.cfg, self.topo, self.uniforms = cfg, topology, uniforms
         self.loader = self._build_loader(cfg.train.seed)
         # seeded per data-parallel rank: the ranks sharing an image (tensor / context parallelism) draw alike
         self.rng = RNGStreams(cfg.train.seed, topology.dp_rank, device, cfg.train.deterministic)
@@ -55,20 +58,43 @@ class RankStreams:
         if m.conditioning == "text":        # caption features of the model's width and length; labels unused
             expect.update(num_classes=0, text_dim=m.text_dim, text_len=m.text_len)
         return build_loader(self.cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=seed,
-                            expect=expect)
+                            expect=expect, uniforms=self.uniforms)
+
+    @property
+    def global_batch(self) -> int:
+        """Loader batches of every data-parallel rank and micro-batch in a step, in images (token budget: × the
+        step's batch multiple)."""
+        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.topo.dp_size
 
     def state_dict(self) -> dict:
-        return {"data": self.loader.state_dict(), "rng": self.rng.state_dict()}
+        return {"data": self.loader.state_dict(), "rng": self.rng.state_dict(), "global_batch": self.global_batch,
+                "dp": [self.topo.dp_rank, self.topo.dp_size]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["data"])
-        self.rng.load_state_dict(state["rng"])
-
-    def restart(self, step: int) -> None:
-        """After a resharded resume: the loader reshuffled with a seed derived from `step`, fresh RNG streams."""
-        self.loader.close()
-        self.loader = self._build_loader(self.cfg.train.seed + step)
-        self.rng.reseed(step)
+    def resume(self, saved: list, step: int) -> list[str]:
+        """Continue from every rank's saved streams (`saved`, a checkpoint's per_rank list) at `step`: the loader from
+        the merged partitions (any layout), the RNG streams from this rank's own entry when the layout is the same,
+        else fresh ones derived from the step. Returns lines to log about what changed."""
+        notes = []
+        data = [s.get("data") if isinstance(s, dict) else None for s in saved]
+        if all(isinstance(d, dict) and d.get("format") == STATE_FORMAT for d in data):
+            self.loader.load_state_dict(merge_states(data))
+        else:   # a checkpoint of an older dit_scale: its per-rank loader state cannot be split anew
+            self.loader.close()
+            self.loader = self._build_loader(self.cfg.train.seed + step)
+            notes.append(f"the checkpoint's data-loader state has an older format, so the data order restarts "
+                         f"(shuffled with a seed derived from step {step}) and differs from an uninterrupted run")
+        mine = saved[self.topo.rank] if len(saved) == self.topo.world_size else None
+        if isinstance(mine, dict) and mine.get("dp", [self.topo.dp_rank, self.topo.dp_size]) == \
+                [self.topo.dp_rank, self.topo.dp_size]:
+            self.rng.load_state_dict(mine["rng"])
+        else:
+            self.rng.reseed(step)
+        before = saved[0].get("global_batch") if isinstance(saved[0], dict) else None
+        if before is not None and before != self.global_batch:
+            notes.append(f"the global batch changes from {before} to {self.global_batch} images (data.batch_size x "
+                         f"train.grad_accum x data-parallel size): the sample order continues where it stopped, but "
+                         f"steps from here group samples differently from the saved run")
+        return notes
 
 
 class Trainer:
@@ -88,10 +114,10 @@ class Trainer:
         built.init = init_from(cfg, self.run, built, self.topo.is_main)   # train.init_from (weights only; resume wins)
         self.model, self.objective = built.model, built.objective
         self.sizes = count_params(self.model)
-        self.streams = RankStreams(cfg, self.topo, self.device)
+        self.loss = TrainingLoss.from_config(cfg, self.objective, built.args, self.device)
+        self.streams = RankStreams(cfg, self.topo, self.device, self.loss.uniforms_per_sample)
         self.engine = build_engine(cfg, self.model, self.topo, mup=built.mup, init=built.init)
         self.streams.rng.reseed(0)                          # per-rank randomness from here on
-        self.loss = TrainingLoss.from_config(cfg, self.objective, built.args, self.device)
         self.evaluation = TrainingEvaluation(cfg, self.topo, self.objective, self.device)   # eval.*, sample grids
         self.metric_names = ["loss"] + [f"loss_{k}" for k in self.loss.names]
         self.interval = IntervalStats(self.metric_names, self.device)
@@ -144,10 +170,10 @@ class Trainer:
         totals = torch.zeros(len(self.metric_names), device=self.device)
         counts = None                       # tokens per expert [L, E] of this step (aux-loss-free balancing)
         multiple = self.loss.batch_multiple(self.step)     # token budget: 1, or tokens / kept on a masked step
-        for _ in range(accum):
+        micro_batches = split_rows(take_batches(self.loader, multiple * accum), accum)
+        for batch in micro_batches:
             if self._cuda_graphs:           # the previous micro-batch's graph outputs are consumed: replay may reuse them
                 torch.compiler.cudagraph_mark_step_begin()
-            batch = take_batches(self.loader, multiple)
             with autocast(self.cfg.train, self.device):
                 out = self.loss(self.engine.module, batch, step=self.step, generator=self.generator,
                                 ema=self.engine.sampling_module)
@@ -242,6 +268,8 @@ class Trainer:
                 f"{t.max_bad_steps}); lower optim.lr or check the data; {where}.")
         row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size)
         row["images"] = self.loss.images_before(self.step, self._images_per_batch())   # trained on so far
+        row["global_batch"] = self.images_in_step(self.step - 1)
+        row["data_position"] = self.loader.samples       # global samples the loader has handed out
         row["lr"] = self.engine.lr
         if self.cfg.mask.ratio > 0:
             row["mask_ratio"] = self.loss.mask_ratio(self.step - 1)
@@ -253,7 +281,7 @@ class Trainer:
 
     def _images_per_batch(self) -> int:
         """Images of one loader batch over every data-parallel rank and micro-batch of a step."""
-        return self.cfg.data.batch_size * self.cfg.train.grad_accum * self.topo.dp_size
+        return self.streams.global_batch
 
     def images_in_step(self, step: int) -> int:
         """Images over every data-parallel rank that (0-based) step `step` trains on (token budget: more when masked)."""

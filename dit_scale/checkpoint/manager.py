@@ -8,7 +8,7 @@
 Inside: the format (train.checkpoint_format), async saves (train.async_save), retention (train.keep_last /
 keep_every), verification shared by the ranks (each hashes a share of a sharded checkpoint's files), fallback past
 a damaged checkpoint to the previous one, and resharding (a checkpoint written by another number of processes:
-weights, EMA and optimizer move; the per-rank streams restart, `streams.restart(step)`).
+weights, EMA and optimizer move; the data order, global, continues: `streams.resume(per_rank, step)`).
 
 Resuming with a changed config prints every difference. Hyperparameters apply (peak LR, schedule length and shape,
 weight decay, betas, eps, clipping, loss weights: the optimizer's moments and step stay as saved); a change that
@@ -18,7 +18,7 @@ previous checkpoint stays the newest. A full disk or quota, or a checkpoint fold
 sentence naming it (`disk_error`).
 
 `engine` provides the model/EMA/optimizer state and the collectives; `streams` is this rank's stateful loader and
-RNG streams (`state_dict`, `load_state_dict`, `restart(step)`), gathered from every rank into `per_rank`.
+RNG streams (`state_dict`, `resume(per_rank, step)`), gathered from every rank into `per_rank`.
 """
 from __future__ import annotations
 
@@ -96,14 +96,12 @@ class CheckpointManager:
         restore_hyperparameters(self.engine.optimizer, self.engine.scheduler, configured)
         step = int(state["step"])
         saved = state["per_rank"]
-        if len(saved) == self.topo.world_size and self._same_data_layout(saved[self.topo.rank]):
-            self.streams.load_state_dict(saved[self.topo.rank])
-        else:   # resharded: model, EMA and optimizer moved; per-rank streams cannot be split anew
-            self.log(f"warning: checkpoint '{path}' was written by {len(saved)} process(es) and this run has "
+        if len(saved) != self.topo.world_size:
+            self.log(f"checkpoint '{path}' was written by {len(saved)} process(es) and this run has "
                      f"{self.topo.world_size} (data-parallel size {self.topo.dp_size}): weights, EMA and optimizer "
-                     f"state are resharded, but the data loader and RNG streams restart (shuffled with a seed derived "
-                     f"from step {step}), so the data order differs from an uninterrupted run.")
-            self.streams.restart(step)
+                     f"state are resharded; the data order continues where it stopped.")
+        for note in self.streams.resume(saved, step):
+            self.log(f"warning: {note}.")
         self.log(f"resumed from {path} at step {step}")
         return step
 
@@ -118,14 +116,6 @@ class CheckpointManager:
         if not self.engine.all_finite():
             raise CheckpointError(f"Checkpoint '{path}' holds weights that are not finite (NaN or Inf in the model or "
                                   f"its EMA); use an earlier checkpoint.")
-
-    def _same_data_layout(self, saved_streams) -> bool:
-        """Whether this rank's saved loader had this rank's data-parallel rank and size (tensor / context
-        parallelism change them at the same process count)."""
-        data = saved_streams.get("data") if isinstance(saved_streams, dict) else None
-        if not isinstance(data, dict) or "dp_size" not in data:
-            return True
-        return (data["dp_rank"], data["dp_size"]) == (self.topo.dp_rank, self.topo.dp_size)
 
     def _read(self, path: str) -> dict:
         """The state of checkpoint `path`; a sharded one is verified by all ranks together (each hashes a share

@@ -86,10 +86,11 @@ class OptimConfig:
 class DataConfig:
     path: str = "data/synthetic"        # shards: directory, glob, brace list, pipe:CMD, s3:// or http(s):// pattern
     batch_size: int = 32                # per-process micro-batch
-    shuffle_buffer: int = 1000          # samples in each stream's shuffle buffer (0: shard order)
+    shuffle_buffer: int = 2048          # samples held for shuffling, over all partitions (0: shard order)
     hflip: bool = False                 # random horizontal flips (latent shards: the stored latent_flip.npy)
     image_key: str = "auto"             # member holding x; auto: from the manifest (or the first sample)
     num_workers: int = 0                # loader worker processes per rank (0: all in the training process)
+    partitions: int = 64                # streams of the global sample order; a multiple of the data-parallel size
     mode: str = "epoch"                 # epoch: each sample once per epoch | resampled: shards drawn with replacement
     steps_per_epoch: int = 0            # batches per epoch per rank (0: manifest samples / (ranks * batch_size))
     sources: List[str] = field(default_factory=list)     # several shard sets to mix (replaces path when set)

@@ -20,8 +20,8 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
-POSITIVE_INTS = ("model.input_size", "model.in_channels", "train.steps", "train.grad_accum",
-                 "data.batch_size", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
+POSITIVE_INTS = ("model.input_size", "model.in_channels", "train.steps", "train.grad_accum", "data.batch_size",
+                 "data.partitions", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
                  "train.max_bad_steps", "parallel.ep", "logging.samples_per_class", "logging.max_sample_classes")
 OPTIONAL_POSITIVE_INTS = ("model.depth", "model.hidden_size", "model.num_heads")
 NON_NEGATIVE = ("data.shuffle_buffer", "optim.warmup_steps", "train.checkpoint_every", "logging.sample_every",
@@ -142,6 +142,7 @@ def _validate_text(cfg) -> None:
               f"captions: set model.caption_dropout > 0 (PixArt-α: 0.1), or diffusion.cfg_scale=1.")
 
 
+MAX_PARTITIONS = 4096   # streams of the global sample order: enough for 4096 data-parallel ranks
 MAX_BATCH = 2 ** 16      # images per rank and micro-batch: far above what fits a device, far below a start-up that hangs
 
 
@@ -149,6 +150,9 @@ def _validate_data(data) -> None:
     if data.batch_size > MAX_BATCH:
         _fail(f"data.batch_size={data.batch_size} images per rank and micro-batch cannot work (at most {MAX_BATCH}); "
               f"use a smaller data.batch_size, and train.grad_accum or more processes for a larger global batch.")
+    if data.partitions > MAX_PARTITIONS:
+        _fail(f"data.partitions={data.partitions} streams would each hold open shards and a shuffle buffer (at most "
+              f"{MAX_PARTITIONS}); use a multiple of the data-parallel size up to {MAX_PARTITIONS}.")
     for key in ("num_workers", "steps_per_epoch"):
         if data[key] < 0:
             _fail(f"data.{key} must be >= 0, got {data[key]}.")

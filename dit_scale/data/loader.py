@@ -1,22 +1,27 @@
 """The data-parallel, multi-worker, resumable shard loader the trainer uses.
 
-    loader = build_loader(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.train.seed,
+    loader = build_loader(cfg.data, dp_rank=rank, dp_size=world, seed=cfg.train.seed, uniforms=U,
                           expect={"x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K,
                                   "text_dim": T, "text_len": L})
                                   # ConfigError on a mismatch; K = 0: unconditional, every y is 0
+    batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str], "index": int64 [B]
+                                  #  (global sample indices), "uniform": float32 [B, U] and "noise": float32 like x
+                                  #  (U > 0: each sample's own draws), "feat": float32 [B, N, D] if the shards hold
+                                  #  feat.npy, "caption": [str] if any, "caption_feat": float32 [B, L, T],
+                                  #  "caption_mask": bool [B, L] if the shards hold caption features}
     batch = take_batches(loader, n)   # n batches as one (the token budget's larger masked micro-batches)
-    batch = next(loader)          # {"x": float32 [B, C, H, W], "y": int64 [B], "key": [str],
-                                  #  "feat": float32 [B, N, D] if the shards hold feat.npy, "caption": [str] if any,
-                                  #  "caption_feat": float32 [B, L, T], "caption_mask": bool [B, L] if the shards
-                                  #  hold caption features (data_tools --text-encoder)}
-    state = loader.state_dict()   # plain ints / lists: goes into the checkpoint (per rank)
-    loader.load_state_dict(state) # the following batches equal those of the uninterrupted run
+    micros = split_rows(batch, A)     # a step's rows → A micro-batches (gradient accumulation)
+    state = loader.state_dict()   # plain values: the global position and this rank's partitions' states
+    loader.load_state_dict(merge_states(states_of_every_rank))   # any data-parallel size continues the same order
     loader.close()                # stops worker processes (also on garbage collection / exit)
 
-The rank's batches come round-robin from `num_slices` slices (dit_scale/data/stream.py): slice i runs in loader
-worker process i (torch DataLoader, in-order delivery) or, with num_workers=0, all slices run in this process; both
-give the same batches. Each batch carries the state of its slice after it, so the loader state is exactly what was
-consumed, whatever the workers prefetched. The loader never ends: every rank can take any number of steps.
+The order is global (dit_scale/data/stream.py): `data.partitions` streams interleaved, rank r of D serving samples
+r, r + D, r + 2D, … of it, so the samples of a step, and what each gets, are the same for any number of ranks and
+workers. With num_workers=W the rank's partitions are split over W loader worker processes (torch DataLoader,
+in-order delivery); each delivers its rows of every batch and this process puts them in place; with num_workers=0 one
+reader runs here; both give the same batches. Each worker's share carries its partitions' states after it, so the
+loader state is exactly what was consumed, whatever the workers prefetched. The loader never ends: every rank can
+take any number of steps.
 
 When the data stops the run (too many corrupt samples, no progress: see stream.py) the loader raises DataError,
 one sentence; a worker hands that message over as a batch and the training process raises it. Worker processes
@@ -39,9 +44,10 @@ from dit_scale.data.errors import DataError
 from dit_scale.data.manifest import CAPTION_FEAT_KEY, CAPTION_MASK_KEY, find_manifest
 from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, decode_image, first_sample, \
     list_shards
-from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, SliceSpec, SliceStream, SourceSpec, initial_slice_state
+from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, RankReader, SourceSpec, StreamSpec, \
+    initial_partition_state
 
-STATE_FORMAT = "dit_scale.data/1"
+STATE_FORMAT = "dit_scale.data/2"
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 _LOADERS_WITH_WORKERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
 
@@ -54,25 +60,24 @@ def _worker_init(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
 
 
-class _SliceDataset(torch.utils.data.IterableDataset):
-    """Worker i of the DataLoader runs slice (i + offset) % num_slices from its saved state, batch by batch. A
-    DataError ends the worker's stream with {"__error__": message} (re-raised by the training process, so the
-    user sees one sentence rather than the DataLoader's wrapped worker traceback)."""
+class _RankDataset(torch.utils.data.IterableDataset):
+    """Worker w of the DataLoader serves its share of every batch (`RankReader`) from the saved partition states. A
+    DataError ends the worker's stream with {"__error__": message} (re-raised by the training process, so the user
+    sees one sentence rather than the DataLoader's wrapped worker traceback)."""
 
-    def __init__(self, spec: SliceSpec, states: list[dict], offset: int):
-        self.spec, self.states, self.offset = spec, states, offset
+    def __init__(self, spec: StreamSpec, states: dict, start: int, num_workers: int):
+        self.spec, self.states, self.start, self.num_workers = spec, states, start, num_workers
         self.parent_pid = os.getpid()
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        slice_id = ((info.id if info is not None else 0) + self.offset) % self.spec.num_slices
-        stream = SliceStream(self.spec, slice_id, self.states[slice_id],
-                             parent_pid=self.parent_pid if info is not None else None)
+        reader = RankReader(self.spec, self.states, self.start, info.id if info is not None else 0, self.num_workers,
+                            parent_pid=self.parent_pid if info is not None else None)
         while True:
             try:
-                batch = stream.next_batch()
+                batch = reader.next_batch()
             except DataError as e:
-                yield {"__error__": str(e), "__slice__": slice_id}
+                yield {"__error__": str(e)}
                 return
             yield batch
 
@@ -81,29 +86,34 @@ class ShardLoader:
     """Infinite iterator of batches for one data-parallel rank (see the module docstring)."""
 
     def __init__(self, sources: list[SourceSpec], *, batch_size: int, shuffle_buffer: int = 0, hflip: bool = False,
-                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, mode: str = "epoch", num_workers: int = 0,
-                 num_slices: Optional[int] = None, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01,
-                 max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT, num_classes: Optional[int] = None):
-        if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or num_workers < 0:
-            raise ValueError("need data.batch_size >= 1, data.shuffle_buffer >= 0, data.num_workers >= 0, seed >= 0")
+                 seed: int = 0, dp_rank: int = 0, dp_size: int = 1, partitions: int = 1, mode: str = "epoch",
+                 num_workers: int = 0, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01,
+                 max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT, num_classes: Optional[int] = None,
+                 uniforms: int = 0):
+        if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or num_workers < 0 or partitions < 1 or uniforms < 0:
+            raise ValueError("need data.batch_size >= 1, data.shuffle_buffer >= 0, data.num_workers >= 0, "
+                             "data.partitions >= 1, seed >= 0, uniforms >= 0")
         if max_consecutive_corrupt < 1:
             raise ValueError("data.max_consecutive_corrupt must be >= 1, got %d" % max_consecutive_corrupt)
         if not 0 <= dp_rank < dp_size:
             raise ValueError("dp_rank %d is not in [0, dp_size=%d)" % (dp_rank, dp_size))
         if mode not in ("epoch", "resampled"):
             raise ValueError("data.mode must be epoch or resampled, got %r" % mode)
-        num_slices = num_slices or max(1, num_workers)
-        if num_workers not in (0, num_slices):
-            raise ValueError("num_workers=%d must be 0 or num_slices=%d" % (num_workers, num_slices))
+        if partitions % dp_size:
+            raise ConfigError("data.partitions=%d is not a multiple of the data-parallel size %d, so the ranks cannot "
+                              "split the global sample order; set data.partitions to a multiple of %d (e.g. %d)."
+                              % (partitions, dp_size, dp_size, dp_size * max(1, -(-partitions // dp_size))))
         for src in sources:
-            if len(src.shards) < dp_size:
-                raise ConfigError("%d shards in %s cannot be split over %d data-parallel ranks; write at least %d "
-                                  "shards (e.g. a smaller --samples-per-shard)"
-                                  % (len(src.shards), src.name, dp_size, dp_size))
+            if mode == "epoch" and src.num_samples is not None and src.num_samples < partitions:
+                raise ConfigError("%s holds %d samples, fewer than data.partitions=%d, so some partitions of the "
+                                  "global order would be empty; set data.partitions to at most %d (a multiple of "
+                                  "the data-parallel size %d)." % (src.name, src.num_samples, partitions,
+                                                                   src.num_samples, dp_size))
         self.sources = sources
         self.shards = [s for src in sources for s in src.shards]
-        self.batch_size, self.dp_rank, self.dp_size = batch_size, dp_rank, dp_size
-        self.mode, self.num_workers, self.num_slices = mode, num_workers, num_slices
+        self.batch_size, self.dp_rank, self.dp_size, self.partitions = batch_size, dp_rank, dp_size, partitions
+        self.mode, self.uniforms = mode, uniforms
+        self.num_workers = min(num_workers, partitions // dp_size)   # more workers than partitions would idle
         self.max_corrupt_fraction = max_corrupt_fraction
         counts = [src.num_samples for src in sources]
         self.total_samples = sum(counts) if all(c is not None for c in counts) else None
@@ -114,75 +124,80 @@ class ShardLoader:
                               "manifest.json with sample counts (%s)" % sources[0].name)
         self.steps_per_epoch = steps_per_epoch
         weight_sum = sum(src.weight for src in sources)
-        epoch_samples = [max(1, math.ceil(steps_per_epoch * batch_size * src.weight / weight_sum / num_slices))
-                         for src in sources] if mode == "resampled" else []
-        self.spec = SliceSpec(sources=sources, batch_size=batch_size, seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-                              num_slices=num_slices, mode=mode, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                              epoch_samples=epoch_samples, num_classes=num_classes,
-                              max_corrupt_fraction=max_corrupt_fraction,
-                              max_consecutive_corrupt=max_consecutive_corrupt)
-        self.slice_states = [initial_slice_state(len(sources)) for _ in range(num_slices)]
-        self.next_slice = 0
-        self.batches = 0
+        epoch_samples = [max(1, math.ceil(steps_per_epoch * batch_size * dp_size * src.weight / weight_sum
+                                          / partitions)) for src in sources] if mode == "resampled" else []
+        self.spec = StreamSpec(sources=sources, batch_size=batch_size, seed=seed, partitions=partitions,
+                               dp_rank=dp_rank, dp_size=dp_size, mode=mode,
+                               shuffle_buffer=-(-shuffle_buffer // partitions) if shuffle_buffer > 1 else 0,
+                               hflip=hflip, epoch_samples=epoch_samples, num_classes=num_classes,
+                               max_corrupt_fraction=max_corrupt_fraction,
+                               max_consecutive_corrupt=max_consecutive_corrupt, uniforms=uniforms)
+        self.mine = [self.spec.partition_of(q) for q in range(self.spec.local_partitions)]
+        self.partition_states = {p: initial_partition_state(len(sources)) for p in self.mine}
+        self.samples = 0             # global samples the run has consumed (every rank's batches)
+        self._start_samples = 0
         self._iter: Optional[Iterator[dict]] = None
         self._dataloader = None
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
+    def batches(self) -> int:
+        """Batches of this rank's size the run has consumed (per rank)."""
+        return self.samples // (self.batch_size * self.dp_size)
+
+    @property
     def epoch(self) -> int:
-        """Exact mode: the oldest epoch any slice of the first source is in; resampled: batches // steps_per_epoch."""
+        """Exact mode: the oldest epoch any of this rank's partitions of the first source is in; resampled: batches
+        // steps_per_epoch."""
         if self.mode == "resampled":
             return self.batches // self.steps_per_epoch
-        return min(s["epochs"][0] for s in self.slice_states)
+        return min(s["epochs"][0] for s in self.partition_states.values())
 
     @property
     def corrupt(self) -> tuple[int, int]:
-        """(corrupt samples skipped, raw samples read) by this rank so far."""
-        return (sum(s["corrupt"] for s in self.slice_states), sum(s["seen"] for s in self.slice_states))
+        """(corrupt samples skipped, raw samples read) by this rank's partitions so far."""
+        return (sum(s["corrupt"] for s in self.partition_states.values()),
+                sum(s["seen"] for s in self.partition_states.values()))
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "mode": self.mode, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
-                "num_slices": self.num_slices, "num_sources": len(self.sources), "epoch": self.epoch,
-                "batches": self.batches, "next_slice": self.next_slice,
-                "epochs": [list(s["epochs"]) for s in self.slice_states],
-                "positions": [list(s["positions"]) for s in self.slice_states],
-                "draws": [s["draws"] for s in self.slice_states],
-                "seen": [s["seen"] for s in self.slice_states],
-                "corrupt": [s["corrupt"] for s in self.slice_states]}
+        """Plain values: the global position and this rank's partitions' states (`merge_states` joins the ranks')."""
+        return {"format": STATE_FORMAT, "mode": self.mode, "partitions": self.partitions,
+                "num_sources": len(self.sources), "samples": self.samples,
+                "partition_states": [{"partition": p, **self.partition_states[p]} for p in self.mine]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`: one rank's (same layout) or `merge_states` of every rank's (any layout)."""
         if state.get("format") != STATE_FORMAT:
             raise ConfigError("The data-loader state in this checkpoint has format %r, not %r; it was written by "
                               "another version of dit_scale.data and its position cannot be restored."
                               % (state.get("format"), STATE_FORMAT))
-        for key, field, mine in (("mode", "data.mode", self.mode), ("dp_size", "the data-parallel size",
-                                                                  self.dp_size),
-                                 ("num_slices", "data.num_workers (loader slices)", self.num_slices),
+        for key, field, mine in (("mode", "data.mode", self.mode), ("partitions", "data.partitions", self.partitions),
                                  ("num_sources", "the number of data.sources", len(self.sources))):
             if state[key] != mine:
                 raise ConfigError("The checkpoint's loader state was saved with %s=%s and this run has %s; resume "
                                   "with the same value." % (field, state[key], mine))
+        saved = {int(s["partition"]): s for s in state["partition_states"]}
+        missing = [p for p in self.mine if p not in saved]
+        if missing and int(state["samples"]):
+            raise ConfigError("The checkpoint's loader state lacks partition %d of data.partitions=%d; resume from a "
+                              "complete checkpoint." % (missing[0], self.partitions))
         self.close()
-        self.slice_states = [{"epochs": [int(v) for v in e], "positions": [int(v) for v in p], "draws": int(d),
-                              "seen": int(n), "corrupt": int(c)}
-                             for e, p, d, n, c in zip(state["epochs"], state["positions"], state["draws"],
-                                                      state["seen"], state["corrupt"])]
-        self.next_slice, self.batches = int(state["next_slice"]), int(state["batches"])
+        self.partition_states = {p: {"epochs": [int(v) for v in saved[p]["epochs"]],
+                                     "positions": [int(v) for v in saved[p]["positions"]],
+                                     "draws": int(saved[p]["draws"]), "seen": int(saved[p]["seen"]),
+                                     "corrupt": int(saved[p]["corrupt"])} if p in saved
+                                 else initial_partition_state(len(self.sources)) for p in self.mine}
+        self.samples = self._start_samples = int(state["samples"])
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def _start(self) -> None:
-        states = [dict(s) for s in self.slice_states]
+        states = {p: dict(s) for p, s in self.partition_states.items()}
+        start = -(-(self.samples - self.dp_rank) // self.dp_size)      # this rank's next k: r + D k >= samples
         if self.num_workers == 0:
-            streams = [SliceStream(self.spec, i, states[i]) for i in range(self.num_slices)]
-
-            def round_robin(start: int) -> Iterator[dict]:
-                i = start
-                while True:
-                    yield streams[i].next_batch()
-                    i = (i + 1) % self.num_slices
-            self._iter = round_robin(self.next_slice)
+            reader = RankReader(self.spec, states, start)
+            self._iter = iter(reader.next_batch, None)
             return
-        dataset = _SliceDataset(self.spec, states, self.next_slice)
+        dataset = _RankDataset(self.spec, states, start, self.num_workers)
         self._dataloader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2, persistent_workers=False,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
@@ -203,19 +218,19 @@ class ShardLoader:
         if self._iter is None:
             self._start()
         try:
-            batch = next(self._iter)
-            if "__error__" in batch:                  # a worker's DataError, handed over as data
-                raise DataError(batch["__error__"])
+            parts = []
+            for _ in range(max(1, self.num_workers)):   # the DataLoader delivers workers 0, 1, … in order
+                part = next(self._iter)
+                if "__error__" in part:                 # a worker's DataError, handed over as data
+                    raise DataError(part["__error__"])
+                parts.append(part)
         except DataError:
             self.close()                              # a later call restarts from the last batch taken
             raise
-        slice_id = int(batch.pop("__slice__"))
-        if slice_id != self.next_slice:               # DataLoader delivers workers in order; never expected
-            raise RuntimeError("loader received slice %d, expected %d" % (slice_id, self.next_slice))
-        self.slice_states[slice_id] = batch.pop("__state__")
-        self.next_slice = (slice_id + 1) % self.num_slices
-        self.batches += 1
-        return batch
+        for part in parts:
+            self.partition_states.update(part.pop("__state__"))
+        self.samples += self.batch_size * self.dp_size
+        return _merge_rows(parts)
 
     def close(self) -> None:
         """Stop the worker processes (if any); the next batch restarts them from the current state."""
@@ -236,6 +251,62 @@ class ShardLoader:
             self.close()
         except Exception:   # noqa: BLE001 -- interpreter shutdown
             pass
+
+
+def _merge_rows(parts: list[dict]) -> dict[str, Any]:
+    """The workers' shares of one batch (each with "__rows__", its rows' positions) → the batch, rows in order."""
+    rows = [r for part in parts for r in part.pop("__rows__")]
+    parts = [part for part in parts if part]
+    if len(parts) == 1:
+        return parts[0]
+    batch = concat_batches(parts)
+    order = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__))
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            into = torch.empty_like(value, pin_memory=value.is_pinned())
+            batch[key] = torch.index_select(value, 0, order, out=into)
+        else:
+            batch[key] = [value[i] for i in order.tolist()]
+    return batch
+
+
+def split_rows(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """A step's batch → `parts` micro-batches, micro-batch i holding rows i, i + parts, i + 2·parts, …: with the
+    global interleave (stream.py) micro-batch i of rank r holds the step's samples at offsets ≡ r + D·i modulo D·parts,
+    so the grouping of samples into micro-batches depends only on the global batch and the micro-batch size, not on
+    how the micro-batches are spread over ranks and accumulation (batch statistics such as MoE balancing see the
+    same groups). Tensors are copied into pinned memory when the batch was pinned."""
+    if parts == 1:
+        return [batch]
+    out = []
+    for i in range(parts):
+        micro: dict[str, Any] = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                rows = value[i::parts]
+                into = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=value.is_pinned())
+                micro[key] = into.copy_(rows)
+            else:
+                micro[key] = value[i::parts]
+        out.append(micro)
+    return out
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Every data-parallel rank's loader state (`ShardLoader.state_dict`) → one state holding every partition, which a
+    loader of any data-parallel size continues; ConfigError when the ranks disagree (a damaged checkpoint)."""
+    first = states[0]
+    merged = {**first, "partition_states": []}
+    seen = set()
+    for state in states:
+        if any(state.get(k) != first.get(k) for k in ("format", "mode", "partitions", "num_sources", "samples")):
+            raise ConfigError("The checkpoint's loader states disagree between ranks (position %s vs %s); resume "
+                              "from another checkpoint." % (first.get("samples"), state.get("samples")))
+        for part in state["partition_states"]:
+            if part["partition"] not in seen:
+                seen.add(part["partition"])
+                merged["partition_states"].append(part)
+    return merged
 
 
 def take_batches(loader: Iterator[dict], n: int) -> dict[str, Any]:
@@ -379,15 +450,15 @@ def _check_text(src: SourceSpec, dim: Optional[int], length: Optional[int]) -> N
 
 
 def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expect: Optional[dict] = None,
-                 num_slices: Optional[int] = None) -> ShardLoader:
+                 uniforms: int = 0) -> ShardLoader:
     """ShardLoader for a DataConfig-like `cfg` (path or sources/weights, batch_size, shuffle_buffer, hflip,
     image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction, max_consecutive_corrupt).
     `expect` may hold "x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K, "text_dim": T,
     "text_len": L (caption features, a text model); a mismatch with the
     shards is a ConfigError. With K > 0 a label outside [0, K) is a corrupt sample; K = 0 trains unconditionally
-    (labels ignored, every y is 0); without K labels are passed as stored. `num_slices` (default:
-    max(1, num_workers)) with num_workers=0 runs that many slices in this process: the same batches as that many
-    workers."""
+    (labels ignored, every y is 0); without K labels are passed as stored. A `cfg` without `partitions` (a tool's
+    ad-hoc config, not a run's) reads the global order as one stream. `uniforms` > 0: every sample carries its
+    own training draws ("uniform" [uniforms], "noise" like x), from (seed, its global index)."""
     sources_cfg = list(getattr(cfg, "sources", None) or [])
     weights = [float(w) for w in (getattr(cfg, "weights", None) or [])]
     image_key = str(getattr(cfg, "image_key", "auto"))
@@ -417,7 +488,8 @@ def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expe
     return ShardLoader(sources, batch_size=int(cfg.batch_size), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 0)),
                        hflip=bool(getattr(cfg, "hflip", False)), seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        mode=str(getattr(cfg, "mode", "epoch")), num_workers=int(getattr(cfg, "num_workers", 0)),
-                       steps_per_epoch=int(getattr(cfg, "steps_per_epoch", 0)), num_slices=num_slices,
+                       steps_per_epoch=int(getattr(cfg, "steps_per_epoch", 0)), uniforms=uniforms,
+                       partitions=int(getattr(cfg, "partitions", 1)),
                        max_corrupt_fraction=float(getattr(cfg, "max_corrupt_fraction", 0.01)),
                        max_consecutive_corrupt=int(getattr(cfg, "max_consecutive_corrupt", MAX_CONSECUTIVE_CORRUPT)),
                        num_classes=int(num_classes) if num_classes is not None else None)

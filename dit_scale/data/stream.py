@@ -1,29 +1,36 @@
-"""One loader slice: a deterministic, resumable stream of batches built from its share of the shards.
+"""The global sample order: the dataset read as `partitions` deterministic, resumable streams, interleaved.
 
-A data-parallel rank runs `num_slices` slices (one per loader worker process, or all of them in the main process
-when data.num_workers=0) and hands out their batches round-robin. Every random choice is a numpy generator seeded
-from integers, never from global state:
+The order is a function of the seed, the shards and the number of partitions P (`data.partitions`) alone, never of
+the number of processes or loader workers. Every random choice is a numpy generator seeded from integers:
 
-  exact mode (data.mode=epoch), source j, epoch e:
-      shard order    default_rng([seed, j, e]).permutation(num_shards)   -- the same on every rank
-      this slice     order[rank::dp_size][slice::num_slices]             -- disjoint, together every shard once
-                     (fewer shards than ranks x slices: every slice reads all of them in `order` and keeps the
-                     samples whose running index i has i % (dp_size*num_slices) == rank*num_slices + slice)
-  resampled mode, source j, epoch e: shards drawn with replacement from default_rng([seed, j, e, rank, slice, 0]);
-      an epoch is a fixed number of samples per slice, so every rank's epochs have the same number of steps.
-  both: shuffle buffer from [seed, j, e, rank, slice, 1], horizontal flips from [seed, j, e, rank, slice, 2],
-      the source of the k-th sample of a mixture from [seed, 1_000_003, rank, slice, k // 4096].
+  exact mode (data.mode=epoch), source j, epoch e of partition p:
+      shard order    default_rng([seed, j, e]).permutation(num_shards)   -- the same everywhere
+      partition p    with the shards' sample counts (manifest.json): samples [p N / P, (p + 1) N / P) of the N
+                     samples of the shards concatenated in `order` -- equal shares, together every sample once
+                     (`partition_range`); without counts: the shards order[p::P], or with fewer shards than
+                     partitions every shard, keeping the samples whose running index i has i % P == p
+  resampled mode, source j, epoch e of partition p: shards drawn with replacement from default_rng([seed, j, e, p, 0]);
+      an epoch is a fixed number of samples per partition.
+  both: partition p's shuffle buffer from [seed, j, e, p, 1], its horizontal flips from [seed, j, e, p, 2], the source
+      of its k-th sample of a mixture from [seed, 1_000_003, p, k // 4096].
 
-The slice state is (epoch, raw samples taken in that epoch) per source plus the mixture draw count. Resuming
-reopens the epoch and re-reads (without decoding) the samples already taken, so the remaining sequence is
-identical.
+Global sample n (counted from the start of the run) is partition n % P's (n // P)-th sample. A data-parallel rank r of
+D (D divides P) serves the samples n ≡ r (mod D): its k-th sample is n = r + D k, from its local partition k % (P / D),
+i.e. partition r + D (k % (P / D)). Its loader workers split its partitions (worker w of W: local partitions q with
+q % W == w) and each delivers, for every batch, the rows whose partition it holds. Each sample carries its global index
+n and, when asked for, its own random numbers (`sample_draws`: its training noise and uniforms, from (seed, n)), so
+what a sample gets does not depend on which rank or micro-batch holds it.
 
-Corrupt samples (undecodable members, wrong shapes, labels outside [0, num_classes), a broken tar, samples a
-shard lacks against its manifest) are skipped, warned about and counted, and the slice stops with a DataError, as
-soon as the sample that crosses the line is read, when more than max_corrupt_fraction of its samples (at least
-MIN_CORRUPT_WINDOW counted) were corrupt or the last max_consecutive_corrupt samples were all unusable (a wrong
-image key, every shard of the slice broken). A slice running in a loader worker also stops when the training
-process that started it is gone.
+A partition's state is (epoch, raw samples taken in that epoch) per source plus the mixture draw count. Resuming
+reopens the epoch and re-reads (without decoding) the samples already taken, so the remaining sequence is identical;
+the loader state of a run is the partitions' states and the global position, so any layout can continue it.
+
+Corrupt samples (undecodable members, wrong shapes, labels outside [0, num_classes), non-finite arrays, a broken
+tar, samples a shard lacks against its manifest) are skipped, warned about and counted per partition, and the stream
+stops with a DataError, as soon as the sample that crosses the line is read, when more than max_corrupt_fraction of
+a partition's samples (at least MIN_CORRUPT_WINDOW counted) were corrupt or its last max_consecutive_corrupt samples
+were all unusable (a wrong image key, every shard of the partition broken). A stream running in a loader worker also
+stops when the training process that started it is gone.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from dit_scale.data.errors import DataError
 from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, iter_tar_samples
 
 MIX_STREAM = 1_000_003
+DRAW_STREAM = 2_000_003        # a sample's own training draws: default_rng([seed, DRAW_STREAM, n])
 MIX_BLOCK = 4096
 MAX_EMPTY_EPOCHS = 10
 MAX_WARNINGS = 5
@@ -70,24 +78,43 @@ class SourceSpec:
 
 
 @dataclass
-class SliceSpec:
+class StreamSpec:
     sources: list[SourceSpec]
-    batch_size: int
+    batch_size: int                        # rows of one batch of a data-parallel rank
     seed: int = 0
+    partitions: int = 1                    # P: the global order's partitions (data.partitions)
     dp_rank: int = 0
-    dp_size: int = 1
-    num_slices: int = 1
+    dp_size: int = 1                       # D: divides P
     mode: str = "epoch"                    # epoch | resampled
-    shuffle_buffer: int = 0
+    shuffle_buffer: int = 0                # samples in each partition's shuffle buffer
     hflip: bool = False
-    epoch_samples: list[int] = field(default_factory=list)   # resampled: raw samples per slice-epoch per source
+    epoch_samples: list[int] = field(default_factory=list)   # resampled: raw samples per partition-epoch per source
+    uniforms: int = 0                      # > 0: every sample carries "noise" (x's shape) and "uniform" [uniforms]
     num_classes: Optional[int] = None      # labels must be in [0, num_classes); 0: unconditional, y = 0
     max_corrupt_fraction: float = 0.01
     max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT
 
 
-def initial_slice_state(num_sources: int) -> dict:
+    @property
+    def local_partitions(self) -> int:
+        """Partitions each data-parallel rank holds (P / D)."""
+        return self.partitions // self.dp_size
+
+    def partition_of(self, q: int) -> int:
+        """The global partition of this rank's local partition q."""
+        return self.dp_rank + self.dp_size * q
+
+
+def initial_partition_state(num_sources: int) -> dict:
     return {"epochs": [0] * num_sources, "positions": [0] * num_sources, "draws": 0, "seen": 0, "corrupt": 0}
+
+
+def sample_draws(seed: int, index: int, uniforms: int, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(uniforms float32 [uniforms] in [0, 1), standard normal noise float32 of `shape`) of global sample `index`:
+    its own training randomness, the same on whichever rank, worker or micro-batch it lands."""
+    rng = np.random.default_rng([seed, DRAW_STREAM, index])
+    u = rng.random(uniforms, dtype=np.float32)
+    return u, rng.standard_normal(shape, dtype=np.float32)
 
 
 def shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -106,27 +133,66 @@ def shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> I
         yield buffer.pop()
 
 
-def exact_epoch_plan(num_shards: int, seed: int, source: int, epoch: int, dp_rank: int, dp_size: int,
-                     slice_id: int, num_slices: int) -> tuple[list[int], Optional[tuple[int, int]]]:
-    """(shard indices this slice reads in this epoch, (modulus, remainder) sample filter or None)."""
+def exact_epoch_plan(num_shards: int, seed: int, source: int, epoch: int, partition: int,
+                     partitions: int) -> tuple[list[int], Optional[tuple[int, int]]]:
+    """Without sample counts: (shard indices the partition reads in this epoch, (modulus, remainder) sample filter
+    or None)."""
     order = np.random.default_rng([seed, source, epoch]).permutation(num_shards)
-    if num_shards >= dp_size * num_slices:
-        return [int(i) for i in order[dp_rank::dp_size][slice_id::num_slices]], None
-    return [int(i) for i in order], (dp_size * num_slices, dp_rank * num_slices + slice_id)
+    if num_shards >= partitions:
+        return [int(i) for i in order[partition::partitions]], None
+    return [int(i) for i in order], (partitions, partition)
+
+
+def partition_range(counts: list[int], seed: int, source: int, epoch: int, partition: int,
+                    partitions: int) -> list[tuple[int, int, int]]:
+    """With the shards' sample counts (the manifest): the partition's contiguous share of the epoch, the samples
+    [p·N/P, (p+1)·N/P) of the shards concatenated in the epoch's order, as (shard index, first, end) pieces. Every
+    partition holds N/P samples (±1), so round-robin reading visits every sample once per epoch; each shard is read
+    by at most the partitions its samples fall into."""
+    order = np.random.default_rng([seed, source, epoch]).permutation(len(counts))
+    total = sum(counts)
+    lo, hi = partition * total // partitions, (partition + 1) * total // partitions
+    pieces, offset = [], 0
+    for i in order:
+        first, end = max(lo, offset), min(hi, offset + counts[i])
+        if first < end:
+            pieces.append((int(i), first - offset, end - offset))
+        offset += counts[i]
+    return pieces
+
+
+def _range_samples(src: SourceSpec, pieces: list[tuple[int, int, int]]) -> Iterator[dict]:
+    """The samples of `pieces` (shard index, first, end): earlier samples of a shard are read past, not decoded; a
+    shard shorter than its manifest count yields one marker for the samples of the piece it lacks, and the piece
+    that ends the shard reads on to its end, so a shard holding more samples than listed is reported once."""
+    for i, first, end in pieces:
+        shard = src.shards[i]
+        expected = src.shard_samples[shard]
+        for j, sample in enumerate(iter_tar_samples(shard, expected)):
+            if "__error__" in sample:
+                missing = min(end, expected) - max(first, j)
+                if missing > 0:
+                    yield {**sample, "__samples__": missing}
+                elif end == expected:       # past its last listed sample (extra samples, a failed read): once,
+                    yield {**sample, "__samples__": 1}    # by the partition that reads the shard's end
+                break
+            if j >= end and end < expected:
+                break
+            if first <= j < end:
+                yield sample
 
 
 class SourceCursor:
-    """Raw (sample, flip) pairs of one source for one slice, across epochs; position = (epoch, taken)."""
+    """Raw (sample, flip) pairs of one source for one partition, across epochs; position = (epoch, taken)."""
 
-    def __init__(self, spec: SliceSpec, source: int, slice_id: int, epoch: int, position: int):
-        self.spec, self.source, self.slice_id = spec, source, slice_id
+    def __init__(self, spec: StreamSpec, source: int, partition: int, epoch: int, position: int):
+        self.spec, self.source, self.partition = spec, source, partition
         self.epoch, self.position = epoch, position
         self._it: Optional[Iterator] = None
         self._empty_epochs = 0
 
     def _rng(self, purpose: int) -> np.random.Generator:
-        s = self.spec
-        return np.random.default_rng([s.seed, self.source, self.epoch, s.dp_rank, self.slice_id, purpose])
+        return np.random.default_rng([self.spec.seed, self.source, self.epoch, self.partition, purpose])
 
     def _raw_epoch(self) -> Iterator[dict]:
         s, src = self.spec, self.spec.sources[self.source]
@@ -136,9 +202,13 @@ class SourceCursor:
             samples = (x for shard in shards for x in iter_tar_samples(shard, src.shard_samples.get(shard)))
             quota = s.epoch_samples[self.source]
             samples = (x for _, x in zip(range(quota), samples))
+        elif src.num_samples is not None and len(src.shard_samples) == len(src.shards):
+            counts = [src.shard_samples[shard] for shard in src.shards]
+            samples = _range_samples(src, partition_range(counts, s.seed, self.source, self.epoch, self.partition,
+                                                          s.partitions))
         else:
-            plan, keep = exact_epoch_plan(len(src.shards), s.seed, self.source, self.epoch, s.dp_rank, s.dp_size,
-                                          self.slice_id, s.num_slices)
+            plan, keep = exact_epoch_plan(len(src.shards), s.seed, self.source, self.epoch, self.partition,
+                                          s.partitions)
             samples = (x for i in plan for x in iter_tar_samples(src.shards[i], src.shard_samples.get(src.shards[i])))
             if keep is not None:
                 samples = (x for i, x in enumerate(samples) if i % keep[0] == keep[1])
@@ -167,23 +237,20 @@ class SourceCursor:
                 return item
             self._empty_epochs = self._empty_epochs + 1 if self.position == 0 else 0
             if self._empty_epochs >= MAX_EMPTY_EPOCHS:
-                raise DataError("%d epochs in a row gave no samples to data-parallel rank %d, loader slice %d of "
-                                "%s; use fewer data.num_workers or more, non-empty shards."
-                                % (MAX_EMPTY_EPOCHS, self.spec.dp_rank, self.slice_id,
-                                   self.spec.sources[self.source].name))
+                raise DataError("%d epochs in a row gave no samples to partition %d of %s; use fewer "
+                                "data.partitions or more, non-empty shards."
+                                % (MAX_EMPTY_EPOCHS, self.partition, self.spec.sources[self.source].name))
             self.epoch, self.position, self._it = self.epoch + 1, 0, None
 
 
-class SliceStream:
-    """Batches of one slice: {"x", "y", ["feat"], ["caption"], ["caption_feat", "caption_mask"], "key"} plus
-    "__state__" (the slice state after it).
-    `parent_pid`: in a loader worker, the training process; the worker exits when it is gone."""
+class PartitionStream:
+    """The decoded samples of one partition, in order: {"x", "y", ["feat"], ["caption"], ["caption_feat",
+    "caption_mask"], "key", "pixels"}; corrupt ones skipped and counted."""
 
-    def __init__(self, spec: SliceSpec, slice_id: int, state: Optional[dict] = None,
-                 parent_pid: Optional[int] = None):
-        state = state or initial_slice_state(len(spec.sources))
-        self.spec, self.slice_id, self.parent_pid = spec, slice_id, parent_pid
-        self.cursors = [SourceCursor(spec, j, slice_id, int(e), int(p))
+    def __init__(self, spec: StreamSpec, partition: int, state: Optional[dict] = None):
+        state = state or initial_partition_state(len(spec.sources))
+        self.spec, self.partition = spec, partition
+        self.cursors = [SourceCursor(spec, j, partition, int(e), int(p))
                         for j, (e, p) in enumerate(zip(state["epochs"], state["positions"]))]
         self.draws, self.seen, self.corrupt = int(state["draws"]), int(state["seen"]), int(state["corrupt"])
         weights = np.array([src.weight for src in spec.sources], dtype=np.float64)
@@ -202,7 +269,7 @@ class SliceStream:
             return 0
         block, offset = divmod(self.draws, MIX_BLOCK)
         if self._block[0] != block:
-            rng = np.random.default_rng([self.spec.seed, MIX_STREAM, self.spec.dp_rank, self.slice_id, block])
+            rng = np.random.default_rng([self.spec.seed, MIX_STREAM, self.partition, block])
             self._block = (block, rng.random(MIX_BLOCK))
         self.draws += 1
         return int(min(np.searchsorted(self.cum_weights, self._block[1][offset], side="right"),
@@ -282,7 +349,8 @@ class SliceStream:
             else:
                 print("data: skipping corrupt sample %s in %s (%s)" % (sample.get("__key__"), shard, error),
                       file=sys.stderr, flush=True)
-        where = "data-parallel rank %d (loader slice %d)" % (self.spec.dp_rank, self.slice_id)
+        where = "partition %d of %d (data-parallel rank %d)" % (self.partition, self.spec.partitions,
+                                                                 self.spec.dp_rank)
         if self.corrupt > self.spec.max_corrupt_fraction * max(self.seen, MIN_CORRUPT_WINDOW):
             worst = max(self._corrupt_by_shard, key=self._corrupt_by_shard.get)
             raise DataError("%d of %d samples read by %s were corrupt, more than data.max_corrupt_fraction=%g; the "
@@ -295,22 +363,58 @@ class SliceStream:
                             "in %s: %s); fix the key or the shards, or raise data.max_consecutive_corrupt."
                             % (self._unusable_in_a_row, where, shard, error))
 
-    def next_batch(self) -> dict[str, Any]:
-        items = []
-        while len(items) < self.spec.batch_size:
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+    def next_sample(self, parent_pid: Optional[int] = None) -> dict[str, Any]:
+        """The partition's next usable sample. `parent_pid`: in a loader worker, the training process; the worker
+        exits when it is gone."""
+        while True:
+            if parent_pid is not None and os.getppid() != parent_pid:
                 os._exit(0)                        # the training process is gone: a worker must not outlive it
             j = self._pick_source()
             sample, flip = self.cursors[j].next()
             samples = int(sample.get("__samples__", 1))
             self.seen += samples
             try:
-                items.append(self._decode(sample, flip, self.spec.sources[j]))
+                item = self._decode(sample, flip, self.spec.sources[j])
             except Exception as e:                 # noqa: BLE001 -- any undecodable sample is skipped and counted
                 self._skip(sample, e, samples)
             else:
                 self._unusable_in_a_row = 0
-        return {**collate(items), "__state__": self.state(), "__slice__": self.slice_id}
+                return item
+
+
+class RankReader:
+    """The rows of a data-parallel rank's batches that one loader worker serves (worker w of W: the rows whose local
+    partition q has q % W == w; W = 1: every row). Batch t holds the rank's samples k0 + t·B … k0 + t·B + B − 1 (B
+    the batch size; k0 where the loader started), sample k from local partition k % (P / D), global index n = r + D k.
+
+    `next_batch()` → the collated rows it serves plus "__rows__" (their positions in the batch, ascending) and
+    "__state__" ({partition: state} of its partitions after them)."""
+
+    def __init__(self, spec: StreamSpec, states: dict, start: int, worker: int = 0, num_workers: int = 1,
+                 parent_pid: Optional[int] = None):
+        self.spec, self.worker, self.num_workers, self.parent_pid = spec, worker, num_workers, parent_pid
+        self.next_k = start
+        self.streams = {q: PartitionStream(spec, spec.partition_of(q), states.get(spec.partition_of(q)))
+                        for q in range(worker, spec.local_partitions, num_workers)}
+
+    def next_batch(self) -> dict[str, Any]:
+        s, items, rows = self.spec, [], []
+        for m in range(s.batch_size):
+            k = self.next_k + m
+            stream = self.streams.get(k % s.local_partitions)
+            if stream is None:
+                continue
+            item = stream.next_sample(self.parent_pid)
+            item["index"] = s.dp_rank + s.dp_size * k
+            if s.uniforms:
+                item["uniform"], item["noise"] = sample_draws(s.seed, item["index"], s.uniforms, item["x"].shape
+                                                              if not item["pixels"] else
+                                                              (item["x"].shape[2], *item["x"].shape[:2]))
+            items.append(item)
+            rows.append(m)
+        self.next_k += s.batch_size
+        return {**(collate(items) if items else {}), "__rows__": rows,
+                "__state__": {stream.partition: stream.state() for stream in self.streams.values()}}
 
 
 def _caption_features(sample: dict, src: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -350,6 +454,11 @@ def collate(items: list[dict]) -> dict[str, Any]:
     batch: dict[str, Any] = {"x": torch.from_numpy(x),
                              "y": torch.tensor([item["y"] for item in items], dtype=torch.long),
                              "key": [item["key"] for item in items]}
+    if "index" in items[0]:
+        batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+    if "uniform" in items[0]:
+        batch["uniform"] = torch.from_numpy(np.stack([item["uniform"] for item in items]))
+        batch["noise"] = torch.from_numpy(np.stack([item["noise"] for item in items]))
     if all("feat" in item for item in items):
         batch["feat"] = torch.from_numpy(np.ascontiguousarray(np.stack([item["feat"] for item in items]),
                                                               dtype=np.float32))

@@ -171,15 +171,23 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
 
-    def training_targets(self, x0: torch.Tensor,
-                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """Draw integer steps t ~ U{0..T-1} and noise for clean data `x0` [B, ...].
+    def t_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Integer steps from uniforms u in [0, 1) [B] (a sample's own draw): floor(u T), int64 in {0..T-1}."""
+        return (u.double() * self.num_timesteps).long().clamp_(0, self.num_timesteps - 1)
+
+    def training_targets(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
+                         t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                         ) -> Dict[str, torch.Tensor]:
+        """Draw integer steps t ~ U{0..T-1} and noise for clean data `x0` [B, ...] (or take the given ones: each
+        sample's own draws).
 
         Returns a dict with `x_t` (model input), `t_model` (the step as float, fed to the model),
         `target` (the noise), and `t` (int64 steps), `noise`, `x0`.
         """
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return {
             "x_t": self.q_sample(x0, t, noise),
             "t_model": t.float(),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import math
+
 import torch
 
 T_SAMPLINGS = ("uniform", "logit_normal")
@@ -70,6 +72,15 @@ class FlowMatching:
         normal = torch.randn(batch_size, device=device, generator=generator)
         return torch.sigmoid(self.logit_normal_mean + self.logit_normal_std * normal)
 
+    def t_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Training times from uniforms u in [0, 1) [B] by the inverse CDF (a sample's own draw, see
+        `training_targets`): t = u, or sigmoid(mean + std * Φ⁻¹(u)) for logit-normal sampling."""
+        u = u.float()
+        if self.t_sampling == "uniform":
+            return u
+        normal = math.sqrt(2.0) * torch.erfinv((2.0 * u - 1.0).clamp(-1.0 + 1e-7, 1.0 - 1e-7))
+        return torch.sigmoid(self.logit_normal_mean + self.logit_normal_std * normal)
+
     def interpolate(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = (1 - t) * x0 + t * noise, with t of shape [B] broadcast over the other dimensions."""
         t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
@@ -79,15 +90,19 @@ class FlowMatching:
         """The regression target: the time derivative of x_t, which is noise - x0."""
         return noise - x0
 
-    def training_targets(self, x0: torch.Tensor,
-                         generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """Draw t and noise for a batch of clean data `x0` [B, ...] and build the model input and target.
+    def training_targets(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None,
+                         t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                         ) -> Dict[str, torch.Tensor]:
+        """Draw t and noise for a batch of clean data `x0` [B, ...] (or take the given ones: each sample's own draws)
+        and build the model input and target.
 
         Returns a dict with `x_t` (model input), `t_model` (timestep fed to the model, t * time_scale),
         `target` (velocity noise - x0), and `t` (in [0, 1]), `noise`, `x0`.
         """
-        t = self.sample_t(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return {
             "x_t": self.interpolate(x0, noise, t),
             "t_model": self.model_time(t),

@@ -28,8 +28,13 @@ def num_kept(num_tokens: int, ratio: float) -> int:
 def draw_keep_indices(batch: int, num_tokens: int, ratio: float, generator: Optional[torch.Generator] = None,
                       device=None) -> torch.Tensor:
     """Uniformly random kept token indices [B, K] (sorted, int64), an independent draw per image."""
-    noise = torch.rand(batch, num_tokens, generator=generator, device=device)
-    keep = noise.argsort(dim=1)[:, :num_kept(num_tokens, ratio)]
+    return keep_from_scores(torch.rand(batch, num_tokens, generator=generator, device=device), ratio)
+
+
+def keep_from_scores(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Kept token indices [B, K] (sorted, int64): the K lowest of each image's uniform scores [B, N] (a sample's own
+    draws give its own mask whatever batch it is in)."""
+    keep = scores.argsort(dim=1)[:, :num_kept(scores.shape[1], ratio)]
     return keep.sort(dim=1).values
 
 

@@ -25,7 +25,7 @@ def test_resume_with_loader_workers_continues_exactly(tiny_shards, tmp_path):
     _, full = run(tmp_path / "full", **{"train.steps": 6})
     part, _ = run(tmp_path / "part", **{"train.steps": 3})
     saved = load_checkpoint(find_latest(str(tmp_path / "part")))["per_rank"][0]["data"]   # weights_only load
-    assert saved == part.loader.state_dict() and saved["batches"] == 3 and saved["num_slices"] == 2
+    assert saved == part.loader.state_dict() and saved["samples"] == 3 * 16 and len(saved["partition_states"]) == 64
     _, resumed = run(tmp_path / "part", **{"train.steps": 6, "train.resume": "auto"})
     assert resumed == full and len(full) == 6
 

@@ -59,7 +59,7 @@ def write_shards(directory, sizes=SIZES, labels=True, manifest=True, image_key="
 
 
 def cfg(path, **kw):
-    base = dict(path=str(path), batch_size=4, shuffle_buffer=0, hflip=False, image_key="auto")
+    base = dict(path=str(path), batch_size=4, shuffle_buffer=0, hflip=False, image_key="auto", partitions=1)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -110,22 +110,22 @@ def test_wrong_image_key_stops_instead_of_looping(tmp_path, case):
     else:
         assert "the image_key of %s" % os.path.join(directory, "manifest.json") in message
     if limits:
-        assert message.startswith("The last 50 samples read by data-parallel rank 0 (loader slice 0) were all "
+        assert message.startswith("The last 50 samples read by partition 0 of 1 (data-parallel rank 0) were all "
                                   "unusable") and "data.max_consecutive_corrupt" in message
     else:
-        assert message.startswith("2 of 2 samples read by data-parallel rank 0 (loader slice 0) were corrupt, "
+        assert message.startswith("2 of 2 samples read by partition 0 of 1 (data-parallel rank 0) were corrupt, "
                                   "more than data.max_corrupt_fraction=0.01")
 
 
 @pytest.mark.parametrize("limits", [{}, {"max_corrupt_fraction": 1.0, "max_consecutive_corrupt": 20}])
 def test_rank_with_only_corrupt_shards_stops_with_one_sentence_from_its_worker(tmp_path, limits):
     directory = write_shards(tmp_path, sizes=[10, 10, 10, 10], garbage={0, 1, 2, 3})
-    loader = build_loader(cfg(directory, num_workers=1, **limits), dp_rank=1, dp_size=2)
+    loader = build_loader(cfg(directory, num_workers=1, partitions=2, **limits), dp_rank=1, dp_size=2)
     error = first_batch_error(loader)
     assert isinstance(error, ConfigError)                         # the entry point prints it and exits 2
     message = str(error)
     assert "\n" not in message and "DataLoader worker" not in message and "Traceback" not in message
-    assert "data-parallel rank 1" in message and "part-00" in message and "ReadError" in message
+    assert "partition 1 of 2 (data-parallel rank 1)" in message and "part-00" in message and "ReadError" in message
     if limits:
         assert message.startswith("The last 20 samples read by")
     else:                                                         # a broken shard counts its manifest's samples
@@ -137,7 +137,7 @@ def test_corrupt_fraction_fires_without_a_full_batch(tmp_path):
     directory = write_shards(tmp_path, sizes=[10, 10], garbage={1})
     loader = build_loader(cfg(directory, batch_size=10_000))      # an epoch has 10 good samples
     message = str(first_batch_error(loader))
-    assert re.match(r"10 of (10|20) samples read by data-parallel rank 0 \(loader slice 0\) were corrupt, more than "
+    assert re.match(r"10 of (10|20) samples read by partition 0 of 1 \(data-parallel rank 0\) were corrupt, more than "
                     r"data.max_corrupt_fraction=0.01; the worst shard is .*part-001.tar \(10 corrupt", message)
 
 
@@ -186,7 +186,7 @@ def _wait_for(condition, seconds):
 def test_worker_exits_when_its_training_process_is_killed(tmp_path):
     directory = write_shards(tmp_path / "shards", garbage={0, 1})
     command = _script(tmp_path, """
-        loader = build_loader(SimpleNamespace(path=sys.argv[1], batch_size=2, shuffle_buffer=0, image_key="auto",
+        loader = build_loader(SimpleNamespace(path=sys.argv[1], partitions=1, batch_size=2, shuffle_buffer=0, image_key="auto",
                                               num_workers=1, max_corrupt_fraction=1.0, max_consecutive_corrupt=10**9))
         print("started", flush=True)
         next(loader)                     # never completes: the worker reads broken shards without end
@@ -211,7 +211,7 @@ def test_worker_exits_when_its_training_process_is_killed(tmp_path):
 def test_sigterm_to_the_process_group_leaves_the_decision_to_the_training_process(tmp_path):
     directory = write_shards(tmp_path / "shards")
     command = _script(tmp_path, """
-        loader = build_loader(SimpleNamespace(path=sys.argv[1], batch_size=2, shuffle_buffer=0, image_key="auto",
+        loader = build_loader(SimpleNamespace(path=sys.argv[1], partitions=1, batch_size=2, shuffle_buffer=0, image_key="auto",
                                               num_workers=1))
         next(loader)                     # the worker runs; then the training process takes over SIGTERM
         stop = []
@@ -271,8 +271,8 @@ def test_non_finite_samples_are_corrupt(tmp_path, capfd):
     for i in bad:
         assert "data: skipping corrupt sample %06d" % i in err and "not finite" in err, err
     error = str(first_batch_error(build_loader(cfg(directory, batch_size=17))))     # past 1% of 100 samples
-    assert re.match(r"2 of 1[0-9] samples read by data-parallel rank 0 .* the last: x holds values that are not "
-                    r"finite", error), error
+    assert re.match(r"2 of 1[0-9] samples read by partition 0 of 1 \(data-parallel rank 0\) .* the last: x holds "
+                    r"values that are not finite", error), error
 
 
 def test_class_count_mismatches_are_config_errors(tmp_path):
@@ -321,14 +321,15 @@ def test_a_shard_holding_other_than_its_manifest_count_is_corrupt(tmp_path, caps
         write_manifest(manifest, directory)
     loader = build_loader(cfg(directory, batch_size=1, max_corrupt_fraction=1.0))
     with deadline(20):
-        while loader.state_dict()["epochs"] != [[1]]:               # epoch 0 and the first sample of epoch 1
+        while loader.state_dict()["partition_states"][0]["epochs"] != [1]:               # epoch 0 and the first sample of epoch 1
             next(loader)
-    # the missing samples count as read and corrupt; an extra one is reported as one corrupt sample
-    assert loader.corrupt == (corrupt, 12 if case == "extra samples" else 11)
+    # the missing samples count as read and corrupt; samples past the listed ones are not read as data (the manifest
+    # splits the epoch) and are reported as one corrupt sample
+    assert loader.corrupt == (corrupt, 10 if case == "extra samples" else 11)
     assert "data: shard %s is damaged (%s); %d sample(s) counted as corrupt" % (
         shard, message, 1 if case == "extra samples" else 3 if case == "inside a sample" else 4) \
         in capsys.readouterr().err
     if case == "at a sample":                                      # 4 of 10: past the default limit
         error = str(first_batch_error(build_loader(cfg(directory, batch_size=10))))
-        assert error.startswith("4 of 10 samples read by data-parallel rank 0")
+        assert error.startswith("4 of 10 samples read by partition 0 of 1 (data-parallel rank 0)")
         assert "the worst shard is %s (4 corrupt, the last: 6 samples where its manifest lists 10)" % shard in error

@@ -48,9 +48,16 @@ def read_tar(path):
     return samples
 
 
-def cfg(path, batch_size=8, shuffle_buffer=0, hflip=False, image_key="auto", **extra):
+def cfg(path, batch_size=8, shuffle_buffer=0, hflip=False, image_key="auto", partitions=1, **extra):
+    """A data config; one partition, so the global order is one stream (tests/unit/test_data_loader.py has many)."""
     return SimpleNamespace(path=str(path), batch_size=batch_size, shuffle_buffer=shuffle_buffer, hflip=hflip,
-                           image_key=image_key, **extra)
+                           image_key=image_key, partitions=partitions, **extra)
+
+
+def position(loader, partition=0):
+    """(epochs, positions) of one partition in the loader's state."""
+    state = {s["partition"]: s for s in loader.state_dict()["partition_states"]}[partition]
+    return state["epochs"], state["positions"]
 
 
 def write_npy_shards(directory, num_shards, per_shard):
@@ -145,13 +152,14 @@ def test_batches_shapes_dtypes_ranges(synthetic):
     loader = build_loader(cfg(out, batch_size=16, shuffle_buffer=32, hflip=True), expect={"x": (3, 32, 32)})
     assert loader.shards == paths and loader.total_samples == 120 and loader.steps_per_epoch == 7
     batch = next(loader)
-    assert set(batch) == {"x", "y", "key"} and len(batch["key"]) == 16
+    assert set(batch) == {"x", "y", "key", "index"} and len(batch["key"]) == 16 and batch["index"].tolist() == \
+        list(range(16))
     assert batch["x"].shape == (16, 3, 32, 32) and batch["x"].dtype == torch.float32
     assert batch["y"].shape == (16,) and batch["y"].dtype == torch.long
     assert batch["x"].min() >= -1 and batch["x"].max() <= 1 and batch["x"].std() > 0.1
     assert 0 <= batch["y"].min() and batch["y"].max() < 10
     state = loader.state_dict()
-    assert state["epochs"] == [[0]] and state["positions"] == [[16]] and state["batches"] == 1
+    assert position(loader) == ([0], [16]) and state["samples"] == 16 and loader.batches == 1
     assert torch.load(_roundtrip(state), weights_only=True) == state         # plain values only
 
 
@@ -189,9 +197,9 @@ def test_one_epoch_without_shuffle_visits_every_sample_once(tmp_path):
     assert [i % 3 for i in seen] == [y for b in batches for y in b["y"].tolist()]
     order = np.random.default_rng([0, 0, 0]).permutation(3)                 # exact mode: shard order of epoch 0
     assert seen == [i for s in order for i in range(10 * s, 10 * s + 10)]
-    assert loader.state_dict()["epochs"] == [[0]] and loader.state_dict()["positions"] == [[30]]
+    assert position(loader) == ([0], [30])
     next(loader)
-    assert loader.state_dict()["epochs"] == [[1]] and loader.state_dict()["positions"] == [[6]]
+    assert position(loader) == ([1], [6])
 
 
 @pytest.mark.parametrize("k", [3, 4, 6])                                # before, across and after an epoch end
@@ -223,8 +231,8 @@ def test_resume_png_with_flips(synthetic):
 def test_resume_state_must_match(tmp_path):
     c = cfg(write_npy_shards(tmp_path, 4, 5), batch_size=2)
     state = build_loader(c).state_dict()
-    with pytest.raises(ConfigError, match="data.num_workers"):
-        build_loader(c, num_slices=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="data.partitions=1 and this run has 2"):
+        build_loader(SimpleNamespace(**{**vars(c), "partitions": 2})).load_state_dict(state)
     with pytest.raises(ConfigError, match="another version"):
         build_loader(c).load_state_dict({"epoch": 0, "samples_in_epoch": 3})
 
@@ -239,12 +247,12 @@ def test_resampled_mode_draws_shards_with_replacement(tmp_path):
     directory = write_npy_shards(tmp_path, 4, 5)
     loader = build_loader(cfg(directory, batch_size=5, mode="resampled", steps_per_epoch=3))
     assert loader.spec.epoch_samples == [15]
-    draw = np.random.default_rng([0, 0, 0, 0, 0, 0])                     # [seed, source, epoch, rank, slice, 0]
+    draw = np.random.default_rng([0, 0, 0, 0, 0])                        # [seed, source, epoch, partition, 0]
     expected = [i for s in (int(draw.integers(4)) for _ in range(3)) for i in range(5 * s, 5 * s + 5)]
     assert [i for b in take(loader, 3) for i in ids(b)] == expected
-    assert loader.epoch == 1 and loader.state_dict()["epochs"] == [[0]]
+    assert loader.epoch == 1 and position(loader)[0] == [0]
     next(loader)                                                         # the next epoch reseeds the draws
-    assert loader.state_dict()["epochs"] == [[1]] and loader.state_dict()["positions"] == [[5]]
+    assert position(loader) == ([1], [5])
 
 
 def test_path_forms(synthetic):
@@ -320,8 +328,11 @@ def test_bad_arguments(synthetic):
         build_loader(cfg(out, image_key="pickle"))
     with pytest.raises(ValueError, match="dp_rank"):
         ShardLoader([SourceSpec([str(out / "shard-000000.tar")])], batch_size=1, dp_rank=1, dp_size=1)
-    with pytest.raises(ConfigError, match="3 shards .* cannot be split over 8"):
+    with pytest.raises(ConfigError, match=r"data.partitions=1 is not a multiple of the data-parallel size 8, .*"
+                                          r"\(e.g. 8\)"):
         build_loader(cfg(out), dp_rank=0, dp_size=8)
+    with pytest.raises(ConfigError, match="holds 120 samples, fewer than data.partitions=128"):
+        build_loader(cfg(out, partitions=128))
     with pytest.raises(ConfigError, match="data.steps_per_epoch"):
         build_loader(cfg(write_npy_shards(out.parent / "nomanifest", 2, 2), mode="resampled"))
 

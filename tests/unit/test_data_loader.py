@@ -19,13 +19,13 @@ import torch.multiprocessing as mp
 
 from dist_utils import free_port
 from dit_scale.config import ConfigError
-from dit_scale.data import build_loader
+from dit_scale.data import Manifest, ShardEntry, build_loader, merge_states, split_rows, write_manifest
 
 UNEVEN = [5, 3, 6, 2, 7, 4, 1, 8]              # 36 samples in 8 shards
 
 
 def cfg(path, **kw):
-    base = dict(path=str(path), batch_size=1, shuffle_buffer=0, hflip=False, image_key="auto")
+    base = dict(path=str(path), batch_size=1, shuffle_buffer=0, hflip=False, image_key="auto", partitions=1)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -62,43 +62,73 @@ def ids(batch):
     return batch["x"][:, 0, 0, 0].long().tolist()
 
 
-def epoch_samples(loader, epoch, max_batches=400):
-    """{(slice, id)} of every sample of `epoch` this loader yields (batch_size 1), reading until all slices are
-    past it. The epoch of a sample is its slice's source-0 epoch right after it was taken."""
-    got = []
-    for _ in range(max_batches):
-        slice_id = loader.next_slice
-        batch = next(loader)
-        if loader.slice_states[slice_id]["epochs"][0] == epoch:
-            got += [(slice_id, i) for i in ids(batch)]
-        if min(s["epochs"][0] for s in loader.slice_states) > epoch:
-            return got
-    raise AssertionError("epoch %d did not end within %d batches" % (epoch, max_batches))
+def write_manifest_for(directory, sizes, shape=(1, 2, 2)):
+    """A manifest.json listing each shard's sample count (the loader then splits the epoch into equal ranges)."""
+    entries = [ShardEntry("part-%03d.tar" % s, size) for s, size in enumerate(sizes)]
+    write_manifest(Manifest(shards=entries, kind="latent", image_key="npy", x_shape=list(shape), x_dtype="float32",
+                            label_key="cls"), str(directory))
 
 
-# -- ranks x workers -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sizes", [UNEVEN, [4, 5]])        # shard-level split; fewer shards than ranks x slices
-def test_two_ranks_two_slices_cover_each_epoch_once(tmp_path, sizes):
+def global_order(c, layouts_batches, dp, seed=0, workers=0, uniforms=0):
+    """The samples of the first `layouts_batches` batches of every rank of a `dp`-rank layout, put back in global
+    order (rank r's k-th sample is global sample r + dp·k): a list of (index, id, flipped?, uniform, noise)."""
+    rows = {}
+    for r in range(dp):
+        loader = build_loader(SimpleNamespace(**{**vars(c), "num_workers": workers}), dp_rank=r, dp_size=dp, seed=seed,
+                              uniforms=uniforms)
+        try:
+            for _ in range(layouts_batches):
+                batch = next(loader)
+                for j, n in enumerate(batch["index"].tolist()):
+                    rows[n] = (ids(batch)[j], batch["x"][j].tolist(), batch["key"][j],
+                               batch["uniform"][j].tolist() if uniforms else None,
+                               batch["noise"][j].tolist() if uniforms else None)
+        finally:
+            loader.close()
+    assert sorted(rows) == list(range(len(rows)))            # the ranks' samples tile the global order
+    return [rows[n] for n in range(len(rows))]
+
+
+@pytest.mark.parametrize("sizes,manifest", [(UNEVEN, True), (UNEVEN, False), ([4, 5], False)])
+def test_the_global_order_is_the_same_for_any_number_of_ranks_and_workers(tmp_path, sizes, manifest):
+    """Equal-range partitions (manifest), whole shards, and fewer shards than partitions: 1, 2 and 4 ranks, with and
+    without loader workers, hand out the same samples with the same flips and draws at every global position."""
     directory = write_shards(tmp_path, sizes)
-    total = sum(sizes)
-    for epoch in (0, 1):
-        per_rank = [epoch_samples(build_loader(cfg(directory), dp_rank=r, dp_size=2, num_slices=2), epoch)
-                    for r in range(2)]
-        seen = [i for rank in per_rank for _, i in rank]
-        assert sorted(seen) == list(range(total))           # disjoint (no repeats) and complete
-        assert all(len({s for s, _ in rank}) == 2 for rank in per_rank)   # both slices of each rank contribute
+    if manifest:
+        write_manifest_for(directory, sizes)
+    c = cfg(directory, batch_size=2, shuffle_buffer=8, hflip=True, partitions=4, image_key="npy")
+    want = global_order(c, 24, 1, seed=3, uniforms=5)        # 48 samples: more than an epoch
+    assert global_order(c, 12, 2, seed=3, uniforms=5) == want
+    assert global_order(c, 6, 4, seed=3, uniforms=5, workers=1) == want[:48]
+    assert global_order(c, 24, 1, seed=3, uniforms=5, workers=3) == want   # 3 workers over 4 partitions
+    index, _, _, uniform, noise = zip(*[(n, *row[:2], row[3], row[4]) for n, row in enumerate(want)])
+    assert len({tuple(u) for u in uniform}) == 48 and all(len(u) == 5 for u in uniform)
+    first = np.random.default_rng([3, 2_000_003, 7])                          # sample 7's own draws
+    assert np.allclose(uniform[7], first.random(5, dtype=np.float32))
+    assert np.allclose(noise[7], first.standard_normal((1, 2, 2), dtype=np.float32))
 
 
-def test_worker_processes_equal_in_process_slices(tmp_path):
+def test_equal_partitions_visit_every_sample_once_per_epoch(tmp_path):
     directory = write_shards(tmp_path, UNEVEN)
-    c = cfg(directory, batch_size=3, shuffle_buffer=4, hflip=True)
-    workers = build_loader(SimpleNamespace(**vars(c), num_workers=2), dp_rank=1, dp_size=2)
-    inline = build_loader(c, dp_rank=1, dp_size=2, num_slices=2)
+    write_manifest_for(directory, UNEVEN)
+    c = cfg(directory, batch_size=4, shuffle_buffer=6, partitions=4, image_key="npy")
+    order = [row[0] for row in global_order(c, 9, 2)]       # 72 samples: two epochs of 36
+    assert sorted(order[:36]) == sorted(order[36:]) == list(range(36)) and order[:36] != order[36:]
+    with pytest.raises(ConfigError, match="data.partitions=4 is not a multiple of the data-parallel size 3"):
+        build_loader(c, dp_rank=0, dp_size=3)
+
+
+def test_worker_processes_equal_in_process_reading(tmp_path):
+    directory = write_shards(tmp_path, UNEVEN)
+    c = cfg(directory, batch_size=3, shuffle_buffer=4, hflip=True, partitions=8)
+    workers = build_loader(SimpleNamespace(**vars(c), num_workers=2), dp_rank=1, dp_size=2, uniforms=3)
+    inline = build_loader(c, dp_rank=1, dp_size=2, uniforms=3)
     rng_before = torch.get_rng_state()
     try:
         for _ in range(15):                                  # several epochs
             a, b = next(workers), next(inline)
-            assert torch.equal(a["x"], b["x"]) and a["key"] == b["key"]
+            assert all(torch.equal(a[k], b[k]) for k in ("x", "y", "index", "uniform", "noise"))
+            assert a["key"] == b["key"]
         assert workers.state_dict() == inline.state_dict()
         assert torch.equal(torch.get_rng_state(), rng_before)   # starting workers leaves the global RNG alone
         assert len(multiprocessing.active_children()) >= 2
@@ -109,22 +139,66 @@ def test_worker_processes_equal_in_process_slices(tmp_path):
 
 def test_resume_with_workers_mid_epoch(tmp_path):
     directory = write_shards(tmp_path, UNEVEN)
-    c = cfg(directory, batch_size=4, shuffle_buffer=6, hflip=True, num_workers=2)
+    c = cfg(directory, batch_size=4, shuffle_buffer=6, hflip=True, num_workers=2, partitions=4)
     reference = build_loader(c, seed=7)
     want = [ids(next(reference)) for _ in range(12)]
     reference.close()
     first = build_loader(c, seed=7)
-    assert [ids(next(first)) for _ in range(5)] == want[:5]   # 5 batches: the next one comes from slice 1
+    assert [ids(next(first)) for _ in range(5)] == want[:5]
     state = first.state_dict()
     first.close()
-    assert state["next_slice"] == 1
+    assert state["samples"] == 20
     resumed = build_loader(c, seed=7)
     resumed.load_state_dict(state)
     assert [ids(next(resumed)) for _ in range(7)] == want[5:]
     resumed.close()
-    inline = build_loader(SimpleNamespace(**{**vars(c), "num_workers": 0}), seed=7, num_slices=2)
+    inline = build_loader(SimpleNamespace(**{**vars(c), "num_workers": 0}), seed=7)
     inline.load_state_dict(state)                            # the same state drives the in-process path
     assert [ids(next(inline)) for _ in range(7)] == want[5:]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (2, 4), (4, 2)])
+def test_a_run_saved_by_one_layout_continues_the_global_order_in_another(tmp_path, before, after):
+    directory = write_shards(tmp_path, UNEVEN)
+    write_manifest_for(directory, UNEVEN)
+    c = cfg(directory, batch_size=2, shuffle_buffer=6, hflip=True, partitions=4, image_key="npy")
+    want = global_order(c, 40, 1, uniforms=2)               # 80 samples
+    saved = []
+    for r in range(before):                                  # 24 global samples, then every rank's state
+        loader = build_loader(c, dp_rank=r, dp_size=before, uniforms=2)
+        for _ in range(24 // (2 * before)):
+            next(loader)
+        saved.append(loader.state_dict())
+    merged = merge_states(saved)
+    assert merged["samples"] == 24 and sorted(s["partition"] for s in merged["partition_states"]) == [0, 1, 2, 3]
+    rows = {}
+    for r in range(after):
+        loader = build_loader(c, dp_rank=r, dp_size=after, uniforms=2)
+        loader.load_state_dict(merged)
+        for _ in range(48 // (2 * after)):
+            batch = next(loader)
+            rows.update({n: (ids(batch)[j], batch["x"][j].tolist(), batch["key"][j], batch["uniform"][j].tolist(),
+                             batch["noise"][j].tolist()) for j, n in enumerate(batch["index"].tolist())})
+    assert sorted(rows) == list(range(24, 72)) and [rows[n] for n in range(24, 72)] == want[24:72]
+    damaged = [saved[0], {**saved[1], "samples": 26}]
+    with pytest.raises(ConfigError, match="loader states disagree"):
+        merge_states(damaged)
+
+
+def test_split_rows_groups_micro_batches_by_global_position():
+    """Gradient accumulation: micro-batch i of rank r of D holds the step's samples at offsets ≡ r + D·i (mod D·A),
+    the same groups whether the D·A micro-batches of a step are spread over ranks or accumulation."""
+    step = 16                                                # global batch, micro-batches of 4: U = 4 groups
+    groups = {}
+    for dp, accum in ((1, 4), (2, 2), (4, 1)):
+        found = set()
+        for r in range(dp):
+            rank_rows = {"index": torch.arange(r, step, dp), "key": [str(n) for n in range(r, step, dp)]}
+            for micro in split_rows(rank_rows, accum):
+                assert micro["key"] == [str(n) for n in micro["index"].tolist()]
+                found.add(tuple(micro["index"].tolist()))
+        groups[(dp, accum)] = found
+    assert groups[(1, 4)] == groups[(2, 2)] == groups[(4, 1)] == {(u, u + 4, u + 8, u + 12) for u in range(4)}
 
 
 # -- corruption ------------------------------------------------------------------------------------------------------
@@ -133,7 +207,7 @@ def test_corrupt_member_is_skipped_and_counted(tmp_path):
     loader = build_loader(cfg(directory, batch_size=6, max_corrupt_fraction=0.05))
     got = [i for _ in range(3) for i in ids(next(loader))]
     assert sorted(got) == sorted(set(range(20)) - {3, 14})  # one clean epoch minus the two broken samples
-    assert loader.corrupt == (2, 20) and loader.state_dict()["corrupt"] == [2]
+    assert loader.corrupt == (2, 20) and loader.state_dict()["partition_states"][0]["corrupt"] == 2
     strict = build_loader(cfg(directory, batch_size=6, max_corrupt_fraction=0.0))
     with pytest.raises(RuntimeError, match="corrupt, more than data.max_corrupt_fraction=0"):
         for _ in range(3):
@@ -157,12 +231,12 @@ def test_weighted_mixing_and_resume(tmp_path):
     a = write_shards(tmp_path / "a", [50, 50])
     b = write_shards(tmp_path / "b", [50, 50], start=1000)
     c = SimpleNamespace(path="unused", sources=[a, b], weights=[3.0, 1.0], batch_size=20, shuffle_buffer=0,
-                        hflip=False, image_key="auto")
+                        hflip=False, image_key="auto", partitions=1)
     loader = build_loader(c)
     batches = [ids(next(loader)) for _ in range(30)]
     counts = Counter(i >= 1000 for batch in batches for i in batch)
     assert 0.70 < counts[False] / 600 < 0.80                 # 3:1 by weight (600 draws)
-    draws = np.random.default_rng([0, 1_000_003, 0, 0, 0]).random(600)   # the documented mixture stream
+    draws = np.random.default_rng([0, 1_000_003, 0, 0]).random(600)      # the documented mixture stream
     assert [i >= 1000 for batch in batches for i in batch] == list(draws >= 0.75)
     resumed = build_loader(c)
     take = build_loader(c)
@@ -212,8 +286,8 @@ def _uneven_rank(rank, world, port, directory, steps, results):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         for mode in ("epoch", "resampled"):
-            loader = build_loader(cfg(directory, batch_size=4, mode=mode, num_workers=1, steps_per_epoch=4),
-                                  dp_rank=rank, dp_size=world)
+            loader = build_loader(cfg(directory, batch_size=4, mode=mode, num_workers=1, steps_per_epoch=4,
+                                      partitions=2), dp_rank=rank, dp_size=world)
             seen = []
             for _ in range(steps):                           # a training step: every rank joins the collective
                 batch = next(loader)
@@ -221,7 +295,8 @@ def _uneven_rank(rank, world, port, directory, steps, results):
                 dist.all_reduce(total)
                 seen += ids(batch)
             gathered = [None] * world
-            dist.all_gather_object(gathered, loader.state_dict())
+            dist.all_gather_object(gathered, {**loader.state_dict(), "epoch": loader.epoch,
+                                              "batches": loader.batches})
             loader.close()
             results[(mode, rank)] = {"seen": seen, "states": gathered}
     finally:
