@@ -10,10 +10,10 @@
       samples/             step_XXXXXXXX.png sample grids
       expert_load.png      tokens per expert per layer (sparse models)
       wandb_id.txt         the wandb run id, so a resumed run continues the same wandb run
-      exit_code            written by slurm/train.sbatch and launch/sweep.py after each attempt
-      train.log            launch/sweep.py's per-run log
+      exit_code            written by slurm/train.sbatch and a local sweep's task (dit_scale/sweep/) after each attempt
+      train.log            a local sweep run's log
       .lock                held (flock) by the run's main process while it trains: one run per directory
-      save_seconds.json    how long the last and the slowest checkpoint save took (launch/submit.py's grace)
+      save_seconds.json    how long the last and the slowest checkpoint save took (the SLURM grace, dit_scale/slurm.py)
 
 slurm/train.sbatch (a shell script) writes `exit_code` under the same name.
 

@@ -62,7 +62,7 @@ def _type_name(schema, full_key: str) -> str:
 
 def merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
     """OmegaConf.merge of `other` over the structured `base`, with schema errors as one-sentence ConfigErrors
-    naming `origin` (a file or an override). Also used for other schemas (e.g. launch/sweep.py's sweep files)."""
+    naming `origin` (a file or an override). Also used for other schemas (e.g. dit_scale/sweep's sweep files)."""
     schema = OmegaConf.get_type(base)
     try:
         return OmegaConf.merge(base, other)

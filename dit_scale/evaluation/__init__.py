@@ -13,6 +13,7 @@ and where its experts' tokens go.
     val_loss.py       the training loss on held-out shards at fixed t bins and fixed noise
     periodic.py       what the trainer runs every eval.every steps, and its decoded, titled sample grids
     experts.py        token share per expert by layer × timestep bin and layer × class, balance per bin
+    run.py            a checkpoint evaluated over all processes of a job: what `launch/evaluate.py` calls
 
 Entry points: `launch/evaluate.py` (a checkpoint, under torchrun / SLURM or one process), `launch/analyze_experts.py`
 (routing of a run's EMA model) and `launch/plot.py` (loss / validation loss / FID curves of runs).

@@ -12,7 +12,7 @@ The all-to-all is DeepSpeed's `deepspeed.sequence.layer.DistributedAttention` (D
 for ZeRO): on CPU with gloo its outputs and gradients equal single-process attention exactly (float64), it is
 the implementation DeepSpeed-Ulysses users run, and it handles the layouts. It needs `deepspeed.comm` initialised on
 the existing process group (done here, once). Its per-tensor all-to-alls (q, k, v, output: four per layer) are
-what the benchmark's communication share measures (`launch/bench_parallel.py`).
+what the benchmark's communication share measures (`dit_scale/benchmarks/parallel.py`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The coordinate check (launch/coord_check.py) on a 2-block model at widths 32-256: flat under μP, growing under SP."""
-from launch import coord_check as cc
+"""The coordinate check (dit_scale/coord_check.py) on a 2-block model at widths 32-256: flat under μP, growing under SP."""
+from dit_scale import coord_check as cc
 from tiny import tiny_overrides
 
 

@@ -1,6 +1,7 @@
 """SLURM: launch/submit.py's sbatch command (no SLURM needed), then jobs on a real SLURM that slurm/local_cluster.sh
 starts on this machine (as root; it installs the Debian packages once): a 2-process job chain where the first job
-is preempted and the next one resumes, a job preempted by USR1 that requeues itself and resumes, a sweep job array.
+is preempted and the next one resumes, a job preempted by USR1 that requeues itself and resumes, a sweep job array,
+and a sweep array task preempted by USR1 that requeues itself and resumes.
 Without SLURM and without root these tests are skipped with the reason (`pytest -rs` prints it)."""
 import csv
 import glob
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from dit_scale.metrics import read_metrics
+from dit_scale.slurm import slurm_minutes
 from launch import submit as submit_mod
 from launch import sweep as sweep_mod
 from tiny import ROOT, tiny_overrides
@@ -83,7 +85,7 @@ def test_bad_flags_are_one_sentence_errors(tmp_path, capsys, args, message):
 
 
 def test_time_formats():
-    assert [submit_mod.slurm_minutes(t) for t in ("90", "10:30", "04:00:00", "1-12", "1-00:30", "2-00:00:30")] \
+    assert [slurm_minutes(t) for t in ("90", "10:30", "04:00:00", "1-12", "1-00:30", "2-00:00:30")] \
         == [90, 10.5, 240, 2160, 1470, 2880.5]
 
 
@@ -216,10 +218,11 @@ def test_preempted_job_requeues_and_resumes(slurm, submit, tmp_path):
     assert len(offline_runs) == 2 and all(path.endswith("-" + wandb_id) for path in offline_runs)
 
 
-def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, monkeypatch):
+def write_sweep(tmp_path, tiny_shards, lrs, steps: int, log_every: int) -> tuple:
+    """A sweep file over optim.lr at width 32 of a tiny config, as a 1-CPU array; (sweep file, its OUT)."""
     train_cfg = tmp_path / "train.yaml"
     body = {}
-    for item in tiny_overrides(tiny_shards, "unused", **{"train.steps": 4, "logging.log_every": 2,
+    for item in tiny_overrides(tiny_shards, "unused", **{"train.steps": steps, "logging.log_every": log_every,
                                                          "model.depth": 1, "diffusion.sample_steps": 1,
                                                          "logging.max_sample_classes": 1}):
         key, value = item.split("=", 1)
@@ -229,16 +232,23 @@ def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, mon
     out = tmp_path / "sweep"
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump({
-        "train_config": str(train_cfg), "out": str(out), "widths": [32], "params": {"optim.lr": [5e-4, 1e-3, 2e-3]},
+        "train_config": str(train_cfg), "out": str(out), "widths": [32], "params": {"optim.lr": lrs},
         "overrides": ["mup.enabled=true", "mup.base_width=32"], "smooth": 1,
-        "slurm": {"time": "00:10:00", "gpus_per_task": 0, "cpus_per_task": 1}}))
+        "slurm": {"time": "00:10:00", "signal_grace": 60, "gpus_per_task": 0, "cpus_per_task": 1}}))
+    return str(sweep_file), out
+
+
+def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, monkeypatch):
+    sweep_file, out = write_sweep(tmp_path, tiny_shards, [5e-4, 1e-3, 2e-3], steps=4, log_every=2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert sweep_mod.main(["run", "--config", str(sweep_file), "--backend", "slurm"]) == 0
+    assert sweep_mod.main(["run", "--config", sweep_file, "--backend", "slurm"]) == 0
     [job] = re.findall(r"submitted job array (\d+) \(3 tasks\)", capsys.readouterr().out)
     wait_for(lambda: len(glob.glob(str(out / "*" / "exit_code"))) == 3
              and subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip() == "",
-             "the 3 array tasks", logs=[str(out / "slurm-*.out"), str(out / "*" / "train.log")])
-    assert len(glob.glob(str(out / f"slurm-{job}_*.out"))) == 3               # one log per array task
+             "the 3 array tasks", logs=[str(out / "slurm-*.out")])
+    logs = glob.glob(str(out / f"slurm-{job}_*.out"))
+    assert len(logs) == 3                                                        # one log per array task
+    assert all("training exited with code 0" in open(p).read() for p in logs)   # each through slurm/train.sbatch
 
     assert sweep_mod.main(["aggregate", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -248,3 +258,21 @@ def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, mon
     manifest = json.load(open(out / "sweep.json"))
     assert {r["name"] for r in manifest["runs"]} == {os.path.basename(os.path.dirname(p))
                                                     for p in glob.glob(str(out / "*" / "metrics.jsonl"))}
+
+
+def test_preempted_sweep_task_requeues_and_resumes(slurm, tiny_shards, tmp_path, capsys, monkeypatch):
+    """An array task gets launch/submit.py's semantics: USR1 to its batch shell, save, exit 75, requeue, resume."""
+    sweep_file, out = write_sweep(tmp_path, tiny_shards, [1e-3], steps=30, log_every=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert sweep_mod.main(["run", "--config", sweep_file, "--backend", "slurm"]) == 0
+    [job] = re.findall(r"submitted job array (\d+) \(1 tasks\)", capsys.readouterr().out)
+    [run] = json.load(open(out / "sweep.json"))["runs"]
+    run_dir = str(out / run["name"])
+    logs = [str(out / "slurm-*.out")]
+    preempt_mid_run(f"{job}_0", run_dir)
+    info = wait_for(lambda: finished(f"{job}_0"), f"array task {job}_0 to end", logs=logs)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1")
+    log = open(out / f"slurm-{job}_0.out").read()                    # one log, continued after the requeue
+    assert "start 1 on" in log and "start 2 on" in log
+    assert "requeueing (scontrol requeue); the next start resumes" in log
+    check_steps(run_dir, 30, saved_and_resumed(log))

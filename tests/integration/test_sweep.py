@@ -1,14 +1,17 @@
-"""launch/sweep.py: expansion (grid, random × widths), the SLURM job-array script, local runs, aggregation."""
+"""Sweeps (dit_scale/sweep/, launch/sweep.py): expansion (grid, random × widths), the SLURM job-array script, local
+runs, aggregation."""
 import csv
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import yaml
 
 from dit_scale.config import ConfigError, load_config
-from launch import sweep as sweep_mod
+from dit_scale import sweep as sweep_mod
+from launch.sweep import main as sweep_main
 from tiny import ROOT, tiny_overrides
 
 LRS = [2.0 ** -10, 2.0 ** -9, 2.0 ** -8]
@@ -54,18 +57,35 @@ def test_bad_sweep_files_are_one_sentence_errors(tmp_path):
 
 def test_slurm_dry_run_writes_one_job_array(tmp_path, capsys):
     path = write_sweep(tmp_path)
-    assert sweep_mod.main(["run", "--config", path, "--backend", "slurm", "--dry-run"]) == 0
+    assert sweep_main(["run", "--config", path, "--backend", "slurm", "--dry-run"]) == 0
     out = str(tmp_path / "out")
     script = open(os.path.join(out, "sweep.sbatch")).read()
     assert script in capsys.readouterr().out
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
     for expected in ("#SBATCH --array=0-5%4", "#SBATCH --partition=gpu", "#SBATCH --time=00:20:00",
-                     "#SBATCH --gpus-per-task=1", "#SBATCH --account=proj"):
-        assert expected in lines
-    assert lines[-1].startswith("srun ") and lines[-1].endswith(f'launch/sweep.py task {out} "$SLURM_ARRAY_TASK_ID"')
+                     "#SBATCH --gpus-per-task=1", "#SBATCH --account=proj",
+                     "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert expected in lines                                  # launch/submit.py's preemption options
     manifest = json.load(open(os.path.join(out, "sweep.json")))
     assert len(manifest["runs"]) == 6 and manifest["runs"][0]["argv"][0] == "launch/train.py"
+    # task i runs slurm/train.sbatch RUN_DIR CONFIG OVERRIDES with the wall-time guard: 20 min - 2 × 300 s
+    assert lines[-1] == 'exec bash slurm/train.sbatch "$@"'
+    first = manifest["runs"][0]
+    task0 = next(line for line in lines if line.startswith("  0) set -- "))
+    args = task0[len("  0) set -- "):-len(" ;;")].split()
+    assert args[:2] == [os.path.join(out, first["name"]), first["argv"][2]]
+    assert args[2:] == [o for o in first["argv"][3:] if not o.startswith(("train.run_dir=", "train.resume="))] \
+        + ["train.max_wall_minutes=10"]
+    assert not os.path.exists(os.path.join(out, first["name"]))  # a dry run makes no run directory
+    proc = subprocess.run(["bash", "-n", os.path.join(out, "sweep.sbatch")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_slurm_array_time_too_short_for_the_grace_is_refused(tmp_path, capsys):
+    path = write_sweep(tmp_path, slurm={"time": "00:10:00"})
+    assert sweep_main(["run", "--config", path, "--backend", "slurm", "--dry-run"]) == 2
+    assert "slurm.signal_grace 300 s leaves no training time in slurm.time 00:10:00" in capsys.readouterr().err
 
 
 def fake_results(out, runs, failed_name):
@@ -85,13 +105,13 @@ def fake_results(out, runs, failed_name):
 
 def test_aggregate_tables_plot_best_point_and_transfer(tmp_path, capsys):
     path = write_sweep(tmp_path)
-    sweep_mod.main(["run", "--config", path, "--backend", "slurm", "--dry-run"])
+    sweep_main(["run", "--config", path, "--backend", "slurm", "--dry-run"])
     out = str(tmp_path / "out")
     runs = json.load(open(os.path.join(out, "sweep.json")))["runs"]
     failed = next(r["name"] for r in runs if r["width"] == 64 and r["params"]["optim.lr"] == LRS[0])
     fake_results(out, runs, failed)
     prefix = str(tmp_path / "agg" / "res")
-    assert sweep_mod.main(["aggregate", out, "--out", prefix, "--target-width", "512"]) == 0
+    assert sweep_main(["aggregate", out, "--out", prefix, "--target-width", "512"]) == 0
 
     rows = list(csv.DictReader(open(prefix + ".csv")))
     assert len(rows) == 6 and sum(r["status"] != "ok" for r in rows) == 1
@@ -120,10 +140,10 @@ def test_local_backend_runs_and_resumes(tiny_shards, tmp_path, capsys):
     train_cfg.write_text(yaml.safe_dump(body))
     path = write_sweep(tmp_path, train_config=str(train_cfg), widths=[32], params={"optim.lr": [1e-3]},
                        overrides=["mup.enabled=true", "mup.base_width=32"])
-    assert sweep_mod.main(["run", "--config", path, "--backend", "local"]) == 0
+    assert sweep_main(["run", "--config", path, "--backend", "local"]) == 0
     out = str(tmp_path / "out")
     [row] = sweep_mod.collect(out)["rows"]
     assert row["status"] == "ok" and math.isfinite(row["loss"])
     assert [json.loads(x)["step"] for x in open(os.path.join(out, row["name"], "metrics.jsonl"))] == [1, 2]
-    assert sweep_mod.main(["run", "--config", path, "--backend", "local"]) == 0       # again: nothing to do
+    assert sweep_main(["run", "--config", path, "--backend", "local"]) == 0       # again: nothing to do
     assert "1 of 1 runs already finished; running 0" in capsys.readouterr().out

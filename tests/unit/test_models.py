@@ -121,12 +121,12 @@ def test_parameter_roles_and_groups():
 
 
 def test_bench_dense_twin_has_the_same_active_parameters():
-    from launch import bench
+    from dit_scale.benchmarks.model import dense_twin
     kwargs = model_args(load_config(None, ["model.name=DiT-S/2-8E2A"]))
-    sparse, dense = model_info(kwargs), model_info(bench.dense_twin(kwargs))
+    sparse, dense = model_info(kwargs), model_info(dense_twin(kwargs))
     router, dense_biases = 12 * 384 * 8, 12 * (15 * 384 + 384)      # GELU MLP biases; SwiGLU experts have none
     assert sparse["active_params"] - router + dense_biases == dense["params"]
-    assert forward_macs(kwargs) - forward_macs(bench.dense_twin(kwargs)) == 256 * router    # router matmuls
+    assert forward_macs(kwargs) - forward_macs(dense_twin(kwargs)) == 256 * router    # router matmuls
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -1,11 +1,12 @@
-"""launch/submit.py's grace period follows the run's measured checkpoint saves: max(300, 2 × slowest + 60) s."""
+"""The SLURM grace period (dit_scale/slurm.py: launch/submit.py's jobs, sweep arrays) follows the run's measured
+checkpoint saves: max(300, 2 × slowest + 60) s."""
 import json
 
 import pytest
 
 from dit_scale.config import ConfigError
 from dit_scale.run_dir import RunDir
-from launch.submit import grace_seconds
+from dit_scale.slurm import grace_seconds
 
 
 def test_grace_follows_the_slowest_save(tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmarks of patch masking and representation alignment (called by `launch/bench.py masking|align`).
+"""Benchmarks of patch masking and representation alignment (`launch/bench.py masking|align`).
 
     python launch/bench.py masking --model DiT-B/2-8E2A               # step time at mask.ratio 0.75 vs 0
     python launch/bench.py align --model DiT-B/2-8E2A                 # REPA with cached features vs no alignment
@@ -7,18 +7,20 @@ Both time one training step (forward + loss + backward) of the same model, alter
 step so both see the same machine state, and print JSON with the median step times and `ratio` = variant / base.
 `masking`: the backbone runs on the kept 25% of tokens (plus the optional patch-mixer on all of them), loss on kept
 tokens: `ratio` at the same images per step, `budget_ratio` per image at the same tokens per step (the token budget,
-`mask.scale_batch`: tokens / kept times the images, step time divided by that). `align`: REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to
-features as they arrive from the shards (a tensor already in memory), vs the plain denoising step.
+`mask.scale_batch`: tokens / kept times the images, step time divided by that). `align`: REPA's projector
+(width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features as they arrive from the
+shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
 
+from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
 from dit_scale.build import build
 from dit_scale.config import load_config
 from dit_scale.loss import TrainingLoss
-from launch.bench_common import alternate, device_and_precision, header, random_batch, training_step
 
 
 def _setup(args, extra):
+    """(config, device, bf16, built model, batch) of `args.model` with the `extra` overrides."""
     cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}", *extra, *args.overrides])
     device, bf16 = device_and_precision(args)
@@ -27,7 +29,7 @@ def _setup(args, extra):
     return cfg, device, bf16, built, batch
 
 
-def bench_masking(args):
+def bench_masking(args) -> dict:
     cfg, device, bf16, built, batch = _setup(args, [f"mask.ratio={args.ratio}", f"mask.mixer_depth={args.mixer_depth}"])
     model, margs = built.model.train(), built.args
     variants = {"masked": TrainingLoss(built.objective, margs, device, mask_ratio=args.ratio),
@@ -50,7 +52,7 @@ def bench_masking(args):
     return result
 
 
-def bench_align(args):
+def bench_align(args) -> dict:
     cfg, device, bf16, built, batch = _setup(args, [
         "align.repa_weight=0.5", f"align.repa_depth={args.depth}", f"align.teacher_dim={args.teacher_dim}",
         f"align.projector_dim={args.projector_dim}"])
@@ -69,28 +71,6 @@ def bench_align(args):
     return result
 
 
-def add_parsers(sub):
-    """Adds the `masking` and `align` subcommands to launch/bench.py's parser."""
-    for name, help_ in (("masking", "step time with patch masking (mask.ratio) vs without"),
-                        ("align", "step time with REPA on cached teacher features vs without alignment")):
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default="DiT-B/2-8E2A")
-        s.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 32 on GPU")
-        s.add_argument("--steps", type=int, default=5)
-        s.add_argument("--warmup", type=int, default=2)
-        s.add_argument("--input-size", type=int, default=32)
-        s.add_argument("--in-channels", type=int, default=4)
-        s.add_argument("--device", default="auto")
-        s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-        if name == "masking":
-            s.add_argument("--ratio", type=float, default=0.75)
-            s.add_argument("--mixer-depth", type=int, default=0)
-        else:
-            s.add_argument("--depth", type=int, default=8, help="block the projector reads (REPA: 8)")
-            s.add_argument("--projector-dim", type=int, default=2048)
-            s.add_argument("--teacher-dim", type=int, default=768, help="DINOv2-B: 768")
-        s.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.expert_impl=loop")
-
-
-def run(args):
+def run(args) -> dict:
+    """`bench.py masking` or `bench.py align` (args.what); prints and returns the JSON."""
     return bench_masking(args) if args.what == "masking" else bench_align(args)

@@ -1,5 +1,6 @@
 """What the benchmarks share: device and precision, a random batch, one training step through the training loss
-(`dit_scale.loss.TrainingLoss`, the trainer's own), and timing variants alternately so both see the same machine."""
+(`dit_scale.loss.TrainingLoss`, the trainer's own), timing variants alternately so both see the same machine, and
+worker processes with a process group of their own."""
 from __future__ import annotations
 
 import socket
@@ -22,6 +23,8 @@ def device_and_precision(args):
 
 
 class _Precision:
+    """What `optim.autocast` reads of the train section: its precision."""
+
     def __init__(self, bf16: bool):
         self.precision = "bf16" if bf16 else "fp32"
 
@@ -70,6 +73,7 @@ def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
 
 
 def header(name: str, model: str, device, bf16: bool, batch: int, steps: int, **extra) -> dict:
+    """The fields every benchmark's JSON starts with: what ran, where, at which batch and precision."""
     return {"bench": name, "model": model,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "batch": batch, "precision": "bf16" if bf16 else "fp32",

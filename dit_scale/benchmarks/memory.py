@@ -1,4 +1,4 @@
-"""`python launch/bench.py memory`: per-rank peak memory of building a model and training 3 steps, 1 process vs
+"""`launch/bench.py memory`: per-rank peak memory of building a model and training 3 steps, 1 process vs
 2 processes (FSDP, EP=2), side by side in one run; the ratio shows that memory per rank shrinks with the ranks.
 
     python launch/bench.py memory --model DiT-B/2-8E2A          # CPU: peak resident memory (RSS) per process
@@ -19,15 +19,7 @@ import resource
 
 import torch
 
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("memory", help="per-rank peak memory: build + 3 steps, 1 process vs 2 (FSDP, EP=2)")
-    p.add_argument("--model", default="DiT-B/2-8E2A")
-    p.add_argument("--batch", type=int, default=1, help="images per rank and step")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--build-only", action="store_true", help="build the engines, no training step")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("overrides", nargs="*")
+from dit_scale.benchmarks.common import random_batch, spawn_ranks
 
 
 def _rss_gib() -> float:
@@ -40,11 +32,11 @@ def _peak_gib() -> float:
 
 
 def _worker(rank: int, world: int, args, port: int, results) -> None:
+    """One process of the memory benchmark: build the engine, train, record its peaks in results[rank]."""
     from dit_scale.build import build
     from dit_scale.config import load_config
     from dit_scale.loss import TrainingLoss
     from dit_scale.parallel import build_engine, init_topology
-    from launch.bench_common import random_batch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -75,7 +67,7 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
 
 
 def run(args) -> dict:
-    from launch.bench_common import spawn_ranks
+    """1 process, then 2 (FSDP, EP=2), each in fresh processes; prints and returns the JSON."""
     one, two = spawn_ranks(_worker, 1, args), spawn_ranks(_worker, 2, args)
     key = "build_peak" if args.build_only else "peak"
     out = {"bench": "memory", "model": args.model, "device": args.device, "batch_per_rank": args.batch,

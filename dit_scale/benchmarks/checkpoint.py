@@ -1,4 +1,4 @@
-"""`python launch/bench.py checkpoint`: checkpoint save / load seconds and bytes, formats side by side in one run.
+"""`launch/bench.py checkpoint`: checkpoint save / load seconds and bytes, formats side by side in one run.
 
     python launch/bench.py checkpoint                                   # DiT-B/2-8E2A, 1 process (local engine)
     python launch/bench.py checkpoint --model DiT-S/2-8E2A --procs 2    # FSDP, EP=2, gloo: every rank writes
@@ -29,14 +29,6 @@ from dit_scale.parallel.engines import build_engine
 from dit_scale.parallel.topology import init_topology
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("checkpoint", help="sharded (sync / async) vs consolidated checkpoint save and load")
-    p.add_argument("--model", default="DiT-B/2-8E2A")
-    p.add_argument("--procs", type=int, default=1, help="processes (>1: FSDP with experts split over all)")
-    p.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
-    p.add_argument("overrides", nargs="*")
-
-
 def _available_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -52,6 +44,7 @@ def _folder_bytes(path: str) -> int:
 
 
 def _worker(rank, world, args, out_dir, results):
+    """One process: save and load each format on its engine, record seconds and bytes in results[rank]."""
     import torch.distributed as dist
 
     if world > 1:
@@ -131,7 +124,8 @@ def _tensors(tree):
             yield value
 
 
-def run(args) -> None:
+def run(args) -> dict:
+    """Every rank's saves and loads (`args.procs` processes); prints and returns the JSON (rank 0's figures)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.procs))
     out_dir = args.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     try:
@@ -161,3 +155,4 @@ def run(args) -> None:
     if "async_blocked_s" in r:
         out["ratio_async_blocked_vs_sync_save"] = round(r["async_blocked_s"] / r["sharded_save_s"], 3)
     print(json.dumps(out))
+    return out

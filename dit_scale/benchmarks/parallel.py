@@ -1,4 +1,4 @@
-"""`python launch/bench.py parallel --layout tp2|cp2|ep2`: training step time of a parallel layout on 2 processes
+"""`launch/bench.py parallel --layout tp2|cp2|ep2`: training step time of a parallel layout on 2 processes
 (gloo on CPU, NCCL on GPUs) against one process on the same global batch, and the share of the layout's step spent
 in collectives.
 
@@ -27,22 +27,11 @@ import time
 
 import torch
 
+from dit_scale.benchmarks.common import random_batch, spawn_ranks
+
 LAYOUTS = {"tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"], "ep2": ["parallel.ep=2"]}
 COLLECTIVES = ("all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce",
                "all_to_all", "alltoall", "broadcast", "wait_tensor", "gloo", "barrier")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("parallel", help="step time of tp2 / cp2 / ep2 on 2 processes vs 1, and the collectives' share")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), required=True)
-    p.add_argument("--model", default="DiT-S/2-8E2A")
-    p.add_argument("--input-size", type=int, default=32, help="latent side (32: 256 tokens at patch 2)")
-    p.add_argument("--batch", type=int, default=4, help="global batch (images per step)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("overrides", nargs="*")
 
 
 def _is_collective(name: str) -> bool:
@@ -51,11 +40,11 @@ def _is_collective(name: str) -> bool:
 
 
 def _worker(rank: int, world: int, args, port: int, results) -> None:
+    """One process of the layout (or the single process): time its steps, profile its collectives."""
     from dit_scale.build import build
     from dit_scale.config import load_config
     from dit_scale.loss import TrainingLoss
     from dit_scale.parallel import build_engine, init_topology
-    from launch.bench_common import random_batch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -112,7 +101,7 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
 
 
 def run(args) -> dict:
-    from launch.bench_common import spawn_ranks
+    """One process, then the layout on 2, each in fresh processes; prints and returns the JSON."""
     one, layout = spawn_ranks(_worker, 1, args), spawn_ranks(_worker, 2, args)
     step = max(r["step_s"] for r in layout)
     out = {"bench": "parallel", "layout": args.layout, "model": args.model, "input_size": args.input_size,

@@ -1,68 +1,27 @@
-"""`python launch/bench.py data`: loader throughput vs what training consumes, measured side by side.
+"""`launch/bench.py data`: loader throughput vs what training consumes, measured side by side.
 
     python launch/bench.py data                                   # random SD-VAE-sized latent + DINOv2-B shards
     python launch/bench.py data --shards /data/in1k-256 --train-batch 32 --device cuda
 
 Writes latent shards shaped like ImageNet-256 with the SD VAE and DINOv2-B/14 features (latent.npy +
-latent_flip.npy float16 [4, 32, 32], feat.npy float16 [256, 768], cls) to a temporary folder, unless --shards
-names existing ones. Then it times (1) the loader with --workers worker processes (resampled mode, shuffle buffer,
-flips), after the first batch (worker start-up), and (2) DiT-S/2 training steps (forward, backward, AdamW) on the
-same machine, and prints JSON with both samples/s and loader / training.
+latent_flip.npy float16 [4, 32, 32], feat.npy float16 [256, 768], cls; `data_tools/bench_shards.py`) to a temporary
+folder, unless --shards names existing ones. Then it times (1) the loader with --workers worker processes
+(resampled mode, shuffle buffer, flips), after the first batch (worker start-up), and (2) DiT-S/2 training steps
+(forward, backward, AdamW) on the same machine, and prints JSON with both samples/s and loader / training.
 """
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
-
-from data_tools.writer import ShardWriter, encode_label, encode_npy
-from dit_scale.data.manifest import Manifest, write_manifest
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="loader samples/s (worker processes) vs DiT-S/2 training samples/s")
-    p.add_argument("--shards", default=None, help="existing shard folder (default: write random latent shards)")
-    p.add_argument("--num-samples", type=int, default=1024)
-    p.add_argument("--samples-per-shard", type=int, default=128)
-    p.add_argument("--feat-shape", default="256,768", help="teacher feature shape, or 0 for none")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32, help="loader batch size")
-    p.add_argument("--batches", type=int, default=60, help="loader batches timed")
-    p.add_argument("--model", default="DiT-S/2")
-    p.add_argument("--train-batch", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
-    p.add_argument("--train-steps", type=int, default=3)
-    p.add_argument("--device", default="auto")
-
-
-def write_random_shards(out: str, num_samples: int, per_shard: int, feat_shape) -> str:
-    """Latent shards shaped like ImageNet-256 with the SD VAE (+ DINOv2-B features) and their manifest, in `out`."""
-    rng = np.random.default_rng(0)
-    latents = [encode_npy(a) for a in rng.standard_normal((97, 4, 32, 32)).astype(np.float16)]   # pools: drawing
-    feats = [encode_npy(a) for a in rng.standard_normal((61, *feat_shape)).astype(np.float16)] if feat_shape else []
-    shards = []                                                                # 100s of MB of normals is slow
-    for index, start in enumerate(range(0, num_samples, per_shard)):
-        with ShardWriter(os.path.join(out, "shard-%06d.tar" % index)) as shard:
-            for key in range(start, min(num_samples, start + per_shard)):
-                members = {"latent.npy": latents[(2 * key) % 97], "latent_flip.npy": latents[(2 * key + 1) % 97]}
-                if feat_shape:
-                    members["feat.npy"] = feats[key % 61]
-                members["cls"] = encode_label(key % 1000)
-                shard.add("%08d" % key, members)
-        shards.append(shard.entry)
-    write_manifest(Manifest(shards=shards, builder="bench_data", kind="latent", image_key="latent.npy",
-                            flip_key="latent_flip.npy", label_key="cls", feat_key="feat.npy" if feat_shape else None,
-                            x_shape=[4, 32, 32], x_dtype="float16", feat_shape=list(feat_shape) if feat_shape else None,
-                            feat_dtype="float16" if feat_shape else None, resolution=256, num_classes=1000), out)
-    return out
 
 
 def time_loader(path: str, workers: int, batch: int, batches: int) -> dict:
+    """Samples/s and MB/s of the loader over `batches` batches, after the first (worker start-up)."""
     from dit_scale.data import build_loader
     cfg = SimpleNamespace(path=path, batch_size=batch, shuffle_buffer=1000, hflip=True, num_workers=workers,
                           mode="resampled", image_key="auto")
@@ -82,6 +41,7 @@ def time_loader(path: str, workers: int, batch: int, batches: int) -> dict:
 
 
 def time_training(model_name: str, batch, steps: int, device_name: str, x_shape) -> dict:
+    """Samples/s of `model_name` training steps (forward, backward, AdamW) on random inputs of `x_shape`."""
     from dit_scale.build import build_model
     from dit_scale.config import load_config
     from dit_scale.parallel.topology import pick_device
@@ -119,10 +79,13 @@ def time_training(model_name: str, batch, steps: int, device_name: str, x_shape)
             "step_s": round(sec, 4), "samples_per_s": round(batch / sec, 2)}
 
 
-def run(args) -> dict:
+def run(args, write_shards) -> dict:
+    """The loader (--workers processes, and in this process) against training; prints and returns the JSON.
+    write_shards(folder, num_samples, per_shard, feat_shape) -> folder: random shards, unless --shards names some
+    (launch/bench.py passes `data_tools.bench_shards.write_random_shards`)."""
     feat = tuple(int(v) for v in args.feat_shape.split(",")) if args.feat_shape not in ("0", "") else None
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        path = args.shards or write_random_shards(tmp, args.num_samples, args.samples_per_shard, feat)
+        path = args.shards or write_shards(tmp, args.num_samples, args.samples_per_shard, feat)
         loader = time_loader(path, args.workers, args.batch, args.batches)
         inline = time_loader(path, 0, args.batch, max(10, args.batches // 4))
     train = time_training(args.model, args.train_batch, args.train_steps, args.device, loader["x"])

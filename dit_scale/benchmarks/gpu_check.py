@@ -1,0 +1,443 @@
+"""The GPU check's measurements (`launch/gpu_check.py`, whose help says what runs and in which order): the
+gpu-marked tests, then per configuration a batch sweep with images/s, tokens/s, MFU, peak memory and host syncs per
+point, the best batch and a torch.profiler summary there, within a time budget; `run` returns the JSON document.
+
+    result = run(args)          # args: launch/gpu_check.py's flags (run fills in the --dry-run defaults)
+    print(write(result, path))
+"""
+import gc
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from dit_scale import profiling
+from dit_scale.benchmarks.common import random_batch
+from dit_scale.build import build
+from dit_scale.config import ConfigError, load_config
+from dit_scale.loss import TrainingLoss
+from dit_scale.metrics import peak_flops
+from dit_scale.models.masking import num_kept
+from dit_scale.parallel import build_engine, init_topology
+from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES, check_compile_mode
+from dit_scale.parallel.topology import Topology
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+GPU_MODELS = ("DiT-XL/2", "DiT-XL/2-8E2A")
+DRY_MODELS = ("DiT-XS/4", "DiT-XS/4-4E2A")
+GPU_BATCHES = (32, 64, 128, 256)
+DRY_BATCHES = (2, 4)
+DRY_OVERRIDES = ["model.input_size=16", "model.depth=2", "model.hidden_size=64", "model.num_heads=2",
+                 "moe.expert_mlp_ratio=1.0", "moe.shared_mlp_ratio=1.0"]
+TOKEN_BUDGET_MASK = 0.75
+WINDOW = "gpu_check.profiled_steps"
+COMPILE_GUESS_S = 60.0                                      # a first torch.compile of a block, forward + backward
+STEPS = itertools.count()                                   # the training step index the loss sees
+
+
+def run_gpu_tests() -> dict:
+    """pytest -m gpu: counts of passed / failed / skipped tests."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+                           os.path.join(ROOT, "tests", "gpu")], cwd=ROOT, capture_output=True, text=True)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-200:]
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
+    words = summary.split(" in ")[0].replace(",", "").split()
+    for value, key in zip(words[::2], words[1::2]):
+        key = "errors" if key.startswith("error") else key
+        if key in counts and value.isdigit():
+            counts[key] = int(value)
+    ok = proc.returncode in (0, 5) and counts["failed"] == 0 and counts["errors"] == 0
+    report = {"summary": summary, **counts, "ok": ok}
+    if not ok:                                              # what failed, so the JSON alone says what to fix
+        lines = (proc.stdout + proc.stderr).splitlines()
+        report["failures"] = [line for line in lines if line.startswith(("FAILED", "ERROR", "E "))][:40]
+    return report
+
+
+def plan(models, batches, compile_: bool, dry: bool) -> list:
+    """The configurations, in the order they run (see the module docstring)."""
+    configs = []
+    for i, model in enumerate(models):
+        compiled = compile_ and (not dry or i == 0)
+        eager = {"name": f"{model} eager", "model": model, "compile_mode": None, "mask_ratio": 0.0,
+                 "token_budget": False, "batches": list(batches)}
+        configs.append(eager)
+        if compiled:
+            configs.append({**eager, "name": f"{model} compiled", "compile_mode": "default",
+                            "batches": list(batches[:1] if dry else batches)})
+        reference = configs[-1] if compiled and not dry else eager
+        configs.append({**reference, "name": f"{model} mask {TOKEN_BUDGET_MASK} token budget",
+                        "mask_ratio": TOKEN_BUDGET_MASK, "token_budget": True, "reference": reference["name"]})
+        if compiled:
+            configs.append({**eager, "name": f"{model} compiled reduce-overhead", "compile_mode": "reduce-overhead",
+                            "batches": "best", "best_of": f"{model} compiled"})
+    return configs
+
+
+class Budget:
+    """The deadline, and estimates of what is next from what ran: skip what would end past the deadline."""
+
+    def __init__(self, minutes: float):
+        self.start = time.time()
+        self.deadline = self.start + 60 * minutes
+        self.first_point_s = {}                             # compile mode -> longest (build + first point) seen
+
+    def config_estimate(self, compile_mode) -> float:
+        """Build and first point of a configuration: as long as the longest seen with this compile mode, else as
+        any seen plus a first compilation's guess."""
+        seen = self.first_point_s.get(compile_mode)
+        if seen is not None:
+            return seen
+        return max(self.first_point_s.values(), default=0.0) + (COMPILE_GUESS_S if compile_mode else 0.0)
+
+    def fits(self, estimate_s: float) -> bool:
+        return time.time() + estimate_s <= self.deadline
+
+    def skipped(self, estimate_s: float) -> str:
+        return (f"time budget: {time.time() - self.start:.0f} s elapsed, about {estimate_s:.0f} s more would pass "
+                f"the {(self.deadline - self.start) / 60:g} min budget")
+
+
+def skipped_record(spec: dict, why: str) -> dict:
+    return {**{k: v for k, v in spec.items() if k != "batches"}, "ok": None, "skipped": why}
+
+
+def run_config(spec: dict, device, dry: bool, args, budget: Budget, save) -> dict:
+    """One configuration: build once, sweep the batch until memory runs out, profile the best batch."""
+    record = {k: v for k, v in spec.items() if k != "batches"}
+    record.update(precision="fp32" if dry else "bf16", points=[])
+    save(record)
+    estimate = budget.config_estimate(spec["compile_mode"])
+    if not budget.fits(estimate):
+        record.update(ok=None, skipped=budget.skipped(estimate))
+        return record
+    if device.type != "cuda" and spec["compile_mode"] in CUDA_GRAPH_MODES:    # the dry run: refused in one sentence
+        try:
+            check_compile_mode(spec["compile_mode"], Topology(device=device))
+        except ConfigError as e:
+            record.update(ok=None, skipped=f"CUDA graphs need a GPU; the trainer refuses them here: {e}")
+            return record
+    started = time.perf_counter()
+    try:
+        engine, loss_fn, model_args = build_config(spec, device, dry)
+    except Exception as e:                                  # noqa: BLE001 -- reported in the JSON, the check goes on
+        if is_oom(e):
+            record.update(ok=None, out_of_memory=oom_message(device))
+        else:
+            record.update(ok=False, error=error_message(e))
+        return record
+    record["build_s"] = round(time.perf_counter() - started, 2)
+    tokens = model_args.num_tokens
+    kept = num_kept(tokens, spec["mask_ratio"]) if spec["mask_ratio"] > 0 else tokens
+    record["tokens_per_image"] = kept
+    flops = loss_fn.flops_per_image(0)
+
+    def step_at(images):
+        return make_step(engine, loss_fn, random_batch(model_args, images, device), device, dry,
+                         cudagraphs=spec["compile_mode"] == "reduce-overhead")
+
+    previous_s = None
+    for base in spec["batches"]:
+        point = {"batch": base * tokens // kept if spec["token_budget"] else base}
+        if spec["token_budget"]:
+            point["unmasked_batch"] = base
+        record["points"].append(point)
+        if previous_s is not None and not budget.fits(2 * previous_s):     # the batch doubles
+            point["skipped"] = budget.skipped(2 * previous_s)
+            break
+        point_start = time.perf_counter()
+        point.update(measure_point(step_at, point["batch"], kept, flops, device, dry, args))
+        previous_s = time.perf_counter() - point_start
+        if len(record["points"]) == 1:
+            mode = spec["compile_mode"]
+            budget.first_point_s[mode] = max(budget.first_point_s.get(mode, 0.0), time.perf_counter() - started)
+        save(record)
+        if point["ok"] is not True:                         # out of memory (larger batches will not fit) or an error
+            engine.zero_grad()                              # what the failed step left behind
+            release(device)
+            break
+    measured = [p for p in record["points"] if p.get("ok")]
+    if measured:
+        best = max(measured, key=lambda p: p["images_per_s"])
+        record["best"] = {k: best[k] for k in ("batch", "images_per_s", "tokens_per_s", "mfu") if k in best}
+        estimate = 3 * (args.profile_steps + 1) * best["step_s"] + 5      # the profiler's overhead, parsing
+        if args.profile_steps and budget.fits(estimate):
+            record["profile"] = profile_point(step_at, best["batch"], device, args)
+        elif args.profile_steps:
+            record["profile"] = {"skipped": budget.skipped(estimate)}
+    failed = [p for p in record["points"] + [record.get("profile", {})] if p.get("ok") is False]
+    record["ok"] = False if failed else (True if measured else None)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def build_config(spec: dict, device, dry: bool):
+    """(engine, training loss, model args) of a configuration: the one-process engine as the trainer builds it."""
+    compile_ = spec["compile_mode"] is not None
+    overrides = [f"model.name={spec['model']}", f"train.device={device.type}", f"train.compile={str(compile_).lower()}",
+                 f"train.compile_mode={spec['compile_mode'] or 'default'}",
+                 f"train.precision={'fp32' if dry else 'bf16'}", f"mask.ratio={spec['mask_ratio']}"]
+    cfg = load_config(None, overrides + (DRY_OVERRIDES if dry else []))
+    topo = init_topology(cfg)
+    if compile_:
+        torch._dynamo.reset()                               # a fresh compile cache: static shapes at the first batch
+    built = build(cfg, device="meta")
+    engine = build_engine(cfg, built.model, topo, mup=built.mup, init=built.init)
+    return engine, TrainingLoss(built.objective, built.args, device, mask_ratio=spec["mask_ratio"]), built.args
+
+
+def make_step(engine, loss_fn, data, device, dry: bool, cudagraphs: bool = False):
+    """One training step on `data`: the trainer's loss, backward, clipping, AdamW, EMA (optimizer work in the
+    profiler's optimizer range)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    ok = torch.tensor(True, device=device)                  # made once: a blocking host-to-device copy syncs
+
+    def step(i):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()      # a new iteration: earlier graph outputs may be reused
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry):
+            out = loss_fn(engine.module, data, step=i, generator=generator)
+        engine.backward(out.loss)
+        with record_function(profiling.OPTIMIZER_RANGE):
+            engine.clip_grad_norm(1.0)
+            engine.step(ok)
+            engine.zero_grad()
+    return step
+
+
+def measure_point(step_at, images: int, kept: int, flops: float, device, dry: bool, args) -> dict:
+    """Warm-up, one step counted for host syncs, timed steps at `images` per step (step_at(images): the step)."""
+    point = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = None
+    try:
+        step = step_at(images)
+        start = time.perf_counter()
+        for _ in range(args.warmup):                        # warm-up (and compilation)
+            step(next(STEPS))
+        sync(device)
+        point["warmup_s"] = round(time.perf_counter() - start, 2)
+        syncs = count_syncs(lambda: step(next(STEPS)), device)
+        point["host_syncs_in_step"] = None if syncs is None else len(syncs)
+        if syncs:
+            point["host_sync_sites"] = sorted(set(syncs))
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(next(STEPS))
+        sync(device)
+        seconds = (time.perf_counter() - start) / args.steps
+        point["step_s"] = round(seconds, 4)
+        point["images_per_s"] = round(images / seconds, 2)
+        point["tokens_per_s"] = round(images * kept / seconds, 1)
+        peak = peak_flops(device, bf16=not dry)
+        if peak:
+            point["mfu"] = round(images / seconds * flops / peak, 4)
+        if device.type == "cuda":
+            point["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        point["ok"] = True
+    except Exception as e:                                  # noqa: BLE001 -- reported in the JSON
+        if not is_oom(e):
+            point.update(ok=False, error=error_message(e))
+        else:
+            point.update(ok=None, out_of_memory=oom_message(device))
+    del step                                                # its batch
+    return point
+
+
+def profile_point(step_at, images: int, device, args) -> dict:
+    """torch.profiler over args.profile_steps steps (after one more warm-up step) at `images` per step."""
+    try:
+        step = step_at(images)
+        step(next(STEPS))
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            with record_function(WINDOW):
+                for _ in range(args.profile_steps):
+                    step(next(STEPS))
+                sync(device)
+        summary = profiling.profile_summary(prof.events(), device.type, WINDOW)
+        return {"batch": images, "steps": args.profile_steps, **summary}
+    except Exception as e:                                  # noqa: BLE001 -- reported in the JSON
+        return {"batch": images, "ok": False, "error": error_message(e)}
+
+
+def token_budget_ratios(record: dict, reference: dict) -> None:
+    """Per token-budget point: images/s and tokens/s over the unmasked run's at the same tokens per step (the
+    reference point at `unmasked_batch`); `vs_unmasked` of the record: the fastest point that has one."""
+    by_batch = {p["batch"]: p for p in reference.get("points", []) if p.get("ok")}
+    comparable = []
+    for p in record.get("points", []):
+        ref = by_batch.get(p.get("unmasked_batch"))
+        if p.get("ok") and ref:
+            p["vs_unmasked"] = {"images_per_s_ratio": round(p["images_per_s"] / ref["images_per_s"], 3),
+                                "tokens_per_s_ratio": round(p["tokens_per_s"] / ref["tokens_per_s"], 3)}
+            comparable.append((p, ref))
+    if comparable:
+        p, ref = max(comparable, key=lambda pr: pr[0]["images_per_s"])
+        record["vs_unmasked"] = {"reference": reference["name"], "batch": p["batch"], "images_per_s": p["images_per_s"],
+                                 "unmasked_batch": ref["batch"], "unmasked_images_per_s": ref["images_per_s"],
+                                 **p["vs_unmasked"]}
+
+
+def table_line(r: dict) -> str:
+    """One line for a reader: the best point and where its time went."""
+    if r.get("ok") is None and "best" not in r:
+        why = r.get("skipped") or r.get("out_of_memory") or next(
+            (p.get("out_of_memory") or p.get("skipped") for p in r.get("points", [])), "nothing ran")
+        return f"{r['name']}: not measured ({why})"
+    if "best" not in r:
+        return f"{r['name']}: error ({r.get('error') or next(p['error'] for p in r['points'] if 'error' in p)})"
+    b = r["best"]
+    line = f"{r['name']}: batch {b['batch']}, {b['images_per_s']:g} images/s"
+    if "mfu" in b:
+        line += f", MFU {100 * b['mfu']:.1f}%"
+    last = r["points"][-1]
+    if "out_of_memory" in last or "skipped" in last:
+        line += f" (batch {last['batch']}: {'out of memory' if 'out_of_memory' in last else 'skipped for time'})"
+    if "vs_unmasked" in r:
+        v = r["vs_unmasked"]
+        line += (f"; at batch {v['batch']} {v['images_per_s_ratio']:.2f}x the images/s of {v['reference']} at batch "
+                 f"{v['unmasked_batch']} (same tokens per step)")
+    prof = r.get("profile", {})
+    if "share" in prof:
+        kind = "kernel" if prof["device"] == "cuda" else "CPU op"
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["share"].items() if v >= 0.005)
+        line += f"; {kind} time: {shares}; idle {100 * prof['idle_share']:.0f}% of the profiled wall time"
+    elif prof:
+        line += f"; no profile ({prof.get('skipped') or prof.get('error')})"
+    return line
+
+
+def is_oom(e: Exception) -> bool:
+    """Out of device memory, also where compilation wraps the error."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def oom_message(device) -> str:
+    need = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else 0
+    return f"out of memory on this device ({total:.0f} GiB; {need:.0f} GiB in use at the peak before it failed)"
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_message(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def count_syncs(fn, device):
+    """Where fn() synchronised with the host on CUDA (set_sync_debug_mode warns on each): one entry per sync, the
+    innermost frame of this repository's code that led to it and the frame that warned; None on a CPU."""
+    if device.type != "cuda":
+        fn()
+        return None
+    sites = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message).lower():
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(ROOT) and not f.filename.endswith("gpu_check.py")]
+        where = f"{os.path.relpath(ours[-1].filename, ROOT)}:{ours[-1].lineno}" if ours else "?"
+        sites.append(f"{where} <- {os.path.basename(filename)}:{lineno}")
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
+def run(args) -> dict:
+    """The whole check (`args`: launch/gpu_check.py's flags): the tests, every configuration of `plan`, the table;
+    the JSON document, also rewritten to args.out after every sweep point. `ok`: every test passed and every
+    configuration that fits and had time ran without an error."""
+    dry = args.dry_run
+    args.steps = args.steps or (2 if dry else 5)
+    args.profile_steps = (2 if dry else 3) if args.profile_steps is None else args.profile_steps
+    budget = Budget(args.budget_minutes or (10.0 if dry else 8.0))
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (DRY_BATCHES if dry else GPU_BATCHES)
+    models = tuple(args.models.split(",")) if args.models else (DRY_MODELS if dry else GPU_MODELS)
+    os.environ.pop("WORLD_SIZE", None)
+    device = torch.device("cpu") if dry else torch.device("cuda", 0)
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("cc")
+    result = {"check": "gpu", "dry_run": dry, "torch": torch.__version__,
+              "device": "cpu" if dry else torch.cuda.get_device_name(device), "cxx": cxx,
+              "models": list(models), "batches": list(batches), "warmup_steps": args.warmup, "timed_steps": args.steps,
+              "profile_steps": args.profile_steps, "budget_minutes": round((budget.deadline - budget.start) / 60, 2)}
+    result["tests"] = run_gpu_tests()
+    write(result, args.out)
+    result["training"] = []
+
+    def save(record):                                       # after every sweep point: a cut-off run leaves results
+        if not result["training"] or result["training"][-1] is not record:
+            result["training"].append(record)
+        write(result, args.out)
+
+    by_name, unfit = {}, {}                                 # unfit: model -> the configuration it did not build in
+    for spec in plan(models, batches, not args.no_compile, dry):
+        if spec["compile_mode"] is not None and dry and not cxx:
+            record = skipped_record(spec, "no C++ compiler (g++, clang++, cc) on this machine: torch.compile's CPU "
+                                          "backend needs one")
+        elif spec["model"] in unfit:                        # weights, EMA and AdamW state alone do not fit
+            record = skipped_record(spec, f"out of memory while building {unfit[spec['model']]}")
+        elif spec["batches"] == "best":
+            best = by_name.get(spec["best_of"], {}).get("best")
+            if best is None:
+                record = skipped_record(spec, f"{spec['best_of']} has no best batch")
+            else:
+                record = run_config({**spec, "batches": [best["batch"]]}, device, dry, args, budget, save)
+                if dry:
+                    record["note"] = "on a CPU inductor captures no CUDA graphs: this row runs the path, not the gain"
+        else:
+            record = run_config(spec, device, dry, args, budget, save)
+        if "out_of_memory" in record:
+            unfit[spec["model"]] = spec["name"]
+        if spec.get("reference") in by_name:
+            token_budget_ratios(record, by_name[spec["reference"]])
+        by_name[spec["name"]] = record
+        save(record)
+        if spec["compile_mode"] is not None:
+            torch._dynamo.reset()                           # frees the compiled graphs (and CUDA graph pools)
+        release(device)
+    counted = [p for r in result["training"] for p in r.get("points", []) if p.get("ok")]
+    result["host_sync_free"] = None if dry else all(p.get("host_syncs_in_step") == 0 for p in counted)
+    result["table"] = [table_line(r) for r in result["training"]]
+    result["seconds"] = round(time.time() - budget.start, 1)
+    result["ok"] = bool(result["tests"]["ok"] and all(r.get("ok") is not False for r in result["training"]))
+    return result
+
+
+def write(result: dict, path) -> str:
+    """The JSON text of `result`, also written to `path` (atomically) when one is given."""
+    text = json.dumps(result, indent=1)
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(path + ".tmp", path)
+    return text
