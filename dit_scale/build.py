@@ -11,7 +11,7 @@ drawn once from it (`mup.py`); without μP the same path uses DiT's own init rul
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -47,16 +47,11 @@ def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
     d = width or m.hidden_size
     heads = d // (m.hidden_size // m.num_heads)
     sparse = None
-    if moe.num_experts:
-        sparse = MoEArgs(num_experts=moe.num_experts, top_k=moe.top_k,
-                         expert_hidden=moe.expert_hidden if d == m.hidden_size else hidden_size_for(
-                             d, moe.expert_mlp_ratio),
-                         shared_hidden=moe.shared_hidden if d == m.hidden_size else hidden_size_for(
-                             d, moe.shared_mlp_ratio),
-                         router=moe.router, score_function=moe.score_function, normalize_topk=moe.normalize_topk,
-                         aux_loss_coeff=moe.aux_loss_coeff, z_loss_coeff=moe.z_loss_coeff,
-                         capacity_factor=moe.capacity_factor, bias_update_rate=moe.bias_update_rate,
-                         expert_impl=moe.expert_impl, expert_act=moe.expert_act)
+    if moe.num_experts:                 # MoEArgs' fields are the moe section's keys; the hidden sizes follow the width
+        sparse = MoEArgs(**{f.name: moe[f.name] for f in fields(MoEArgs)})
+        if d != m.hidden_size:
+            sparse = replace(sparse, expert_hidden=hidden_size_for(d, moe.expert_mlp_ratio),
+                             shared_hidden=hidden_size_for(d, moe.shared_mlp_ratio))
     return ModelArgs(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
                      out_channels=build_objective(cfg).out_channels(m.in_channels), hidden_size=d, depth=m.depth,
                      num_heads=heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,

@@ -1,17 +1,15 @@
 """Captions for a text model's samples: from held-out shards (evaluation, the trainer's grids) or from prompts
 encoded with the run's local text encoder (`launch/sample.py --prompts`), and the prompt-titled sample grid.
 
-    table = CaptionTable.from_shards("data/synthetic_text_val", 8, field="eval.captions")
+    table = CaptionTable.from_shards(ShardSet.open("data/synthetic_text_val", "eval.captions"), 8, "eval.captions")
     table.take([0, 1, 9])                  # Captions [3, L, T]: positions i mod len(table), padded to L
     table = CaptionTable.from_prompts(["a small red circle in the top left"], encoder)
     write_prompt_grid(model, objective, cfg, device, table, path, per_prompt=4, decoder=decoder, title="...")
-    conditions = eval_conditions(cfg, num_samples, batch_size, rank, world_size)    # evaluation: index -> caption
 
 A table keeps each caption's features in float16, cut after its last real token (memory follows the real tokens,
 not the padded length), and pads them back to the shards' length L when taken, so the model sees exactly the
-training layout. Evaluation sample i is conditioned on held-out caption i mod M (M: the captions available, at most
-the number of samples), and the FID reference is the same held-out shards' images (`shards:PATH`): a
-caption-conditioned reference. Each rank keeps only the captions of the indices it samples.
+training layout. A shard set's captions are read through the `evaluation.shard_samples.ShardSet` the caller opens;
+evaluation's captions (sample i: held-out caption i mod M) are `evaluation/generate.py`'s `eval_conditions`.
 """
 from __future__ import annotations
 
@@ -22,10 +20,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from dit_scale.config import ConfigError
 from dit_scale.diffusion import sample
-from dit_scale.evaluation.generate import rank_batches
-from dit_scale.evaluation.shard_samples import ShardSet
+from dit_scale.errors import ConfigError
 from dit_scale.models.text import Captions
 from dit_scale.sampling import save_grid
 
@@ -74,12 +70,12 @@ class CaptionTable:
         return [self.texts.get(int(i) % self.size, "") for i in indices]
 
     @classmethod
-    def from_shards(cls, path: str, size: int, field: str, wanted: Optional[set] = None,
+    def from_shards(cls, shards, size: int, field: str, wanted: Optional[set] = None,
                     batch_size: int = 64) -> "CaptionTable":
-        """The captions of the first `size` samples of the shards at `path` (fewer if they hold fewer); `wanted`:
-        keep only these positions (None: all). ConfigError naming `field` when the shards hold no features."""
-        shards = ShardSet.open(path, field=field)
-        manifest = shards.manifest
+        """The captions of the first `size` samples of `shards` (an opened `evaluation.shard_samples.ShardSet`;
+        fewer if they hold fewer); `wanted`: keep only these positions (None: all). ConfigError naming `field` when
+        the shards hold no features."""
+        manifest, path = shards.manifest, shards.path
         if manifest.text_key is None or manifest.text_shape is None:
             raise ConfigError(f"{field}={path!r} holds no caption features (caption_feat.npy in its manifest); a "
                               f"text model needs captioned shards built with data_tools/build_shards.py "
@@ -142,30 +138,6 @@ def prompt_encoder(cfg, given: Optional[str] = None, manifest=None, device="cpu"
 def training_caption_path(cfg) -> str:
     """The training shards (the first source): where the trainer's grids take their captions."""
     return cfg.data.sources[0] if cfg.data.sources else cfg.data.path
-
-
-def eval_caption_path(cfg, given: Optional[str] = None) -> str:
-    """The held-out shards whose captions condition evaluation samples: `given`, eval.captions, eval.ref when it
-    is shards:PATH, else eval.val_path."""
-    e = cfg.eval
-    ref = given or e.captions or (e.ref[len("shards:"):] if e.ref and e.ref.startswith("shards:") else None)
-    path = ref or e.val_path
-    if not path:
-        raise ConfigError("A text model's evaluation samples need captions: set eval.captions (or eval.ref=shards:"
-                          "PATH) to captioned held-out shards, or pass --captions PATH.")
-    return path
-
-
-def eval_conditions(cfg, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                    path: Optional[str] = None, pad: bool = False) -> CaptionTable:
-    """The caption table of a text model's evaluation: sample i gets held-out caption i mod M; this rank keeps the
-    captions of its own batches only (evaluation/generate.py's `rank_batches`)."""
-    where = eval_caption_path(cfg, path)
-    field_name = "--captions" if path else "eval.captions"
-    probe = ShardSet.open(where, field=field_name)
-    size = min(int(num_samples), probe.num_samples)
-    wanted = {i % size for b in rank_batches(num_samples, batch_size, rank, world_size, pad) for i in b.indices}
-    return CaptionTable.from_shards(where, size, field_name, wanted)
 
 
 @torch.no_grad()

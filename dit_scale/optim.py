@@ -4,7 +4,8 @@
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ema = EMA(ema_tensors, decay=cfg.optim.ema_decay)          # fp32 copies of the weights this rank holds
     guarded_step(optimizer, ok); scheduler.step(); ema.update(current_tensors, ok)
-    with autocast(cfg.train, device): ...                      # bf16 autocast when train.precision resolves to bf16
+    precision = resolve_precision(cfg.train.precision, device)  # bf16 or fp32: the one precision rule
+    with precision.autocast(): ...                              # bf16 autocast when it resolves to bf16
 
 Engines (`dit_scale/parallel/engines/`) decide *which* tensors these act on (whole, sharded, partitioned); the
 rules themselves live here once. Nothing in this module synchronises with the host: a non-finite step is skipped on
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,16 +28,39 @@ from dit_scale.mup import param_groups
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def uses_bf16(train_cfg, device: torch.device) -> bool:
-    """train.precision resolved: bf16 on GPU for "auto", fp32 on CPU; "bf16" forces it (also on CPU)."""
-    return train_cfg.precision == "bf16" or (train_cfg.precision == "auto" and device.type == "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def autocast(train_cfg, device: torch.device):
-    """The training forward's autocast context (bf16 compute, fp32 master weights), or a no-op."""
-    if uses_bf16(train_cfg, device):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+@dataclass(frozen=True)
+class Precision:
+    """The precision of a run's forwards on one device: bf16 compute under autocast (fp32 master weights), or fp32.
+    Training, evaluation, sampling and the benchmarks all take it from `resolve_precision`."""
+    bf16: bool
+    device_type: str = "cpu"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """torch.bfloat16, or None (no autocast: fp32)."""
+        return torch.bfloat16 if self.bf16 else None
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def autocast(self):
+        """The forward's autocast context (bf16 compute), or a no-op."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
+        return nullcontext()
+
+
+def resolve_precision(setting: str, device) -> Precision:
+    """train.precision (or a benchmark's --precision) on `device`: "auto" is bf16 on a GPU and fp32 on the CPU;
+    "bf16" and "fp32" force it (bf16 also on the CPU)."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision {setting!r} is not one of {', '.join(PRECISIONS)}.")
+    device_type = torch.device(device).type
+    return Precision(setting == "bf16" or (setting == "auto" and device_type == "cuda"), device_type)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import os
 import socket
 from typing import Optional
 
-from dit_scale.config.errors import ConfigError
+from dit_scale.errors import ConfigError
 
 
 _HELD = {}   # run-directory lock file -> fd, for the life of this process (one process may open a run twice)

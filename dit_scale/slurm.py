@@ -12,7 +12,7 @@ start resumes from that checkpoint (train.resume=auto). The grace period follows
 import os
 import sys
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: launch/, slurm/

@@ -15,33 +15,13 @@ not safe in float16); the features are returned in float32 and stored as float16
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Sequence
 
 import torch
 
-from dit_scale.config.errors import ConfigError
-
-ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
-                   "clip_text_model": "CLIPTextModel", "clip": "CLIPTextModel"}
-
-
-def read_text_encoder_config(path: str) -> dict:
-    """{"model_type", "class", "width"} of the text encoder in the local folder `path` (from its config.json);
-    OSError / ValueError when it is missing or not a T5 encoder / CLIP text model."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    model_type = config.get("model_type")
-    if model_type not in ENCODER_CLASSES:
-        raise ValueError(f"its config.json has model_type={model_type!r}, not a T5 encoder or a CLIP text model "
-                         f"({', '.join(ENCODER_CLASSES)})")
-    if model_type == "clip":                     # a whole CLIP model's config: the text tower's part
-        config = config.get("text_config") or {}
-    width = config.get("d_model") or config.get("hidden_size")
-    if not isinstance(width, int) or width < 1:
-        raise ValueError("its config.json names no d_model / hidden_size")
-    return {"model_type": model_type, "class": ENCODER_CLASSES[model_type], "width": int(width)}
+from dit_scale.config.external import read_text_encoder_config
+from dit_scale.errors import ConfigError
 
 
 class TextEncoder:

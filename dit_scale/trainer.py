@@ -20,14 +20,15 @@ from dit_scale.build import build
 from dit_scale.checkpoint import CheckpointManager, disk_error, find_latest
 from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
-from dit_scale.config import ConfigError, save_config
+from dit_scale.config import save_config
 from dit_scale.data import build_loader, merge_states, split_rows, take_batches
 from dit_scale.data.loader import STATE_FORMAT
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.periodic import TrainingEvaluation
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
 from dit_scale.models.flops import count_params
-from dit_scale.optim import autocast, uses_bf16
+from dit_scale.optim import resolve_precision
 from dit_scale.parallel import build_engine, init_topology
 from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES
 from dit_scale.parallel.topology import agree
@@ -105,6 +106,7 @@ class Trainer:
         self.run.check_usable(t.resume)                     # every rank, before any collective
         self.topo = init_topology(cfg)
         self.device = self.topo.device
+        self.precision = resolve_precision(t.precision, self.device)   # bf16 autocast or fp32
         # one run per run directory; its config written first (a full disk stops the run before anything else)
         error = agree(self.topo, (self.run.lock() or self._write_config()) if self.topo.is_main else None)
         if error:
@@ -124,7 +126,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, self.run, self.engine, self.topo, self.streams,
                                              health=self._unhealthy)
         self.preemption = Preemption(t.max_wall_minutes, t.run_dir)
-        self.bf16 = uses_bf16(t, self.device)
         self._cuda_graphs = bool(t.compile and t.compile_mode in CUDA_GRAPH_MODES)
         self.step = 0
         self._started = False
@@ -174,7 +175,7 @@ class Trainer:
         for batch in micro_batches:
             if self._cuda_graphs:           # the previous micro-batch's graph outputs are consumed: replay may reuse them
                 torch.compiler.cudagraph_mark_step_begin()
-            with autocast(self.cfg.train, self.device):
+            with self.precision.autocast():
                 out = self.loss(self.engine.module, batch, step=self.step, generator=self.generator,
                                 ema=self.engine.sampling_module)
             self.engine.backward(out.loss / accum)
@@ -273,7 +274,7 @@ class Trainer:
         row["lr"] = self.engine.lr
         if self.cfg.mask.ratio > 0:
             row["mask_ratio"] = self.loss.mask_ratio(self.step - 1)
-        peak = peak_flops(self.device, self.bf16)
+        peak = peak_flops(self.device, self.precision.bf16)
         if peak:
             row["mfu"] = row["images_per_s"] * self.loss.flops_per_image(self.step - 1) / (peak * self.topo.world_size)
         self._moe_counts = interval.moe_counts
@@ -334,7 +335,7 @@ class Trainer:
 
     def write_samples(self) -> str:
         """The decoded, titled class grid of this step (every rank samples: collective); its path on rank 0."""
-        with autocast(self.cfg.train, self.device):         # bf16 engines hold bf16 weights (DeepSpeed's module)
+        with self.precision.autocast():                     # bf16 engines hold bf16 weights (DeepSpeed's module)
             return self.evaluation.write_grid(self.engine, self.step, self.run.sample_grid(self.step))
 
     def write_expert_load(self):

@@ -42,9 +42,9 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from dit_scale.build import build
-from dit_scale.checkpoint.storage import CheckpointError
-from dit_scale.config import ConfigError, hidden_size_for
+from dit_scale.config import hidden_size_for
 from dit_scale.convert.common import derive_config
+from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.models.registry import parse_model_name
 
 MODES = ("copy", "split")

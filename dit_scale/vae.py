@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from dit_scale.config import ConfigError
 from dit_scale.data import find_manifest, list_shards
+from dit_scale.errors import ConfigError
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,7 @@ Exit codes: 0 done; 2 an input error (no checkpoint, a dense model, unreadable s
 import argparse
 import sys
 
-from dit_scale.checkpoint import CheckpointError
-from dit_scale.config import ConfigError
-from dit_scale.data import DataError
+from dit_scale.errors import CheckpointError, ConfigError, DataError
 from dit_scale.evaluation.experts import analyze_experts
 from dit_scale.parallel.topology import pick_device
 

@@ -23,7 +23,7 @@ import sys
 
 from data_tools.bench_shards import write_random_shards
 from dit_scale.benchmarks import align, checkpoint, data, memory, model, moe_parallel, parallel
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 
 
 def step_flags(p, model_: str) -> None:

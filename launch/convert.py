@@ -18,8 +18,7 @@ state dict, torch.save). Exit code 2 with one sentence on a bad source.
 import argparse
 import sys
 
-from dit_scale.checkpoint import CheckpointError
-from dit_scale.config import ConfigError
+from dit_scale.errors import CheckpointError, ConfigError
 
 
 def main(argv=None):

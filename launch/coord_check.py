@@ -15,8 +15,8 @@ near 0); under SP they grow with width. Runs on CPU in about a minute for the co
 import argparse
 import sys
 
-from dit_scale.config import ConfigError
 from dit_scale.coord_check import coord_check, write
+from dit_scale.errors import ConfigError
 
 
 def main(argv=None) -> int:

@@ -32,9 +32,7 @@ import sys
 
 import torch
 
-from dit_scale.checkpoint import CheckpointError
-from dit_scale.config import ConfigError
-from dit_scale.data import DataError
+from dit_scale.errors import CheckpointError, ConfigError, DataError
 from dit_scale.evaluation.run import evaluate_checkpoint
 
 

@@ -11,7 +11,8 @@ safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `
 import argparse
 import sys
 
-from dit_scale.checkpoint import CheckpointError, export
+from dit_scale.checkpoint import export
+from dit_scale.errors import CheckpointError
 
 
 def main(argv=None):

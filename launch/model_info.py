@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 
-from dit_scale.config import ConfigError, load_config
+from dit_scale.config import load_config
 from dit_scale.build import model_args
+from dit_scale.errors import ConfigError
 from dit_scale.models import list_models
 from dit_scale.models.flops import model_info
 

@@ -24,13 +24,14 @@ import argparse
 import os
 import sys
 
-import torch
-
 from dit_scale.build import build
 from dit_scale.captions import CaptionTable, prompt_encoder, read_prompts, training_caption_path, write_prompt_grid
-from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint, load_exported
-from dit_scale.config import ConfigError, config_from_yaml_text
+from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
+from dit_scale.config import config_from_yaml_text
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.evaluation.shard_samples import ShardSet
+from dit_scale.optim import resolve_precision
 from dit_scale.parallel.topology import pick_device
 from dit_scale.run_dir import RunDir
 from dit_scale.sampling import write_class_grid
@@ -61,7 +62,8 @@ def prompt_table(cfg, args, manifest, device) -> CaptionTable:
         return CaptionTable.from_prompts(read_prompts(args.prompts), prompt_encoder(cfg, args.text_encoder, manifest,
                                                                                     device))
     try:
-        return CaptionTable.from_shards(training_caption_path(cfg), cfg.logging.max_sample_classes, field="data.path")
+        shards = ShardSet.open(training_caption_path(cfg), field="data.path")
+        return CaptionTable.from_shards(shards, cfg.logging.max_sample_classes, "data.path")
     except ConfigError as e:
         raise ConfigError(f"This text model needs prompts: pass --prompts TEXT|FILE ... (the training shards' captions "
                           f"are not available: {e})") from None
@@ -131,7 +133,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     title = f"{cfg.model.name} step {step} · {sampler} {steps} steps · cfg {scale:g}"
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with resolve_precision(cfg.train.precision, device).autocast():     # as the run trained
             if text:
                 write_prompt_grid(model, objective, cfg, device, table, out, per_prompt=per_class, decoder=decoder,
                                   title=title, num_steps=steps, cfg_scale=scale, seed=args.seed, sampler=sampler,

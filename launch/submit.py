@@ -25,7 +25,8 @@ import shlex
 import subprocess
 import sys
 
-from dit_scale.config import ConfigError, load_config
+from dit_scale.config import load_config
+from dit_scale.errors import ConfigError
 from dit_scale.slurm import check_overrides, sbatch_command
 
 

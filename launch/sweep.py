@@ -21,7 +21,7 @@ to `--target-width` (PREFIX_<sweep>_w<width>.yaml): under μP the hyperparameter
 import argparse
 import sys
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.sweep import aggregate, run_sweep, task
 
 

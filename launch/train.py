@@ -26,8 +26,8 @@ catch_early_signals()       # before the heavy imports: a stop signal (or Ctrl-C
 
 import torch  # noqa: E402
 
-from dit_scale.checkpoint import CheckpointError  # noqa: E402
-from dit_scale.config import ConfigError, load_config  # noqa: E402
+from dit_scale.config import load_config  # noqa: E402
+from dit_scale.errors import CheckpointError, ConfigError  # noqa: E402
 from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
 
 

@@ -21,8 +21,7 @@ import sys
 
 import torch
 
-from dit_scale.checkpoint import CheckpointError
-from dit_scale.config import ConfigError
+from dit_scale.errors import CheckpointError, ConfigError
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dit_scale.align.losses import attention_alignment_loss, repa_loss, select_patch_attention, sra_loss
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.models.masking import gather_tokens
 
 TERMS = ("repa", "haste", "sra")

@@ -14,24 +14,11 @@ counts its forwards (tests check that none run after `align.stop_step`).
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def read_teacher_config(path: str) -> dict:
-    """The teacher's config.json (hidden_size, num_hidden_layers, num_attention_heads, patch_size, ...)."""
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size") if k not in cfg]
-    if missing:
-        raise ValueError(f"config.json has no {', '.join(missing)}")
-    return cfg
 
 
 class OnlineTeacher:

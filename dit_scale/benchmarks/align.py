@@ -20,17 +20,18 @@ from dit_scale.loss import TrainingLoss
 
 
 def _setup(args, extra):
-    """(config, device, bf16, built model, batch) of `args.model` with the `extra` overrides."""
+    """(config, device, precision, built model, batch) of `args.model` with the `extra` overrides."""
     cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}", *extra, *args.overrides])
-    device, bf16 = device_and_precision(args)
+    device, precision = device_and_precision(args)
     built = build(cfg, device=device, seed=0)
     batch = args.batch or (32 if device.type == "cuda" else 2)
-    return cfg, device, bf16, built, batch
+    return cfg, device, precision, built, batch
 
 
 def bench_masking(args) -> dict:
-    cfg, device, bf16, built, batch = _setup(args, [f"mask.ratio={args.ratio}", f"mask.mixer_depth={args.mixer_depth}"])
+    cfg, device, precision, built, batch = _setup(args, [f"mask.ratio={args.ratio}",
+                                                         f"mask.mixer_depth={args.mixer_depth}"])
     model, margs = built.model.train(), built.args
     variants = {"masked": TrainingLoss(built.objective, margs, device, mask_ratio=args.ratio),
                 "unmasked": TrainingLoss(built.objective, margs, device),
@@ -38,9 +39,9 @@ def bench_masking(args) -> dict:
     multiple = variants["budget"].batch_multiple(0)                 # images per token budget: tokens / kept
     data = {"masked": random_batch(margs, batch, device), "unmasked": random_batch(margs, batch, device),
             "budget": random_batch(margs, batch * multiple, device)}
-    times = alternate({k: training_step(model, fn, data[k], device, bf16) for k, fn in variants.items()}, device,
+    times = alternate({k: training_step(model, fn, data[k], device, precision) for k, fn in variants.items()}, device,
                       args.warmup, args.steps)
-    result = header("masking", args.model, device, bf16, batch, args.steps, tokens=margs.num_tokens)
+    result = header("masking", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     flops_ratio = variants["masked"].flops_per_image(0) / variants["unmasked"].flops_per_image(0)
     result.update({"mask_ratio": args.ratio, "mixer_depth": args.mixer_depth,
                    "masked_step_s": round(times["masked"], 5), "unmasked_step_s": round(times["unmasked"], 5),
@@ -53,16 +54,16 @@ def bench_masking(args) -> dict:
 
 
 def bench_align(args) -> dict:
-    cfg, device, bf16, built, batch = _setup(args, [
+    cfg, device, precision, built, batch = _setup(args, [
         "align.repa_weight=0.5", f"align.repa_depth={args.depth}", f"align.teacher_dim={args.teacher_dim}",
         f"align.projector_dim={args.projector_dim}"])
     model, margs = built.model.train(), built.args
     data = random_batch(margs, batch, device, feat_dim=args.teacher_dim)    # as the loader delivers batch["feat"]
     variants = {"repa": TrainingLoss.from_config(cfg, built.objective, margs, device),
                 "plain": TrainingLoss(built.objective, margs, device)}
-    times = alternate({k: training_step(model, fn, data, device, bf16) for k, fn in variants.items()}, device,
+    times = alternate({k: training_step(model, fn, data, device, precision) for k, fn in variants.items()}, device,
                       args.warmup, args.steps)
-    result = header("align", args.model, device, bf16, batch, args.steps, tokens=margs.num_tokens)
+    result = header("align", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     result.update({"repa_depth": cfg.align.repa_depth, "projector_dim": args.projector_dim,
                    "teacher_dim": args.teacher_dim, "teacher": "cached features (shards)",
                    "repa_step_s": round(times["repa"], 5), "plain_step_s": round(times["plain"], 5),

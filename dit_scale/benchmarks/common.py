@@ -9,24 +9,17 @@ import time
 
 import torch
 
-from dit_scale.optim import autocast
+from dit_scale.optim import Precision, resolve_precision
 from dit_scale.parallel.topology import pick_device, retain_freed_host_memory
 
 
 def device_and_precision(args):
-    """(device, bf16) from --device and --precision (auto: bf16 on GPU, fp32 on CPU)."""
+    """(device, Precision) from --device and --precision, resolved as train.precision is (auto: bf16 on GPU, fp32 on
+    CPU)."""
     device = pick_device(args.device)
     if device.type == "cpu":
         retain_freed_host_memory()                   # as the trainer does (topology.init_topology)
-    bf16 = device.type == "cuda" if args.precision == "auto" else args.precision == "bf16"
-    return device, bf16
-
-
-class _Precision:
-    """What `optim.autocast` reads of the train section: its precision."""
-
-    def __init__(self, bf16: bool):
-        self.precision = "bf16" if bf16 else "fp32"
+    return device, resolve_precision(args.precision, device)
 
 
 def random_batch(model_args, batch: int, device, feat_dim: int = 0) -> dict:
@@ -40,12 +33,12 @@ def random_batch(model_args, batch: int, device, feat_dim: int = 0) -> dict:
     return out
 
 
-def training_step(model, loss_fn, batch: dict, device, bf16: bool, seed: int = 0):
-    """A closure running one training step's forward (the training loss) and backward on `batch`."""
+def training_step(model, loss_fn, batch: dict, device, precision: Precision, seed: int = 0):
+    """A closure running one training step's forward (the training loss, under `precision`) and backward on `batch`."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def run():
-        with autocast(_Precision(bf16), device):
+        with precision.autocast():
             out = loss_fn(model, batch, step=0, generator=generator)
         out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -72,11 +65,11 @@ def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def header(name: str, model: str, device, bf16: bool, batch: int, steps: int, **extra) -> dict:
+def header(name: str, model: str, device, precision: Precision, batch: int, steps: int, **extra) -> dict:
     """The fields every benchmark's JSON starts with: what ran, where, at which batch and precision."""
     return {"bench": name, "model": model,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "batch": batch, "precision": "bf16" if bf16 else "fp32",
+            "threads": torch.get_num_threads(), "batch": batch, "precision": precision.name,
             "steps": steps, **extra}
 
 

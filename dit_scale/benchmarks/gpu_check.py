@@ -22,10 +22,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from dit_scale import profiling
 from dit_scale.benchmarks.common import random_batch
 from dit_scale.build import build
-from dit_scale.config import ConfigError, load_config
+from dit_scale.config import load_config
+from dit_scale.errors import ConfigError
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import peak_flops
 from dit_scale.models.masking import num_kept
+from dit_scale.optim import resolve_precision
 from dit_scale.parallel import build_engine, init_topology
 from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES, check_compile_mode
 from dit_scale.parallel.topology import Topology
@@ -199,11 +201,12 @@ def make_step(engine, loss_fn, data, device, dry: bool, cudagraphs: bool = False
     profiler's optimizer range)."""
     generator = torch.Generator(device=device).manual_seed(0)
     ok = torch.tensor(True, device=device)                  # made once: a blocking host-to-device copy syncs
+    precision = resolve_precision("fp32" if dry else "bf16", device)    # the config's train.precision
 
     def step(i):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()      # a new iteration: earlier graph outputs may be reused
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry):
+        with precision.autocast():
             out = loss_fn(engine.module, data, step=i, generator=generator)
         engine.backward(out.loss)
         with record_function(profiling.OPTIMIZER_RANGE):

@@ -9,7 +9,8 @@ import json
 
 from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
 from dit_scale.build import build_objective, model_args
-from dit_scale.config import ConfigError, load_config
+from dit_scale.config import load_config
+from dit_scale.errors import ConfigError
 from dit_scale.loss import TrainingLoss
 from dit_scale.metrics import peak_flops
 from dit_scale.models import DiT, ModelArgs
@@ -27,7 +28,7 @@ def run(args) -> dict:
     """`bench.py model`: the sparse model and its dense twin, timed alternately; prints and returns the JSON."""
     cfg = load_config(None, [f"model.name={args.model}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}"] + args.overrides)
-    device, bf16 = device_and_precision(args)
+    device, precision = device_and_precision(args)
     sparse = model_args(cfg)
     if sparse.moe is None:
         raise ConfigError(f"--model {args.model} is dense; pass a sparse name such as DiT-S/2-8E2A.")
@@ -40,12 +41,12 @@ def run(args) -> dict:
     batch = args.batch or (32 if device.type == "cuda" else 2)
     data = random_batch(sparse, batch, device)
     objective = build_objective(cfg)
-    steps = {k: training_step(models[k], TrainingLoss(objective, a, device), data, device, bf16)
+    steps = {k: training_step(models[k], TrainingLoss(objective, a, device), data, device, precision)
              for k, a in variants.items()}
     times = alternate(steps, device, args.warmup, args.steps)
 
-    peak = peak_flops(device, bf16)
-    result = header("model", args.model, device, bf16, batch, args.steps)
+    peak = peak_flops(device, precision.bf16)
+    result = header("model", args.model, device, precision, batch, args.steps)
     for k, a in variants.items():
         sec = times[k]
         sizes = count_params(models[k])

@@ -32,7 +32,7 @@ def _worker(rank, world, args, port, results):
     margs = model_args(cfg)
     layers = {}
     for ep in (1, world):
-        layer = MoEFFN(margs.hidden_size, **vars(margs.moe))
+        layer = MoEFFN(margs.hidden_size, margs.moe)
         init_moe_(layer, seed=0)
         holder = torch.nn.Module()
         holder.ffn = layer

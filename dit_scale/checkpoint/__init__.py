@@ -19,8 +19,9 @@ from dit_scale.checkpoint.export import export, load_exported
 from dit_scale.checkpoint.load import load_checkpoint
 from dit_scale.checkpoint.manager import CheckpointManager, disk_error
 from dit_scale.checkpoint.sharded import PendingSave, load_sharded, save_sharded
-from dit_scale.checkpoint.storage import (CheckpointError, checkpoint_dir, find_latest, is_run_dir, list_checkpoints,
-                                          manifest_path, prune_checkpoints, verify, verify_sharded)
+from dit_scale.checkpoint.storage import (checkpoint_dir, find_latest, is_run_dir, list_checkpoints, manifest_path,
+                                          prune_checkpoints, verify, verify_sharded)
+from dit_scale.errors import CheckpointError
 
 
 

@@ -13,8 +13,9 @@ import os
 
 import torch
 
-from dit_scale.checkpoint.storage import (CheckpointError, HashingWriter, checkpoint_dir, fsync_dir, manifest_path,
-                                          point_latest, step_name, write_text_atomic)
+from dit_scale.checkpoint.storage import (HashingWriter, checkpoint_dir, fsync_dir, manifest_path, point_latest,
+                                          step_name, write_text_atomic)
+from dit_scale.errors import CheckpointError
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from dit_scale.checkpoint.load import load_checkpoint
-from dit_scale.checkpoint.storage import CheckpointError
+from dit_scale.errors import CheckpointError
 
 
 def export(ckpt: str, out: str, ema: bool = False) -> str:

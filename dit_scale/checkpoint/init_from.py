@@ -36,7 +36,8 @@ import torch
 
 from dit_scale.checkpoint import storage
 from dit_scale.checkpoint.load import resolve_path
-from dit_scale.checkpoint.storage import CheckpointError, is_run_dir, list_checkpoints
+from dit_scale.checkpoint.storage import is_run_dir, list_checkpoints
+from dit_scale.errors import CheckpointError, ConfigError
 
 # Parameters a run may add to (or drop from) the file's network: alignment heads and the mask token are training-time
 # additions; the run keeps their fresh init (or ignores the file's), and says so.
@@ -145,7 +146,7 @@ def _saved_config(config_text: Optional[str], cfg, origin: str):
     version is only not compared."""
     if not config_text:
         return None
-    from dit_scale.config import ConfigError, config_from_yaml_text, parse_stored_config
+    from dit_scale.config import config_from_yaml_text, parse_stored_config
     parse_stored_config(config_text, origin)
     if cfg is None:
         return None

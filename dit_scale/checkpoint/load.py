@@ -6,7 +6,8 @@ import os
 from dit_scale.checkpoint.consolidated import load_file
 from dit_scale.checkpoint.sharded import load_whole
 from dit_scale.checkpoint import storage
-from dit_scale.checkpoint.storage import CheckpointError, find_latest, is_run_dir
+from dit_scale.checkpoint.storage import find_latest, is_run_dir
+from dit_scale.errors import CheckpointError
 
 
 def resolve_path(path: str) -> str:

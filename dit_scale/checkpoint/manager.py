@@ -34,10 +34,10 @@ from dit_scale.build import meta_model, model_args
 from dit_scale.checkpoint.consolidated import save_checkpoint
 from dit_scale.checkpoint.load import load_checkpoint
 from dit_scale.checkpoint.sharded import PendingSave, load_extra, load_sharded, save_sharded
-from dit_scale.checkpoint.storage import (CheckpointError, find_latest, is_run_dir, list_checkpoints,
-                                          prune_checkpoints, verify_sharded)
-from dit_scale.config import ConfigError, config_from_yaml_text, parse_stored_config, to_yaml
+from dit_scale.checkpoint.storage import find_latest, is_run_dir, list_checkpoints, prune_checkpoints, verify_sharded
+from dit_scale.config import config_from_yaml_text, parse_stored_config, to_yaml
 from dit_scale.config.diff import config_changes, describe
+from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.optim import hyperparameters, restore_hyperparameters
 from dit_scale.run_dir import RunDir
 

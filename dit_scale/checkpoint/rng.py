@@ -1,8 +1,10 @@
-"""The RNG streams of one rank as a stateful object: torch (CPU and CUDA), numpy, python and the training generator
-(timesteps, noise, kept tokens), saved as tensors and plain values (loadable with `weights_only=True`).
+"""The RNG streams of one rank as a stateful object: torch (CPU and CUDA), numpy, python and a torch generator,
+saved as tensors and plain values (loadable with `weights_only=True`). Training samples bring their own draws
+(timesteps, noise, kept tokens, dropout: dit_scale/data/stream.py), so the trajectory does not depend on these
+per-rank streams; the generator serves the training loss for batches without them (benchmarks, tools).
 
     rng = RNGStreams(seed=cfg.train.seed, rank=rank, device=device, deterministic=cfg.train.deterministic)
-    rng.generator                  # the training loss draws from it
+    rng.generator                  # the training loss's fallback
     state = rng.state_dict(); rng.load_state_dict(state)
     rng.reseed(step)               # a resharded resume: fresh streams derived from the step
 """

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from dit_scale.checkpoint.storage import CheckpointError
+from dit_scale.errors import CheckpointError
 
 _METADATA = "torch.distributed.checkpoint.metadata"
 ALLOWED = {

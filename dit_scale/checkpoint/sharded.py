@@ -25,10 +25,11 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dit_scale.checkpoint.storage import (EXTRA, MANIFEST, CheckpointError, checkpoint_dir, file_digest, fsync_dir,
-                                          point_latest, publish_dir, step_name, write_text_atomic)
+from dit_scale.checkpoint.storage import (EXTRA, MANIFEST, checkpoint_dir, file_digest, fsync_dir, point_latest,
+                                          publish_dir, step_name, write_text_atomic)
 from dit_scale.checkpoint.safe_reader import SafeFileSystemReader
 from dit_scale.compat import dcp_load_whole
+from dit_scale.errors import CheckpointError
 
 
 def split_state(state: dict) -> Tuple[dict, dict]:

@@ -20,14 +20,11 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
+from dit_scale.errors import CheckpointError
 from dit_scale.run_dir import RunDir
 
 NAME = re.compile(r"^step_(\d+)(\.pt)?$")          # step_X.pt (consolidated) or step_X/ (sharded)
 MANIFEST, EXTRA, LATEST = "manifest.json", "extra.pt", "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, truncated, wrong model); the message names the file."""
 
 
 def checkpoint_dir(run_dir: str) -> str:

@@ -1,5 +1,4 @@
-"""The one error type for a user-fixable configuration problem."""
+"""ConfigError, the user-fixable configuration error: defined in `dit_scale/errors.py`, re-exported here."""
+from dit_scale.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A user-fixable problem in the configuration or inputs (one sentence naming the field or file and the fix)."""
+__all__ = ["ConfigError"]

@@ -16,10 +16,10 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
-from dit_scale.config.errors import ConfigError
 from dit_scale.config.resolve import resolve
 from dit_scale.config.schema import Config
 from dit_scale.config.validate import check_values, validate
+from dit_scale.errors import ConfigError
 
 
 def _read_yaml(path: str, seen: tuple = ()) -> DictConfig:

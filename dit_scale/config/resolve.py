@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 
-from dit_scale.config.errors import ConfigError
+from dit_scale.config.external import read_teacher_config, read_text_encoder_config
+from dit_scale.errors import ConfigError
 from dit_scale.models.registry import parse_model_name
 
 HIDDEN_MULTIPLE = 8
@@ -87,7 +88,6 @@ def _resolve_text_dim(cfg) -> None:
     m = cfg.model
     if m.conditioning != "text" or m.text_dim is not None or not m.text_encoder:
         return
-    from dit_scale.text_encoder import read_text_encoder_config
     try:
         m.text_dim = read_text_encoder_config(m.text_encoder)["width"]
     except (OSError, ValueError):
@@ -101,7 +101,6 @@ def _resolve_teacher_dim(cfg) -> None:
     online = a.haste_weight > 0 or (a.repa_weight > 0 and a.teacher == "online")
     if not online or a.teacher_dim is not None or not a.teacher_path:
         return
-    from dit_scale.align.teacher import read_teacher_config
     try:
         a.teacher_dim = int(read_teacher_config(a.teacher_path)["hidden_size"])
     except (OSError, ValueError):

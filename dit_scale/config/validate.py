@@ -11,9 +11,10 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from dit_scale.config.errors import ConfigError
+from dit_scale.config.external import read_teacher_config
 from dit_scale.config.schema import CHOICES
 from dit_scale.diffusion.samplers import SAMPLERS
+from dit_scale.errors import ConfigError
 
 
 def _fail(msg: str):
@@ -236,7 +237,6 @@ def _validate_mask_align(cfg) -> None:
         if cfg.model.in_channels != 3:
             _fail(f"align.teacher=online needs pixel-space data (model.in_channels=3, got {cfg.model.in_channels}); "
                   f"for latents precompute the features into the shards and use align.teacher=shards.")
-        from dit_scale.align.teacher import read_teacher_config
         try:
             tc = read_teacher_config(a.teacher_path)
         except (OSError, ValueError) as e:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from dit_scale.config import ConfigError
 from dit_scale.convert.common import fill_model, read_ours, read_source, save_weights
+from dit_scale.errors import ConfigError
 
 FORMATS = ("dit", "dit-moe")
 

@@ -20,8 +20,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from dit_scale.checkpoint.storage import CheckpointError
-from dit_scale.config import ConfigError, config_from_yaml_text, to_yaml
+from dit_scale.config import config_from_yaml_text, to_yaml
+from dit_scale.errors import CheckpointError, ConfigError
 
 # Wrapper prefixes a state dict picks up from DDP / torch.compile / DeepSpeed.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -26,8 +26,8 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from dit_scale.checkpoint.storage import CheckpointError
 from dit_scale.convert.common import derive_config
+from dit_scale.errors import CheckpointError
 from dit_scale.models.layers import sincos_pos_embed
 from dit_scale.models.registry import parse_model_name
 

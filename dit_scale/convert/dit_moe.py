@@ -33,9 +33,9 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from dit_scale.checkpoint.storage import CheckpointError
 from dit_scale.convert.common import derive_config
 from dit_scale.convert.dit import BLOCK, _get, backbone_shapes, check_pos_embed, model_changes, rename
+from dit_scale.errors import CheckpointError
 from dit_scale.models.layers import sincos_pos_embed
 from dit_scale.models.registry import parse_model_name
 

@@ -3,11 +3,8 @@
 It is a ConfigError, so an entry point that reports ConfigError prints its one-sentence message and exits 2, and
 a RuntimeError, for callers that catch "the loader failed while running". Loader worker processes never raise it
 across the process boundary: they hand the message to the training process, which raises it there (loader.py).
+Defined in `dit_scale/errors.py` (the leaf module of the user-error types), re-exported here.
 """
-from __future__ import annotations
+from dit_scale.errors import DataError
 
-from dit_scale.config import ConfigError
-
-
-class DataError(ConfigError, RuntimeError):
-    """The shards cannot feed the run any more; the message says which shard or key and what to do."""
+__all__ = ["DataError"]

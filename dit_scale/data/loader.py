@@ -39,13 +39,12 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dit_scale.config import ConfigError
-from dit_scale.data.errors import DataError
 from dit_scale.data.manifest import CAPTION_FEAT_KEY, CAPTION_MASK_KEY, find_manifest
 from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, decode_image, first_sample, \
     list_shards
 from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, RankReader, SourceSpec, StreamSpec, \
     initial_partition_state
+from dit_scale.errors import ConfigError, DataError
 
 STATE_FORMAT = "dit_scale.data/2"
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)

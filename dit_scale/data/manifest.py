@@ -32,8 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from dit_scale.config import ConfigError
 from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, is_url, shard_name
+from dit_scale.errors import ConfigError
 
 MANIFEST_NAME = "manifest.json"
 CAPTION_FEAT_KEY = "caption_feat.npy"      # float16 [L, T] caption token features (data_tools, --text-encoder)

@@ -31,7 +31,7 @@ from PIL import Image
 from webdataset import tariterators
 from webdataset.gopen import Pipe, gopen, set_options
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 
 SAFE_SUFFIXES = {"png", "jpg", "jpeg", "npy", "safetensors", "cls", "txt", "json"}
 PIXEL_SUFFIXES = {"png", "jpg", "jpeg"}

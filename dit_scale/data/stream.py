@@ -43,8 +43,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from dit_scale.data.errors import DataError
 from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image, iter_tar_samples
+from dit_scale.errors import DataError
 
 MIX_STREAM = 1_000_003
 DRAW_STREAM = 2_000_003        # a sample's own training draws: default_rng([seed, DRAW_STREAM, n])

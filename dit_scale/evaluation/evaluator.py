@@ -11,7 +11,6 @@ spatial statistics (ADM's batches and shard references do), precision/recall whe
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import Optional
@@ -24,6 +23,7 @@ from dit_scale.evaluation.features import KEYS as FEATURE_KEYS
 from dit_scale.evaluation.generate import SamplingSpec, class_of, rank_batches, sample_indices
 from dit_scale.evaluation.reference import FeatureExtractor, Reference
 from dit_scale.evaluation.scores import frechet_distance_of, inception_score, precision_recall
+from dit_scale.optim import resolve_precision
 from dit_scale.run_dir import RunDir
 from dit_scale.vae import to_uint8
 
@@ -67,12 +67,13 @@ def sample_images(model, objective, cfg, spec: SamplingSpec, decoder, num_sample
                   world_size: int, device, collective_forward: bool = False, progress=None, conditions=None,
                   writer: Optional[SampleWriter] = None):
     """This rank's generated images: yields (global indices, uint8 [B, 3, H, W]) per batch (`generate.py` says
-    which samples; padding batches of a collective forward are drawn and dropped). `writer`: also keep them for the
-    ADM-format .npz (`export.SampleWriter`)."""
+    which samples; padding batches of a collective forward are drawn and dropped), sampled in the run's precision
+    (train.precision on `device`, as in training). `writer`: also keep them for the ADM-format .npz
+    (`export.SampleWriter`)."""
     device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    precision = resolve_precision(cfg.train.precision, device)
     for batch in rank_batches(num_samples, batch_size, rank, world_size, pad=collective_forward):
-        with autocast:
+        with precision.autocast():
             latents = sample_indices(model, objective, cfg, spec, batch.indices, device, conditions)
         if batch.real:
             images = to_uint8(decoder(latents.float()))
@@ -91,7 +92,7 @@ def evaluate_samples(model, objective, cfg, spec: SamplingSpec, decoder, extract
     """Every rank calls it with the same arguments. `collective_forward`: the model's forward is a collective
     (FSDP, expert parallelism), so every rank runs the same number of batches. `progress(n)` is called after each
     batch with the number of images this rank finished. `conditions`: a text model's captions by sample index
-    (`captions.eval_conditions`); None: classes. `dino_reference`: also FD-DINOv2 (the extractor's network must
+    (`generate.eval_conditions`); None: classes. `dino_reference`: also FD-DINOv2 (the extractor's network must
     return DINOv2 features too, `dinov2.CombinedFeatures`). `writer`: also write the images as an ADM-format .npz
     (`export.SampleWriter`; its `finish` is collective and runs here)."""
     start = time.perf_counter()

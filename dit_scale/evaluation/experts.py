@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.models.text import Captions
 
 
@@ -160,6 +160,7 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
     from dit_scale.config import config_from_yaml_text
     from dit_scale.evaluation.val_loss import ValidationLoss
     from dit_scale.models.moe import MoEFFN
+    from dit_scale.optim import resolve_precision
     from dit_scale.sampling import class_names
     from dit_scale.vae import data_manifest
 
@@ -182,7 +183,8 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
                                      batch_size=batch_size, field=field)
     text = cfg.model.conditioning == "text"
     num_groups = 1 if text else max(1, int(cfg.model.num_classes))
-    counts = routing_counts(model, val, device, None if text else val.y.numpy(), num_groups)
+    with resolve_precision(cfg.train.precision, device).autocast():      # routed as the run trained
+        counts = routing_counts(model, val, device, None if text else val.y.numpy(), num_groups)
     step = int(state.get("step", 0))
     groups = ["all"] if text else list(range(num_groups))
     names = ["all"] if text else class_names(cfg, groups, data_manifest(cfg)[0])

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 
 
 def _barrier(world_size: int) -> None:

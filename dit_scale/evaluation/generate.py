@@ -4,13 +4,17 @@
     for batch in rank_batches(num_samples, batch_size, rank, world_size, pad=False):
         latents = sample_indices(model, objective, cfg, spec, batch.indices, device)
 
-Sample i has class i mod num_classes (balanced classes; a text model: held-out caption i mod M, `captions.py`'s
-`eval_conditions` passed as `conditions`) and its own noise generator seeded from (seed, i): its
+Sample i has class i mod num_classes (balanced classes; a text model: held-out caption i mod M, `eval_conditions`
+passed as `conditions`) and its own noise generator seeded from (seed, i): its
 starting noise and every noise draw of a stochastic sampler come from that generator only. Batches are fixed
 ranges of global indices ([b·B, (b+1)·B)) handed out round-robin (batch b to rank b mod W), so every sample is
 computed in the same batch whatever the number of processes — the set of images, and on a given machine the
 images themselves, do not depend on it. With `pad=True` every rank runs the same number of batches (a rank past
 the end repeats batch 0 and drops it): forwards that are collective (FSDP, expert parallelism) need that.
+
+A text model's M is the number of held-out captions available, at most the number of samples; the FID reference is
+the same held-out shards' images (`shards:PATH`): a caption-conditioned reference. Each rank keeps only the captions
+of the indices it samples.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from dit_scale.captions import CaptionTable
 from dit_scale.diffusion import sample
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.errors import ConfigError
+from dit_scale.evaluation.shard_samples import ShardSet
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,29 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int, 
             yield Batch(list(range(b * batch_size, min((b + 1) * batch_size, num_samples))))
         elif pad:
             yield Batch(list(range(0, min(batch_size, num_samples))), real=False)
+
+
+def eval_caption_path(cfg, given: Optional[str] = None) -> str:
+    """The held-out shards whose captions condition evaluation samples: `given`, eval.captions, eval.ref when it
+    is shards:PATH, else eval.val_path."""
+    e = cfg.eval
+    ref = given or e.captions or (e.ref[len("shards:"):] if e.ref and e.ref.startswith("shards:") else None)
+    path = ref or e.val_path
+    if not path:
+        raise ConfigError("A text model's evaluation samples need captions: set eval.captions (or eval.ref=shards:"
+                          "PATH) to captioned held-out shards, or pass --captions PATH.")
+    return path
+
+
+def eval_conditions(cfg, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                    path: Optional[str] = None, pad: bool = False) -> CaptionTable:
+    """The caption table of a text model's evaluation: sample i gets held-out caption i mod M; this rank keeps the
+    captions of its own batches only (`rank_batches`)."""
+    field_name = "--captions" if path else "eval.captions"
+    shards = ShardSet.open(eval_caption_path(cfg, path), field=field_name)
+    size = min(int(num_samples), shards.num_samples)
+    wanted = {i % size for b in rank_batches(num_samples, batch_size, rank, world_size, pad) for i in b.indices}
+    return CaptionTable.from_shards(shards, size, field_name, wanted)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ The validation loss (`evaluation/val_loss.py`) needs `eval.val_path`; the FID ne
 `eval.inception` and `eval.ref` (`evaluation/evaluator.py`; a shards:PATH reference is computed at the first
 evaluation and cached). Both use the EMA weights unless eval.ema=false. The row logged: val_loss (and per t bin),
 fid, sfid, inception_score, precision, recall, and eval/* describing how the images were drawn. A text model's FID
-samples are conditioned on held-out captions (`captions.eval_conditions`) and its grids show the first captions of
+samples are conditioned on held-out captions (`generate.eval_conditions`) and its grids show the first captions of
 the training shards, one row per caption.
 """
 from __future__ import annotations
@@ -18,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import os
 
-from dit_scale.captions import CaptionTable, eval_conditions, training_caption_path, write_prompt_grid
-from dit_scale.config import ConfigError
+from dit_scale.captions import CaptionTable, training_caption_path, write_prompt_grid
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.evaluator import evaluate_samples, metrics_row
-from dit_scale.evaluation.generate import SamplingSpec
+from dit_scale.evaluation.generate import SamplingSpec, eval_conditions
 from dit_scale.evaluation.inception import load_inception, weights_fingerprint
 from dit_scale.evaluation.reference import FeatureExtractor, load_reference
+from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.evaluation.val_loss import ValidationLoss
-from dit_scale.optim import autocast
+from dit_scale.optim import resolve_precision
 from dit_scale.sampling import class_grid, save_class_grid
 from dit_scale.vae import data_manifest, image_decoder
 
@@ -37,6 +38,7 @@ _NOT_LOADED = object()
 class TrainingEvaluation:
     def __init__(self, cfg, topology, objective, device):
         self.cfg, self.topo, self.objective, self.device = cfg, topology, objective, device
+        self.precision = resolve_precision(cfg.train.precision, device)
         e = cfg.eval
         self.val = ValidationLoss.from_config(cfg, objective, device) if e.every and e.val_path else None
         self.fid = bool(e.every and e.fid_samples)
@@ -68,7 +70,7 @@ class TrainingEvaluation:
         row = {}
         with self._model(engine) as model:
             if self.val is not None:
-                with autocast(self.cfg.train, self.device):
+                with self.precision.autocast():
                     row.update(self.val(model, self.topo.rank, self.topo.world_size, engine.all_reduce_sum_,
                                         collective_forward=collective))
             if self.fid:
@@ -121,8 +123,8 @@ class TrainingEvaluation:
         cfg, d = self.cfg, self.cfg.diffusion
         if self._grid_captions is _NOT_LOADED:
             try:
-                self._grid_captions = CaptionTable.from_shards(training_caption_path(cfg),
-                                                               cfg.logging.max_sample_classes, field="data.path")
+                shards = ShardSet.open(training_caption_path(cfg), field="data.path")
+                self._grid_captions = CaptionTable.from_shards(shards, cfg.logging.max_sample_classes, "data.path")
             except ConfigError as e:
                 self._grid_captions = None
                 if self.topo.is_main:

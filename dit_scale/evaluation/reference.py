@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.dinov2 import KEY as DINO_KEY
 from dit_scale.evaluation.features import FeatureStore
 from dit_scale.evaluation.scores import gaussian_stats

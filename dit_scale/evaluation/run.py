@@ -11,20 +11,18 @@ import os
 import sys
 import time
 
-from omegaconf import OmegaConf
-
 from dit_scale.build import build
-from dit_scale.captions import eval_conditions
 from dit_scale.checkpoint import load_checkpoint, load_exported
 from dit_scale.checkpoint.load import resolve_path
-from dit_scale.config import ConfigError, config_from_yaml_text, to_yaml
+from dit_scale.config import config_from_yaml_text
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.dinov2 import CombinedFeatures, folder_fingerprint, load_dinov2
 from dit_scale.evaluation.evaluator import evaluate_samples, export_samples, log_result, metrics_row
 from dit_scale.evaluation.export import SampleWriter
-from dit_scale.evaluation.generate import SamplingSpec
+from dit_scale.evaluation.generate import SamplingSpec, eval_conditions
 from dit_scale.evaluation.inception import load_inception, weights_fingerprint
 from dit_scale.evaluation.reference import FeatureExtractor, load_dino_reference, load_reference
-from dit_scale.parallel import init_topology
+from dit_scale.parallel.topology import check_same_config, init_processes
 from dit_scale.vae import image_decoder
 
 
@@ -36,21 +34,12 @@ def _run_dir_of(args, path: str):
     return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
-def _process_config(cfg, device: str):
-    """The checkpoint's config, laid out for this job: the model is replicated on every process (parallel.ep=1);
-    with several processes, parallel.engine=fsdp only so that init_topology creates the process group (no engine is
-    built here)."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    node = OmegaConf.create(to_yaml(cfg))
-    node.parallel.engine = "fsdp" if world > 1 else "local"
-    node.parallel.ep = 1
-    node.train.device = device
-    return config_from_yaml_text(OmegaConf.to_yaml(node))
-
-
 def _setup(args, state, cfg):
-    """The process group, the model with the chosen weights on this process's device, the image decoder."""
-    topo = init_topology(_process_config(cfg, args.device))
+    """The processes (the model is replicated on every one: no engine), the model with the chosen weights on this
+    process's device, the image decoder. Every rank must have loaded the same checkpoint config."""
+    topo = init_processes(args.device, cfg.parallel.timeout_minutes, cfg.data.num_workers)
+    if topo.world_size > 1:
+        check_same_config(cfg, topo.rank, topo.world_size)
     built = build(cfg)
     ema = not args.no_ema and "weights" not in state
     built.model.load_state_dict(state["weights"] if "weights" in state else state["ema" if ema else "model"])

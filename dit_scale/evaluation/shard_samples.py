@@ -20,9 +20,9 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from dit_scale.config import ConfigError
-from dit_scale.data import DataError, find_manifest, iter_tar_samples, list_shards
+from dit_scale.data import find_manifest, iter_tar_samples, list_shards
 from dit_scale.data.shards import PIXEL_SUFFIXES, decode_array, decode_image
+from dit_scale.errors import ConfigError, DataError
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.models.text import Captions
 

@@ -132,7 +132,7 @@ class DiT(nn.Module):
             return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale, cross)
 
         def ffn():
-            return Mlp(d, args.mlp_hidden) if args.moe is None else MoEFFN(d, **vars(args.moe))
+            return Mlp(d, args.mlp_hidden) if args.moe is None else MoEFFN(d, args.moe)
 
         self.mixer = nn.ModuleList([block(Mlp(d, args.mlp_hidden)) for _ in range(args.mixer_depth)])
         self.blocks = nn.ModuleList([block(ffn()) for _ in range(args.depth)])

@@ -9,7 +9,10 @@ goes through the dispatcher slot (see `dispatch.py`). Options:
     `α·Σ_i P_i·f_i`, f_i = E·count_i/(T·k) (megatron's switch load-balancing loss), router z-loss;
   * aux-loss-free balancing: a selection-only bias updated after each optimizer step (sigmoid scores);
   * expert choice (micro_diffusion): every expert takes its top-C tokens, C = capacity_factor·k·T/E.
-The forward of the local path has no host-device synchronisation; statistics are returned as tensors.
+The forward of the local path has no host-device synchronisation; statistics are returned as tensors. Every setting
+arrives as one `MoEArgs` (`args.py`), as the config's moe section resolved by `build.model_args`:
+
+    layer = MoEFFN(hidden_size, MoEArgs(num_experts=8, top_k=2, expert_hidden=1536, shared_hidden=768))
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import (
     z_loss_func,
 )  # noqa: E402
 
+from dit_scale.models.args import MoEArgs
 from dit_scale.models.dispatch import LocalDispatcher
 from dit_scale.models.layers import Mlp, SwiGLU
 from dit_scale.models.sequence import LocalTokens
@@ -46,18 +50,17 @@ class MoEOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 
 class Router(nn.Module):
-    def __init__(self, hidden_size, num_experts, top_k, kind="token_choice", score_function="softmax",
-                 normalize_topk=False, aux_loss_coeff=0.01, z_loss_coeff=0.0, capacity_factor=1.0,
-                 bias_update_rate=0.0):
+    def __init__(self, hidden_size: int, moe: MoEArgs):
+        """The router of `moe` (its kind, scores, top-k, loss coefficients, capacity, bias rate) over `hidden_size`."""
         super().__init__()
-        self.num_experts, self.top_k, self.kind = num_experts, top_k, kind
-        self.score_function, self.normalize_topk = score_function, normalize_topk
-        self.aux_loss_coeff, self.z_loss_coeff = aux_loss_coeff, z_loss_coeff
-        self.capacity_factor, self.bias_update_rate = capacity_factor, bias_update_rate
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.num_experts, self.top_k, self.kind = moe.num_experts, moe.top_k, moe.router
+        self.score_function, self.normalize_topk = moe.score_function, moe.normalize_topk
+        self.aux_loss_coeff, self.z_loss_coeff = moe.aux_loss_coeff, moe.z_loss_coeff
+        self.capacity_factor, self.bias_update_rate = moe.capacity_factor, moe.bias_update_rate
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden_size))
         # Selection-only bias (aux-loss-free balancing), updated from the step's token counts by `update_bias`.
         # The forward has no side effects (activation checkpointing recomputes it): the counts leave in MoEOutput.
-        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         # The micro-batch's token statistics (`sequence.py`): this rank's own, or summed over the ranks that split
         # the micro-batch's tokens (sequence / context parallelism), so the losses equal one process's.
         self.tokens = LocalTokens()
@@ -195,18 +198,15 @@ class GroupedExperts(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 class MoEFFN(nn.Module):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, expert_hidden: int, shared_hidden: int = 0,
-                 router: str = "token_choice", score_function: str = "softmax", normalize_topk: bool = False,
-                 aux_loss_coeff: float = 0.01, z_loss_coeff: float = 0.0, capacity_factor: float = 1.0,
-                 bias_update_rate: float = 0.0, expert_impl: str = "auto", expert_act: str = "swiglu"):
-        """`expert_act`: the routed and shared experts' FFN, "swiglu" (DiT-MoE) or "gelu" (DiT's dense FFN with
-        biases; see `GroupedExperts`)."""
+    def __init__(self, hidden_size: int, moe: MoEArgs):
+        """The MoE FFN of `moe` over `hidden_size`: its router, its routed experts and (moe.shared_hidden > 0) the
+        shared expert; moe.expert_act is the routed and shared experts' FFN, "swiglu" (DiT-MoE) or "gelu" (DiT's
+        dense FFN with biases; see `GroupedExperts`)."""
         super().__init__()
-        self.router = Router(hidden_size, num_experts, top_k, router, score_function, normalize_topk,
-                             aux_loss_coeff, z_loss_coeff, capacity_factor, bias_update_rate)
-        self.experts = GroupedExperts(num_experts, hidden_size, expert_hidden, expert_impl, expert_act)
-        shared = SwiGLU if expert_act == "swiglu" else Mlp
-        self.shared = shared(hidden_size, shared_hidden) if shared_hidden > 0 else None
+        self.router = Router(hidden_size, moe)
+        self.experts = GroupedExperts(moe.num_experts, hidden_size, moe.expert_hidden, moe.expert_impl, moe.expert_act)
+        shared = SwiGLU if moe.expert_act == "swiglu" else Mlp
+        self.shared = shared(hidden_size, moe.shared_hidden) if moe.shared_hidden > 0 else None
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x):

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.parallel.context_parallel import apply_context_parallel
 from dit_scale.parallel.expert_parallel import shard_experts
 from dit_scale.parallel.sequence import split_sequence

@@ -2,6 +2,7 @@
 every DeviceMesh.
 
     topo = init_topology(cfg)      # reads the torchrun / SLURM environment, creates the process group and meshes
+    topo = init_processes("auto")  # every process holds the whole model (evaluation): the process group, no meshes
 
 The ranks form a mesh ("edp", "ep", "cp", "tp") (`mesh`), tp fastest: `parallel.tp` consecutive ranks split each
 layer's heads and FFN widths (tensor parallelism), `parallel.cp` groups of them split each image's tokens (context
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from dit_scale.compat import flatten_mesh
-from dit_scale.config import ConfigError, to_yaml
+from dit_scale.config import to_yaml
+from dit_scale.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -160,26 +162,50 @@ def agree(topology: "Topology", error: Optional[str]) -> Optional[str]:
     return next((e for e in errors if e), None)
 
 
-def init_topology(cfg) -> Topology:
-    rank, world, local_rank = env_rank()
-    check_layout(cfg, world)
-    device = pick_device(cfg.train.device, local_rank)
+def _init_device(name: str, local_rank: int, world: int, loader_workers: int) -> torch.device:
+    """This process's device (`pick_device`); on the CPU also its thread count (`cpu_threads`, unless
+    OMP_NUM_THREADS is set) and the host allocator (`retain_freed_host_memory`)."""
+    device = pick_device(name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(cpu_threads(cores, _local_processes(world), cfg.data.num_workers))
+        torch.set_num_threads(cpu_threads(cores, _local_processes(world), loader_workers))
     if device.type == "cpu":
         retain_freed_host_memory()
-    if cfg.parallel.engine == "local":
-        return Topology(device=device)
+    return device
 
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+def _init_process_group(device: torch.device, rank: int, world: int, timeout_minutes: float) -> None:
+    """The default process group (NCCL on GPU, gloo on CPU), unless one exists."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None,
-                                timeout=timedelta(minutes=cfg.parallel.timeout_minutes))
+                                timeout=timedelta(minutes=timeout_minutes))
+
+
+def init_processes(device: str = "auto", timeout_minutes: float = 30.0, loader_workers: int = 0) -> Topology:
+    """The processes of a job in which every process holds the whole model (no engine; no expert, tensor or context
+    split): this process's device and, with several processes, the default process group; no meshes. Every rank is
+    its own data-parallel rank. What evaluation runs on; training uses `init_topology`."""
+    rank, world, local_rank = env_rank()
+    torch_device = _init_device(device, local_rank, world, loader_workers)
+    if world > 1:
+        _init_process_group(torch_device, rank, world, timeout_minutes)
+    return Topology(rank=rank, world_size=world, dp_rank=rank, dp_size=world, device=torch_device)
+
+
+def init_topology(cfg) -> Topology:
+    """The training layout of `cfg` (parallel.*): device, process group, ranks and every mesh (module docstring)."""
+    rank, world, local_rank = env_rank()
+    check_layout(cfg, world)
+    device = _init_device(cfg.train.device, local_rank, world, cfg.data.num_workers)
+    if cfg.parallel.engine == "local":
+        return Topology(device=device)
+
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    _init_process_group(device, rank, world, cfg.parallel.timeout_minutes)
     check_same_config(cfg, rank, world)
     ep, tp, cp = cfg.parallel.ep, cfg.parallel.tp, cfg.parallel.cp
     dp = world // (tp * cp)

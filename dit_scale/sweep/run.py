@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Dict, List
 
-from dit_scale.config import ConfigError
+from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 from dit_scale.slurm import ROOT, grace_seconds, preemption_options, wall_guard
 from dit_scale.sweep.spec import expand, load_sweep

@@ -12,7 +12,8 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
-from dit_scale.config import ConfigError, load_config, merge, width_overrides
+from dit_scale.config import load_config, merge, width_overrides
+from dit_scale.errors import ConfigError
 from dit_scale.slurm import ROOT
 
 

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from dit_scale.models.args import MoEArgs
 from dit_scale.models.init import init_moe_
 from dit_scale.models.moe import MoEFFN, grouped_mm_available
 
@@ -17,7 +18,7 @@ D, H, E = 256, 512, 8
 
 def make_moe(**kw):
     torch.manual_seed(0)
-    moe = MoEFFN(D, E, 2, expert_hidden=H, **kw)
+    moe = MoEFFN(D, MoEArgs(E, 2, expert_hidden=H, **kw))
     init_moe_(moe)
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     return moe.cuda()

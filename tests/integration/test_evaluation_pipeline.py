@@ -44,7 +44,8 @@ def trained(setup):
     """8 steps of the tiny model on 8×8×4 latents; at step 8: validation loss and a 6-image FID, the final grid."""
     run = str(setup["root"] / "run")
     overrides = {**TINY_MODEL, **TINY_RUN, "model.input_size": 8, "model.in_channels": 4, "model.num_classes": 3,
-                 "data.path": setup["train"], "data.batch_size": 8, "train.run_dir": run, "train.steps": 8,
+                 "data.path": setup["train"], "data.batch_size": 8, "data.partitions": 8,   # 24 images
+                 "train.run_dir": run, "train.steps": 8,
                  "logging.log_every": 4, "eval.every": 8, "eval.val_path": setup["val"], "eval.val_samples": 9,
                  "eval.val_t_bins": 2, "eval.fid_samples": 6, "eval.inception": setup["inception"],
                  "eval.ref": f"shards:{setup['val']}", "eval.batch_size": 4}

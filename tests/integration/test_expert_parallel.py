@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from dit_scale.models.args import MoEArgs
 from dit_scale.models.init import init_moe_
 from dit_scale.models.moe import MoEFFN
 from dit_scale.parallel.expert_parallel import _regroup_order, scale_expert_grads_, shard_experts
@@ -13,7 +14,7 @@ D, H, E = 16, 32, 4
 
 def make_layer(**kw):
     torch.manual_seed(0)
-    layer = MoEFFN(D, E, 2, expert_hidden=H, shared_hidden=8, **kw)
+    layer = MoEFFN(D, MoEArgs(E, 2, expert_hidden=H, shared_hidden=8, **kw))
     init_moe_(layer)
     torch.nn.init.normal_(layer.router.weight, std=1.0)
     return layer

@@ -120,7 +120,7 @@ def test_resume_in_another_layout(written, tiny_shards, source, target, capsys):
     _assert_same_state(state, reference)
     assert loss == loss and loss < 10                 # training continues from there
     if LAYOUTS[source][0] != LAYOUTS[target][0] and LAYOUTS[target][0] == 1:
-        assert "the data loader and RNG streams restart" in capsys.readouterr().out
+        assert "the data order continues where it stopped" in capsys.readouterr().out
 
 
 def test_whole_load_equals_the_writers_consolidated_state(written):

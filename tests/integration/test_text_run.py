@@ -114,7 +114,7 @@ def test_masking_and_self_alignment_train_a_text_model(setup, tmp_path):
 
 
 def test_evaluation_of_a_text_run_uses_held_out_captions(setup, tmp_path):
-    from dit_scale.captions import eval_conditions
+    from dit_scale.evaluation.generate import eval_conditions
     from dit_scale.evaluation.shard_samples import ShardSet
     from launch.evaluate import main
     inception = write_random_inception(str(tmp_path / "inception.pth"))

@@ -1,5 +1,6 @@
 """The layering docs/architecture.md describes, checked on the source: no import cycle between dit_scale's modules
-(function-level imports included), models/ imports nothing of dit_scale outside it, the private torch / DeepSpeed
+(function-level imports included), models/ imports nothing of dit_scale outside it, config/ nothing above it
+(config/, errors.py, models/, diffusion/), errors.py nothing at all, the private torch / DeepSpeed
 APIs are used only in compat.py (and torch._grouped_mm in models/moe.py), and no module edits sys.path."""
 import ast
 import os
@@ -44,17 +45,16 @@ def graph() -> dict:
     return {name: imports(path, name, known) for name, path in known.items()}
 
 
-def test_no_import_cycles():
-    # a package's __init__ re-exporting its own submodules is how packages work, not a cycle of concepts
-    edges = {a: {b for b in deps if not b.startswith(a + ".")} for a, deps in graph().items()}
-    state, stack, cycles = {}, [], []
+def cycles(edges: dict) -> list:
+    """The import cycles of a graph {node: nodes it imports} (each as a path back to its start)."""
+    state, stack, found = {}, [], []
 
     def visit(node):
         state[node] = "open"
         stack.append(node)
-        for nxt in sorted(edges[node]):
+        for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt):] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -63,7 +63,26 @@ def test_no_import_cycles():
     for node in sorted(edges):
         if node not in state:
             visit(node)
-    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    return found
+
+
+def test_no_import_cycles():
+    # a package's __init__ re-exporting its own submodules is how packages work, not a cycle of concepts
+    edges = {a: {b for b in deps if not b.startswith(a + ".")} for a, deps in graph().items()}
+    found = cycles(edges)
+    assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_no_cycles_between_parts():
+    """No cycle between dit_scale's parts (a subpackage or a loose module, e.g. captions.py and evaluation/): one
+    part's module importing another part whose modules import the first is an import running back up the layers."""
+    def part(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+    edges = {}
+    for a, deps in graph().items():
+        edges.setdefault(part(a), set()).update(part(b) for b in deps if part(b) != part(a))
+    found = cycles(edges)
+    assert not found, "cycles between parts: " + "; ".join(" -> ".join(c) for c in found)
 
 
 def test_models_import_only_models():
@@ -71,6 +90,31 @@ def test_models_import_only_models():
         if name.startswith("dit_scale.models"):
             outside = {d for d in deps if not d.startswith("dit_scale.models")}
             assert not outside, f"{name} imports {sorted(outside)}"
+
+
+CONFIG_LAYER = ("dit_scale.config", "dit_scale.errors", "dit_scale.models", "dit_scale.diffusion")
+
+
+def test_config_imports_only_what_lies_below_it():
+    """dit_scale.config (the package and its submodules) imports nothing of dit_scale outside dit_scale.config,
+    dit_scale.errors, dit_scale.models and dit_scale.diffusion, directly or through what those import (function-level
+    imports included): every module may read a config without the config reaching back up."""
+    edges = graph()
+    todo = [name for name in edges if name == "dit_scale.config" or name.startswith("dit_scale.config.")]
+    seen = set(todo)
+    while todo:
+        name = todo.pop()
+        for dep in edges[name]:
+            assert any(dep == p or dep.startswith(p + ".") for p in CONFIG_LAYER), f"{name} imports {dep}"
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+
+
+def test_errors_module_is_a_leaf():
+    """dit_scale.errors (ConfigError, DataError, CheckpointError) imports nothing of dit_scale: any module may
+    import it."""
+    assert graph()["dit_scale.errors"] == set()
 
 
 PRIVATE = re.compile(r"\b(torch\.optim\.optimizer\._|torch\._foreach|_EmptyStateDictLoadPlanner|_load_state_dict\b|"

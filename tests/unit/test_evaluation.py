@@ -261,6 +261,25 @@ def test_validation_loss_matches_a_direct_computation(tmp_path):
     assert row["val_loss"] == pytest.approx((row["val_loss/t=0.25"] + row["val_loss/t=0.75"]) / 2)
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("auto", torch.float32),
+                                              ("fp32", torch.float32)])
+def test_evaluation_samples_in_the_runs_precision(precision, dtype):
+    """Evaluation draws its images in train.precision resolved for the device, as training runs its forwards:
+    bf16 autocast for train.precision=bf16 (also on the CPU), fp32 for auto on the CPU."""
+    from dit_scale.build import build
+    from dit_scale.evaluation.evaluator import sample_images
+    from dit_scale.evaluation.generate import SamplingSpec
+    cfg = tiny_cfg(f"train.precision={precision}")
+    built = build(cfg)
+    seen = []
+    linear = next(m for m in built.model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    spec = SamplingSpec.from_config(cfg, steps=2)
+    batches = list(sample_images(built.model, built.objective, cfg, spec, lambda x: x.clamp(-1, 1), 2, 2, 0, 1, "cpu"))
+    assert len(batches) == 1 and batches[0][1].dtype == torch.uint8
+    assert seen and set(seen) == {dtype}
+
+
 # --------------------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, message", [
     (["eval.every=5"], "eval.every=5 has nothing to evaluate"),

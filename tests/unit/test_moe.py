@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import permute as mcore_permute
 from megatron.core.transformer.moe.moe_utils import unpermute as mcore_unpermute
 
+from dit_scale.models.args import MoEArgs
 from dit_scale.models.dispatch import permute, unpermute
 from dit_scale.models.layers import SwiGLU
 from dit_scale.models.init import init_moe_
@@ -16,7 +17,7 @@ D, H, E = 16, 32, 4
 
 def make_moe(top_k=2, **kw):
     torch.manual_seed(0)
-    moe = MoEFFN(D, E, top_k, expert_hidden=H, **kw)
+    moe = MoEFFN(D, MoEArgs(E, top_k, expert_hidden=H, **kw))
     init_moe_(moe)
     torch.nn.init.normal_(moe.router.weight, std=1.0)      # decisive routing
     return moe
@@ -152,3 +153,23 @@ def test_expert_with_no_tokens():
     out, aux = moe(x)
     assert aux.tokens_per_expert[1:].sum() == 0
     torch.testing.assert_close(out, reference_forward(moe, x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_moe_section_reaches_the_router_as_one_moe_args():
+    """Every moe.* setting travels from the config to each layer's router and experts as the one MoEArgs that
+    build.model_args makes (at another width the expert hidden sizes follow their ratios)."""
+    from dataclasses import replace
+
+    from dit_scale.build import build_model, model_args
+    from tiny import tiny_cfg
+    cfg = tiny_cfg("moe.score_function=sigmoid", "moe.normalize_topk=true", "moe.aux_loss_coeff=0.02",
+                   "moe.z_loss_coeff=0.001", "moe.capacity_factor=0.5", "moe.bias_update_rate=0.1",
+                   "moe.expert_impl=loop")
+    args = model_args(cfg).moe
+    assert args == MoEArgs(4, 2, 64, 64, "token_choice", "sigmoid", True, 0.02, 0.001, 0.5, 0.1, "loop", "swiglu")
+    assert model_args(cfg, width=128).moe == replace(args, expert_hidden=128, shared_hidden=128)
+    layer = build_model(cfg).blocks[0].ffn
+    r = layer.router
+    assert (r.num_experts, r.top_k, r.kind, r.score_function, r.normalize_topk, r.aux_loss_coeff, r.z_loss_coeff,
+            r.capacity_factor, r.bias_update_rate) == (4, 2, "token_choice", "sigmoid", True, 0.02, 0.001, 0.5, 0.1)
+    assert (layer.experts.impl, layer.experts.activation, layer.experts.w2.shape) == ("loop", "swiglu", (4, 64, 64))

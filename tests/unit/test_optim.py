@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dit_scale.optim import (EMA, autocast, base_lr, build_optimizer, build_scheduler, ema_decay, guarded_step,
-                             init_adamw_state, lr_lambda, uses_bf16)
+from dit_scale.optim import (EMA, base_lr, build_optimizer, build_scheduler, ema_decay, guarded_step, init_adamw_state,
+                             lr_lambda, resolve_precision)
 
 
 def optim_cfg(**kw):
@@ -74,9 +74,13 @@ def test_guarded_step_skips_on_the_device():
 
 def test_precision_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not uses_bf16(SimpleNamespace(precision="auto"), cpu) and uses_bf16(SimpleNamespace(precision="auto"), cuda)
-    assert uses_bf16(SimpleNamespace(precision="bf16"), cpu) and not uses_bf16(SimpleNamespace(precision="fp32"), cuda)
-    with autocast(SimpleNamespace(precision="bf16"), cpu):
+    assert not resolve_precision("auto", cpu).bf16 and resolve_precision("auto", cuda).bf16
+    assert resolve_precision("bf16", cpu).bf16 and not resolve_precision("fp32", cuda).bf16
+    assert resolve_precision("auto", "cuda").autocast_dtype == torch.bfloat16
+    assert resolve_precision("auto", "cpu").autocast_dtype is None and resolve_precision("auto", cpu).name == "fp32"
+    with resolve_precision("bf16", cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with autocast(SimpleNamespace(precision="fp32"), cpu):
+    with resolve_precision("fp32", cpu).autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", cpu)

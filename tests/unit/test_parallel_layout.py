@@ -67,3 +67,17 @@ def test_highres_example_config_validates():
     check_layout(cfg, 8)
     with pytest.raises(ConfigError, match="must divide the number of processes"):
         check_layout(cfg, 6)
+
+
+def test_init_processes_needs_no_engine(monkeypatch):
+    """One process outside torchrun / SLURM: rank 0 of 1 on the CPU, no process group and no meshes; no engine or
+    layout is involved (evaluation replicates the model on every process)."""
+    import torch.distributed as dist
+
+    from dit_scale.parallel.topology import init_processes
+    for name in ("WORLD_SIZE", "RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")              # keep this process's thread count
+    topo = init_processes("cpu")
+    assert (topo.rank, topo.world_size, topo.dp_rank, topo.dp_size, topo.device.type) == (0, 1, 0, 1, "cpu")
+    assert topo.is_main and topo.mesh is None and not dist.is_initialized()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dit_scale.build import build, build_model, build_objective
 from dit_scale.config import ConfigError
+from dit_scale.models.args import MoEArgs
 from dit_scale.models.flops import count_params
 from dit_scale.models.moe import GroupedExperts, MoEFFN
 from dit_scale.upcycle import UpcycleSpec, taylor_scores, upcycle
@@ -58,7 +59,7 @@ def test_gelu_experts_match_a_direct_computation(impl):
 
 
 def test_gelu_shared_expert_and_counts():
-    layer = MoEFFN(16, 4, 2, 32, shared_hidden=8, expert_act="gelu")
+    layer = MoEFFN(16, MoEArgs(4, 2, 32, shared_hidden=8, expert_act="gelu"))
     assert type(layer.shared).__name__ == "Mlp" and layer.experts.w13.shape == (4, 16, 32)
     cfg = tiny_cfg("moe.expert_act=gelu")
     model = build_model(cfg)

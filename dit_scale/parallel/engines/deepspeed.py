@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, deepspeed_init_distributed,
                               zero_fp32_fragment, zero_fp32_full, zero_init_optimizer_state, zero_norm_groups)
-from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, uses_bf16
+from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, resolve_precision
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names
 from dit_scale.parallel.materialize import is_meta, materialize_
@@ -103,7 +103,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         params = dict(model.named_parameters())
         self.params = [params[n] for n in self.names]
 
-        config = ds_config(cfg, topology.world_size, uses_bf16(cfg.train, device))
+        config = ds_config(cfg, topology.world_size, resolve_precision(cfg.train.precision, device).bf16)
         engine_class = deepspeed_engine_class(cfg.moe.num_experts if moe else 0)
         self.ds = engine_class(args=None, model=model, optimizer=optimizer, config=config,
                                config_class=DeepSpeedConfig(config), dist_init_required=False)

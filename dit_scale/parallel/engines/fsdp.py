@@ -32,7 +32,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dit_scale.compat import foreach_mul_
 from dit_scale.models.moe import MoEFFN
-from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state, uses_bf16
+from dit_scale.optim import (EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state,
+                             resolve_precision)
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names, scale_expert_grads_
 from dit_scale.parallel.materialize import is_meta, materialize_
@@ -61,7 +62,7 @@ class FSDPEngine(ProcessGroupEngine):
         self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
         self.layout = HeadGrouped(model, topology.tp_size)      # the fused q|k|v's tensor-parallel pieces
-        bf16 = uses_bf16(cfg.train, device)
+        bf16 = resolve_precision(cfg.train.precision, device).bf16
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
         # the root's inputs stay as they are: FSDP would cast the diffusion timestep to bf16 (998.39 -> 998; 4
