@@ -11,9 +11,9 @@
     # the same: dit-build-shards ... (console script) or python data_tools/build_shards.py ...
 
 --vae is a local diffusers AutoencoderKL folder, --teacher a local transformers DINOv2 folder (AutoModel),
---text-encoder a local T5 encoder or CLIP text model folder with its tokenizer (dit_scale/text_encoder.py); no
-weights are downloaded. Each image is center-cropped and resized as in ADM (box-halve while >= 2x the target,
-bicubic to the short side, center crop). Sample KEY (8-digit index into the shuffled item list) holds
+--text-encoder a local T5 encoder or CLIP text model folder with its tokenizer (dit_scale/generation/text_encoder.py);
+no weights are downloaded. Each image is center-cropped and resized as in ADM (box-halve while >= 2x the target, bicubic
+to the short side, center crop). Sample KEY (8-digit index into the shuffled item list) holds
 
     KEY.latent.npy       float16 [C, H/f, W/f]  (mean of the VAE posterior - shift_factor) * scaling_factor
     KEY.latent_flip.npy  the same for the horizontally flipped image (omit with --no-flip)
@@ -156,7 +156,7 @@ class Encoders:
             self.skip_tokens = 1 + int(getattr(self.teacher.config, "num_register_tokens", 0) or 0)
         self.text = None
         if params.get("text_encoder"):
-            from dit_scale.text_encoder import TextEncoder
+            from dit_scale.generation.text_encoder import TextEncoder
             self.text = TextEncoder(params["text_encoder"], params["max_length"], self.device)
 
     def captions(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +278,7 @@ def _encoder_info(params: dict) -> dict:
 
 def _text_encoder_info(params: dict) -> dict:
     """The manifest's record of the caption encoder (what TextEncoder.info() says), from its config.json."""
-    from dit_scale.text_encoder import read_text_encoder_config
+    from dit_scale.generation.text_encoder import read_text_encoder_config
     path = params["text_encoder"]
     config = read_text_encoder_config(path)
     return {"path": path, "name": os.path.basename(path.rstrip("/")), "model_type": config["model_type"],
@@ -338,7 +338,7 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
                                                                                           uncaptioned[0]))
         if max_length < 1:
             raise ValueError("--max-length must be >= 1 caption tokens")
-        from dit_scale.text_encoder import read_text_encoder_config
+        from dit_scale.generation.text_encoder import read_text_encoder_config
         try:
             read_text_encoder_config(text_encoder)
         except (OSError, ValueError) as e:

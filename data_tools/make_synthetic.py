@@ -247,7 +247,7 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
     if captions:                             # (only then: the params of an uncaptioned set stay as they were)
         params["captions"] = True
     if text_encoder is not None:
-        from dit_scale.text_encoder import TextEncoder
+        from dit_scale.generation.text_encoder import TextEncoder
         import torch
         encoder = TextEncoder(text_encoder, max_length, "cuda" if torch.cuda.is_available() else "cpu")
         params.update(text_encoder=encoder.path, max_length=int(max_length))

@@ -13,7 +13,8 @@
       exit_code            written by slurm/train.sbatch and a local sweep's task (dit_scale/sweep/) after each attempt
       train.log            a local sweep run's log
       .lock                held (flock) by the run's main process while it trains: one run per directory
-      save_seconds.json    how long the last and the slowest checkpoint save took (the SLURM grace, dit_scale/slurm.py)
+      save_seconds.json    how long the last and the slowest checkpoint save took (the SLURM grace,
+                           dit_scale/training/slurm.py)
 
 slurm/train.sbatch (a shell script) writes `exit_code` under the same name.
 

@@ -4,9 +4,10 @@
         --out docs/mup_coord_check.png
 
 For each width (heads grow with it at a fixed head dim, `dit_scale.config.width_overrides`) and for μP and standard
-parameterisation, the model trains `--steps` AdamW steps (the engines' parameter groups, `optim.build_optimizer`;
-the trainer's loss, `dit_scale.loss.TrainingLoss`) on one fixed batch of the config's data; after each step t = 1..steps a forward pass records the mean |activation| of each
-layer type: patch embedding, attention output, FFN / routed-expert output, router logits, model output, averaged
+parameterisation, the model trains `--steps` AdamW steps (the engines' parameter groups, `optim.build_optimizer`; the
+trainer's loss, `dit_scale.training.loss.TrainingLoss`) on one fixed batch of the config's data; after each step t =
+1..steps a forward pass records the mean |activation| of each layer type: patch embedding, attention output, FFN /
+routed-expert output, router logits, model output, averaged
 over `--seeds` seeds (init, data, noise). The PNG has
 one panel per step, μP on the top row and SP below (log-log against width); the JSON next to it holds the values
 and the slope of log2 |activation| against log2 width per layer type and step. Under μP the lines are flat (slope
@@ -15,8 +16,8 @@ near 0); under SP they grow with width. Runs on CPU in about a minute for the co
 import argparse
 import sys
 
-from dit_scale.coord_check import coord_check, write
 from dit_scale.errors import ConfigError
+from dit_scale.training.coord_check import coord_check, write
 
 
 def main(argv=None) -> int:

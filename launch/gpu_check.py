@@ -21,8 +21,8 @@ It runs, in order:
    stopping at the first batch that does not fit (an `out_of_memory` point, not a failure). Per point: images/s,
    kept tokens/s, MFU (against the device's bf16 peak, FLOPs of what runs), peak device memory, host syncs counted
    over one step (torch.cuda.set_sync_debug_mode); per configuration `best` (the highest images/s: batch, images/s,
-   tokens/s, MFU) and a torch.profiler `profile` of a few steps at that batch (`dit_scale.profiling`): shares of
-   the kernel time in gemm / attention / elementwise_norm / optimizer / communication / other, the idle share of the
+   tokens/s, MFU) and a torch.profiler `profile` of a few steps at that batch (`dit_scale.benchmarks.profiling`): shares
+   of the kernel time in gemm / attention / elementwise_norm / optimizer / communication / other, the idle share of the
    profiled wall time (no kernel running), the 15 most expensive kernels (in the dry run: CPU ops and their CPU time);
    optimizer is what the step runs in profiling.OPTIMIZER_RANGE: clipping, AdamW, the EMA update.
    With torch.compile the first batch compiles static shapes and the next ones a dynamic batch dimension

@@ -25,17 +25,18 @@ import os
 import sys
 
 from dit_scale.build import build
-from dit_scale.captions import CaptionTable, prompt_encoder, read_prompts, training_caption_path, write_prompt_grid
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
 from dit_scale.config import config_from_yaml_text
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
+from dit_scale.generation.captions import (CaptionTable, prompt_encoder, read_prompts, training_caption_path,
+                                          write_prompt_grid)
+from dit_scale.generation.sampling import write_class_grid
+from dit_scale.generation.vae import data_manifest, image_decoder
 from dit_scale.optim import resolve_precision
 from dit_scale.parallel.topology import pick_device
 from dit_scale.run_dir import RunDir
-from dit_scale.sampling import write_class_grid
-from dit_scale.vae import data_manifest, image_decoder
 
 
 def parse_classes(text, num_classes: int):

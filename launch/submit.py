@@ -27,7 +27,7 @@ import sys
 
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
-from dit_scale.slurm import check_overrides, sbatch_command
+from dit_scale.training.slurm import check_overrides, sbatch_command
 
 
 def parse_args(argv=None):

@@ -20,7 +20,7 @@ import argparse
 import os
 import sys
 
-from dit_scale.preemption import catch_early_signals
+from dit_scale.training.preemption import catch_early_signals
 
 catch_early_signals()       # before the heavy imports: a stop signal (or Ctrl-C) during start-up is kept
 
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from dit_scale.config import load_config  # noqa: E402
 from dit_scale.errors import CheckpointError, ConfigError  # noqa: E402
-from dit_scale.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
+from dit_scale.training.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ def main(argv=None):
     args = p.parse_intermixed_args(argv)      # CKPT, options and key=value overrides in any order
     from dit_scale.build import build_model
     from dit_scale.convert import read_ours, save_weights
-    from dit_scale.upcycle import UpcycleSpec, taylor_scores, upcycle
+    from dit_scale.convert.upcycle import UpcycleSpec, taylor_scores, upcycle
     try:
         if not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors.")

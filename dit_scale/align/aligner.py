@@ -1,4 +1,4 @@
-"""Representation alignment, one micro-batch at a time (`dit_scale.loss.TrainingLoss` calls it).
+"""Representation alignment, one micro-batch at a time (`dit_scale.training.loss.TrainingLoss` calls it).
 
     aligner = Aligner(cfg, device)
     if aligner.active(step):                                  # off after align.stop_step: no teacher work at all

@@ -16,7 +16,7 @@ import json
 from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
 from dit_scale.build import build
 from dit_scale.config import load_config
-from dit_scale.loss import TrainingLoss
+from dit_scale.training.loss import TrainingLoss
 
 
 def _setup(args, extra):

@@ -1,6 +1,6 @@
 """What the benchmarks share: device and precision, a random batch, one training step through the training loss
-(`dit_scale.loss.TrainingLoss`, the trainer's own), timing variants alternately so both see the same machine, and
-worker processes with a process group of their own."""
+(`dit_scale.training.loss.TrainingLoss`, the trainer's own), timing variants alternately so both see the same machine,
+and worker processes with a process group of their own."""
 from __future__ import annotations
 
 import socket

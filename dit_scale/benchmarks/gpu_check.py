@@ -19,18 +19,18 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from dit_scale import profiling
+from dit_scale.benchmarks import profiling
 from dit_scale.benchmarks.common import random_batch
 from dit_scale.build import build
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
-from dit_scale.loss import TrainingLoss
-from dit_scale.metrics import peak_flops
 from dit_scale.models.masking import num_kept
 from dit_scale.optim import resolve_precision
 from dit_scale.parallel import build_engine, init_topology
 from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES, check_compile_mode
 from dit_scale.parallel.topology import Topology
+from dit_scale.training.loss import TrainingLoss
+from dit_scale.training.metrics import peak_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 GPU_MODELS = ("DiT-XL/2", "DiT-XL/2-8E2A")

@@ -35,8 +35,8 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
     """One process of the memory benchmark: build the engine, train, record its peaks in results[rank]."""
     from dit_scale.build import build
     from dit_scale.config import load_config
-    from dit_scale.loss import TrainingLoss
     from dit_scale.parallel import build_engine, init_topology
+    from dit_scale.training.loss import TrainingLoss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))

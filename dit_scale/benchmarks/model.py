@@ -11,10 +11,10 @@ from dit_scale.benchmarks.common import alternate, device_and_precision, header,
 from dit_scale.build import build_objective, model_args
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
-from dit_scale.loss import TrainingLoss
-from dit_scale.metrics import peak_flops
 from dit_scale.models import DiT, ModelArgs
 from dit_scale.models.flops import count_params, forward_macs
+from dit_scale.training.loss import TrainingLoss
+from dit_scale.training.metrics import peak_flops
 
 
 def dense_twin(args: ModelArgs) -> ModelArgs:

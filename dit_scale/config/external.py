@@ -4,7 +4,7 @@ derives from them (model.text_dim, align.teacher_dim) and what `validate.py` che
     read_text_encoder_config("/models/t5-v1_1-xxl")["width"]      # a T5 encoder / CLIP text model: its width
     read_teacher_config("weights/dinov2-base")["hidden_size"]     # a DINOv2 teacher
 
-They live in the config package so that it imports nothing above it: `dit_scale/text_encoder.py` and
+They live in the config package so that it imports nothing above it: `dit_scale/generation/text_encoder.py` and
 `dit_scale/align/teacher.py` load those models.
 """
 from __future__ import annotations

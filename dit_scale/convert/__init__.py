@@ -1,8 +1,11 @@
-"""Import public checkpoints into dit_scale's format (and export back): one module per source format.
+"""Import public checkpoints into dit_scale's format (and export back): one module per source format; and turn a
+dense checkpoint into a sparse one.
 
     dit.py        facebookresearch/DiT (DiT-XL/2-256 / -512 and friends: dense, DDPM, learned sigma)
     dit_moe.py    feizc/DiT-MoE (S/2-8E2A, B/2-8E2A with timm attention; DDPM or rectified flow)
     common.py     reading a source safely, configs derived from the weights, our model filled and written
+    upcycle.py    sparse upcycling: a dense DiT → DiT-MoE whose output at conversion is the dense model's
+                  (`launch/upcycle.py`; imported on its own, `dit_scale.convert.upcycle`)
 
     weights, cfg = convert("dit", "DiT-XL-2-256x256.pt", "DiT-XL/2")
     save_weights(fill_model(cfg, weights, source=path), cfg, "dit-xl-2.safetensors", source=path)

@@ -23,9 +23,9 @@ from dit_scale.evaluation.features import KEYS as FEATURE_KEYS
 from dit_scale.evaluation.generate import SamplingSpec, class_of, rank_batches, sample_indices
 from dit_scale.evaluation.reference import FeatureExtractor, Reference
 from dit_scale.evaluation.scores import frechet_distance_of, inception_score, precision_recall
+from dit_scale.generation.vae import to_uint8
 from dit_scale.optim import resolve_precision
 from dit_scale.run_dir import RunDir
-from dit_scale.vae import to_uint8
 
 
 def scores(features: dict, reference: Reference, dino_reference: Optional[Reference] = None) -> dict:

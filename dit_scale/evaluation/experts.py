@@ -159,10 +159,10 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
     from dit_scale.checkpoint.load import resolve_path
     from dit_scale.config import config_from_yaml_text
     from dit_scale.evaluation.val_loss import ValidationLoss
+    from dit_scale.generation.sampling import class_names
+    from dit_scale.generation.vae import data_manifest
     from dit_scale.models.moe import MoEFFN
     from dit_scale.optim import resolve_precision
-    from dit_scale.sampling import class_names
-    from dit_scale.vae import data_manifest
 
     if bins < 1 or num_samples < 1:
         raise ConfigError(f"--bins={bins} and --num-samples={num_samples} must both be at least 1.")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-from dit_scale.captions import CaptionTable, training_caption_path, write_prompt_grid
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.evaluator import evaluate_samples, metrics_row
@@ -27,9 +26,10 @@ from dit_scale.evaluation.inception import load_inception, weights_fingerprint
 from dit_scale.evaluation.reference import FeatureExtractor, load_reference
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.evaluation.val_loss import ValidationLoss
+from dit_scale.generation.captions import CaptionTable, training_caption_path, write_prompt_grid
+from dit_scale.generation.sampling import class_grid, save_class_grid
+from dit_scale.generation.vae import data_manifest, image_decoder
 from dit_scale.optim import resolve_precision
-from dit_scale.sampling import class_grid, save_class_grid
-from dit_scale.vae import data_manifest, image_decoder
 
 
 _NOT_LOADED = object()

@@ -33,7 +33,7 @@ from dit_scale.evaluation.dinov2 import KEY as DINO_KEY
 from dit_scale.evaluation.features import FeatureStore
 from dit_scale.evaluation.scores import gaussian_stats
 from dit_scale.evaluation.shard_samples import ShardSet
-from dit_scale.vae import LatentDecoder, to_uint8
+from dit_scale.generation.vae import LatentDecoder, to_uint8
 
 PR_SAMPLES = 10000          # real images for precision/recall (ADM's reference batches hold 10k)
 SHARDS_PREFIX = "shards:"

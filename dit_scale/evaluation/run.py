@@ -22,8 +22,8 @@ from dit_scale.evaluation.export import SampleWriter
 from dit_scale.evaluation.generate import SamplingSpec, eval_conditions
 from dit_scale.evaluation.inception import load_inception, weights_fingerprint
 from dit_scale.evaluation.reference import FeatureExtractor, load_dino_reference, load_reference
+from dit_scale.generation.vae import image_decoder
 from dit_scale.parallel.topology import check_same_config, init_processes
-from dit_scale.vae import image_decoder
 
 
 def _run_dir_of(args, path: str):

@@ -142,7 +142,7 @@ class GroupedExperts(nn.Module):
 
     activation "swiglu" (DiT-MoE's expert, the default): w13 [E, D, 2H] (gate | up), w2 [E, H, D], no biases:
         y = (silu(x·gate) * (x·up))·w2
-    activation "gelu" (DiT's dense FFN as an expert, so a dense DiT upcycles exactly, `dit_scale/upcycle.py`):
+    activation "gelu" (DiT's dense FFN as an expert, so a dense DiT upcycles exactly, `dit_scale/convert/upcycle.py`):
         w13 [E, D, H] (fc1), b1 [E, H], w2 [E, H, D], b2 [E, D]:  y = GELU_tanh(x·w13 + b1)·w2 + b2
 
     Tokens arrive grouped by expert (`tokens_per_expert` [E]); the biases of a token's expert are gathered by an index

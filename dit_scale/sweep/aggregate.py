@@ -15,7 +15,7 @@ from typing import List
 
 from dit_scale.config import load_config, to_yaml, width_overrides
 from dit_scale.run_dir import RunDir
-from dit_scale.slurm import ROOT
+from dit_scale.training.slurm import ROOT
 
 
 def final_loss(run_dir: str, smooth: int):

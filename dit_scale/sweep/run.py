@@ -1,11 +1,11 @@
 """Running a sweep's runs: here (one after another, or k at a time) or as one SLURM job array.
 
-`run_sweep` writes OUT/sweep.json (the runs and their `launch/train.py` arguments) and starts them. Locally each run
-is a `launch/sweep.py task OUT i` process (`task`): OUT/NAME/train.log and OUT/NAME/exit_code. On SLURM task i of
-the array runs slurm/train.sbatch for run i with the options of `launch/submit.py`'s jobs (`dit_scale.slurm`): USR1
-GRACE seconds before the time limit the run saves and exits 75, the task requeues itself and resumes from that
-checkpoint; the wall-time guard train.max_wall_minutes; the exit code in OUT/NAME/exit_code, the log in
-OUT/slurm-ARRAYID_i.out. Either way a run whose exit code is 0 is not run again.
+`run_sweep` writes OUT/sweep.json (the runs and their `launch/train.py` arguments) and starts them. Locally each run is
+a `launch/sweep.py task OUT i` process (`task`): OUT/NAME/train.log and OUT/NAME/exit_code. On SLURM task i of the array
+runs slurm/train.sbatch for run i with the options of `launch/submit.py`'s jobs (`dit_scale.training.slurm`): USR1 GRACE
+seconds before the time limit the run saves and exits 75, the task requeues itself and resumes from that checkpoint; the
+wall-time guard train.max_wall_minutes; the exit code in OUT/NAME/exit_code, the log in OUT/slurm-ARRAYID_i.out. Either
+way a run whose exit code is 0 is not run again.
 """
 import json
 import os
@@ -17,8 +17,8 @@ from typing import Dict, List
 
 from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
-from dit_scale.slurm import ROOT, grace_seconds, preemption_options, wall_guard
 from dit_scale.sweep.spec import expand, load_sweep
+from dit_scale.training.slurm import ROOT, grace_seconds, preemption_options, wall_guard
 
 SWEEP_SCRIPT = os.path.join(ROOT, "launch", "sweep.py")
 

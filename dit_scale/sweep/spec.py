@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from dit_scale.config import load_config, merge, width_overrides
 from dit_scale.errors import ConfigError
-from dit_scale.slurm import ROOT
+from dit_scale.training.slurm import ROOT
 
 
 @dataclass

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dit_scale.config import load_config
-from dit_scale.metrics import MoEStats
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import MoEStats
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_overrides
 
 

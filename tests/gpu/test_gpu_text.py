@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data_tools import build_shards as bs
-from dit_scale.text_encoder import TextEncoder
+from dit_scale.generation.text_encoder import TextEncoder
 from tiny_text import TEXT_LEN, write_tiny_encoder
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center", "a ring",

@@ -9,8 +9,8 @@ import torch
 from dist_utils import run_distributed
 from dit_scale.checkpoint import find_latest, load_checkpoint
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_overrides
 
 LAYOUTS = {"local": (1, {}), "fsdp-ep2": (2, {"parallel.engine": "fsdp", "parallel.ep": 2}),

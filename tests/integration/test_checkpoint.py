@@ -15,8 +15,8 @@ import torch
 from dit_scale.checkpoint import (CheckpointError, find_latest, list_checkpoints, load_checkpoint,
                                   manifest_path, prune_checkpoints, save_checkpoint)
 from dit_scale.config import ConfigError, load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer, TrainingInterrupted
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer, TrainingInterrupted
 from tiny import ROOT, tiny_overrides
 
 

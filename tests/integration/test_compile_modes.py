@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from dit_scale.config import ConfigError, load_config
-from dit_scale.metrics import read_metrics
 from dit_scale.parallel.parallelize import check_compile_mode
 from dit_scale.parallel.topology import Topology
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_overrides
 
 

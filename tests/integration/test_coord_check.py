@@ -1,5 +1,6 @@
-"""The coordinate check (dit_scale/coord_check.py) on a 2-block model at widths 32-256: flat under μP, growing under SP."""
-from dit_scale import coord_check as cc
+"""The coordinate check (dit_scale/training/coord_check.py) on a 2-block model at widths 32-256: flat under μP,
+growing under SP."""
+from dit_scale.training import coord_check as cc
 from tiny import tiny_overrides
 
 

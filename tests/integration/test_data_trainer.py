@@ -8,8 +8,8 @@ import pytest
 from tiny import tiny_overrides
 from dit_scale.checkpoint import find_latest, load_checkpoint
 from dit_scale.config import ConfigError, load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 
 
 def test_resume_with_loader_workers_continues_exactly(tiny_shards, tmp_path):

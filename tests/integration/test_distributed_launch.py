@@ -9,7 +9,7 @@ import pytest
 from tiny import ROOT, tiny_overrides
 from dist_utils import free_port
 from dit_scale.checkpoint import load_checkpoint
-from dit_scale.metrics import read_metrics
+from dit_scale.training.metrics import read_metrics
 
 
 def torchrun(*args, timeout=300):

@@ -2,16 +2,17 @@
 micro-batches of 2) and train.deterministic=true, a run on 1, 2 or 4 processes (FSDP, FSDP + EP 2, DeepSpeed ZeRO-2
 + EP 2, tp 2, cp 2, with gradient accumulation making up the rest) logs the same loss at every step, and a run stopped
 on 2 processes and resumed on 1 or 4 logs the uninterrupted run's losses at every later step. What makes it so: the
-global sample order (data/stream.py), each sample's own draws (loss.py) and micro-batches grouped by global position
-(data/loader.py split_rows). The reference is the single-process run; the tolerance covers reduction order only.
+global sample order (data/stream.py), each sample's own draws (training/loss.py) and micro-batches grouped by global
+position (data/loader.py split_rows). The reference is the single-process run; the tolerance covers reduction order
+only.
 The 2-process FSDP cases run in the default suite, the others in CI's second stage."""
 import pytest
 
 from dist_utils import run_distributed
 from tiny import tiny_overrides, write_tiny_shards
 from dit_scale.config import ConfigError, load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 
 GLOBAL_BATCH, MICRO = 8, 2
 STEPS, STOP = 4, 2

@@ -19,7 +19,7 @@ from dist_utils import free_port
 from eval_utils import direct_dino_features, write_random_inception, write_tiny_dinov2
 from tiny import ROOT, tiny_overrides
 from dit_scale.config import load_config
-from dit_scale.trainer import Trainer
+from dit_scale.training.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +82,7 @@ def test_npz_export_and_fd_dinov2_are_the_same_on_one_and_two_processes(setup, t
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
     from dit_scale.evaluation.generate import SamplingSpec, sample_indices
-    from dit_scale.vae import to_uint8
+    from dit_scale.generation.vae import to_uint8
     state = load_checkpoint(setup["run"])
     cfg = load_config(None, tiny_overrides(setup["shards"], setup["run"], **{"train.steps": 2}))
     built = build(cfg)

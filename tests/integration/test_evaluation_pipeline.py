@@ -21,8 +21,8 @@ from dist_utils import free_port
 from eval_utils import write_image_folder, write_latent_shards, write_random_inception, write_tiny_vae
 from tiny import ROOT, TINY_MODEL, TINY_RUN, as_overrides
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 
 SCORES = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -67,8 +67,8 @@ def test_latent_run_logs_validation_loss_and_fid_and_decodes_its_grid(setup, tra
     # the trainer's grid: the EMA model's class grid decoded by the shards' VAE, titled (a second path to it)
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
-    from dit_scale.sampling import class_grid, save_class_grid
-    from dit_scale.vae import LatentDecoder, data_manifest
+    from dit_scale.generation.sampling import class_grid, save_class_grid
+    from dit_scale.generation.vae import LatentDecoder, data_manifest
     state = load_checkpoint(run)
     model = build(cfg).model
     model.load_state_dict(state["ema"])

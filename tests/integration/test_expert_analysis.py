@@ -14,7 +14,7 @@ from PIL import Image
 
 from tiny import tiny_overrides
 from dit_scale.config import load_config
-from dit_scale.trainer import Trainer
+from dit_scale.training.trainer import Trainer
 
 BINS, NUM, BATCH = 3, 24, 5
 

@@ -16,8 +16,8 @@ import torch
 
 from dit_scale.checkpoint import CheckpointError, find_latest, load_checkpoint
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer, TrainingAborted
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer, TrainingAborted
 from tiny import ROOT, tiny_overrides
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")

@@ -8,7 +8,7 @@ import sys
 import time
 
 from dit_scale.checkpoint import find_latest, load_checkpoint
-from dit_scale.metrics import read_metrics
+from dit_scale.training.metrics import read_metrics
 from tiny import ROOT, tiny_overrides
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")

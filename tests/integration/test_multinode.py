@@ -7,7 +7,7 @@ import sys
 
 from dist_utils import free_port
 from dit_scale.checkpoint import find_latest, load_checkpoint
-from dit_scale.metrics import read_metrics
+from dit_scale.training.metrics import read_metrics
 from tiny import ROOT, tiny_overrides, write_tiny_shards
 
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")

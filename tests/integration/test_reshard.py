@@ -15,7 +15,7 @@ from tiny import tiny_overrides, write_tiny_shards
 from dist_utils import run_distributed
 from dit_scale.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from dit_scale.config import load_config
-from dit_scale.trainer import Trainer
+from dit_scale.training.trainer import Trainer
 
 LAYOUTS = {             # name: (processes, overrides)
     "local": (1, {"parallel.engine": "local", "parallel.ep": 1}),

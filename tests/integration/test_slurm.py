@@ -16,8 +16,8 @@ import time
 import pytest
 import yaml
 
-from dit_scale.metrics import read_metrics
-from dit_scale.slurm import slurm_minutes
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.slurm import slurm_minutes
 from launch import submit as submit_mod
 from launch import sweep as sweep_mod
 from tiny import ROOT, tiny_overrides

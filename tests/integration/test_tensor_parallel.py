@@ -11,8 +11,8 @@ import torch
 from dist_utils import run_distributed
 from parallel_parity import LOCAL, MASKED, MOE_LOSSES, TEXT, assert_parity, train
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_overrides
 
 TP2, TP2_NO_SP, CP2 = {"parallel.tp": 2}, {"parallel.tp": 2, "parallel.sp": False}, {"parallel.cp": 2}

@@ -17,8 +17,8 @@ from eval_utils import write_random_inception
 from tiny import ROOT
 from tiny_text import text_overrides, write_text_shards, write_tiny_encoder
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 
 PROMPTS = ["a small red circle in the top left", "a large green square in the center"]
 
@@ -58,10 +58,10 @@ def test_a_text_run_resumes_exactly(setup, trained, tmp_path):
 
 
 def test_prompt_sampling_writes_a_grid_titled_with_the_prompts(setup, trained, tmp_path, monkeypatch):
-    import dit_scale.captions as captions
     from dit_scale.build import build
     from dit_scale.checkpoint import find_latest, load_checkpoint
-    from dit_scale.text_encoder import TextEncoder
+    import dit_scale.generation.captions as captions
+    from dit_scale.generation.text_encoder import TextEncoder
     from launch.sample import main
     (tmp_path / "prompts.txt").write_text("# a comment\n%s\n\n" % PROMPTS[1])
     titles = []

@@ -8,8 +8,8 @@ import torch
 
 from dist_utils import run_distributed
 from dit_scale.config import ConfigError, load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_cfg, tiny_overrides
 
 # 16 tokens per image (16×16 pixels, patch 4); ratio 0.75 keeps 4: a masked micro-batch is 4 loader batches

@@ -10,8 +10,8 @@ import torch
 
 from tiny import ROOT, tiny_overrides
 from dit_scale.config import load_config
-from dit_scale.metrics import read_metrics
-from dit_scale.trainer import Trainer, TrainingAborted
+from dit_scale.training.metrics import read_metrics
+from dit_scale.training.trainer import Trainer, TrainingAborted
 
 
 def test_train_end_to_end(tiny_shards, tmp_path):
@@ -106,6 +106,6 @@ def test_aux_loss_free_counts_each_token_once(tiny_shards, tmp_path, checkpointi
     for layer in trainer.model.moe_layers():
         real = layer.router.update_bias
         layer.router.update_bias = lambda counts, real=real: (seen.append(counts.clone()), real(counts))
-    from dit_scale.metrics import MoEStats
+    from dit_scale.training.metrics import MoEStats
     trainer.train_step(MoEStats())
     assert len(seen) == 2 and all(c.sum().item() == 2 * 4 * 16 * 2 for c in seen)      # accum · B · N · k

@@ -10,8 +10,8 @@ from dist_utils import run_distributed
 from dit_scale.build import build_model
 from dit_scale.config import load_config
 from dit_scale.convert import read_ours, save_weights
-from dit_scale.trainer import Trainer
-from dit_scale.upcycle import UpcycleSpec, upcycle
+from dit_scale.convert.upcycle import UpcycleSpec, upcycle
+from dit_scale.training.trainer import Trainer
 from tiny import TINY_RUN, as_overrides, tiny_cfg
 
 STEPS = 4

@@ -7,14 +7,14 @@ import torch
 
 from dit_scale.align.aligner import Aligner, ema_hidden
 from dit_scale.align.losses import attention_alignment_loss, repa_loss, select_patch_attention, sra_loss
+from dit_scale.build import build_model, mup_table
 from dit_scale.config import ConfigError, load_config
 from dit_scale.diffusion import build_objective
-from dit_scale.metrics import MoEStats
-from dit_scale.build import build_model, mup_table
 from dit_scale.models.dit import attention_with_logits
 from dit_scale.models.masking import draw_keep_indices
 from dit_scale.models.roles import param_roles
 from dit_scale.optim import build_optimizer
+from dit_scale.training.metrics import MoEStats
 
 from tiny import tiny_cfg, tiny_overrides
 
@@ -281,8 +281,8 @@ class WithFeatures:
 
 
 def test_trainer_repa_from_shard_features_with_masking_and_mup(tiny_shards, tmp_path):
-    from dit_scale.metrics import read_metrics
-    from dit_scale.trainer import Trainer
+    from dit_scale.training.metrics import read_metrics
+    from dit_scale.training.trainer import Trainer
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "align.repa_weight": 0.5, "align.repa_depth": 1, "align.teacher_dim": TEACHER_DIM,
         "align.projector_dim": 32, "mask.ratio": 0.5, "mup.enabled": "true", "mup.base_width": 32,
@@ -303,8 +303,8 @@ def test_trainer_repa_from_shard_features_with_masking_and_mup(tiny_shards, tmp_
 
 
 def test_haste_termination_stops_all_teacher_work(tiny_shards, tmp_path, tiny_dino):
-    from dit_scale.metrics import read_metrics
-    from dit_scale.trainer import Trainer
+    from dit_scale.training.metrics import read_metrics
+    from dit_scale.training.trainer import Trainer
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "align.teacher": "online", "align.teacher_path": tiny_dino, "align.repa_weight": 0.5,
         "align.repa_depth": 1, "align.haste_weight": 0.2, "align.haste_layers": "[1,2]",

@@ -74,7 +74,7 @@ def test_no_import_cycles():
 
 
 def test_no_cycles_between_parts():
-    """No cycle between dit_scale's parts (a subpackage or a loose module, e.g. captions.py and evaluation/): one
+    """No cycle between dit_scale's parts (a subpackage or a loose module, e.g. generation/ and evaluation/): one
     part's module importing another part whose modules import the first is an import running back up the layers."""
     def part(name: str) -> str:
         return ".".join(name.split(".")[:2])

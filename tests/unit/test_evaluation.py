@@ -299,7 +299,7 @@ def test_eval_config_errors_name_the_field(overrides, message):
 
 # ----------------------------------------------------------------------------------------------------------- grids
 def test_titled_grid_keeps_the_images(tmp_path):
-    from dit_scale.sampling import save_grid
+    from dit_scale.generation.sampling import save_grid
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plain = np.asarray(Image.open(save_grid(images, 3, str(tmp_path / "a.png"), upscale=2)))
     titled = np.asarray(Image.open(save_grid(images, 3, str(tmp_path / "b.png"), upscale=2,

@@ -9,7 +9,7 @@ from dit_scale.checkpoint import CheckpointError, export, find_latest, load_chec
 from dit_scale.checkpoint.init_from import init_from, read_weights
 from dit_scale.config import ConfigError, load_config
 from dit_scale.convert import save_weights
-from dit_scale.trainer import Trainer
+from dit_scale.training.trainer import Trainer
 from launch.train import main as train_main
 from tiny import tiny_cfg, tiny_overrides
 

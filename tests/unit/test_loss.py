@@ -1,12 +1,12 @@
-"""The one training loss (dit_scale/loss.py) against direct computations: the terms of a plain, a masked and an
+"""The one training loss (dit_scale/training/loss.py) against direct computations: the terms of a plain, a masked and an
 aligned micro-batch, and the FLOPs it counts for what runs (kept tokens, heads, SRA's truncated EMA forward)."""
 import pytest
 import torch
 
 from dit_scale.build import build
-from dit_scale.loss import TrainingLoss
 from dit_scale.models.flops import block_macs, forward_macs
 from dit_scale.models.masking import draw_keep_indices, masked_denoise_loss
+from dit_scale.training.loss import TrainingLoss
 
 from tiny import tiny_cfg
 

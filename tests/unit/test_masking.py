@@ -3,10 +3,10 @@ gradients reach only what they should, the per-token loss against a direct compu
 import pytest
 import torch
 
+from dit_scale.build import build_model
 from dit_scale.config import ConfigError, load_config
 from dit_scale.diffusion import build_objective
-from dit_scale.build import build_model
-from dit_scale.loss import TrainingLoss
+from dit_scale.training.loss import TrainingLoss
 from dit_scale.models.masking import (draw_keep_indices, gather_tokens, kept_denoise_loss, kept_mask,
                                       masked_denoise_loss, patchify, scatter_tokens, token_loss)
 
@@ -189,7 +189,7 @@ def test_config_errors(override, field):
 
 
 def test_sampling_never_masks():
-    from dit_scale.sampling import class_grid
+    from dit_scale.generation.sampling import class_grid
     cfg = cfg_with("mask.ratio=0.75", "mask.mixer_depth=1", "diffusion.sample_steps=2", "logging.samples_per_class=1",
                    "logging.max_sample_classes=2")
     model = randomized(build_model(cfg)).train()
@@ -205,8 +205,8 @@ def test_sampling_never_masks():
 
 
 def test_training_with_masking_moe_and_mup(tiny_shards, tmp_path):
-    from dit_scale.metrics import read_metrics
-    from dit_scale.trainer import Trainer
+    from dit_scale.training.metrics import read_metrics
+    from dit_scale.training.trainer import Trainer
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "mask.ratio": 0.75, "mask.mixer_depth": 1, "mask.masked_loss_weight": 0.1, "mask.unmask_at_step": 4,
         "mup.enabled": "true", "mup.base_width": 32, "train.steps": 6, "logging.log_every": 3}))

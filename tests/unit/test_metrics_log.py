@@ -2,7 +2,7 @@
 plain line per interval with the step, loss, images/s and ETA, and no carriage-return updates."""
 import io
 
-from dit_scale.metrics import MetricsLogger, progress_line
+from dit_scale.training.metrics import MetricsLogger, progress_line
 from tiny import tiny_cfg
 
 

@@ -162,7 +162,7 @@ def test_config_errors_name_the_field(override, field):
 
 
 def test_training_under_mup_runs(tiny_shards, tmp_path):
-    from dit_scale.trainer import train
+    from dit_scale.training.trainer import train
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
         "mup.enabled": "true", "mup.base_width": 32, "train.steps": 4, "logging.log_every": 2}))
     summary = train(cfg)

@@ -1,6 +1,6 @@
-"""The profile summary (dit_scale/profiling.py): kernel and op names to categories, the union of busy intervals and
-the idle share on hand-made spans (overlaps, nesting, the window's edges), GPU kernels linked to the optimizer by
-correlation id on hand-made events, and a real CPU profile against a direct computation from its events."""
+"""The profile summary (dit_scale/benchmarks/profiling.py): kernel and op names to categories, the union of busy
+intervals and the idle share on hand-made spans (overlaps, nesting, the window's edges), GPU kernels linked to the
+optimizer by correlation id on hand-made events, and a real CPU profile against a direct computation from its events."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from dit_scale import profiling
-from dit_scale.profiling import Span, category, summarize, union_length
+from dit_scale.benchmarks import profiling
+from dit_scale.benchmarks.profiling import Span, category, summarize, union_length
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -1,12 +1,12 @@
-"""The SLURM grace period (dit_scale/slurm.py: launch/submit.py's jobs, sweep arrays) follows the run's measured
-checkpoint saves: max(300, 2 × slowest + 60) s."""
+"""The SLURM grace period (dit_scale/training/slurm.py: launch/submit.py's jobs, sweep arrays) follows the run's
+measured checkpoint saves: max(300, 2 × slowest + 60) s."""
 import json
 
 import pytest
 
 from dit_scale.config import ConfigError
 from dit_scale.run_dir import RunDir
-from dit_scale.slurm import grace_seconds
+from dit_scale.training.slurm import grace_seconds
 
 
 def test_grace_follows_the_slowest_save(tmp_path):

@@ -22,13 +22,13 @@ from dit_scale.config import ConfigError
 from dit_scale.data import build_loader
 from dit_scale.data.manifest import Manifest
 from dit_scale.diffusion import build_objective, sample
+from dit_scale.generation.text_encoder import TextEncoder
 from dit_scale.models.dit import DiT
 from dit_scale.models.flops import forward_macs
 from dit_scale.models.masking import draw_keep_indices, kept_mask
 from dit_scale.models.text import Captions, CrossAttention
 from dit_scale.mup import param_groups
 from dit_scale.optim import build_optimizer
-from dit_scale.text_encoder import TextEncoder
 
 from tiny_text import TEXT_DIM, TEXT_LEN, text_cfg, write_tiny_encoder
 

@@ -1,4 +1,4 @@
-"""Upcycling a dense DiT into DiT-MoE (dit_scale/upcycle.py, launch/upcycle.py) and the GELU expert type it uses
+"""Upcycling a dense DiT into DiT-MoE (dit_scale/convert/upcycle.py, launch/upcycle.py) and the GELU expert type it uses
 (models/moe.py `expert_act="gelu"`): the GELU experts against a per-token direct computation on both expert paths;
 the upcycled model's output against the dense model's (a second code path: the dense `Mlp`) at conversion — exact in
 copy mode with normalised top-k token choice, in split mode with k = E; the Taylor score against autograd by hand."""
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from dit_scale.build import build, build_model, build_objective
 from dit_scale.config import ConfigError
+from dit_scale.convert.upcycle import UpcycleSpec, taylor_scores, upcycle
 from dit_scale.models.args import MoEArgs
 from dit_scale.models.flops import count_params
 from dit_scale.models.moe import GroupedExperts, MoEFFN
-from dit_scale.upcycle import UpcycleSpec, taylor_scores, upcycle
 from launch.upcycle import main as upcycle_main
 from tiny import tiny_cfg
 

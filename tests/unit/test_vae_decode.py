@@ -1,5 +1,5 @@
-"""Decoding samples: a tiny random diffusers AutoencoderKL saved locally, decoded by dit_scale.vae against a direct
-vae.decode(z / scaling + shift); the decoder a run's config finds through its shards' manifest; decoded, titled
+"""Decoding samples: a tiny random diffusers AutoencoderKL saved locally, decoded by dit_scale.generation.vae against a
+direct vae.decode(z / scaling + shift); the decoder a run's config finds through its shards' manifest; decoded, titled
 class grids.
 
     .venv/bin/python -m pytest -q tests/unit/test_vae_decode.py
@@ -16,7 +16,7 @@ from eval_utils import write_tiny_vae
 from tiny import tiny_cfg
 from dit_scale.config import ConfigError
 from dit_scale.data import Manifest, ShardEntry, write_manifest
-from dit_scale.vae import LatentDecoder, PixelDecoder, image_decoder, to_uint8
+from dit_scale.generation.vae import LatentDecoder, PixelDecoder, image_decoder, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +67,11 @@ def test_image_decoder_follows_the_shards_manifest(vae_dir, tmp_path):
 
 
 def test_save_class_grid_decodes_and_titles(vae_dir, tmp_path):
-    from dit_scale.sampling import save_class_grid, save_grid
+    from dit_scale.generation.sampling import save_class_grid, save_grid
     shards = fake_latent_shards(str(tmp_path / "latents"), vae_dir)
     cfg = tiny_cfg(f"data.path={shards}", "logging.samples_per_class=2",
                    **{"model.in_channels": 4, "model.input_size": 8})
-    from dit_scale.vae import data_manifest
+    from dit_scale.generation.vae import data_manifest
     manifest, _ = data_manifest(cfg)
     samples = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     decoder = image_decoder(cfg)

@@ -2,7 +2,7 @@
 between kernels, and the most expensive kernels (the GPU check's per-configuration profile).
 
     from torch.profiler import ProfilerActivity, profile, record_function
-    from dit_scale import profiling
+    from dit_scale.benchmarks import profiling
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("profiled_steps"):               # the window: the steps and a final synchronize

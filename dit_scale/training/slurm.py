@@ -15,7 +15,7 @@ import sys
 from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: launch/, slurm/
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository: launch/, slurm/
 SBATCH_SCRIPT = os.path.join(ROOT, "slurm", "train.sbatch")
 DEFAULT_GRACE = 300
 

@@ -22,8 +22,8 @@ import torch
 
 from dit_scale.diffusion import sample
 from dit_scale.errors import ConfigError
+from dit_scale.generation.sampling import save_grid
 from dit_scale.models.text import Captions
-from dit_scale.sampling import save_grid
 
 PROMPT_TITLE_CHARS = 60
 
@@ -118,7 +118,7 @@ def read_prompts(items: Sequence[str]) -> List[str]:
 def prompt_encoder(cfg, given: Optional[str] = None, manifest=None, device="cpu"):
     """The TextEncoder for a text model's prompts: `given` (--text-encoder), model.text_encoder, or the text encoder
     the training shards' manifest names; it must have the model's caption width."""
-    from dit_scale.text_encoder import TextEncoder
+    from dit_scale.generation.text_encoder import TextEncoder
     m = cfg.model
     recorded = (getattr(manifest, "text_encoder", None) or {}).get("path")
     path, field_name = next(((p, f) for p, f in ((given, "--text-encoder"), (m.text_encoder, "model.text_encoder"),

@@ -4,8 +4,8 @@
 
 One step is `train.grad_accum` micro-batches of `data.batch_size` images (with the token budget, `mask.scale_batch`,
 tokens / kept times as many on a masked step: `TrainingLoss.batch_multiple`), each through the one training loss
-(`dit_scale/loss.py`); the engine clips by the global norm and steps. A non-finite loss or gradient skips the step
-on the device (no host sync); `train.max_bad_steps` in a row abort with a message. Statistics accumulate on the
+(`dit_scale/training/loss.py`); the engine clips by the global norm and steps. A non-finite loss or gradient skips the
+step on the device (no host sync); `train.max_bad_steps` in a row abort with a message. Statistics accumulate on the
 device and are read every `logging.log_every` steps (`metrics.IntervalStats`). Checkpoints are the
 `CheckpointManager`'s (load at the start of `fit`, save after a step); SIGTERM / SIGUSR1 or `train.max_wall_minutes`
 set a flag that the ranks agree on through the all-reduce every step already does (`preemption.py`): every rank
@@ -25,15 +25,15 @@ from dit_scale.data import build_loader, merge_states, split_rows, take_batches
 from dit_scale.data.loader import STATE_FORMAT
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.periodic import TrainingEvaluation
-from dit_scale.loss import TrainingLoss
-from dit_scale.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
 from dit_scale.models.flops import count_params
 from dit_scale.optim import resolve_precision
 from dit_scale.parallel import build_engine, init_topology
 from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES
 from dit_scale.parallel.topology import agree
-from dit_scale.preemption import Preemption, TrainingInterrupted
 from dit_scale.run_dir import RunDir
+from dit_scale.training.loss import TrainingLoss
+from dit_scale.training.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
+from dit_scale.training.preemption import Preemption, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingAborted", "TrainingInterrupted", "train"]
 

@@ -5,8 +5,8 @@
 
 For each width (heads grow with it at a fixed head dim, `dit_scale.config.width_overrides`) and for μP and standard
 parameterisation, the model trains `steps` AdamW steps (the engines' parameter groups, `optim.build_optimizer`; the
-trainer's loss, `dit_scale.loss.TrainingLoss`) on one fixed batch of the config's data; after each step t = 1..steps
-a forward pass records the mean |activation| of each layer type: patch embedding, attention output, FFN /
+trainer's loss, `dit_scale.training.loss.TrainingLoss`) on one fixed batch of the config's data; after each step t =
+1..steps a forward pass records the mean |activation| of each layer type: patch embedding, attention output, FFN /
 routed-expert output, router logits, model output, averaged over `num_seeds` seeds (init, data, noise). Under μP the
 slope of log2 |activation| against log2 width stays near 0; under SP it grows. `launch/coord_check.py` is the command.
 """
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from dit_scale.build import build
 from dit_scale.config import load_config, width_overrides
 from dit_scale.data import build_loader
-from dit_scale.loss import TrainingLoss
 from dit_scale.models.moe import MoEFFN
 from dit_scale.optim import build_optimizer
+from dit_scale.training.loss import TrainingLoss
 
 LAYER_TYPES = ("embedding", "attention", "ffn/experts", "router logits", "output")
 
