@@ -5,9 +5,11 @@
 
 Writes latent shards shaped like ImageNet-256 with the SD VAE and DINOv2-B/14 features (latent.npy +
 latent_flip.npy float16 [4, 32, 32], feat.npy float16 [256, 768], cls; `data_tools/bench_shards.py`) to a temporary
-folder, unless --shards names existing ones. Then it times (1) the loader with --workers worker processes
-(resampled mode, shuffle buffer, flips), after the first batch (worker start-up), and (2) DiT-S/2 training steps
-(forward, backward, AdamW) on the same machine, and prints JSON with both samples/s and loader / training.
+folder, unless --shards names existing ones. Then it times (1) the loader as a run uses it, with --workers worker
+processes (resampled mode, 64 partitions of the global order, shuffle buffer, flips, and each sample's own training
+draws: noise and 2 + tokens uniforms), after the first batch (worker start-up); the same in this process, and in this
+process without the draws (their cost); (2) DiT-S/2 training steps (forward, backward, AdamW) on the same machine;
+and prints JSON with the samples/s and loader / training.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from types import SimpleNamespace
 import torch
 
 
-def time_loader(path: str, workers: int, batch: int, batches: int) -> dict:
-    """Samples/s and MB/s of the loader over `batches` batches, after the first (worker start-up)."""
+def time_loader(path: str, workers: int, batch: int, batches: int, uniforms: int = 0, partitions: int = 64) -> dict:
+    """Samples/s and MB/s of the loader over `batches` batches, after the first (worker start-up); `uniforms` > 0:
+    every sample also carries its training draws (noise like x, `uniforms` uniforms), as in training."""
     from dit_scale.data import build_loader
     cfg = SimpleNamespace(path=path, batch_size=batch, shuffle_buffer=1000, hflip=True, num_workers=workers,
-                          mode="resampled", image_key="auto")
-    loader = build_loader(cfg)
+                          mode="resampled", image_key="auto", partitions=partitions)
+    loader = build_loader(cfg, uniforms=uniforms)
     try:
         first = next(loader)                             # worker start-up and the first shard opens
         nbytes = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
@@ -35,7 +38,7 @@ def time_loader(path: str, workers: int, batch: int, batches: int) -> dict:
         sec = time.perf_counter() - start
     finally:
         loader.close()
-    return {"workers": workers, "batch": batch, "samples_per_s": round(batches * batch / sec, 1),
+    return {"workers": workers, "batch": batch, "uniforms": uniforms, "samples_per_s": round(batches * batch / sec, 1),
             "batch_mb": round(nbytes / 2 ** 20, 2), "mb_per_s": round(batches * nbytes / 2 ** 20 / sec, 1),
             "x": list(first["x"].shape[1:]), "feat": list(first["feat"].shape[1:]) if "feat" in first else None}
 
@@ -79,6 +82,16 @@ def time_training(model_name: str, batch, steps: int, device_name: str, x_shape)
             "step_s": round(sec, 4), "samples_per_s": round(batch / sec, 2)}
 
 
+def _tokens(model_name: str, path: str) -> int:
+    """Tokens of `model_name` on the shards' x (the mask scores each sample draws)."""
+    from dit_scale.config import load_config
+    from dit_scale.data import build_loader
+    x = next(build_loader(SimpleNamespace(path=path, batch_size=1, image_key="auto")))["x"]
+    cfg = load_config(None, [f"model.name={model_name}", f"model.in_channels={x.shape[1]}",
+                             f"model.input_size={x.shape[-1]}"])
+    return int(cfg.model.num_tokens)
+
+
 def run(args, write_shards) -> dict:
     """The loader (--workers processes, and in this process) against training; prints and returns the JSON.
     write_shards(folder, num_samples, per_shard, feat_shape) -> folder: random shards, unless --shards names some
@@ -86,10 +99,14 @@ def run(args, write_shards) -> dict:
     feat = tuple(int(v) for v in args.feat_shape.split(",")) if args.feat_shape not in ("0", "") else None
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         path = args.shards or write_shards(tmp, args.num_samples, args.samples_per_shard, feat)
-        loader = time_loader(path, args.workers, args.batch, args.batches)
-        inline = time_loader(path, 0, args.batch, max(10, args.batches // 4))
+        uniforms = 2 + _tokens(args.model, path)
+        loader = time_loader(path, args.workers, args.batch, args.batches, uniforms)
+        inline = time_loader(path, 0, args.batch, max(10, args.batches // 4), uniforms)
+        no_draws = time_loader(path, 0, args.batch, max(10, args.batches // 4))
     train = time_training(args.model, args.train_batch, args.train_steps, args.device, loader["x"])
-    result = {"bench": "data", "loader": loader, "loader_in_process": inline, "train": train,
+    result = {"bench": "data", "loader": loader, "loader_in_process": inline,
+              "loader_in_process_without_draws": no_draws,
+              "draws_share": round(1 - inline["samples_per_s"] / no_draws["samples_per_s"], 3), "train": train,
               "ratio": round(loader["samples_per_s"] / train["samples_per_s"], 1), "target_ratio": 20}
     print(json.dumps(result))
     return result

@@ -1,0 +1,179 @@
+"""A class probe: does a class-conditional model draw its classes? A small CNN trained on labelled real images
+(seconds on a CPU) classifies the model's samples. It reports the share of samples assigned to the class they were
+conditioned on, and the Fréchet distance between samples and real images in its penultimate features beside the
+distance between two disjoint real sets of the same size (the floor at that sample count). On data whose classes a
+small network separates (the synthetic shapes of the quickstart) it tells a model that learned the classes from one
+that did not, where FID needs an Inception network and 10k+ samples; the learning test uses it
+(tests/integration/test_learning.py), and `launch/probe.py` reports it for a run.
+
+    probe = train_probe(images, labels, num_classes)      # images float [N, C, H, W] in [-1, 1]
+    probe = train_probe(shape_view(images), labels, num_classes)   # colour removed: the probe must see the shape
+    report = probe_report(probe, samples, sample_labels, real_a, real_b)
+    # {"accuracy", "accuracy_real", "fd", "fd_real", "fd_ratio", "per_class"}
+    report = probe_run(run, num_samples=400, cfg_scale=None)   # sample a run's EMA model and probe it
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dit_scale.errors import ConfigError
+from dit_scale.evaluation.scores import frechet_distance, gaussian_stats
+
+
+def shape_view(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] → [N, 1, H, W]: each pixel's colour distance from the image's background (the median of its
+    border pixels), scaled to [0, 1] per image. Colour and brightness are gone, the shape stays: on data whose
+    classes also differ in colour (the synthetic shapes) a probe of this view checks the drawn shape."""
+    x = images.float()
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)    # [N, C, 4W]
+    background = border.median(dim=2).values[:, :, None, None]
+    distance = (x - background).norm(dim=1, keepdim=True)
+    return distance / distance.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+class ProbeNet(nn.Module):
+    """Three strided convolutions, global average pooling, a linear classifier; `features` is the pooled vector."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GELU())
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_probe(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, steps: int = 500,
+                batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ProbeNet:
+    """A ProbeNet trained on `images` [N, C, H, W] in [-1, 1] with `labels` [N] for `steps` AdamW steps (cosine
+    schedule; epochs of seeded random order); the same images give the same probe."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = ProbeNet(images.shape[1], num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    batch_size = min(batch_size, len(images))
+    net.train()
+    order, position = torch.randperm(len(images), generator=gen), 0
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order, position = torch.randperm(len(images), generator=gen), 0
+        idx = order[position:position + batch_size]
+        position += batch_size
+        loss = nn.functional.cross_entropy(net(images[idx].float()), labels[idx].long())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def _apply(net: ProbeNet, images: torch.Tensor, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    feats, preds = [], []
+    for i in range(0, len(images), batch_size):
+        f = net.features(images[i:i + batch_size].float())
+        feats.append(f.double().numpy())
+        preds.append(net.head(f).argmax(dim=1).numpy())
+    return np.concatenate(feats), np.concatenate(preds)
+
+
+def probe_report(net: ProbeNet, samples: torch.Tensor, sample_labels: torch.Tensor, real_a: torch.Tensor,
+                 real_a_labels: torch.Tensor, real_b: torch.Tensor) -> dict:
+    """Scores of `samples` [N, C, H, W] in [-1, 1] conditioned on `sample_labels`: the share classified as their
+    label (overall and per class), and the Fréchet distance of their probe features to those of `real_a`, beside
+    that of `real_b` to `real_a` (two disjoint real sets of the sample count). `accuracy_real`: the probe on
+    `real_a`, held out from its training (how far the probe itself can be trusted)."""
+    feats, preds = _apply(net, samples)
+    feats_a, preds_a = _apply(net, real_a)
+    feats_b, _ = _apply(net, real_b)
+    labels = sample_labels.numpy()
+    mu_a, sigma_a = gaussian_stats(feats_a)
+    fd = frechet_distance(*gaussian_stats(feats), mu_a, sigma_a)
+    fd_real = frechet_distance(*gaussian_stats(feats_b), mu_a, sigma_a)
+    per_class = [float((preds[labels == c] == c).mean()) if (labels == c).any() else None
+                 for c in range(net.head.out_features)]
+    return {"accuracy": float((preds == labels).mean()), "per_class": per_class,
+            "accuracy_real": float((preds_a == real_a_labels.numpy()).mean()),
+            "fd": fd, "fd_real": fd_real, "fd_ratio": fd / max(fd_real, 1e-12), "num_samples": len(samples)}
+
+
+def real_images(path: str, num: int, offset: int = 0, field: str = "data.path") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [num, C, H, W] in [-1, 1] and labels of pixel shards: samples offset … offset + num − 1 of the shard
+    set's fixed order (evaluation/shard_samples.py)."""
+    from dit_scale.evaluation.shard_samples import ShardSet
+    shards = ShardSet.open(path, field=field)
+    if shards.num_samples < offset + num:
+        raise ConfigError(f"{field}={path!r} holds {shards.num_samples} samples; the probe needs {offset + num} "
+                          f"(fewer --num-samples).")
+    xs, ys = [], []
+    for batch in shards.batches(offset + num, 256):
+        if batch.x.dtype != np.uint8:
+            raise ConfigError(f"{field}={path!r} holds latents; the class probe reads pixel shards (point it at the "
+                              f"images the latents were encoded from).")
+        xs.append(batch.x)
+        ys.append(np.asarray(batch.y))
+    x = torch.from_numpy(np.concatenate(xs)[offset:offset + num]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, torch.from_numpy(np.concatenate(ys)[offset:offset + num]).long()
+
+
+def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg_scale: Optional[float] = None,
+              steps: Optional[int] = None, sampler: Optional[str] = None, data: Optional[str] = None, seed: int = 0,
+              ema: bool = True, shape: bool = False, device="cpu") -> dict:
+    """Sample `num_samples` images (balanced classes, per-index seeds) from the EMA model of `run`'s latest
+    checkpoint (or a checkpoint path) and probe them against its training data (`data`, default data.path): the
+    probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
+    probe the `shape_view` of every image (colour removed)."""
+    from dit_scale.build import build
+    from dit_scale.checkpoint import load_checkpoint
+    from dit_scale.checkpoint.load import resolve_path
+    from dit_scale.config import config_from_yaml_text
+    from dit_scale.evaluation.generate import SamplingSpec, class_of, sample_indices
+    from dit_scale.optim import resolve_precision
+    from dit_scale.generation.vae import image_decoder
+
+    path = resolve_path(run)
+    state = load_checkpoint(path)
+    cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
+    classes = int(cfg.model.num_classes)
+    if cfg.model.conditioning != "class" or classes < 2:
+        raise ConfigError(f"The model of '{path}' is not class-conditional with 2 or more classes; the class probe "
+                          f"checks class-conditional samples.")
+    data = data or cfg.data.path
+    x, y = real_images(data, train_images + 2 * num_samples, field="--data" if data != cfg.data.path else "data.path")
+    view = shape_view if shape else (lambda images: images)
+    x = view(x)
+    probe = train_probe(x[:train_images], y[:train_images], classes, seed=seed)
+    built = build(cfg)
+    model = built.model
+    model.load_state_dict(state["ema" if ema else "model"])
+    device = torch.device(device)
+    model.to(device)
+    spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    decoder = image_decoder(cfg, device=device, required=True)
+    images = []
+    for start in range(0, num_samples, 64):
+        indices = list(range(start, min(num_samples, start + 64)))
+        with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
+            out = sample_indices(model, built.objective, cfg, spec, indices, device)
+        images.append(decoder(out).cpu().float().clamp(-1.0, 1.0))
+    labels = torch.tensor([class_of(i, classes) for i in range(num_samples)])
+    real_a = x[train_images:train_images + num_samples]
+    real_b = x[train_images + num_samples:]
+    report = probe_report(probe, view(torch.cat(images)), labels, real_a, y[train_images:train_images + num_samples],
+                          real_b)
+    report.update(checkpoint=path, step=int(state.get("step", 0)), ema=ema, view="shape" if shape else "image",
+                  sampling=spec.__dict__)
+    return report
