@@ -25,8 +25,9 @@ def _check_run(run, world):
     writers = sorted({name.split("_")[2] for name in os.listdir(ckpt) if name.endswith(".distcp")})
     assert writers == [str(r) for r in range(world)], os.listdir(ckpt)          # every rank wrote its pieces
     state = load_checkpoint(ckpt)
-    assert [r["data"]["dp_rank"] for r in state["per_rank"]] == list(range(world))   # global, not local ranks
-    assert all(r["data"]["dp_size"] == world for r in state["per_rank"])
+    assert [r["dp"] for r in state["per_rank"]] == [[rank, world] for rank in range(world)]   # global, not local
+    for rank, r in enumerate(state["per_rank"]):            # each rank saved the partitions of the order it serves
+        assert {p["partition"] % world for p in r["data"]["partition_states"]} == {rank}
     assert state["model"]["blocks.0.ffn.experts.w13"].shape[0] == 4                # all experts, global order
     return state
 
