@@ -52,7 +52,8 @@ def test_the_text_to_image_commands_run(tmp_path):
         elif tool == "launch/train.py":
             argv += as_overrides({**tiny_model, **TINY_RUN, "data.path": f"{data}/synthetic_text",
                                   "model.text_encoder": f"{data}/tiny_t5", "train.run_dir": f"{runs}/quickstart_text",
-                                  "train.steps": 2, "logging.max_sample_classes": 2, "diffusion.sample_steps": 2})
+                                  "train.steps": 2, "logging.max_sample_classes": 2, "diffusion.sample_steps": 2,
+                                  "data.partitions": 8})                     # 48 captioned images
         elif tool == "launch/sample.py":
             argv += ["--steps", "2", "--per-prompt", "1"]
         elif tool == "launch/evaluate.py":
