@@ -134,7 +134,6 @@ class ShardLoader:
         self.mine = [self.spec.partition_of(q) for q in range(self.spec.local_partitions)]
         self.partition_states = {p: initial_partition_state(len(sources)) for p in self.mine}
         self.samples = 0             # global samples the run has consumed (every rank's batches)
-        self._start_samples = 0
         self._iter: Optional[Iterator[dict]] = None
         self._dataloader = None
 
@@ -186,7 +185,7 @@ class ShardLoader:
                                      "draws": int(saved[p]["draws"]), "seen": int(saved[p]["seen"]),
                                      "corrupt": int(saved[p]["corrupt"])} if p in saved
                                  else initial_partition_state(len(self.sources)) for p in self.mine}
-        self.samples = self._start_samples = int(state["samples"])
+        self.samples = int(state["samples"])
 
     # -- iteration -----------------------------------------------------------------------------------------------
     def _start(self) -> None:
