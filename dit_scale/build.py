@@ -18,8 +18,10 @@ import torch
 
 from dit_scale.config import hidden_size_for
 from dit_scale.diffusion import build_objective as _objective_from_section
+from dit_scale.errors import ConfigError
 from dit_scale.models import DiT, ModelArgs, MoEArgs
 from dit_scale.models.init import draw, init_rules, param_generator
+from dit_scale.models.layers import attention_backend_error
 from dit_scale.mup import MuP, mup_table as _mup_table
 from dit_scale.mup import init_rules as mup_init_rules
 
@@ -55,11 +57,25 @@ def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
     return ModelArgs(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
                      out_channels=build_objective(cfg).out_channels(m.in_channels), hidden_size=d, depth=m.depth,
                      num_heads=heads, mlp_ratio=m.mlp_ratio, num_classes=m.num_classes,
-                     class_dropout=m.class_dropout, qk_norm=m.qk_norm, moe=sparse,
+                     class_dropout=m.class_dropout, qk_norm=m.qk_norm, attention=m.attention, moe=sparse,
                      attn_scale=1.0 / (d // heads) if mp.enabled and mp.attn_scale == "inverse" else None,
                      output_mult=mp.output_mult if mp.enabled else 1.0, mixer_depth=cfg.mask.mixer_depth,
                      mask_token=cfg.mask.ratio > 0, align_heads=head_specs(cfg, d), conditioning=m.conditioning,
                      text_dim=int(m.text_dim or 0), text_len=int(m.text_len or 0), caption_dropout=m.caption_dropout)
+
+
+def check_attention(args: ModelArgs, device, dtype: torch.dtype) -> None:
+    """model.attention: the kernel it names runs this model's attention (its head dim, in `dtype`) on `device`, or one
+    sentence saying which settings do (the run has not started)."""
+    if args.attention == "auto":
+        return
+    why = attention_backend_error(args.attention, device, args.head_dim, dtype)
+    if why is not None:
+        kind = torch.device(device).type
+        raise ConfigError(f"model.attention={args.attention} cannot run this model's attention (head dim "
+                          f"{args.head_dim}, {str(dtype).replace('torch.', '')}) on {kind}: {why}. Use "
+                          f"model.attention=auto (PyTorch picks a kernel that runs), or "
+                          f"{'flash or math on a CPU' if kind == 'cpu' else 'another kernel'}.")
 
 
 def meta_model(args: ModelArgs) -> DiT:

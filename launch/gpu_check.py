@@ -7,7 +7,11 @@
 It runs, in order:
 1. the `gpu`-marked tests (pytest -m gpu): a whole training step without a host synchronisation, the MoE forward
    without one (on a CPU they are collected and skipped: the dry run checks they exist);
-2. training configurations in bf16 (fp32 in the dry run) with the trainer's own loss and the one-process engine,
+2. `attention`: per attention shape of the models (DiT-XL: 16 heads of 72 dims, 256 tokens), forward + backward of
+   scaled_dot_product_attention under every model.attention kernel (auto, flash, efficient, cudnn, math; those the
+   device cannot run are recorded with PyTorch's reason) at the sweep's first batch, the fastest, and auto against it;
+   --attention KERNEL then runs the training configurations with it;
+3. training configurations in bf16 (fp32 in the dry run) with the trainer's own loss and the one-process engine,
    for DiT-XL/2 and DiT-XL/2-8E2A, each model in this order:
      "<model> eager"                     torch.compile off, unmasked
      "<model> compiled"                  train.compile=true (torch.compile's default mode), unmasked
@@ -27,7 +31,8 @@ It runs, in order:
    optimizer is what the step runs in profiling.OPTIMIZER_RANGE: clipping, AdamW, the EMA update.
    With torch.compile the first batch compiles static shapes and the next ones a dynamic batch dimension
    (torch.compile's automatic dynamic shapes); every configuration starts from a fresh compile cache;
-3. `table`: one line per configuration for a reader, and whether no counted step synchronised with the host.
+4. `table`: one line per configuration and attention shape for a reader, and whether no counted step synchronised
+   with the host.
 
 Time budget: a configuration, sweep point or profile whose estimate (from what ran before) would end past
 --budget-minutes from the start is skipped and recorded as skipped for time. The JSON (--out) is rewritten after
@@ -58,6 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="skip what would end later than this after the start (default 8; dry 10)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    parser.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                        help="model.attention of the training configurations (default auto; the attention rows "
+                             "time every kernel)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file (after every sweep point)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():

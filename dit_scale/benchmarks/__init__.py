@@ -9,6 +9,7 @@
     checkpoint.py     `checkpoint`: sharded (sync / async) vs consolidated save and load
     memory.py         `memory`: per-rank peak memory, 1 process vs 2
     parallel.py       `parallel`: tp2 / cp2 / ep2 on 2 processes vs 1, and the collectives' share
+    attention.py      each model.attention kernel's forward + backward on a model's attention shape (GPU check)
     gpu_check.py      the GPU check: gpu tests, batch sweeps with MFU and host syncs, profiles, in a time budget
     profiling.py      a torch.profiler run summarised: time shares by kind of kernel, idle gaps, top kernels
 """

@@ -20,8 +20,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from dit_scale.benchmarks import profiling
+from dit_scale.benchmarks.attention import time_backends
 from dit_scale.benchmarks.common import random_batch
-from dit_scale.build import build
+from dit_scale.build import build, check_attention, model_args
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
 from dit_scale.models.masking import num_kept
@@ -62,6 +63,25 @@ def run_gpu_tests() -> dict:
         lines = (proc.stdout + proc.stderr).splitlines()
         report["failures"] = [line for line in lines if line.startswith(("FAILED", "ERROR", "E "))][:40]
     return report
+
+
+def attention_rows(models, batch: int, device, dry: bool) -> dict:
+    """Per distinct attention shape of `models`: every model.attention kernel's forward + backward time
+    (`benchmarks/attention.py`), at the sweep's first batch, in the sweep's precision."""
+    rows = {}
+    for model in models:
+        args = model_args(load_config(None, [f"model.name={model}"] + (DRY_OVERRIDES if dry else [])))
+        shape = f"{args.num_heads} heads x {args.head_dim} dims x {args.num_tokens} tokens"
+        if shape in rows:
+            rows[shape]["models"].append(model)
+            continue
+        try:
+            rows[shape] = {"models": [model], **time_backends(args, batch, device,
+                                                                torch.float32 if dry else torch.bfloat16)}
+        except Exception as e:                              # noqa: BLE001 -- reported in the JSON, the check goes on
+            rows[shape] = {"models": [model], "ok": False, "error": error_message(e)}
+        release(device)
+    return rows
 
 
 def plan(models, batches, compile_: bool, dry: bool) -> list:
@@ -186,12 +206,14 @@ def build_config(spec: dict, device, dry: bool):
     compile_ = spec["compile_mode"] is not None
     overrides = [f"model.name={spec['model']}", f"train.device={device.type}", f"train.compile={str(compile_).lower()}",
                  f"train.compile_mode={spec['compile_mode'] or 'default'}",
-                 f"train.precision={'fp32' if dry else 'bf16'}", f"mask.ratio={spec['mask_ratio']}"]
+                 f"train.precision={'fp32' if dry else 'bf16'}", f"mask.ratio={spec['mask_ratio']}",
+                 f"model.attention={spec.get('attention', 'auto')}"]
     cfg = load_config(None, overrides + (DRY_OVERRIDES if dry else []))
     topo = init_topology(cfg)
     if compile_:
         torch._dynamo.reset()                               # a fresh compile cache: static shapes at the first batch
     built = build(cfg, device="meta")
+    check_attention(built.args, device, torch.float32 if dry else torch.bfloat16)     # --attention
     engine = build_engine(cfg, built.model, topo, mup=built.mup, init=built.init)
     return engine, TrainingLoss(built.objective, built.args, device, mask_ratio=spec["mask_ratio"]), built.args
 
@@ -322,6 +344,17 @@ def table_line(r: dict) -> str:
     return line
 
 
+def attention_line(shape: str, r: dict) -> str:
+    """One line per attention shape: each kernel's forward + backward time, the fastest, auto against it."""
+    head = f"attention {shape} ({', '.join(r['models'])})"
+    if r.get("ok") is False:
+        return f"{head}: error {r['error']}"
+    times = ", ".join(f"{name} {b['ms']:g} ms" if "ms" in b else f"{name} n/a"
+                      for name, b in r["backends"].items())
+    tail = f"; fastest {r['fastest']}, auto {r['auto_vs_fastest']:g}x it" if "auto_vs_fastest" in r else ""
+    return f"{head}, {r['dtype']} batch {r['shape'][0]}: {times}{tail}"
+
+
 def is_oom(e: Exception) -> bool:
     """Out of device memory, also where compilation wraps the error."""
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
@@ -394,6 +427,7 @@ def run(args) -> dict:
               "models": list(models), "batches": list(batches), "warmup_steps": args.warmup, "timed_steps": args.steps,
               "profile_steps": args.profile_steps, "budget_minutes": round((budget.deadline - budget.start) / 60, 2)}
     result["tests"] = run_gpu_tests()
+    result["attention"] = attention_rows(models, batches[0], device, dry)
     write(result, args.out)
     result["training"] = []
 
@@ -404,6 +438,7 @@ def run(args) -> dict:
 
     by_name, unfit = {}, {}                                 # unfit: model -> the configuration it did not build in
     for spec in plan(models, batches, not args.no_compile, dry):
+        spec["attention"] = getattr(args, "attention", "auto")
         if spec["compile_mode"] is not None and dry and not cxx:
             record = skipped_record(spec, "no C++ compiler (g++, clang++, cc) on this machine: torch.compile's CPU "
                                           "backend needs one")
@@ -430,9 +465,11 @@ def run(args) -> dict:
         release(device)
     counted = [p for r in result["training"] for p in r.get("points", []) if p.get("ok")]
     result["host_sync_free"] = None if dry else all(p.get("host_syncs_in_step") == 0 for p in counted)
-    result["table"] = [table_line(r) for r in result["training"]]
+    result["table"] = [table_line(r) for r in result["training"]] + [
+        attention_line(shape, r) for shape, r in result["attention"].items()]
     result["seconds"] = round(time.time() - budget.start, 1)
-    result["ok"] = bool(result["tests"]["ok"] and all(r.get("ok") is not False for r in result["training"]))
+    result["ok"] = bool(result["tests"]["ok"] and all(r.get("ok") is not False for r in result["training"])
+                        and all(r.get("ok") is not False for r in result["attention"].values()))
     return result
 
 

@@ -18,6 +18,7 @@ class ModelConfig:
     class_dropout: float = 0.1          # label dropout for classifier-free guidance
     learn_sigma: bool = False           # DDPM only: predict the variance too (DiT's hybrid loss)
     qk_norm: bool = False               # RMS-normalise queries and keys per head
+    attention: str = "auto"             # attention kernel: auto (PyTorch picks) | flash | efficient | cudnn | math
     depth: Optional[int] = None         # overrides of the registry size (None: from the name)
     hidden_size: Optional[int] = None   # width (None: from the name)
     num_heads: Optional[int] = None     # attention heads (None: from the name)
@@ -227,6 +228,7 @@ CHOICES = {
     "moe.router": ("token_choice", "expert_choice"),
     "moe.score_function": ("softmax", "sigmoid"),
     "moe.expert_impl": ("auto", "grouped_mm", "loop"),
+    "model.attention": ("auto", "flash", "efficient", "cudnn", "math"),
     "moe.expert_act": ("swiglu", "gelu"),
     "diffusion.objective": ("flow", "ddpm"),
     "diffusion.t_sampling": ("uniform", "logit_normal"),

@@ -48,6 +48,7 @@ class ModelArgs:
     num_classes: int = 1000
     class_dropout: float = 0.1
     qk_norm: bool = False
+    attention: str = "auto"             # the attention kernel: auto | flash | efficient | cudnn | math (layers.py)
     moe: Optional[MoEArgs] = None       # None: dense FFNs
     attn_scale: Optional[float] = None  # softmax temperature; None: 1/sqrt(head_dim) (μP: 1/head_dim)
     output_mult: float = 1.0            # μP's readout input multiplier

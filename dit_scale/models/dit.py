@@ -45,10 +45,10 @@ from dit_scale.models.text import CaptionEmbedder, CrossAttention
 
 class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, ffn: nn.Module, qk_norm: bool = False, attn_scale=None,
-                 cross_attn: Optional[nn.Module] = None):
+                 cross_attn: Optional[nn.Module] = None, attention: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm, attn_scale)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, attn_scale, backend=attention)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ffn = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -129,7 +129,7 @@ class DiT(nn.Module):
         def block(ffn):
             cross = CrossAttention(d, args.num_heads, args.qk_norm, args.attn_scale) \
                 if args.conditioning == "text" else None
-            return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale, cross)
+            return DiTBlock(d, args.num_heads, ffn, args.qk_norm, args.attn_scale, cross, args.attention)
 
         def ffn():
             return Mlp(d, args.mlp_hidden) if args.moe is None else MoEFFN(d, args.moe)

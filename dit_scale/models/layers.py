@@ -5,11 +5,15 @@ Everything here is plain single-device PyTorch; the MoE FFN lives in `moe.py`.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import nullcontext
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def modulate(x, shift, scale):
@@ -96,6 +100,39 @@ def dot_product_attention(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+# Which kernel `scaled_dot_product_attention` may use: "auto" lets PyTorch pick per call (its order: flash, memory-
+# efficient, cuDNN, math, as each accepts the shapes and dtype); a name restricts it to that one kernel. The math is
+# the same up to rounding; the speed differs by GPU, head dim (DiT-XL: 72) and dtype (see the GPU check's
+# `attention` rows). On a CPU only "flash" (PyTorch's fused CPU kernel) and "math" exist.
+ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_kernel(backend: str):
+    """The context under which attention runs with `backend` (a nullcontext for "auto")."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}.")
+    kernel = ATTENTION_BACKENDS[backend]
+    return nullcontext() if kernel is None else sdpa_kernel([kernel])
+
+
+def attention_backend_error(backend: str, device, head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    """Why `backend` cannot run self-attention of head dim `head_dim` in `dtype` on `device` (a forward and backward
+    of a tiny problem), or None when it can."""
+    q = torch.randn(1, 1, 16, head_dim, device=device, dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings(record=True) as reasons:   # on a GPU PyTorch warns why each kernel declined
+        warnings.simplefilter("always")
+        try:
+            with attention_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q).sum().backward()
+        except RuntimeError as e:
+            said = [str(w.message) for w in reasons] + [str(e)]
+            first = next((line.strip() for text in said for line in text.splitlines() if line.strip()),
+                         type(e).__name__)
+            return first[:200].rstrip(".")
+    return None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention`; optional RMS qk-norm per head.
     `scale`: softmax temperature, None for 1/sqrt(head_dim) (μP's option is 1/head_dim).
@@ -105,8 +142,11 @@ class Attention(nn.Module):
     every token before it), and `core` is the attention core `core(q, k, v, scale)`, a slot like the MoE
     dispatcher's (context parallelism puts an all-to-all one there)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, scale=None):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, scale=None, backend: str = "auto"):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}.")
+        self.backend = backend                      # which attention kernel (ATTENTION_BACKENDS); "auto": PyTorch's
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.scale = scale
@@ -121,7 +161,11 @@ class Attention(nn.Module):
         b, n = qkv.shape[:2]
         q, k, v = qkv.view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = self.core(q, k, v, self.scale)
+        if self.backend == "auto":
+            out = self.core(q, k, v, self.scale)
+        else:
+            with attention_kernel(self.backend):
+                out = self.core(q, k, v, self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dit_scale.build import build
+from dit_scale.build import build, check_attention
 from dit_scale.checkpoint import CheckpointManager, disk_error, find_latest
 from dit_scale.checkpoint.init_from import init_from
 from dit_scale.checkpoint.rng import RNGStreams, seed_everything
@@ -113,6 +113,7 @@ class Trainer:
             raise ConfigError(error)
         seed_everything(t.seed, t.deterministic)
         built = build(cfg, device="meta")                   # shapes only: the engine materialises this rank's pieces
+        check_attention(built.args, self.device, self.precision.autocast_dtype or torch.float32)   # model.attention
         built.init = init_from(cfg, self.run, built, self.topo.is_main)   # train.init_from (weights only; resume wins)
         self.model, self.objective = built.model, built.objective
         self.sizes = count_params(self.model)
