@@ -7,15 +7,20 @@ Both time one training step (forward + loss + backward) of the same model, alter
 step so both see the same machine state, and print JSON with the median step times and `ratio` = variant / base.
 `masking`: the backbone runs on the kept 25% of tokens (plus the optional patch-mixer on all of them), loss on kept
 tokens: `ratio` at the same images per step, `budget_ratio` per image at the same tokens per step (the token budget,
-`mask.scale_batch`: tokens / kept times the images, step time divided by that). `align`: REPA's projector
+`mask.scale_batch`: tokens / kept times the images, step time divided by that), and on a CPU `expert_gemm`: the
+routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds `ratio` there). `align`: REPA's projector
 (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features as they arrive from the
 shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
+import time
+
+import torch
 
 from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
 from dit_scale.build import build
 from dit_scale.config import load_config
+from dit_scale.models.masking import num_kept
 from dit_scale.training.loss import TrainingLoss
 
 
@@ -49,8 +54,47 @@ def bench_masking(args) -> dict:
                    "budget_batch": batch * multiple, "budget_step_s": round(times["budget"], 5),
                    "budget_ratio": round(times["budget"] / multiple / times["unmasked"], 3),
                    "target": "ratio and budget_ratio <= 0.30", "flops_ratio": round(flops_ratio, 3)})
+    if margs.moe is not None and device.type == "cpu":
+        result["expert_gemm"] = expert_gemm_rates(margs, batch, num_kept(margs.num_tokens, args.ratio))
     print(json.dumps(result))
     return result
+
+
+def expert_gemm_rates(margs, batch: int, kept: int) -> dict:
+    """What bounds the masked step on a CPU: the routed experts' GEMMs (most of a DiT-MoE's FLOPs) at the rows an
+    expert gets per step, masked vs unmasked (balanced routing: images × tokens × k / E rows), in GFLOP/s for the
+    three products of a linear layer (forward x·W, input gradient, weight gradient), fp32, this process's threads.
+    `rate_ratio` < 1: the BLAS runs the masked step's shorter GEMMs slower per FLOP, so the step ratio sits above
+    the FLOP ratio by about 1 / rate_ratio on the experts' share."""
+    moe = margs.moe
+    width = 2 * moe.expert_hidden if moe.expert_act == "swiglu" else moe.expert_hidden
+    rows = {"masked": max(1, batch * kept * moe.top_k // moe.num_experts),
+            "unmasked": max(1, batch * margs.num_tokens * moe.top_k // moe.num_experts)}
+    out = {"shape": [margs.hidden_size, width], "rows": rows}
+    for name, m in rows.items():
+        out[f"{name}_gflops"] = {kind: round(gemm_gflops(a, b), 1) for kind, (a, b) in
+                                 linear_products(m, margs.hidden_size, width).items()}
+    rate = {name: sum(out[f"{name}_gflops"].values()) / 3 for name in rows}
+    out["rate_ratio"] = round(rate["masked"] / rate["unmasked"], 3)
+    return out
+
+
+def linear_products(m: int, d: int, n: int) -> dict:
+    """The operand pairs of a linear layer [d -> n] on m rows: forward, input gradient, weight gradient."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=g) for s in ((m, d), (d, n), (m, n)))
+    return {"forward": (x, w), "input_grad": (dy, w.t()), "weight_grad": (x.t(), dy)}
+
+
+def gemm_gflops(a, b, seconds: float = 0.3) -> float:
+    """GFLOP/s of a @ b, repeated for about `seconds` after a warm-up."""
+    for _ in range(2):
+        a @ b
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - start) / 1e9
 
 
 def bench_align(args) -> dict:

@@ -48,3 +48,8 @@ def test_bench_subcommand_prints_json(command, tmp_path):
     assert docs, proc.stdout[-2000:]
     values = [v for doc in docs for v in _numbers(doc)]
     assert values and all(math.isfinite(v) for v in values)
+    if command == "masking":                # DiT-XS/4-4E2A at 16x16: 16 tokens, 4 kept, batch 2, 2 of 4 experts
+        gemm = docs[0]["expert_gemm"]
+        assert gemm["rows"] == {"masked": 2 * 4 * 2 // 4, "unmasked": 2 * 16 * 2 // 4}
+        rate = {k: sum(gemm[f"{k}_gflops"].values()) for k in ("masked", "unmasked")}
+        assert gemm["rate_ratio"] == pytest.approx(rate["masked"] / rate["unmasked"], abs=2e-3)
