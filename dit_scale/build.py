@@ -31,9 +31,10 @@ def build_objective(cfg):
     return _objective_from_section(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
 
 
-def head_specs(cfg, width: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
-    """{name: (block the head reads, MLP dims)} for the alignment heads the config switches on."""
-    a = cfg.align
+def head_specs(align_cfg, width: int) -> Dict[str, Tuple[int, Tuple[int, ...]]]:
+    """{name: (block the head reads, MLP dims)} for the alignment heads `align_cfg` (a config's align section)
+    switches on."""
+    a = align_cfg
     specs = {}
     if a.repa_weight > 0:
         specs["repa"] = (int(a.repa_depth), (width, a.projector_dim, a.projector_dim, int(a.teacher_dim)))
@@ -60,7 +61,7 @@ def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
                      class_dropout=m.class_dropout, qk_norm=m.qk_norm, attention=m.attention, moe=sparse,
                      attn_scale=1.0 / (d // heads) if mp.enabled and mp.attn_scale == "inverse" else None,
                      output_mult=mp.output_mult if mp.enabled else 1.0, mixer_depth=cfg.mask.mixer_depth,
-                     mask_token=cfg.mask.ratio > 0, align_heads=head_specs(cfg, d), conditioning=m.conditioning,
+                     mask_token=cfg.mask.ratio > 0, align_heads=head_specs(cfg.align, d), conditioning=m.conditioning,
                      text_dim=int(m.text_dim or 0), text_len=int(m.text_len or 0), caption_dropout=m.caption_dropout)
 
 

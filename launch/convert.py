@@ -58,13 +58,9 @@ def main(argv=None):
 
 
 def _export(args) -> int:
-    import torch
-
-    from dit_scale.convert import export_to, read_ours
-    weights, cfg = read_ours(args.ckpt, "CKPT")
-    state = export_to(args.dst, weights, cfg)
-    torch.save({k: v.contiguous() for k, v in state.items()}, args.out)
-    print(f"{args.out}: {cfg.model.name} in {args.dst}'s layout ({len(state)} tensors)")
+    from dit_scale.convert import export_file
+    cfg, count = export_file(args.dst, args.ckpt, args.out)
+    print(f"{args.out}: {cfg.model.name} in {args.dst}'s layout ({count} tensors)")
     return 0
 
 

@@ -21,53 +21,10 @@ decoded with the VAE the training shards' manifest names (data.path of that conf
 the grid shows the first three latent channels and says so.
 """
 import argparse
-import os
 import sys
 
-from dit_scale.build import build
-from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
-from dit_scale.config import config_from_yaml_text
-from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.evaluation.shard_samples import ShardSet
-from dit_scale.generation.captions import (CaptionTable, prompt_encoder, read_prompts, training_caption_path,
-                                          write_prompt_grid)
-from dit_scale.generation.sampling import write_class_grid
-from dit_scale.generation.vae import data_manifest, image_decoder
-from dit_scale.optim import resolve_precision
-from dit_scale.parallel.topology import pick_device
-from dit_scale.run_dir import RunDir
-
-
-def parse_classes(text, num_classes: int):
-    """--classes "0,3,7" as ids the model knows ([0, num_classes); an unconditional model: 0), or None (default)."""
-    if not text:
-        return None
-    try:
-        classes = [int(c) for c in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--classes {text!r} must be comma-separated class ids, e.g. 0,3,7.") from None
-    top = max(num_classes, 1)
-    bad = [c for c in classes if not 0 <= c < top]
-    if bad:
-        known = f"0..{num_classes - 1}" if num_classes else "0 (the model is unconditional, model.num_classes=0)"
-        raise ConfigError(f"--classes has {bad[0]}, which this model does not know: its classes are {known} "
-                          f"(class {num_classes} is the null class guidance uses, not a class to sample).")
-    return classes
-
-
-def prompt_table(cfg, args, manifest, device) -> CaptionTable:
-    """A text model's rows: --prompts encoded by the run's text encoder, else the first captions of the training
-    shards (their stored features: no encoder needed)."""
-    if args.prompts:
-        return CaptionTable.from_prompts(read_prompts(args.prompts), prompt_encoder(cfg, args.text_encoder, manifest,
-                                                                                    device))
-    try:
-        shards = ShardSet.open(training_caption_path(cfg), field="data.path")
-        return CaptionTable.from_shards(shards, cfg.logging.max_sample_classes, "data.path")
-    except ConfigError as e:
-        raise ConfigError(f"This text model needs prompts: pass --prompts TEXT|FILE ... (the training shards' captions "
-                          f"are not available: {e})") from None
+from dit_scale.evaluation.grid import sample_grid
 
 
 def main(argv=None):
@@ -95,60 +52,13 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
-        path = args.ckpt or find_latest(args.run)
-        if path is None:
-            raise CheckpointError(f"Run directory '{args.run}' has no checkpoints/; train first or pass --ckpt.")
-        state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
-        cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
-        device = pick_device(args.device)
-        decoder = image_decoder(cfg, args.vae, device)
-        manifest, _ = data_manifest(cfg)
-    except (CheckpointError, ConfigError) as e:
+        out = sample_grid(run=args.run, ckpt=args.ckpt, out=args.out, classes=args.classes, per_class=args.per_class,
+                          prompts=args.prompts, text_encoder=args.text_encoder, steps=args.steps,
+                          sampler=args.sampler, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
+                          vae=args.vae, seed=args.seed, ema=not args.no_ema, device=args.device)
+    except (CheckpointError, ConfigError) as e:     # a sampler the objective does not take is a ConfigError too
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = cfg.model.conditioning == "text"
-    try:
-        classes = parse_classes(args.classes, cfg.model.num_classes) if not text else None
-        table = prompt_table(cfg, args, manifest, device) if text else None
-        if args.prompts and not text:
-            raise ConfigError("--prompts needs a text model (model.conditioning=text); this one is class-conditional: "
-                              "pass --classes instead.")
-        if args.classes and text:
-            raise ConfigError("--classes needs a class-conditional model; this one is a text model "
-                              "(model.conditioning=text): pass --prompts instead.")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    built = build(cfg)
-    model, objective = built.model, built.objective
-    model.load_state_dict(state["weights"] if "weights" in state else state["model" if args.no_ema else "ema"])
-    model.to(device).eval()
-    per_class = args.per_class or cfg.logging.samples_per_class
-    sampler = args.sampler or cfg.diffusion.sampler or DEFAULT_SAMPLER[cfg.diffusion.objective]
-    steps = args.steps or cfg.diffusion.sample_steps
-    scale = cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    step = int(state.get("step", 0))
-    out = args.out or (os.path.splitext(path)[0] + "_grid.png" if "weights" in state else
-                       os.path.join(RunDir(os.path.dirname(os.path.dirname(path))).samples,
-                                    f"grid_step{step:08d}.png"))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    title = f"{cfg.model.name} step {step} · {sampler} {steps} steps · cfg {scale:g}"
-    try:
-        with resolve_precision(cfg.train.precision, device).autocast():     # as the run trained
-            if text:
-                write_prompt_grid(model, objective, cfg, device, table, out, per_prompt=per_class, decoder=decoder,
-                                  title=title, num_steps=steps, cfg_scale=scale, seed=args.seed, sampler=sampler,
-                                  guide_channels=args.guide_channels)
-            else:
-                write_class_grid(model, objective, cfg, device, out, decoder=decoder, manifest=manifest,
-                                 classes=classes, per_class=per_class, title=title, num_steps=steps, cfg_scale=scale,
-                                 seed=args.seed, sampler=sampler, guide_channels=args.guide_channels)
-    except ValueError as e:             # a sampler or step count that does not fit the objective
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if decoder is None:
-        print("note: no VAE known for these latents (the shards' manifest is not here or names none); the grid "
-              "shows latent channels 0-2. Pass --vae PATH to decode them.", file=sys.stderr)
     print(out)
     return 0
 

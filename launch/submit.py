@@ -22,12 +22,11 @@ An explicit --signal-grace below that rule is refused with the measured figure.
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
-from dit_scale.training.slurm import check_overrides, sbatch_command
+from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs
 
 
 def parse_args(argv=None):
@@ -75,26 +74,7 @@ def main(argv=None) -> int:
         if args.chain > 1:
             print(f"... and {args.chain - 1} more, each with --dependency=afterany:<the previous job id>")
         return 0
-
-    os.makedirs(run_dir, exist_ok=True)             # sbatch writes the job log there
-    if os.path.exists(os.path.join(run_dir, "exit_code")):
-        os.remove(os.path.join(run_dir, "exit_code"))
-    job_id = ""
-    for _ in range(args.chain):
-        cmd = sbatch_command(args, overrides, run_dir, dependency=job_id)
-        print(shlex.join(cmd), flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        except FileNotFoundError:
-            print("error: sbatch not found; run this on a SLURM login node (or use --dry-run to see the command).",
-                  file=sys.stderr)
-            return 2
-        if proc.returncode != 0:
-            print(f"error: sbatch failed: {proc.stderr.strip()}", file=sys.stderr)
-            return 1
-        job_id = proc.stdout.strip().split(";")[0]
-        print(f"submitted job {job_id}; log: {os.path.join(run_dir, f'slurm-{job_id}.out')}", flush=True)
-    return 0
+    return submit_jobs(args, overrides, run_dir)
 
 
 if __name__ == "__main__":

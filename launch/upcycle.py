@@ -19,8 +19,6 @@ difference printed. Trailing key=value overrides go into the written config. Fin
 import argparse
 import sys
 
-import torch
-
 from dit_scale.errors import CheckpointError, ConfigError
 
 
@@ -43,7 +41,7 @@ def main(argv=None):
     args = p.parse_intermixed_args(argv)      # CKPT, options and key=value overrides in any order
     from dit_scale.build import build_model
     from dit_scale.convert import read_ours, save_weights
-    from dit_scale.convert.upcycle import UpcycleSpec, taylor_scores, upcycle
+    from dit_scale.convert.upcycle import UpcycleSpec, calibration_scores, max_difference, upcycle
     try:
         if not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors.")
@@ -55,7 +53,8 @@ def main(argv=None):
             dense = build_model(dense_cfg)
             dense.load_state_dict(weights)
             dense.eval()
-        scores = _scores(dense, dense_cfg, args, taylor_scores) if args.mode == "split" else None
+        scores = calibration_scores(dense, dense_cfg, data=args.calib_data, batches=args.calib_batches,
+                                    batch_size=args.calib_batch_size, seed=args.seed) if args.mode == "split" else None
         model, cfg = upcycle(weights, dense_cfg, spec, args.overrides, scores)
         save_weights(model, cfg, args.out, source=f"upcycle:{args.dense}", which="model",
                      extra={"upcycle": repr(spec)})
@@ -65,37 +64,9 @@ def main(argv=None):
     line = f"{args.out}: {cfg.model.name} ({args.mode}, GELU experts of {cfg.moe.expert_hidden}, shared " \
            f"{cfg.moe.shared_hidden}, normalised top-{cfg.moe.top_k}); config {args.out[:-len('.safetensors')]}.yaml"
     if not args.no_check:
-        line += f"; max |MoE - dense| on a random batch: {_difference(dense, model, cfg, args.seed):.3g}"
+        line += f"; max |MoE - dense| on a random batch: {max_difference(dense, model, cfg.model, args.seed):.3g}"
     print(line)
     return 0
-
-
-def _scores(dense, cfg, args, taylor_scores):
-    from dit_scale.build import build_objective
-    from dit_scale.data import build_loader
-    data = cfg.data
-    path = args.calib_data or data.path
-    node = {"path": path, "sources": [], "weights": [], "batch_size": args.calib_batch_size, "shuffle_buffer": 0,
-            "hflip": False, "image_key": data.image_key, "num_workers": 0, "mode": "epoch", "steps_per_epoch": 0,
-            "manifest": None if args.calib_data else data.manifest}
-    m = cfg.model
-    loader = build_loader(argparse.Namespace(**node), seed=args.seed,
-                          expect={"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes})
-    try:
-        batches = [next(loader) for _ in range(args.calib_batches)]
-    finally:
-        loader.close()
-    return taylor_scores(dense, build_objective(cfg), batches, seed=args.seed)
-
-
-@torch.no_grad()
-def _difference(dense, model, cfg, seed) -> float:
-    m = cfg.model
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g)
-    t = torch.rand(2, generator=g) * 999
-    y = torch.randint(0, max(1, m.num_classes), (2,), generator=g)
-    return (model(x, t, y)[0] - dense(x, t, y)[0]).abs().max().item()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ __all__ = ["CHOICES", "Config", "ConfigError", "config_from_yaml_text", "hidden_
            "parse_stored_config", "resolved_moe", "save_config", "to_yaml", "width_overrides"]
 
 
-def resolved_moe(cfg) -> tuple:
-    """(num_experts, top_k) of a loaded config; (0, 0) for a dense model. Both are resolved when it is loaded."""
-    return int(cfg.moe.num_experts), int(cfg.moe.top_k)
+def resolved_moe(moe_cfg) -> tuple:
+    """(num_experts, top_k) of a loaded config's moe section; (0, 0) for a dense model. Both are resolved when the
+    config is loaded."""
+    return int(moe_cfg.num_experts), int(moe_cfg.top_k)

@@ -78,14 +78,14 @@ def resolve(cfg) -> None:
                  "moe.expert_mlp_ratio × model.hidden_size (rounded up to a multiple of 8)")
     _set_derived(moe, "shared_hidden", hidden_size_for(width, moe.shared_mlp_ratio) if experts else 0,
                  "moe.shared_mlp_ratio × model.hidden_size (rounded up to a multiple of 8)")
-    _resolve_teacher_dim(cfg)
-    _resolve_text_dim(cfg)
+    _resolve_teacher_dim(cfg.align)
+    _resolve_text_dim(m)
 
 
-def _resolve_text_dim(cfg) -> None:
+def _resolve_text_dim(model_cfg) -> None:
     """model.text_dim from model.text_encoder's config.json for a text model that does not give it (an unreadable
-    folder leaves it unset, and `validate` asks for it)."""
-    m = cfg.model
+    folder leaves it unset, and `validate` asks for it). `model_cfg`: the writable config's model section."""
+    m = model_cfg
     if m.conditioning != "text" or m.text_dim is not None or not m.text_encoder:
         return
     try:
@@ -94,10 +94,10 @@ def _resolve_text_dim(cfg) -> None:
         pass
 
 
-def _resolve_teacher_dim(cfg) -> None:
+def _resolve_teacher_dim(align_cfg) -> None:
     """align.teacher_dim from the online teacher's config.json when alignment uses it and the dim is not given
-    (an unreadable teacher folder is reported by `validate`)."""
-    a = cfg.align
+    (an unreadable teacher folder is reported by `validate`). `align_cfg`: the writable config's align section."""
+    a = align_cfg
     online = a.haste_weight > 0 or (a.repa_weight > 0 and a.teacher == "online")
     if not online or a.teacher_dim is not None or not a.teacher_path:
         return
@@ -107,9 +107,10 @@ def _resolve_teacher_dim(cfg) -> None:
         pass
 
 
-def width_overrides(cfg, width: int) -> list:
-    """`key=value` overrides that move a resolved config to another width (μP's one dial): the hidden size, the
-    heads at the same head dim, and the derived expert sizes recomputed from their ratios."""
-    head_dim = cfg.model.hidden_size // cfg.model.num_heads
+def width_overrides(model_cfg, width: int) -> list:
+    """`key=value` overrides that move a resolved config (`model_cfg`: its model section) to another width (μP's one
+    dial): the hidden size, the heads at the same head dim, and the derived expert sizes recomputed from their
+    ratios."""
+    head_dim = model_cfg.hidden_size // model_cfg.num_heads
     return [f"model.hidden_size={width}", f"model.num_heads={width // head_dim}", "moe.expert_hidden=null",
             "moe.shared_hidden=null"]

@@ -9,6 +9,7 @@ dense checkpoint into a sparse one.
 
     weights, cfg = convert("dit", "DiT-XL-2-256x256.pt", "DiT-XL/2")
     save_weights(fill_model(cfg, weights, source=path), cfg, "dit-xl-2.safetensors", source=path)
+    cfg, count = export_file("dit", "dit-xl-2.safetensors", "DiT-XL-2-256x256.pt")     # ours -> theirs (--to)
 
 `launch/convert.py` is the command line; its output is what `launch/export.py` writes (weights + resolved config),
 so `launch/sample.py --ckpt`, `train.init_from=` and `launch/upcycle.py` take it.
@@ -22,7 +23,8 @@ from dit_scale.errors import ConfigError
 
 FORMATS = ("dit", "dit-moe")
 
-__all__ = ["FORMATS", "convert", "export_to", "fill_model", "read_ours", "read_source", "save_weights"]
+__all__ = ["FORMATS", "convert", "export_file", "export_to", "fill_model", "read_ours", "read_source",
+           "save_weights"]
 
 
 def convert(fmt: str, path: str, model: str, objective: str = None, overrides: Iterable[str] = (),
@@ -55,3 +57,15 @@ def export_to(fmt: str, weights: dict, cfg) -> dict:
         from dit_scale.convert.dit_moe import to_dit_moe
         return to_dit_moe(weights, cfg)
     raise ConfigError(f"--to {fmt!r} is not one of {', '.join(FORMATS)}.")
+
+
+def export_file(fmt: str, path: str, out: str):
+    """`launch/convert.py --to`: our file `path` (anything `read_ours` takes, field CKPT) written to `out` in the
+    layout of `fmt` (a plain state dict, torch.save, contiguous tensors). Returns (its config, the number of
+    tensors written)."""
+    import torch
+
+    weights, cfg = read_ours(path, "CKPT")
+    state = export_to(fmt, weights, cfg)
+    torch.save({k: v.contiguous() for k, v in state.items()}, out)
+    return cfg, len(state)

@@ -234,3 +234,39 @@ def taylor_scores(model, objective, batches: Iterable[dict], seed: int = 0) -> D
                      + (fc2.weight * fc2.weight.grad).abs().sum(0)).detach()
     model.zero_grad(set_to_none=True)
     return scores
+
+
+def calibration_scores(dense, cfg, *, data: Optional[str] = None, batches: int = 8, batch_size: int = 16,
+                       seed: int = 0) -> Dict[int, torch.Tensor]:
+    """`taylor_scores` of the dense model (config `cfg`) on `batches` batches of `batch_size` from `data` (shards,
+    their own manifest; default the config's data.path and data.manifest), read in order (no shuffle, no flip):
+    mode="split"'s importance (--calib-data, --calib-batches, --calib-batch-size)."""
+    import argparse
+
+    from dit_scale.build import build_objective
+    from dit_scale.data import build_loader
+    data_cfg = cfg.data
+    path = data or data_cfg.path
+    node = {"path": path, "sources": [], "weights": [], "batch_size": batch_size, "shuffle_buffer": 0,
+            "hflip": False, "image_key": data_cfg.image_key, "num_workers": 0, "mode": "epoch", "steps_per_epoch": 0,
+            "manifest": None if data else data_cfg.manifest}
+    m = cfg.model
+    loader = build_loader(argparse.Namespace(**node), seed=seed,
+                          expect={"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes})
+    try:
+        calibration = [next(loader) for _ in range(batches)]
+    finally:
+        loader.close()
+    return taylor_scores(dense, build_objective(cfg), calibration, seed=seed)
+
+
+@torch.no_grad()
+def max_difference(dense, model, model_cfg, seed: int = 0) -> float:
+    """max |upcycled - dense| of the two models' outputs on one random batch of 2 (inputs, times and labels drawn
+    from `seed`; shapes from `model_cfg`, the config's model section): the upcycle's check."""
+    m = model_cfg
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, m.in_channels, m.input_size, m.input_size, generator=g)
+    t = torch.rand(2, generator=g) * 999
+    y = torch.randint(0, max(1, m.num_classes), (2,), generator=g)
+    return (model(x, t, y)[0] - dense(x, t, y)[0]).abs().max().item()

@@ -14,7 +14,10 @@ and where its experts' tokens go.
     periodic.py       what the trainer runs every eval.every steps, and its decoded, titled sample grids
     experts.py        token share per expert by layer × timestep bin and layer × class, balance per bin
     run.py            a checkpoint evaluated over all processes of a job: what `launch/evaluate.py` calls
+    grid.py           a checkpoint's titled sample grid (class rows or prompt rows): what `launch/sample.py` calls
+    curves.py         loss / validation loss / FID curves of runs from their metrics.jsonl: what `launch/plot.py` draws
 
 Entry points: `launch/evaluate.py` (a checkpoint, under torchrun / SLURM or one process), `launch/analyze_experts.py`
-(routing of a run's EMA model) and `launch/plot.py` (loss / validation loss / FID curves of runs).
+(routing of a run's EMA model), `launch/sample.py` (a checkpoint's sample grid), `launch/probe.py` (a class probe of
+a run's samples) and `launch/plot.py` (loss / validation loss / FID curves of runs).
 """

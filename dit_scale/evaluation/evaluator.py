@@ -74,7 +74,7 @@ def sample_images(model, objective, cfg, spec: SamplingSpec, decoder, num_sample
     precision = resolve_precision(cfg.train.precision, device)
     for batch in rank_batches(num_samples, batch_size, rank, world_size, pad=collective_forward):
         with precision.autocast():
-            latents = sample_indices(model, objective, cfg, spec, batch.indices, device, conditions)
+            latents = sample_indices(model, objective, cfg.model, spec, batch.indices, device, conditions)
         if batch.real:
             images = to_uint8(decoder(latents.float()))
             if writer is not None:

@@ -187,7 +187,7 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
         counts = routing_counts(model, val, device, None if text else val.y.numpy(), num_groups)
     step = int(state.get("step", 0))
     groups = ["all"] if text else list(range(num_groups))
-    names = ["all"] if text else class_names(cfg, groups, data_manifest(cfg)[0])
+    names = ["all"] if text else class_names(groups, data_manifest(cfg.data)[0])
     blocks = [i for i, b in enumerate(model.blocks, start=1) if isinstance(b.ffn, MoEFFN)]
     rep = report(counts, val.centres, groups, blocks, names)
     rep.update(checkpoint=path, step=step, ema=ema, data=data, num_samples=len(val.x),

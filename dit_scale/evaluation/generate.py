@@ -2,7 +2,7 @@
 
     spec = SamplingSpec.from_config(cfg, sampler="ancestral", steps=250, cfg_scale=1.5, guide_channels=3, seed=0)
     for batch in rank_batches(num_samples, batch_size, rank, world_size, pad=False):
-        latents = sample_indices(model, objective, cfg, spec, batch.indices, device)
+        latents = sample_indices(model, objective, cfg.model, spec, batch.indices, device)
 
 Sample i has class i mod num_classes (balanced classes; a text model: held-out caption i mod M, `eval_conditions`
 passed as `conditions`) and its own noise generator seeded from (seed, i): its
@@ -85,10 +85,10 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int, 
             yield Batch(list(range(0, min(batch_size, num_samples))), real=False)
 
 
-def eval_caption_path(cfg, given: Optional[str] = None) -> str:
+def eval_caption_path(eval_cfg, given: Optional[str] = None) -> str:
     """The held-out shards whose captions condition evaluation samples: `given`, eval.captions, eval.ref when it
-    is shards:PATH, else eval.val_path."""
-    e = cfg.eval
+    is shards:PATH, else eval.val_path (`eval_cfg`: the config's eval section)."""
+    e = eval_cfg
     ref = given or e.captions or (e.ref[len("shards:"):] if e.ref and e.ref.startswith("shards:") else None)
     path = ref or e.val_path
     if not path:
@@ -97,24 +97,25 @@ def eval_caption_path(cfg, given: Optional[str] = None) -> str:
     return path
 
 
-def eval_conditions(cfg, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+def eval_conditions(eval_cfg, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
                     path: Optional[str] = None, pad: bool = False) -> CaptionTable:
     """The caption table of a text model's evaluation: sample i gets held-out caption i mod M; this rank keeps the
-    captions of its own batches only (`rank_batches`)."""
+    captions of its own batches only (`rank_batches`). `eval_cfg`: the config's eval section (`eval_caption_path`)."""
     field_name = "--captions" if path else "eval.captions"
-    shards = ShardSet.open(eval_caption_path(cfg, path), field=field_name)
+    shards = ShardSet.open(eval_caption_path(eval_cfg, path), field=field_name)
     size = min(int(num_samples), shards.num_samples)
     wanted = {i % size for b in rank_batches(num_samples, batch_size, rank, world_size, pad) for i in b.indices}
     return CaptionTable.from_shards(shards, size, field_name, wanted)
 
 
 @torch.no_grad()
-def sample_indices(model, objective, cfg, spec: SamplingSpec, indices: List[int], device,
+def sample_indices(model, objective, model_cfg, spec: SamplingSpec, indices: List[int], device,
                    conditions=None) -> torch.Tensor:
     """Samples [len(indices), C, H, W] (the model's space: latents or pixels) of the given global indices, with the
-    model in eval mode (restored afterwards). `conditions(indices)`: what the samples are conditioned on (a text
-    model's captions); None: class i mod num_classes."""
-    m = cfg.model
+    model in eval mode (restored afterwards). `model_cfg`: the config's model section (shapes, classes).
+    `conditions(indices)`: what the samples are conditioned on (a text model's captions); None: class i mod
+    num_classes."""
+    m = model_cfg
     generators = [torch.Generator(device="cpu").manual_seed(sample_seed(spec.seed, i)) for i in indices]
     noise = torch.stack([torch.randn(m.in_channels, m.input_size, m.input_size, generator=g) for g in generators])
     y = conditions(indices).to(device) if conditions is not None else \

@@ -97,8 +97,8 @@ class TrainingEvaluation:
             return None
         if self._conditions is None:
             e = self.cfg.eval
-            self._conditions = eval_conditions(self.cfg, e.fid_samples, e.batch_size, self.topo.rank,
-                                               self.topo.world_size, pad=collective)
+            self._conditions = eval_conditions(e, e.fid_samples, e.batch_size, self.topo.rank, self.topo.world_size,
+                                               pad=collective)
         return self._conditions
 
     def write_grid(self, engine, step: int, path: str) -> str:
@@ -113,7 +113,8 @@ class TrainingEvaluation:
         if not self.topo.is_main:
             return ""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return save_class_grid(samples, self.cfg, path, decoder=self.decoder(), manifest=data_manifest(self.cfg)[0],
+        return save_class_grid(samples, self.cfg, path, decoder=self.decoder(),
+                               manifest=data_manifest(self.cfg.data)[0],
                                title=f"{self.cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
                                      f"cfg {d.cfg_scale:g}")
 
@@ -123,7 +124,7 @@ class TrainingEvaluation:
         cfg, d = self.cfg, self.cfg.diffusion
         if self._grid_captions is _NOT_LOADED:
             try:
-                shards = ShardSet.open(training_caption_path(cfg), field="data.path")
+                shards = ShardSet.open(training_caption_path(cfg.data), field="data.path")
                 self._grid_captions = CaptionTable.from_shards(shards, cfg.logging.max_sample_classes, "data.path")
             except ConfigError as e:
                 self._grid_captions = None

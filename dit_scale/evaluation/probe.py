@@ -167,7 +167,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     for start in range(0, num_samples, 64):
         indices = list(range(start, min(num_samples, start + 64)))
         with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
-            out = sample_indices(model, built.objective, cfg, spec, indices, device)
+            out = sample_indices(model, built.objective, cfg.model, spec, indices, device)
         images.append(decoder(out).cpu().float().clamp(-1.0, 1.0))
     labels = torch.tensor([class_of(i, classes) for i in range(num_samples)])
     real_a = x[train_images:train_images + num_samples]

@@ -66,7 +66,7 @@ def _conditions(args, cfg, ref, num_samples: int, batch_size: int, topo):
         return None
     given = args.captions or (ref[len("shards:"):] if ref and ref.startswith("shards:") and not cfg.eval.captions
                               else None)
-    return eval_conditions(cfg, num_samples, batch_size, topo.rank, topo.world_size, path=given)
+    return eval_conditions(cfg.eval, num_samples, batch_size, topo.rank, topo.world_size, path=given)
 
 
 def export_checkpoint(args, path: str, state: dict, cfg) -> dict:

@@ -4,8 +4,8 @@
     vae.py           latents decoded through the VAE the shards were built with; pixels as they are
     captions.py      a text model's captions for samples (held-out shards' or encoded prompts), prompt grids
     text_encoder.py  a local T5 encoder / CLIP text model: captions → token features and masks (the shard builder's
-                     and launch/sample.py's, so prompts are encoded as the training captions were)
+                     and evaluation/grid.py's, so prompts are encoded as the training captions were)
 
-evaluation/ (and, through it, the trainer's periodic grids) and launch/sample.py use it; it imports nothing above
-models/, diffusion/, data/, config/ and errors.py.
+evaluation/ (and, through it, the trainer's periodic grids and launch/sample.py's `evaluation/grid.py`) uses it;
+it imports nothing above models/, diffusion/, data/, config/ and errors.py.
 """

@@ -115,11 +115,12 @@ def read_prompts(items: Sequence[str]) -> List[str]:
     return prompts
 
 
-def prompt_encoder(cfg, given: Optional[str] = None, manifest=None, device="cpu"):
+def prompt_encoder(model_cfg, given: Optional[str] = None, manifest=None, device="cpu"):
     """The TextEncoder for a text model's prompts: `given` (--text-encoder), model.text_encoder, or the text encoder
-    the training shards' manifest names; it must have the model's caption width."""
+    the training shards' manifest names; it must have the model's caption width (`model_cfg`: the config's model
+    section)."""
     from dit_scale.generation.text_encoder import TextEncoder
-    m = cfg.model
+    m = model_cfg
     recorded = (getattr(manifest, "text_encoder", None) or {}).get("path")
     path, field_name = next(((p, f) for p, f in ((given, "--text-encoder"), (m.text_encoder, "model.text_encoder"),
                                                 (recorded, "the text_encoder.path of the shards' manifest")) if p),
@@ -135,9 +136,10 @@ def prompt_encoder(cfg, given: Optional[str] = None, manifest=None, device="cpu"
     return encoder
 
 
-def training_caption_path(cfg) -> str:
-    """The training shards (the first source): where the trainer's grids take their captions."""
-    return cfg.data.sources[0] if cfg.data.sources else cfg.data.path
+def training_caption_path(data_cfg) -> str:
+    """The training shards of `data_cfg` (a config's data section; the first source): where the trainer's grids take
+    their captions."""
+    return data_cfg.sources[0] if data_cfg.sources else data_cfg.path
 
 
 @torch.no_grad()

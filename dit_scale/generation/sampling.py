@@ -4,9 +4,9 @@
     # = class_grid (samples in the model's space: every rank, forwards may be collective)
     #   + save_class_grid (decoder: latents through the VAE; save_grid: the titled PNG)
 
-Used by the trainer (its sample grids) and `launch/sample.py`. Class names come from the shards' manifest
-(`class_names`) when it is here, else "class k". A latent model without a known VAE (decoder None) shows its first
-three latent channels, min-max scaled, and says so in the title.
+Used by the trainer (its sample grids) and `launch/sample.py` (`evaluation/grid.py`). Class names come from the
+shards' manifest (`class_names`) when it is here, else "class k". A latent model without a known VAE (decoder None)
+shows its first three latent channels, min-max scaled, and says so in the title.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _with_titles(grid: Image.Image, rows: int, row_height: int, top_pad: int, ro
     return canvas
 
 
-def class_names(cfg, classes: Sequence[int], manifest=None) -> list:
+def class_names(classes: Sequence[int], manifest=None) -> list:
     """Row titles: the manifest's class names when it has them, else "class k"."""
     names = getattr(manifest, "class_names", None) or []
     return [names[c] if c < len(names) else f"class {c}" for c in classes]
@@ -127,7 +127,7 @@ def save_class_grid(samples: torch.Tensor, cfg, path: str, *, decoder=None, mani
         if cfg.model.in_channels != 3:
             title = (title + " · " if title else "") + "latent channels 0-2 (no VAE known)"
     return save_grid(images, per_class, path, upscale=upscale, title=title or None,
-                     row_titles=class_names(cfg, classes, manifest))
+                     row_titles=class_names(classes, manifest))
 
 
 def write_class_grid(model, objective, cfg, device, path: str, *, decoder=None, manifest=None, classes=None,

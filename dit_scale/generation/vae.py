@@ -75,10 +75,10 @@ class LatentDecoder:
         return f"VAE {self.path} (scaling {self.scaling_factor}, shift {self.shift_factor})"
 
 
-def data_manifest(cfg):
-    """(manifest, its path) of the config's training shards (the first source), or (None, None) when they are not
-    here or have no manifest."""
-    data = cfg.data
+def data_manifest(data_cfg):
+    """(manifest, its path) of the training shards of `data_cfg` (a config's data section; the first source), or
+    (None, None) when they are not here or have no manifest."""
+    data = data_cfg
     path = data.sources[0] if data.sources else data.path
     try:
         manifest, _, found = find_manifest(list_shards(path), data.manifest)
@@ -93,7 +93,7 @@ def image_decoder(cfg, vae: Optional[str] = None, device="cpu", required: bool =
     latent but no VAE is known (required=True: a ConfigError saying to pass --vae)."""
     if vae:
         return LatentDecoder.from_folder(vae, device)
-    manifest, where = data_manifest(cfg)
+    manifest, where = data_manifest(cfg.data)
     if manifest is not None and manifest.kind == "latent" and manifest.vae and manifest.vae.get("path"):
         info = manifest.vae
         return LatentDecoder(info["path"], info.get("scaling_factor") or 1.0, info.get("shift_factor") or 0.0,

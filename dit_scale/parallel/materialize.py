@@ -1,7 +1,7 @@
 """Materialise a model built on the meta device: allocate only this rank's pieces and draw their initial values.
 
     model = build(cfg, device="meta").model        # shapes only, no memory
-    parallelize(model, cfg, topology, shard)       # expert slicing and FSDP sharding, still on the meta device
+    parallelize(model, cfg.train, topology, shard) # expert slicing and FSDP sharding, still on the meta device
     materialize_(model, init_plan, topology, device)
 
 For each parameter, one at a time: the full tensor of its global shape is drawn from (seed, name) on the CPU

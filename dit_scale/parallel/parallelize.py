@@ -1,6 +1,6 @@
 """One step that turns a single-device DiT into this rank's part of the parallel model, in a fixed order:
 
-    parallelize(model, cfg, topology, shard=fsdp_shard)
+    parallelize(model, cfg.train, topology, shard=fsdp_shard)
       1. tensor / sequence / context parallelism   split heads and FFN widths over the tp ranks (`tensor_parallel.py`),
                                     each image's tokens over the cp (and, with sequence parallelism, tp) ranks
                                     (`sequence.py`), attention's all-to-all core (`context_parallel.py`) (parallel.tp,
@@ -44,14 +44,17 @@ def check_compile_mode(mode: str, topology) -> None:
                           f"model replica (parallel.engine=local) or use train.compile_mode=default.")
 
 
-def parallelize(model: nn.Module, cfg, topology, shard: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+def parallelize(model: nn.Module, train_cfg, topology, shard: Optional[Callable[[nn.Module], None]] = None
+                ) -> nn.Module:
+    """The steps of the module docstring, in order; `train_cfg` (the config's train section) says whether to
+    checkpoint activations and compile, `topology` how the model is split."""
     apply_tensor_parallel(model, topology)
     split_sequence(model, topology)
     apply_context_parallel(model, topology)
-    model.grad_checkpointing = bool(cfg.train.activation_checkpointing)
-    if cfg.train.compile:
-        check_compile_mode(cfg.train.compile_mode, topology)
-        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+    model.grad_checkpointing = bool(train_cfg.activation_checkpointing)
+    if train_cfg.compile:
+        check_compile_mode(train_cfg.compile_mode, topology)
+        mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
         for block in list(model.mixer) + list(model.blocks):
             block.compile(mode=mode)
     if topology.ep_size > 1:

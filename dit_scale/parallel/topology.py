@@ -118,10 +118,10 @@ def _local_processes(world: int) -> int:
     return world
 
 
-def check_layout(cfg, world: int) -> None:
-    """Errors every rank computes identically from the config, before any collective."""
-    engine, ep = cfg.parallel.engine, cfg.parallel.ep
-    split = cfg.parallel.tp * cfg.parallel.cp
+def check_layout(parallel_cfg, world: int) -> None:
+    """Errors every rank computes identically from the config's parallel section, before any collective."""
+    engine, ep = parallel_cfg.engine, parallel_cfg.ep
+    split = parallel_cfg.tp * parallel_cfg.cp
     if engine == "local" and world != 1:
         raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; use "
                           f"parallel.engine=fsdp or deepspeed for several processes (or launch a single one).")
@@ -199,7 +199,7 @@ def init_processes(device: str = "auto", timeout_minutes: float = 30.0, loader_w
 def init_topology(cfg) -> Topology:
     """The training layout of `cfg` (parallel.*): device, process group, ranks and every mesh (module docstring)."""
     rank, world, local_rank = env_rank()
-    check_layout(cfg, world)
+    check_layout(cfg.parallel, world)
     device = _init_device(cfg.train.device, local_rank, world, cfg.data.num_workers)
     if cfg.parallel.engine == "local":
         return Topology(device=device)

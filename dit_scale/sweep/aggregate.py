@@ -127,7 +127,7 @@ def transferred_config(sweep: dict, target_width: int, path: str) -> str:
     m = sweep["manifest"]
     train_config = os.path.join(ROOT, m["train_config"])
     base = load_config(train_config, m["overrides"])
-    overrides = (list(m["overrides"]) + width_overrides(base, target_width)
+    overrides = (list(m["overrides"]) + width_overrides(base.model, target_width)
                  + [f"{k}={v}" for k, v in run["params"].items()]
                  + [f"train.run_dir=runs/{sweep['name']}_w{target_width}"])
     with open(path, "w") as f:

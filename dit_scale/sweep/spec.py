@@ -96,7 +96,7 @@ def expand(sweep) -> List[dict]:
     for point in points(sweep):
         for width in sweep.widths:
             name = run_name(width, point)
-            overrides = (list(sweep.overrides) + width_overrides(base, width)
+            overrides = (list(sweep.overrides) + width_overrides(base.model, width)
                          + [f"{k}={v}" for k, v in point.items()]
                          + [f"train.run_dir={os.path.join(sweep.out, name)}", "logging.progress_bar=false",
                             "train.resume=auto"])   # a run cut short (or requeued) continues from its checkpoint

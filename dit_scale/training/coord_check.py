@@ -50,7 +50,7 @@ def add_hooks(model, record: dict) -> list:
 def coord_data(config: str, overrides: list, width: int, steps: int, mup: bool, seed: int = 0) -> list:
     """[{layer type: mean |activation|} after step t] for t = 1..steps, at one width."""
     base = load_config(config, overrides)
-    cfg = load_config(config, overrides + width_overrides(base, width)
+    cfg = load_config(config, overrides + width_overrides(base.model, width)
                       + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0"])
     built = build(cfg, seed=seed)
     model = built.model

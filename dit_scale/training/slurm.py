@@ -3,6 +3,7 @@
     options = preemption_options(grace)        # --signal=B:USR1@GRACE --requeue --open-mode=append
     overrides = wall_guard(overrides, "04:00:00", grace)     # + train.max_wall_minutes = time limit - 2 × grace
     cmd = sbatch_command(args, overrides, run_dir)            # launch/submit.py's whole sbatch command line
+    code = submit_jobs(args, overrides, run_dir)              # launch/submit.py: sbatch it (--chain N jobs)
 
 GRACE seconds before the time limit SLURM sends USR1 to the batch shell; slurm/train.sbatch forwards it to the
 training processes, which save and exit 75, and on 75 the script requeues the job (`scontrol requeue`); the next
@@ -10,6 +11,8 @@ start resumes from that checkpoint (train.resume=auto). The grace period follows
 (`grace_seconds`): max(300 s, 2 × the slowest save so far + 60 s).
 """
 import os
+import shlex
+import subprocess
 import sys
 
 from dit_scale.errors import ConfigError
@@ -125,3 +128,30 @@ def sbatch_command(args, overrides, run_dir: str, dependency: str = "") -> list:
         cmd.append(f"--dependency=afterany:{dependency}")
     cmd += list(args.sbatch_arg)
     return cmd + [SBATCH_SCRIPT, run_dir, os.path.abspath(args.config)] + overrides
+
+
+def submit_jobs(args, overrides, run_dir: str) -> int:
+    """Submit a launch/submit.py job (`args`: its flags; --chain N: N jobs, each after the previous one ends), printing
+    each sbatch command and the job id with its log. RUN_DIR/exit_code, the "finished" mark that ends surplus chained
+    jobs, is removed first: a new submission always trains. Returns the exit code: 0 submitted, 1 sbatch failed, 2 no
+    sbatch here (one sentence on stderr)."""
+    os.makedirs(run_dir, exist_ok=True)             # sbatch writes the job log there
+    finished = RunDir(run_dir).exit_code
+    if os.path.exists(finished):
+        os.remove(finished)
+    job_id = ""
+    for _ in range(args.chain):
+        cmd = sbatch_command(args, overrides, run_dir, dependency=job_id)
+        print(shlex.join(cmd), flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            print("error: sbatch not found; run this on a SLURM login node (or use --dry-run to see the command).",
+                  file=sys.stderr)
+            return 2
+        if proc.returncode != 0:
+            print(f"error: sbatch failed: {proc.stderr.strip()}", file=sys.stderr)
+            return 1
+        job_id = proc.stdout.strip().split(";")[0]
+        print(f"submitted job {job_id}; log: {os.path.join(run_dir, f'slurm-{job_id}.out')}", flush=True)
+    return 0

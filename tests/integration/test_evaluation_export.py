@@ -90,7 +90,7 @@ def test_npz_export_and_fd_dinov2_are_the_same_on_one_and_two_processes(setup, t
     spec = SamplingSpec.from_config(cfg, steps=2)
     torch.set_num_threads(1)
     try:
-        direct = torch.cat([to_uint8(sample_indices(built.model, built.objective, cfg, spec,
+        direct = torch.cat([to_uint8(sample_indices(built.model, built.objective, cfg.model, spec,
                                                     list(range(s, min(NUM, s + BATCH))), "cpu"))
                             for s in range(0, NUM, BATCH)]).permute(0, 2, 3, 1).numpy()
     finally:

@@ -75,7 +75,7 @@ def test_latent_run_logs_validation_loss_and_fid_and_decodes_its_grid(setup, tra
     samples = class_grid(model, build(cfg).objective, cfg, torch.device("cpu"), seed=cfg.train.seed)
     decoder = LatentDecoder(setup["vae"], 0.18215)
     expect = save_class_grid(samples, cfg, str(setup["root"] / "expect.png"), decoder=decoder,
-                             manifest=data_manifest(cfg)[0],
+                             manifest=data_manifest(cfg.data)[0],
                              title=f"{cfg.model.name} step 8 · euler {cfg.diffusion.sample_steps} steps · cfg 1")
     grid = np.asarray(Image.open(os.path.join(run, "samples", "step_00000008.png")))
     np.testing.assert_array_equal(grid, np.asarray(Image.open(expect)))

@@ -128,14 +128,14 @@ def test_evaluation_of_a_text_run_uses_held_out_captions(setup, tmp_path):
     assert np.isfinite([row["val_loss"], row["fid"]]).all() and setup["val"] in row["eval/captions"]
 
     # sample i is conditioned on held-out caption i mod M; each rank keeps only its own batches' captions
-    table = eval_conditions(cfg, 5, 2)
+    table = eval_conditions(cfg.eval, 5, 2)
     held_out = list(ShardSet.open(setup["val"], "val").batches(5, 5))
     taken = table.take(range(5))
     features = np.concatenate([b.text for b in held_out])
     torch.testing.assert_close(taken.features, torch.from_numpy(features), rtol=0, atol=0)
     assert torch.equal(taken.mask, torch.from_numpy(np.concatenate([b.text_mask for b in held_out])))
     assert table.titles(range(5)) == [c for b in held_out for c in b.captions]
-    assert sorted(eval_conditions(cfg, 5, 2, rank=1, world_size=2).features) == [2, 3]
+    assert sorted(eval_conditions(cfg.eval, 5, 2, rank=1, world_size=2).features) == [2, 3]
 
     out = str(tmp_path / "result.json")
     assert main(["--run-dir", str(run), "--num-samples", "5", "--ref", f"shards:{setup['val']}", "--inception",

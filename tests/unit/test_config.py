@@ -60,9 +60,9 @@ def test_base_file_and_overrides(tmp_path):
 
 
 def test_sparse_structure_from_name_or_fields():
-    assert resolved_moe(load_config(None, ["model.name=DiT-XL/2-8E2A"])) == (8, 2)
-    assert resolved_moe(load_config(None, ["model.name=DiT-S/2", "moe.num_experts=4", "moe.top_k=1"])) == (4, 1)
-    assert resolved_moe(load_config(None, ["model.name=DiT-S/2"])) == (0, 0)
+    assert resolved_moe(load_config(None, ["model.name=DiT-XL/2-8E2A"]).moe) == (8, 2)
+    assert resolved_moe(load_config(None, ["model.name=DiT-S/2", "moe.num_experts=4", "moe.top_k=1"]).moe) == (4, 1)
+    assert resolved_moe(load_config(None, ["model.name=DiT-S/2"]).moe) == (0, 0)
 
 
 def test_resolved_config_round_trip(tmp_path):

@@ -50,13 +50,13 @@ def test_unsplittable_layouts_are_one_sentence(overrides, message):
 ])
 def test_process_count_layouts(overrides, world, message):
     with pytest.raises(ConfigError) as info:
-        check_layout(tiny_cfg(*overrides), world)
+        check_layout(tiny_cfg(*overrides).parallel, world)
     assert message in str(info.value)
 
 
 def test_good_layouts_pass():
-    check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.tp=2", "parallel.ep=2"), 4)        # dp2 × tp2, ep2
-    check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.tp=2", "parallel.cp=2", "model.num_heads=4"), 4)
+    check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.tp=2", "parallel.ep=2").parallel, 4)       # dp2 × tp2, ep2
+    check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.tp=2", "parallel.cp=2", "model.num_heads=4").parallel, 4)
 
 
 def test_highres_example_config_validates():
@@ -64,9 +64,9 @@ def test_highres_example_config_validates():
     cfg = load_config(os.path.join(ROOT, "configs", "highres_tp_cp.yaml"))
     assert (cfg.parallel.engine, cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.sp) == ("fsdp", 2, 2, True)
     assert cfg.model.num_tokens == 4096 and cfg.model.num_heads % 4 == 0
-    check_layout(cfg, 8)
+    check_layout(cfg.parallel, 8)
     with pytest.raises(ConfigError, match="must divide the number of processes"):
-        check_layout(cfg, 6)
+        check_layout(cfg.parallel, 6)
 
 
 def test_init_processes_needs_no_engine(monkeypatch):

@@ -1,5 +1,5 @@
-"""launch/plot.py: curves of several runs from their metrics.jsonl (step or wall-clock hours on x, FID per sample
-count), and its one-sentence errors.
+"""launch/plot.py and dit_scale/evaluation/curves.py: curves of several runs from their metrics.jsonl (step or
+wall-clock hours on x, FID per sample count), and its one-sentence errors.
 
     .venv/bin/python -m pytest -q tests/unit/test_plot.py
 """
@@ -11,7 +11,8 @@ from PIL import Image
 
 
 def test_plot_draws_curves_of_two_runs(tmp_path):
-    from launch.plot import main, series
+    from dit_scale.evaluation.curves import series
+    from launch.plot import main
     for name, scale in (("a", 1.0), ("b", 0.8)):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "metrics.jsonl", "w") as f:

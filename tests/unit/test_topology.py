@@ -20,6 +20,6 @@ def test_cpu_threads_leave_the_loader_its_cores(cores, procs, workers, threads):
 
 def test_layout_errors_are_the_same_on_every_rank():
     with pytest.raises(ConfigError, match="parallel.engine=local trains in one process but WORLD_SIZE=2"):
-        check_layout(tiny_cfg(), 2)
+        check_layout(tiny_cfg().parallel, 2)
     with pytest.raises(ConfigError, match="parallel.ep=2 must divide the number of processes"):
-        check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.ep=2"), 3)
+        check_layout(tiny_cfg("parallel.engine=fsdp", "parallel.ep=2").parallel, 3)

@@ -72,7 +72,7 @@ def test_save_class_grid_decodes_and_titles(vae_dir, tmp_path):
     cfg = tiny_cfg(f"data.path={shards}", "logging.samples_per_class=2",
                    **{"model.in_channels": 4, "model.input_size": 8})
     from dit_scale.generation.vae import data_manifest
-    manifest, _ = data_manifest(cfg)
+    manifest, _ = data_manifest(cfg.data)
     samples = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     decoder = image_decoder(cfg)
     path = save_class_grid(samples, cfg, str(tmp_path / "grid.png"), decoder=decoder, manifest=manifest,

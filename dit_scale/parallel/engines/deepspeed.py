@@ -85,7 +85,7 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         meta = is_meta(model)
         self.model = model if meta else model.to(device)
         self.expert_names = expert_param_names(model)
-        parallelize(model, cfg, topology)                      # checkpointing, compile, experts; ZeRO shards below
+        parallelize(model, cfg.train, topology)                # checkpointing, compile, experts; ZeRO shards below
         if meta:                                               # this rank's experts only; ZeRO partitions the rest
             materialize_(model, init, topology, device)
         moe = bool(self.expert_names)

@@ -100,7 +100,7 @@ class FSDPEngine(ProcessGroupEngine):
             reduce_over([fully_shard(m, mesh=topology.dp_mesh, mp_policy=root_mp,
                                      ignored_params=local_experts or None)], replicated)
 
-        self.module = parallelize(model, cfg, topology, shard)
+        self.module = parallelize(model, cfg.train, topology, shard)
         if meta:
             materialize_(model, init, topology, device, self.layout)
         self.names = [n for n, _ in model.named_parameters()]

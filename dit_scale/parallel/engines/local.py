@@ -18,7 +18,7 @@ class LocalEngine(Engine):
         self.device = topology.device
         self.model = materialize_(model, init, topology, self.device) if is_meta(model) else model.to(self.device)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.module = parallelize(self.model, cfg, topology)
+        self.module = parallelize(self.model, cfg.train, topology)
         self.optimizer = build_optimizer(cfg.optim, self.model, mup)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         init_adamw_state(self.optimizer)    # a checkpoint template holds the moments even before the first step

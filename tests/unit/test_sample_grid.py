@@ -1,0 +1,36 @@
+"""dit_scale/evaluation/grid.py (what launch/sample.py calls): --classes parsed against the model's classes, where
+the grid goes by default, a run directory without checkpoints — each a one-sentence error naming the flag.
+
+    .venv/bin/python -m pytest -q tests/unit/test_sample_grid.py
+"""
+import os
+
+import pytest
+
+from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.evaluation.grid import default_out, grid_checkpoint, parse_classes
+
+
+def test_parse_classes():
+    assert parse_classes(None, 10) is None and parse_classes("", 10) is None          # the default rows
+    assert parse_classes("0,3,7", 10) == [0, 3, 7]
+    assert parse_classes("0", 0) == [0]                                                 # unconditional: class 0
+    with pytest.raises(ConfigError, match="comma-separated class ids"):
+        parse_classes("0;3", 10)
+    with pytest.raises(ConfigError, match=r"--classes has 4, which this model does not know: its classes are 0\.\.3 "
+                                          r"\(class 4 is the null class"):
+        parse_classes("0,4", 4)
+    with pytest.raises(ConfigError, match=r"--classes has -1"):
+        parse_classes("-1", 4)
+    with pytest.raises(ConfigError, match=r"its classes are 0 \(the model is unconditional, model.num_classes=0\)"):
+        parse_classes("1", 0)
+
+
+def test_default_out_and_checkpoint(tmp_path):
+    assert default_out(str(tmp_path / "model.safetensors"), {"weights": {}}) == str(tmp_path / "model_grid.png")
+    ckpt = os.path.join(str(tmp_path), "run", "checkpoints", "step_00000012")
+    assert default_out(ckpt, {"step": 12}) == os.path.join(str(tmp_path), "run", "samples", "grid_step00000012.png")
+    assert grid_checkpoint(None, "some/ckpt") == "some/ckpt"
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="has no checkpoints/; train first or pass --ckpt"):
+        grid_checkpoint(str(tmp_path / "empty"), None)
