@@ -47,6 +47,7 @@ import sys
 import torch
 
 from dit_scale.benchmarks.gpu_check import run, write
+from dit_scale.models.layers import ATTENTION_BACKENDS
 
 
 def main(argv=None) -> int:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="skip what would end later than this after the start (default 8; dry 10)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
-    parser.add_argument("--attention", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+    parser.add_argument("--attention", default="auto", choices=tuple(ATTENTION_BACKENDS),
                         help="model.attention of the training configurations (default auto; the attention rows "
                              "time every kernel)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file (after every sweep point)")

@@ -4,12 +4,12 @@ dim is 72, which not every fused kernel favours): forward + backward of `scaled_
 
     rows = time_backends(model_args, batch=32, device=torch.device("cuda"), dtype=torch.bfloat16)
 """
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from dit_scale.benchmarks.common import alternate
 from dit_scale.models.layers import ATTENTION_BACKENDS, attention_backend_error, attention_kernel
 
 
@@ -35,22 +35,9 @@ def time_backends(model_args, batch: int, device, dtype: torch.dtype, warmup: in
         out.backward(grad)
         q.grad = k.grad = v.grad = None
 
-    def timed(name):
-        sync(device)
-        start = time.perf_counter()
-        once(name)
-        sync(device)
-        return time.perf_counter() - start
-
-    for _ in range(warmup):
-        for name in runnable:
-            once(name)
-    times = {name: [] for name in runnable}
-    for _ in range(iters):                      # alternating: every kernel sees the same device state
-        for name in runnable:
-            times[name].append(timed(name))
+    times = alternate({name: partial(once, name) for name in runnable}, device, warmup, iters)
     for name in runnable:
-        rows[name] = {"ms": round(1e3 * statistics.median(times[name]), 3)}
+        rows[name] = {"ms": round(1e3 * times[name], 3)}
     result = {"shape": [batch, heads, tokens, head_dim], "dtype": str(dtype).replace("torch.", ""),
               "backends": {name: rows[name] for name in ATTENTION_BACKENDS}}
     if runnable:
@@ -60,7 +47,3 @@ def time_backends(model_args, batch: int, device, dtype: torch.dtype, warmup: in
             result["auto_vs_fastest"] = round(rows["auto"]["ms"] / rows[fastest]["ms"], 3)
     return result
 
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)

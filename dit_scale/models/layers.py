@@ -108,11 +108,16 @@ ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "effici
                       "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
-def attention_kernel(backend: str):
-    """The context under which attention runs with `backend` (a nullcontext for "auto")."""
+def check_backend(backend: str) -> str:
+    """`backend` if it names an entry of ATTENTION_BACKENDS, else a ValueError of one sentence."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}.")
-    kernel = ATTENTION_BACKENDS[backend]
+    return backend
+
+
+def attention_kernel(backend: str):
+    """The context under which attention runs with `backend` (a nullcontext for "auto")."""
+    kernel = ATTENTION_BACKENDS[check_backend(backend)]
     return nullcontext() if kernel is None else sdpa_kernel([kernel])
 
 
@@ -144,9 +149,7 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False, scale=None, backend: str = "auto"):
         super().__init__()
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}.")
-        self.backend = backend                      # which attention kernel (ATTENTION_BACKENDS); "auto": PyTorch's
+        self.backend = check_backend(backend)       # which attention kernel (ATTENTION_BACKENDS); "auto": PyTorch's
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.scale = scale
@@ -161,11 +164,8 @@ class Attention(nn.Module):
         b, n = qkv.shape[:2]
         q, k, v = qkv.view(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.backend == "auto":
+        with attention_kernel(self.backend):       # "auto": a nullcontext
             out = self.core(q, k, v, self.scale)
-        else:
-            with attention_kernel(self.backend):
-                out = self.core(q, k, v, self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
