@@ -40,18 +40,20 @@ def test_unknown_backend_is_refused():
         load_config(None, ["model.attention=fastest"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])     # fp32, and train.precision=bf16's autocast
 @pytest.mark.parametrize("backend, runs", [("auto", True), ("flash", True), ("math", True), ("efficient", False),
                                            ("cudnn", False)])
-def test_startup_check_on_cpu(backend, runs):
+def test_startup_check_on_cpu(backend, runs, dtype):
     cfg = load_config(None, ["model.name=DiT-XS/4", "model.input_size=16", f"model.attention={backend}"])
     args = build(cfg, device="meta").args
     if runs:
-        check_attention(args, torch.device("cpu"), torch.float32)
+        check_attention(args, torch.device("cpu"), dtype)
         return
     with pytest.raises(ConfigError) as e:
-        check_attention(args, torch.device("cpu"), torch.float32)
+        check_attention(args, torch.device("cpu"), dtype)
     message = str(e.value)
-    assert message.startswith(f"model.attention={backend} cannot run this model's attention (head dim 32, float32) "
+    name = str(dtype).replace("torch.", "")
+    assert message.startswith(f"model.attention={backend} cannot run this model's attention (head dim 32, {name}) "
                               "on cpu") and "model.attention=auto" in message and "\n" not in message
 
 
