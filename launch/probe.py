@@ -1,13 +1,15 @@
-"""Does a class-conditional run draw its classes? Train a small class probe on the run's training images and score
-the EMA model's samples: the share classified as the class they were conditioned on, and the Fréchet distance of
-their probe features to real images beside the real-vs-real distance at the same count
+"""Does a conditional run draw what it is asked for? Train a small class probe on the run's training images and
+score the EMA model's samples: the share classified as the class they were conditioned on, and the Fréchet distance
+of their probe features to real images beside the real-vs-real distance at the same count. A captioned run is
+conditioned on held-out real captions and also scored on the caption's place and size
 (`dit_scale/evaluation/probe.py` says what is measured).
 
     python launch/probe.py runs/quickstart --shape                 # colour removed: the probe must see the shape
     python launch/probe.py runs/quickstart --shape --cfg-scale 1 --num-samples 1000
+    python launch/probe.py runs/quickstart_text --shape --num-samples 300    # shape, place and size of captions
 
 Prints one JSON object (and writes it to --out). Exit codes: 0 done; 2 an input error (no checkpoint, a model
-that is not class-conditional, latent or too few shards), one sentence on stderr.
+that is not class- or caption-conditional, latent or too few shards), one sentence on stderr.
 """
 import argparse
 import json

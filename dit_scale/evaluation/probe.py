@@ -11,9 +11,16 @@ that did not, where FID needs an Inception network and 10k+ samples; the learnin
     report = probe_report(probe, samples, sample_labels, real_a, real_b)
     # {"accuracy", "accuracy_real", "fd", "fd_real", "fd_ratio", "per_class"}
     report = probe_run(run, num_samples=400, cfg_scale=None)   # sample a run's EMA model and probe it
+
+A caption-conditioned run ("a small red circle in the top left", make_synthetic --captions) is probed with the
+captions of held-out real images: the shape is scored as above against the image's class, and the caption's place
+(the 3×3 cell) and size against where and how large the shape is drawn (`layout_of`: the centroid and extent of
+the shape view, with cell and size boundaries fitted on the probe's real training images; `place_real` and
+`size_real` score the real images themselves, so a reader sees the measure holds).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -33,6 +40,72 @@ def shape_view(images: torch.Tensor) -> torch.Tensor:
     background = border.median(dim=2).values[:, :, None, None]
     distance = (x - background).norm(dim=1, keepdim=True)
     return distance / distance.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+ROW_WORDS, COLUMN_WORDS, SIZE_WORDS = ("top", "middle", "bottom"), ("left", "center", "right"), ("small", "large")
+
+
+def caption_layout(text: str) -> Optional[tuple[int, int, int]]:
+    """(row, column, size) that a synthetic caption states ("a large teal ring in the middle right" → (1, 2, 1);
+    "... in the center" → (1, 1, ·)), or None when it does not say all three."""
+    words = re.findall(r"[a-z]+", text.lower())
+    place = words[words.index("the") + 1:] if "the" in words else []
+    sizes = [SIZE_WORDS.index(w) for w in words if w in SIZE_WORDS]
+    if not place or not sizes:
+        return None
+    row = next((ROW_WORDS.index(w) for w in place if w in ROW_WORDS), None)
+    column = next((COLUMN_WORDS.index(w) for w in place if w in COLUMN_WORDS), None)
+    if place == ["center"]:
+        row = column = 1
+    if row is None or column is None:
+        return None
+    return row, column, sizes[0]
+
+
+def layout_of(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of shape views [N, 1, H, W] (`shape_view`): the shape's centroid row and column as fractions of the image,
+    and its extent (the longer side of the bounding box of pixels above 0.5, as a fraction of the image)."""
+    weight = view[:, 0].float()
+    h, w = weight.shape[1:]
+    total = weight.sum(dim=(1, 2)).clamp_min(1e-6)
+    rows = (weight.sum(dim=2) * (torch.arange(h) + 0.5)).sum(dim=1) / total / h
+    columns = (weight.sum(dim=1) * (torch.arange(w) + 0.5)).sum(dim=1) / total / w
+
+    def span(hit: torch.Tensor) -> torch.Tensor:                   # [N, L] bool → last − first + 1 (0 if none)
+        index = torch.arange(hit.shape[1])
+        first = torch.where(hit, index, hit.shape[1]).amin(dim=1)
+        last = torch.where(hit, index, -1).amax(dim=1)
+        return (last - first + 1).clamp_min(0)
+
+    inside = weight > 0.5
+    extent = torch.maximum(span(inside.any(dim=2)) / h, span(inside.any(dim=1)) / w)
+    return rows, columns, extent
+
+
+def _boundaries(values: torch.Tensor, labels: torch.Tensor, levels: int) -> torch.Tensor:
+    """Midpoints between the per-level means of `values` (levels 0 … levels − 1 in increasing order)."""
+    means = torch.stack([values[labels == k].mean() for k in range(levels)])
+    return (means[:-1] + means[1:]) / 2
+
+
+def layout_scores(train_views: torch.Tensor, train_texts: list, views: torch.Tensor, texts: list) -> dict:
+    """The share of `views` whose shape sits in the 3×3 cell (`place`) and has the size (`size`) their caption
+    `texts` states, with the cell and size boundaries fitted on `train_views` / `train_texts` (real images)."""
+    def parse(images, captions):
+        known = [(i, t) for i, t in enumerate(map(caption_layout, captions)) if t is not None]
+        index = torch.tensor([i for i, _ in known], dtype=torch.long)
+        truth = torch.tensor([t for _, t in known], dtype=torch.long).reshape(-1, 3)
+        return layout_of(images[index]), truth
+
+    (rows, columns, extent), truth = parse(train_views, train_texts)
+    if len(truth) == 0 or any(not (truth[:, k] == v).any() for k, n in enumerate((3, 3, 2)) for v in range(n)):
+        return {"place": None, "size": None}
+    cuts = [_boundaries(rows, truth[:, 0], 3), _boundaries(columns, truth[:, 1], 3), _boundaries(extent, truth[:, 2], 2)]
+    (rows, columns, extent), truth = parse(views, texts)
+    drawn = [torch.bucketize(v.contiguous(), c) for v, c in zip((rows, columns, extent), cuts)]
+    place = ((drawn[0] == truth[:, 0]) & (drawn[1] == truth[:, 1])).float().mean()
+    return {"place": float(place), "size": float((drawn[2] == truth[:, 2]).float().mean()),
+            "layout_samples": len(truth)}
 
 
 class ProbeNet(nn.Module):
@@ -135,27 +208,40 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     """Sample `num_samples` images (balanced classes, per-index seeds) from the EMA model of `run`'s latest
     checkpoint (or a checkpoint path) and probe them against its training data (`data`, default data.path): the
     probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
-    probe the `shape_view` of every image (colour removed)."""
+    probe the `shape_view` of every image (colour removed). A caption-conditioned run: sample i is conditioned on
+    the caption of real image `train_images` + i and scored against that image's class, and (with `shape`) its
+    caption's place and size (`layout_scores`)."""
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
     from dit_scale.checkpoint.load import resolve_path
     from dit_scale.config import config_from_yaml_text
     from dit_scale.evaluation.generate import SamplingSpec, class_of, sample_indices
     from dit_scale.optim import resolve_precision
+    from dit_scale.generation.captions import CaptionTable
     from dit_scale.generation.vae import image_decoder
+    from dit_scale.evaluation.shard_samples import ShardSet
 
     path = resolve_path(run)
     state = load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     classes = int(cfg.model.num_classes)
-    if cfg.model.conditioning != "class" or classes < 2:
-        raise ConfigError(f"The model of '{path}' is not class-conditional with 2 or more classes; the class probe "
-                          f"checks class-conditional samples.")
+    text = cfg.model.conditioning == "text"
+    if not text and (cfg.model.conditioning != "class" or classes < 2):
+        raise ConfigError(f"The model of '{path}' is neither class-conditional with 2 or more classes nor "
+                          f"caption-conditioned; the probe checks conditional samples.")
+    field = "--data" if data else "data.path"
     data = data or cfg.data.path
-    x, y = real_images(data, train_images + 2 * num_samples, field="--data" if data != cfg.data.path else "data.path")
+    x, y = real_images(data, train_images + 2 * num_samples, field=field)
+    if text:
+        classes = int(y.max()) + 1                                 # the shards' classes (shapes, here)
     view = shape_view if shape else (lambda images: images)
     x = view(x)
     probe = train_probe(x[:train_images], y[:train_images], classes, seed=seed)
+    held_out = range(train_images, train_images + num_samples)    # a text run: conditioned on these captions
+    captions = conditions = None
+    if text:
+        captions = CaptionTable.from_shards(ShardSet.open(data, field=field), train_images + num_samples, field)
+        conditions = (lambda indices: captions.take([train_images + i for i in indices]))
     built = build(cfg)
     model = built.model
     model.load_state_dict(state["ema" if ema else "model"])
@@ -167,13 +253,20 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     for start in range(0, num_samples, 64):
         indices = list(range(start, min(num_samples, start + 64)))
         with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
-            out = sample_indices(model, built.objective, cfg.model, spec, indices, device)
+            out = sample_indices(model, built.objective, cfg.model, spec, indices, device, conditions)
         images.append(decoder(out).cpu().float().clamp(-1.0, 1.0))
-    labels = torch.tensor([class_of(i, classes) for i in range(num_samples)])
+    samples = view(torch.cat(images))
+    labels = y[held_out.start:held_out.stop] if text else torch.tensor([class_of(i, classes)
+                                                                         for i in range(num_samples)])
     real_a = x[train_images:train_images + num_samples]
     real_b = x[train_images + num_samples:]
-    report = probe_report(probe, view(torch.cat(images)), labels, real_a, y[train_images:train_images + num_samples],
-                          real_b)
+    report = probe_report(probe, samples, labels, real_a, y[train_images:train_images + num_samples], real_b)
+    if text and shape:
+        train_texts = captions.titles(range(train_images))
+        texts = captions.titles(held_out)
+        report.update(layout_scores(x[:train_images], train_texts, samples, texts))
+        real = layout_scores(x[:train_images], train_texts, real_a, texts)
+        report.update(place_real=real["place"], size_real=real["size"])
     report.update(checkpoint=path, step=int(state.get("step", 0)), ema=ema, view="shape" if shape else "image",
-                  sampling=spec.__dict__)
+                  conditioning="text" if text else "class", sampling=spec.__dict__)
     return report

@@ -47,3 +47,73 @@ def test_the_probe_needs_class_conditional_pixel_shards(tmp_path, shapes):
     assert main([str(tmp_path / "nothing")]) == 2
     with pytest.raises(Exception, match="holds 1200 samples; the probe needs 5000"):
         real_images(shapes, 5000)
+
+
+def _captioned(n, seed):
+    from data_tools.make_synthetic import render_captioned
+    rng = np.random.default_rng(seed)
+    drawn = [render_captioned(c % 4, 32, rng) for c in range(n)]
+    x = torch.from_numpy(np.stack([np.asarray(image) for image, _ in drawn])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return shape_view(x), [text for _, text in drawn]
+
+
+def test_caption_layout_reads_the_synthetic_captions():
+    from dit_scale.evaluation.probe import caption_layout
+    assert caption_layout("a large teal ring in the middle right") == (1, 2, 1)
+    assert caption_layout("a small red circle in the top left") == (0, 0, 0)
+    assert caption_layout("a small blue cross in the center") == (1, 1, 0)
+    assert caption_layout("a large green plus sign in the bottom center") == (2, 1, 1)
+    assert caption_layout("a red circle") is None and caption_layout("a small circle in the corner") is None
+
+
+def test_layout_scores_real_images_right_and_mismatched_captions_at_chance():
+    from dit_scale.evaluation.probe import layout_of, layout_scores
+    train, train_texts = _captioned(400, 0)
+    views, texts = _captioned(300, 1)
+    right = layout_scores(train, train_texts, views, texts)
+    assert right["place"] >= 0.98 and right["size"] >= 0.97 and right["layout_samples"] == 300
+    shifted = layout_scores(train, train_texts, views, texts[1:] + texts[:1])
+    assert shifted["place"] <= 0.25 and shifted["size"] <= 0.65
+    square = torch.zeros(1, 1, 32, 32)
+    square[0, 0, 2:10, 20:26] = 1.0                          # rows 2–9, columns 20–25
+    rows, columns, extent = layout_of(square)
+    assert rows.item() == pytest.approx(6 / 32) and columns.item() == pytest.approx(23 / 32)
+    assert extent.item() == pytest.approx(8 / 32)
+
+
+def test_a_captioned_run_is_probed_with_held_out_captions_like_a_direct_computation(tmp_path):
+    """probe_run on a text run: sample i is conditioned on the caption of real image train_images + i and scored
+    against its class; the same samples drawn and scored directly give the same report."""
+    from tiny_text import text_overrides, write_text_shards, write_tiny_encoder
+    from dit_scale.build import build
+    from dit_scale.checkpoint import load_checkpoint
+    from dit_scale.checkpoint.load import resolve_path
+    from dit_scale.config import load_config
+    from dit_scale.evaluation.generate import SamplingSpec, sample_indices
+    from dit_scale.evaluation.probe import layout_scores, probe_run
+    from dit_scale.evaluation.shard_samples import ShardSet
+    from dit_scale.generation.captions import CaptionTable
+    from dit_scale.training.trainer import Trainer
+    shards = write_text_shards(tmp_path / "shards", write_tiny_encoder(tmp_path / "t5"))
+    cfg = load_config(None, text_overrides(shards, str(tmp_path / "run"), **{"train.steps": 4}))
+    Trainer(cfg).fit()
+    report = probe_run(str(tmp_path / "run"), num_samples=8, train_images=40, shape=True)
+    assert report["conditioning"] == "text" and report["num_samples"] == 8
+
+    x, y = real_images(shards, 56)
+    view = shape_view(x)
+    state = load_checkpoint(resolve_path(str(tmp_path / "run")))
+    built = build(cfg)
+    built.model.load_state_dict(state["ema"])
+    captions = CaptionTable.from_shards(ShardSet.open(shards, "data.path"), 48, "data.path")
+    spec = SamplingSpec.from_config(cfg, seed=0)
+    with torch.no_grad():
+        out = sample_indices(built.model, built.objective, cfg.model, spec, list(range(8)), "cpu",
+                             lambda indices: captions.take([40 + i for i in indices]))
+    samples = shape_view(out.float().clamp(-1, 1))
+    net = train_probe(view[:40], y[:40], int(y.max()) + 1)
+    _, preds = _apply(net, samples)
+    assert report["accuracy"] == pytest.approx((preds == y[40:48].numpy()).mean())
+    layout = layout_scores(view[:40], captions.titles(range(40)), samples, captions.titles(range(40, 48)))
+    assert report["place"] == layout["place"] and report["size"] == layout["size"]
+    assert report["place_real"] is not None and report["place_real"] >= 0.75
