@@ -100,7 +100,8 @@ def layout_scores(train_views: torch.Tensor, train_texts: list, views: torch.Ten
     (rows, columns, extent), truth = parse(train_views, train_texts)
     if len(truth) == 0 or any(not (truth[:, k] == v).any() for k, n in enumerate((3, 3, 2)) for v in range(n)):
         return {"place": None, "size": None}
-    cuts = [_boundaries(rows, truth[:, 0], 3), _boundaries(columns, truth[:, 1], 3), _boundaries(extent, truth[:, 2], 2)]
+    cuts = [_boundaries(values, truth[:, k], levels)
+            for k, (values, levels) in enumerate(((rows, 3), (columns, 3), (extent, 2)))]
     (rows, columns, extent), truth = parse(views, texts)
     drawn = [torch.bucketize(v.contiguous(), c) for v, c in zip((rows, columns, extent), cuts)]
     place = ((drawn[0] == truth[:, 0]) & (drawn[1] == truth[:, 1])).float().mean()
