@@ -55,8 +55,8 @@ def caption_layout(text: str) -> Optional[tuple[int, int, int]]:
         return None
     row = next((ROW_WORDS.index(w) for w in place if w in ROW_WORDS), None)
     column = next((COLUMN_WORDS.index(w) for w in place if w in COLUMN_WORDS), None)
-    if place == ["center"]:
-        row = column = 1
+    if place == ["center"]:                                        # "center" names the column; the row is middle
+        row = 1
     if row is None or column is None:
         return None
     return row, column, sizes[0]
@@ -88,22 +88,31 @@ def _boundaries(values: torch.Tensor, labels: torch.Tensor, levels: int) -> torc
     return (means[:-1] + means[1:]) / 2
 
 
-def layout_scores(train_views: torch.Tensor, train_texts: list, views: torch.Tensor, texts: list) -> dict:
-    """The share of `views` whose shape sits in the 3×3 cell (`place`) and has the size (`size`) their caption
-    `texts` states, with the cell and size boundaries fitted on `train_views` / `train_texts` (real images)."""
-    def parse(images, captions):
-        known = [(i, t) for i, t in enumerate(map(caption_layout, captions)) if t is not None]
-        index = torch.tensor([i for i, _ in known], dtype=torch.long)
-        truth = torch.tensor([t for _, t in known], dtype=torch.long).reshape(-1, 3)
-        return layout_of(images[index]), truth
+def _parsed(views: torch.Tensor, texts: list):
+    """(centroid rows, columns, extents) of the views whose caption states a layout, and those layouts [n, 3]."""
+    known = [(i, t) for i, t in enumerate(map(caption_layout, texts)) if t is not None]
+    index = torch.tensor([i for i, _ in known], dtype=torch.long)
+    truth = torch.tensor([t for _, t in known], dtype=torch.long).reshape(-1, 3)
+    return layout_of(views[index]), truth
 
-    (rows, columns, extent), truth = parse(train_views, train_texts)
+
+def layout_boundaries(train_views: torch.Tensor, train_texts: list) -> Optional[list]:
+    """The row, column and size boundaries fitted on real images `train_views` and their captions, or None when
+    the captions do not state every row, column and size (captions other than the synthetic ones)."""
+    measures, truth = _parsed(train_views, train_texts)
     if len(truth) == 0 or any(not (truth[:, k] == v).any() for k, n in enumerate((3, 3, 2)) for v in range(n)):
+        return None
+    return [_boundaries(values, truth[:, k], levels)
+            for k, (values, levels) in enumerate(zip(measures, (3, 3, 2)))]
+
+
+def layout_scores(boundaries: Optional[list], views: torch.Tensor, texts: list) -> dict:
+    """The share of `views` whose shape sits in the 3×3 cell (`place`) and has the size (`size`) their caption
+    `texts` states, by `layout_boundaries` (None: both None)."""
+    if boundaries is None:
         return {"place": None, "size": None}
-    cuts = [_boundaries(values, truth[:, k], levels)
-            for k, (values, levels) in enumerate(((rows, 3), (columns, 3), (extent, 2)))]
-    (rows, columns, extent), truth = parse(views, texts)
-    drawn = [torch.bucketize(v.contiguous(), c) for v, c in zip((rows, columns, extent), cuts)]
+    measures, truth = _parsed(views, texts)
+    drawn = [torch.bucketize(v.contiguous(), c) for v, c in zip(measures, boundaries)]
     place = ((drawn[0] == truth[:, 0]) & (drawn[1] == truth[:, 1])).float().mean()
     return {"place": float(place), "size": float((drawn[2] == truth[:, 2]).float().mean()),
             "layout_samples": len(truth)}
@@ -211,7 +220,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
     probe the `shape_view` of every image (colour removed). A caption-conditioned run: sample i is conditioned on
     the caption of real image `train_images` + i and scored against that image's class, and (with `shape`) its
-    caption's place and size (`layout_scores`)."""
+    caption's place and size (`layout_boundaries`, `layout_scores`)."""
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
     from dit_scale.checkpoint.load import resolve_path
@@ -263,10 +272,10 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     real_b = x[train_images + num_samples:]
     report = probe_report(probe, samples, labels, real_a, y[train_images:train_images + num_samples], real_b)
     if text and shape:
-        train_texts = captions.titles(range(train_images))
+        boundaries = layout_boundaries(x[:train_images], captions.titles(range(train_images)))
         texts = captions.titles(held_out)
-        report.update(layout_scores(x[:train_images], train_texts, samples, texts))
-        real = layout_scores(x[:train_images], train_texts, real_a, texts)
+        report.update(layout_scores(boundaries, samples, texts))
+        real = layout_scores(boundaries, real_a, texts)
         report.update(place_real=real["place"], size_real=real["size"])
     report.update(checkpoint=path, step=int(state.get("step", 0)), ema=ema, view="shape" if shape else "image",
                   conditioning="text" if text else "class", sampling=spec.__dict__)

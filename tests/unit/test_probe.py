@@ -67,12 +67,13 @@ def test_caption_layout_reads_the_synthetic_captions():
 
 
 def test_layout_scores_real_images_right_and_mismatched_captions_at_chance():
-    from dit_scale.evaluation.probe import layout_of, layout_scores
+    from dit_scale.evaluation.probe import layout_boundaries, layout_of, layout_scores
     train, train_texts = _captioned(400, 0)
     views, texts = _captioned(300, 1)
-    right = layout_scores(train, train_texts, views, texts)
+    boundaries = layout_boundaries(train, train_texts)
+    right = layout_scores(boundaries, views, texts)
     assert right["place"] >= 0.98 and right["size"] >= 0.97 and right["layout_samples"] == 300
-    shifted = layout_scores(train, train_texts, views, texts[1:] + texts[:1])
+    shifted = layout_scores(boundaries, views, texts[1:] + texts[:1])
     assert shifted["place"] <= 0.25 and shifted["size"] <= 0.65
     square = torch.zeros(1, 1, 32, 32)
     square[0, 0, 2:10, 20:26] = 1.0                          # rows 2–9, columns 20–25
@@ -90,7 +91,7 @@ def test_a_captioned_run_is_probed_with_held_out_captions_like_a_direct_computat
     from dit_scale.checkpoint.load import resolve_path
     from dit_scale.config import load_config
     from dit_scale.evaluation.generate import SamplingSpec, sample_indices
-    from dit_scale.evaluation.probe import layout_scores, probe_run
+    from dit_scale.evaluation.probe import layout_boundaries, layout_scores, probe_run
     from dit_scale.evaluation.shard_samples import ShardSet
     from dit_scale.generation.captions import CaptionTable
     from dit_scale.training.trainer import Trainer
@@ -114,6 +115,7 @@ def test_a_captioned_run_is_probed_with_held_out_captions_like_a_direct_computat
     net = train_probe(view[:40], y[:40], int(y.max()) + 1)
     _, preds = _apply(net, samples)
     assert report["accuracy"] == pytest.approx((preds == y[40:48].numpy()).mean())
-    layout = layout_scores(view[:40], captions.titles(range(40)), samples, captions.titles(range(40, 48)))
+    layout = layout_scores(layout_boundaries(view[:40], captions.titles(range(40))), samples,
+                           captions.titles(range(40, 48)))
     assert report["place"] == layout["place"] and report["size"] == layout["size"]
     assert report["place_real"] is not None and report["place_real"] >= 0.75
