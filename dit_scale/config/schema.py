@@ -62,7 +62,8 @@ class DiffusionConfig:
     beta_start: float = 1e-4            # ddpm: first beta of the linear schedule
     beta_end: float = 0.02              # ddpm: last beta of the linear schedule
     vlb_weight: float = 0.001           # ddpm with learn_sigma: weight of the variational bound term
-    sampler: Optional[str] = None       # None: euler (flow) / ddim (ddpm); also heun
+    sampler: Optional[str] = None       # None: euler (flow) / ddim (ddpm); also heun, sde (flow), ancestral (ddpm)
+    sde_strength: float = 1.0           # sampler sde: noise each step removes and adds back (0: the Euler ODE)
     sample_steps: int = 50              # sampler steps for sample grids
     cfg_scale: float = 1.0              # classifier-free guidance scale for sample grids (1: none)
     guidance_low: float = 0.0           # guidance interval in t ∈ [0, 1]

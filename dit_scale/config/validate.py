@@ -93,6 +93,9 @@ def validate(cfg: DictConfig) -> None:
     if d.sampler is not None and d.sampler not in SAMPLERS[d.objective]:
         _fail(f"diffusion.sampler={d.sampler!r} does not fit diffusion.objective={d.objective}; "
               f"choose one of: {', '.join(SAMPLERS[d.objective])}.")
+    if not d.sde_strength >= 0.0:
+        _fail(f"diffusion.sde_strength must be at least 0 (0: the sde sampler is the Euler ODE), got "
+              f"{d.sde_strength}.")
     if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
         _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
               f"{d.guidance_low}, {d.guidance_high}.")

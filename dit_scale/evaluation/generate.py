@@ -40,9 +40,11 @@ class SamplingSpec:
     guidance_low: float
     guidance_high: float
     seed: int
+    sde_strength: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg, *, sampler=None, steps=None, cfg_scale=None, guide_channels=None, seed=None):
+    def from_config(cls, cfg, *, sampler=None, steps=None, cfg_scale=None, guide_channels=None, seed=None,
+                    sde_strength=None):
         """The config's eval.* sampling settings (which default to diffusion.*), each overridable."""
         e, d = cfg.eval, cfg.diffusion
         pick = (lambda given, *fallbacks: next((v for v in (given, *fallbacks) if v is not None), None))
@@ -51,7 +53,7 @@ class SamplingSpec:
                    cfg_scale=float(pick(cfg_scale, e.cfg_scale, d.cfg_scale)),
                    guide_channels=pick(guide_channels, e.guide_channels),
                    guidance_low=float(d.guidance_low), guidance_high=float(d.guidance_high),
-                   seed=int(pick(seed, e.seed)))
+                   seed=int(pick(seed, e.seed)), sde_strength=float(pick(sde_strength, d.sde_strength)))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +128,6 @@ def sample_indices(model, objective, model_cfg, spec: SamplingSpec, indices: Lis
         return sample(objective, lambda x, t, labels: model(x, t, labels)[0], noise.to(device), y,
                       num_steps=spec.steps, sampler=spec.sampler, cfg_scale=spec.cfg_scale,
                       null_label=m.num_classes, guidance_interval=(spec.guidance_low, spec.guidance_high),
-                      guide_channels=spec.guide_channels, generator=generators)
+                      guide_channels=spec.guide_channels, generator=generators, sde_strength=spec.sde_strength)
     finally:
         model.train(was_training)

@@ -105,7 +105,8 @@ def class_grid(model, objective, cfg, device, *, classes=None, per_class=None, n
 
     out = sample(objective, model_fn, noise, y, num_steps=num_steps or d.sample_steps, sampler=sampler or d.sampler,
                  cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, null_label=m.num_classes,
-                 guidance_interval=(d.guidance_low, d.guidance_high), guide_channels=guide_channels, generator=gen)
+                 guidance_interval=(d.guidance_low, d.guidance_high), guide_channels=guide_channels, generator=gen,
+                 sde_strength=d.sde_strength)
     model.train(was_training)
     return out
 

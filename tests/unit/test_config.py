@@ -28,7 +28,9 @@ def error_of(overrides, path=None):
     (["optim.lr=-0.001"], "optim.lr must be a positive number, got -0.001."),
     (["moe.router=hash"], "moe.router='hash' is not allowed; choose one of: token_choice, expert_choice."),
     (["diffusion.sampler=ddim"], "diffusion.sampler='ddim' does not fit diffusion.objective=flow; choose one of: "
-                                 "euler, heun."),
+                                 "euler, heun, sde."),
+    (["diffusion.sde_strength=-0.5"], "diffusion.sde_strength must be at least 0 (0: the sde sampler is the Euler "
+                                      "ODE), got -0.5."),
     (["model.learn_sigma=true"], "model.learn_sigma=true only works with diffusion.objective=ddpm"),
     (["moe.bias_update_rate=0.001"], "moe.bias_update_rate > 0 (aux-loss-free balancing) needs "
                                      "moe.score_function=sigmoid"),

@@ -188,8 +188,9 @@ def ddpm_abar(objective, t_model):
 def test_flow_samplers_recover_point_mass():
     objective = build_objective(flow_cfg())
     noise = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
-    for sampler in ("euler", "heun"):
-        x = sample(objective, flow_point_mass_model(2.5), noise, None, num_steps=10, sampler=sampler)
+    for sampler in ("euler", "heun", "sde"):
+        x = sample(objective, flow_point_mass_model(2.5), noise, None, num_steps=10, sampler=sampler,
+                   generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(x, torch.full_like(x, 2.5), rtol=0, atol=1e-4)
 
 
@@ -213,6 +214,33 @@ def test_flow_samplers_recover_gaussian_and_heun_beats_euler():
     fine = sample(objective, model_fn, noise, None, num_steps=32, sampler="heun")
     assert (fine - exact).abs().max().item() < 0.005
     assert abs(fine.mean().item() - m) < 0.02 and abs(fine.std().item() - s) < 0.02
+
+
+def test_flow_sde_sampler_draws_the_gaussian_and_is_euler_at_strength_zero():
+    """The SDE sampler does not follow the ODE's map (it draws fresh noise) but keeps its marginals: Gaussian data
+    comes out with the data's mean and spread. Strength 0 is the Euler ODE; noise is drawn per sample."""
+    m, s = 1.5, 0.5
+    objective = build_objective(flow_cfg())
+    noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model_fn = flow_gaussian_model(m, s)
+    exact = m + s * noise                                # the ODE's map
+    draws = sample(objective, model_fn, noise, None, num_steps=64, sampler="sde", sde_strength=2.0,
+                   generator=torch.Generator().manual_seed(1))
+    assert abs(draws.mean().item() - m) < 0.02 and abs(draws.std().item() - s) < 0.02
+    assert (draws - exact).abs().mean().item() > 0.1    # …not the ODE's sample of each noise
+    for strength, steps in ((0.5, 64), (2.0, 16)):
+        other = sample(objective, model_fn, noise, None, num_steps=steps, sampler="sde", sde_strength=strength,
+                       generator=torch.Generator().manual_seed(1))
+        assert abs(other.mean().item() - m) < 0.03 and abs(other.std().item() - s) < 0.03, (strength, steps)
+    euler = sample(objective, model_fn, noise[:64], None, num_steps=8, sampler="euler")
+    torch.testing.assert_close(sample(objective, model_fn, noise[:64], None, num_steps=8, sampler="sde",
+                                      sde_strength=0.0, generator=torch.Generator().manual_seed(1)), euler)
+    run = (lambda idx: sample(objective, model_fn, noise[idx], None, num_steps=8, sampler="sde",
+                              generator=[torch.Generator().manual_seed(100 + i) for i in idx]))
+    whole = run([0, 1, 2, 3])
+    torch.testing.assert_close(torch.cat([run([0, 1]), run([2, 3])]), whole)
+    assert not torch.equal(run([0, 1]), sample(objective, model_fn, noise[:2], None, num_steps=8, sampler="sde",
+                                                 generator=[torch.Generator().manual_seed(7) for _ in range(2)]))
 
 
 def test_ddim_recovers_point_mass_and_gaussian():
@@ -290,11 +318,13 @@ def test_sampler_error_messages():
     model = ConstantModel(null_label=3)
     noise, y = torch.randn(2, 1), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"Unknown sampler 'ddim' for the flow objective; "
-                                         r"allowed values: 'euler', 'heun'\."):
+                                         r"allowed values: 'euler', 'heun', 'sde'\."):
         sample(flow, model, noise, y, num_steps=2, sampler="ddim")
     with pytest.raises(ValueError, match=r"Unknown sampler 'euler' for the ddpm objective; "
                                          r"allowed values: 'ddim', 'ancestral'\."):
         sample(ddpm, model, noise, y, num_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="cfg_scale != 1 needs null_label"):
         sample(flow, model, noise, y, num_steps=2, cfg_scale=3.0)
+    with pytest.raises(ValueError, match="sde_strength must be at least 0, got -1"):
+        sample(flow, model, noise, y, num_steps=2, sampler="sde", sde_strength=-1.0)
     assert model.calls == []
