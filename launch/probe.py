@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the run's eval / diffusion)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument("--sampler", default=None, help="sampler (default: the run's)")
+    p.add_argument("--sde-strength", type=float, default=None, help="sampler sde's strength (default: the run's)")
     p.add_argument("--data", default=None, help="pixel shards of the training images (default: data.path)")
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -38,10 +39,14 @@ def main(argv=None):
     if args.num_samples < 2 or args.train_images < 1:
         print("error: --num-samples must be at least 2 and --train-images at least 1.", file=sys.stderr)
         return 2
+    if args.sde_strength is not None and args.sde_strength < 0:
+        print("error: --sde-strength must be at least 0 (0: the sde sampler is the Euler ODE).", file=sys.stderr)
+        return 2
     try:
         report = probe_run(args.run, num_samples=args.num_samples, train_images=args.train_images,
                            cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler, data=args.data,
-                           ema=not args.no_ema, shape=args.shape, device=pick_device(args.device))
+                           ema=not args.no_ema, shape=args.shape, device=pick_device(args.device),
+                           sde_strength=args.sde_strength)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

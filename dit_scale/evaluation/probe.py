@@ -11,6 +11,7 @@ that did not, where FID needs an Inception network and 10k+ samples; the learnin
     report = probe_report(probe, samples, sample_labels, real_a, real_b)
     # {"accuracy", "accuracy_real", "fd", "fd_real", "fd_ratio", "per_class"}
     report = probe_run(run, num_samples=400, cfg_scale=None)   # sample a run's EMA model and probe it
+    # … + "grid_contrast" of the samples beside "grid_contrast_real" (`grid_contrast`: block artefacts)
 
 A caption-conditioned run ("a small red circle in the top left", make_synthetic --captions) is probed with the
 captions of held-out real images: the shape is scored as above against the image's class, and the caption's place
@@ -40,6 +41,21 @@ def shape_view(images: torch.Tensor) -> torch.Tensor:
     background = border.median(dim=2).values[:, :, None, None]
     distance = (x - background).norm(dim=1, keepdim=True)
     return distance / distance.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def grid_contrast(images: torch.Tensor, period: int) -> float:
+    """How much a model's patch grid shows in `images` [N, C, H, W]: the mean absolute difference between
+    neighbouring pixels (along rows and columns) that lie in different `period`-wide cells of the grid, divided by
+    that of neighbours in the same cell. Real images give the data's own value (their edges fall where the shapes
+    put them); samples whose patches are drawn each on its own (block artefacts: edges along the patch grid) give
+    more, and a model that hides its grid gives the real images' value."""
+    x = images.float()
+    across_columns = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=(0, 1, 2))    # [W − 1]: pixel j vs j + 1
+    across_rows = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(0, 1, 3))             # [H − 1]
+    steps = torch.cat([across_columns, across_rows])
+    position = torch.cat([torch.arange(len(across_columns)), torch.arange(len(across_rows))])
+    boundary = (position + 1) % period == 0
+    return float(steps[boundary].mean() / steps[~boundary].mean().clamp_min(1e-12))
 
 
 ROW_WORDS, COLUMN_WORDS, SIZE_WORDS = ("top", "middle", "bottom"), ("left", "center", "right"), ("small", "large")
@@ -214,7 +230,7 @@ def real_images(path: str, num: int, offset: int = 0, field: str = "data.path") 
 
 def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg_scale: Optional[float] = None,
               steps: Optional[int] = None, sampler: Optional[str] = None, data: Optional[str] = None, seed: int = 0,
-              ema: bool = True, shape: bool = False, device="cpu") -> dict:
+              ema: bool = True, shape: bool = False, device="cpu", sde_strength: Optional[float] = None) -> dict:
     """Sample `num_samples` images (balanced classes, per-index seeds) from the EMA model of `run`'s latest
     checkpoint (or a checkpoint path) and probe them against its training data (`data`, default data.path): the
     probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
@@ -242,6 +258,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     field = "--data" if data else "data.path"
     data = data or cfg.data.path
     x, y = real_images(data, train_images + 2 * num_samples, field=field)
+    real_colour = x[train_images:]                                  # held-out real images, before any view
     if text:
         classes = int(y.max()) + 1                                 # the shards' classes (shapes, here)
     view = shape_view if shape else (lambda images: images)
@@ -257,7 +274,8 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     model.load_state_dict(state["ema" if ema else "model"])
     device = torch.device(device)
     model.to(device)
-    spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                                    sde_strength=sde_strength)
     decoder = image_decoder(cfg, device=device, required=True)
     images = []
     for start in range(0, num_samples, 64):
@@ -271,6 +289,10 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     real_a = x[train_images:train_images + num_samples]
     real_b = x[train_images + num_samples:]
     report = probe_report(probe, samples, labels, real_a, y[train_images:train_images + num_samples], real_b)
+    period = x.shape[-1] * cfg.model.patch_size // cfg.model.input_size     # image pixels per patch side
+    colour = torch.cat(images)
+    report.update(grid_contrast=grid_contrast(colour, period),
+                  grid_contrast_real=grid_contrast(real_colour[:num_samples], period), grid_period=period)
     if text and shape:
         boundaries = layout_boundaries(x[:train_images], captions.titles(range(train_images)))
         texts = captions.titles(held_out)

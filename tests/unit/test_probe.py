@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_scale.evaluation.probe import _apply, probe_report, real_images, shape_view, train_probe
+from dit_scale.evaluation.probe import _apply, grid_contrast, probe_report, real_images, shape_view, train_probe
 from dit_scale.evaluation.scores import frechet_distance, gaussian_stats
 
 
@@ -40,6 +40,26 @@ def test_probe_tells_the_shapes_apart_and_reports_like_a_direct_computation(shap
     assert report["fd"] == pytest.approx(frechet_distance(*gaussian_stats(feats), *gaussian_stats(feats_a)))
     wrong = probe_report(net, view[800:1000], (y[800:1000] + 1) % 4, view[1000:1200], y[1000:1200], view[:200])
     assert wrong["accuracy"] <= 0.05 and wrong["per_class"][0] <= 0.1
+
+
+def test_grid_contrast_against_a_direct_computation_and_on_drawn_blocks(shapes):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 8, 8, generator=g)
+    across, within = [], []                              # every neighbouring pair, one at a time
+    for a, b in [((i, j), (i, j + 1)) for i in range(8) for j in range(7)] + \
+                [((i, j), (i + 1, j)) for i in range(7) for j in range(8)]:
+        step = (x[:, :, a[0], a[1]] - x[:, :, b[0], b[1]]).abs().mean()
+        boundary = b[1] % 4 == 0 if a[0] == b[0] else b[0] % 4 == 0
+        (across if boundary else within).append(step)
+    # each position along an axis averages the same number of pairs, so the mean of means is the direct mean
+    assert grid_contrast(x, 4) == pytest.approx(float(torch.stack(across).mean() / torch.stack(within).mean()),
+                                                rel=1e-5)
+    real, _ = real_images(shapes, 200)
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(real, 4), scale_factor=4)
+    assert grid_contrast(real, 4) < 1.5                  # the shapes' edges fall anywhere
+    assert grid_contrast(blocks, 4) > 10 * grid_contrast(real, 4)   # each 4×4 cell flat: edges on the grid only
+    shifted = torch.roll(blocks, shifts=(2, 2), dims=(2, 3))
+    assert grid_contrast(shifted, 4) < 0.2               # the same blocks off the grid: flat across its lines
 
 
 def test_the_probe_needs_class_conditional_pixel_shards(tmp_path, shapes):
@@ -99,7 +119,7 @@ def test_a_captioned_run_is_probed_with_held_out_captions_like_a_direct_computat
     cfg = load_config(None, text_overrides(shards, str(tmp_path / "run"), **{"train.steps": 4}))
     Trainer(cfg).fit()
     report = probe_run(str(tmp_path / "run"), num_samples=8, train_images=40, shape=True)
-    assert report["conditioning"] == "text" and report["num_samples"] == 8
+    assert report["conditioning"] == "text" and report["num_samples"] == 8 and report["grid_period"] == 4
 
     x, y = real_images(shards, 56)
     view = shape_view(x)
@@ -111,6 +131,8 @@ def test_a_captioned_run_is_probed_with_held_out_captions_like_a_direct_computat
     with torch.no_grad():
         out = sample_indices(built.model, built.objective, cfg.model, spec, list(range(8)), "cpu",
                              lambda indices: captions.take([40 + i for i in indices]))
+    assert report["grid_contrast"] == pytest.approx(grid_contrast(out.float().clamp(-1, 1), 4), rel=1e-6)
+    assert report["grid_contrast_real"] == pytest.approx(grid_contrast(x[40:48], 4), rel=1e-6)
     samples = shape_view(out.float().clamp(-1, 1))
     net = train_probe(view[:40], y[:40], int(y.max()) + 1)
     _, preds = _apply(net, samples)
