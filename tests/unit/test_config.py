@@ -84,8 +84,8 @@ def test_every_shipped_config_is_valid():
 def test_derived_values_are_written_back_once():
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"))
     m, moe = cfg.model, cfg.moe
-    assert (m.depth, m.hidden_size, m.num_heads, m.patch_size, m.num_tokens) == (6, 128, 4, 4, 64)
-    assert (moe.num_experts, moe.top_k, moe.expert_hidden, moe.shared_hidden) == (4, 2, 256, 128)
+    assert (m.depth, m.hidden_size, m.num_heads, m.patch_size, m.num_tokens) == (6, 192, 6, 4, 64)
+    assert (moe.num_experts, moe.top_k, moe.expert_hidden, moe.shared_hidden) == (4, 2, 384, 192)
     dense = load_config(None, ["model.name=DiT-S/2"])
     assert (dense.moe.num_experts, dense.moe.top_k, dense.moe.expert_hidden) == (0, 0, 0)
     # grouped GEMM needs 16-byte strides: 1.1 × 64 = 70 is rounded up to 72
