@@ -48,7 +48,8 @@ def grid_contrast(images: torch.Tensor, period: int) -> float:
     neighbouring pixels (along rows and columns) that lie in different `period`-wide cells of the grid, divided by
     that of neighbours in the same cell. Real images give the data's own value (their edges fall where the shapes
     put them); samples whose patches are drawn each on its own (block artefacts: edges along the patch grid) give
-    more, and a model that hides its grid gives the real images' value."""
+    more, and a model that hides its grid gives the real images' value. Fine noise inside the cells lowers it as
+    well (it raises the within-cell differences), so it is read beside a distance such as the probe's FD."""
     x = images.float()
     across_columns = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=(0, 1, 2))    # [W − 1]: pixel j vs j + 1
     across_rows = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(0, 1, 3))             # [H − 1]
