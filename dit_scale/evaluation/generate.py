@@ -40,7 +40,7 @@ class SamplingSpec:
     guidance_low: float
     guidance_high: float
     seed: int
-    sde_strength: float = 1.0
+    sde_strength: float
 
     @classmethod
     def from_config(cls, cfg, *, sampler=None, steps=None, cfg_scale=None, guide_channels=None, seed=None,

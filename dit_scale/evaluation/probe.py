@@ -259,7 +259,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     field = "--data" if data else "data.path"
     data = data or cfg.data.path
     x, y = real_images(data, train_images + 2 * num_samples, field=field)
-    real_colour = x[train_images:]                                  # held-out real images, before any view
+    real_colour = x[train_images:train_images + num_samples]        # held-out real images, before any view
     if text:
         classes = int(y.max()) + 1                                 # the shards' classes (shapes, here)
     view = shape_view if shape else (lambda images: images)
@@ -284,16 +284,16 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
         with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
             out = sample_indices(model, built.objective, cfg.model, spec, indices, device, conditions)
         images.append(decoder(out).cpu().float().clamp(-1.0, 1.0))
-    samples = view(torch.cat(images))
+    colour = torch.cat(images)
+    samples = view(colour)
     labels = y[held_out.start:held_out.stop] if text else torch.tensor([class_of(i, classes)
                                                                          for i in range(num_samples)])
     real_a = x[train_images:train_images + num_samples]
     real_b = x[train_images + num_samples:]
     report = probe_report(probe, samples, labels, real_a, y[train_images:train_images + num_samples], real_b)
     period = x.shape[-1] * cfg.model.patch_size // cfg.model.input_size     # image pixels per patch side
-    colour = torch.cat(images)
     report.update(grid_contrast=grid_contrast(colour, period),
-                  grid_contrast_real=grid_contrast(real_colour[:num_samples], period), grid_period=period)
+                  grid_contrast_real=grid_contrast(real_colour, period), grid_period=period)
     if text and shape:
         boundaries = layout_boundaries(x[:train_images], captions.titles(range(train_images)))
         texts = captions.titles(held_out)
