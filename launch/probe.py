@@ -31,6 +31,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
     p.add_argument("--sampler", default=None, help="sampler (default: the run's)")
     p.add_argument("--sde-strength", type=float, default=None, help="sampler sde's strength (default: the run's)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guide only for t in [LOW, HIGH] (t = 1: noise; default: the run's diffusion.guidance_low/high)")
     p.add_argument("--data", default=None, help="pixel shards of the training images (default: data.path)")
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -42,11 +44,14 @@ def main(argv=None):
     if args.sde_strength is not None and args.sde_strength < 0:
         print("error: --sde-strength must be at least 0 (0: the sde sampler is the Euler ODE).", file=sys.stderr)
         return 2
+    if args.guidance_interval is not None and not 0.0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1.0:
+        print("error: --guidance-interval LOW HIGH must satisfy 0 <= LOW <= HIGH <= 1.", file=sys.stderr)
+        return 2
     try:
         report = probe_run(args.run, num_samples=args.num_samples, train_images=args.train_images,
                            cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler, data=args.data,
                            ema=not args.no_ema, shape=args.shape, device=pick_device(args.device),
-                           sde_strength=args.sde_strength)
+                           sde_strength=args.sde_strength, guidance_interval=args.guidance_interval)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

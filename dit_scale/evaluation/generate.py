@@ -44,15 +44,18 @@ class SamplingSpec:
 
     @classmethod
     def from_config(cls, cfg, *, sampler=None, steps=None, cfg_scale=None, guide_channels=None, seed=None,
-                    sde_strength=None):
-        """The config's eval.* sampling settings (which default to diffusion.*), each overridable."""
+                    sde_strength=None, guidance_interval=None):
+        """The config's eval.* sampling settings (which default to diffusion.*), each overridable
+        (`guidance_interval`: (low, high) instead of diffusion.guidance_low/high)."""
+        low, high = guidance_interval if guidance_interval is not None else (cfg.diffusion.guidance_low,
+                                                                             cfg.diffusion.guidance_high)
         e, d = cfg.eval, cfg.diffusion
         pick = (lambda given, *fallbacks: next((v for v in (given, *fallbacks) if v is not None), None))
         return cls(sampler=pick(sampler, e.sampler, d.sampler, DEFAULT_SAMPLER[d.objective]),
                    steps=int(pick(steps, e.steps, d.sample_steps)),
                    cfg_scale=float(pick(cfg_scale, e.cfg_scale, d.cfg_scale)),
                    guide_channels=pick(guide_channels, e.guide_channels),
-                   guidance_low=float(d.guidance_low), guidance_high=float(d.guidance_high),
+                   guidance_low=float(low), guidance_high=float(high),
                    seed=int(pick(seed, e.seed)), sde_strength=float(pick(sde_strength, d.sde_strength)))
 
     def as_dict(self) -> dict:

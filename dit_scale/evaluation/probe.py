@@ -22,7 +22,7 @@ the shape view, with cell and size boundaries fitted on the probe's real trainin
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -231,7 +231,8 @@ def real_images(path: str, num: int, offset: int = 0, field: str = "data.path") 
 
 def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg_scale: Optional[float] = None,
               steps: Optional[int] = None, sampler: Optional[str] = None, data: Optional[str] = None, seed: int = 0,
-              ema: bool = True, shape: bool = False, device="cpu", sde_strength: Optional[float] = None) -> dict:
+              ema: bool = True, shape: bool = False, device="cpu", sde_strength: Optional[float] = None,
+              guidance_interval: Optional[Tuple[float, float]] = None) -> dict:
     """Sample `num_samples` images (balanced classes, per-index seeds) from the EMA model of `run`'s latest
     checkpoint (or a checkpoint path) and probe them against its training data (`data`, default data.path): the
     probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
@@ -276,7 +277,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     device = torch.device(device)
     model.to(device)
     spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                    sde_strength=sde_strength)
+                                    sde_strength=sde_strength, guidance_interval=guidance_interval)
     decoder = image_decoder(cfg, device=device, required=True)
     images = []
     for start in range(0, num_samples, 64):

@@ -62,11 +62,23 @@ def test_grid_contrast_against_a_direct_computation_and_on_drawn_blocks(shapes):
     assert grid_contrast(shifted, 4) < 0.2               # the same blocks off the grid: flat across its lines
 
 
-def test_the_probe_needs_class_conditional_pixel_shards(tmp_path, shapes):
+def test_the_probe_needs_class_conditional_pixel_shards(tmp_path, shapes, capsys):
     from launch.probe import main
     assert main([str(tmp_path / "nothing")]) == 2
+    assert main([str(tmp_path / "nothing"), "--guidance-interval", "0.6", "0.2"]) == 2
+    assert "--guidance-interval LOW HIGH must satisfy" in capsys.readouterr().err
     with pytest.raises(Exception, match="holds 1200 samples; the probe needs 5000"):
         real_images(shapes, 5000)
+
+
+def test_sampling_spec_takes_the_guidance_interval_from_the_config_or_the_caller():
+    from dit_scale.config import load_config
+    from dit_scale.evaluation.generate import SamplingSpec
+    cfg = load_config(None, ["diffusion.guidance_low=0.1", "diffusion.guidance_high=0.9"])
+    spec = SamplingSpec.from_config(cfg)
+    assert (spec.guidance_low, spec.guidance_high) == (0.1, 0.9)
+    spec = SamplingSpec.from_config(cfg, guidance_interval=(0.2, 1.0))
+    assert (spec.guidance_low, spec.guidance_high) == (0.2, 1.0)
 
 
 def _captioned(n, seed):
