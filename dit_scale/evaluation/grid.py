@@ -32,7 +32,7 @@ from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.generation.captions import (CaptionTable, prompt_encoder, read_prompts, training_caption_path,
                                           write_prompt_grid)
-from dit_scale.generation.sampling import write_class_grid
+from dit_scale.generation.sampling import grid_title, write_class_grid
 from dit_scale.generation.vae import data_manifest, image_decoder
 from dit_scale.optim import resolve_precision
 from dit_scale.parallel.topology import pick_device
@@ -129,7 +129,7 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
     step = int(state.get("step", 0))
     out = out or default_out(path, state)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    title = f"{cfg.model.name} step {step} · {sampler} {steps} steps · cfg {scale:g}"
+    title = grid_title(cfg, step, sampler, steps, scale)
     try:
         with resolve_precision(cfg.train.precision, device).autocast():     # as the run trained
             if text:

@@ -27,7 +27,7 @@ from dit_scale.evaluation.reference import FeatureExtractor, load_reference
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.evaluation.val_loss import ValidationLoss
 from dit_scale.generation.captions import CaptionTable, training_caption_path, write_prompt_grid
-from dit_scale.generation.sampling import class_grid, save_class_grid
+from dit_scale.generation.sampling import class_grid, grid_title, save_class_grid
 from dit_scale.generation.vae import data_manifest, image_decoder
 from dit_scale.optim import resolve_precision
 
@@ -115,8 +115,7 @@ class TrainingEvaluation:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return save_class_grid(samples, self.cfg, path, decoder=self.decoder(),
                                manifest=data_manifest(self.cfg.data)[0],
-                               title=f"{self.cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
-                                     f"cfg {d.cfg_scale:g}")
+                               title=grid_title(self.cfg, step, sampler, d.sample_steps, d.cfg_scale))
 
     def _write_caption_grid(self, engine, step: int, path: str, sampler: str) -> str:
         """A text model's grid: the first logging.max_sample_classes captions of the training shards, one row each
@@ -136,5 +135,4 @@ class TrainingEvaluation:
             return write_prompt_grid(model, self.objective, cfg, self.device, self._grid_captions, path,
                                      per_prompt=cfg.logging.samples_per_class, seed=cfg.train.seed,
                                      write=self.topo.is_main, decoder=self.decoder() if self.topo.is_main else None,
-                                     title=f"{cfg.model.name} step {step} · {sampler} {d.sample_steps} steps · "
-                                           f"cfg {d.cfg_scale:g}")
+                                     title=grid_title(cfg, step, sampler, d.sample_steps, d.cfg_scale))

@@ -21,6 +21,16 @@ from dit_scale.diffusion import sample
 MAX_TITLE_CHARS = 28
 
 
+def grid_title(cfg, step: int, sampler: str, steps: int, cfg_scale: float) -> str:
+    """A sample grid's title: model, step, sampler and steps, and guidance with diffusion.guidance_low/high when
+    guidance is not applied over all of t in [0, 1]."""
+    d = cfg.diffusion
+    guide = f"cfg {cfg_scale:g}"
+    if cfg_scale != 1.0 and (d.guidance_low > 0.0 or d.guidance_high < 1.0):
+        guide += f" for t in [{d.guidance_low:g}, {d.guidance_high:g}]"
+    return f"{cfg.model.name} step {step} · {sampler} {steps} steps · {guide}"
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> [N, H, W, 3] uint8. Non-RGB inputs show their first channels, min-max scaled."""
     x = x.detach().float().cpu()

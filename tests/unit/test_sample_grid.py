@@ -34,3 +34,13 @@ def test_default_out_and_checkpoint(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="has no checkpoints/; train first or pass --ckpt"):
         grid_checkpoint(str(tmp_path / "empty"), None)
+
+
+def test_grid_title_names_the_guidance_interval_when_it_is_not_all_of_t():
+    from dit_scale.config import load_config
+    from dit_scale.generation.sampling import grid_title
+    cfg = load_config(None, ["model.name=DiT-XS/4"])
+    assert grid_title(cfg, 8, "heun", 16, 2.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 2"
+    cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.guidance_low=0.4"])
+    assert grid_title(cfg, 8, "heun", 16, 2.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 2 for t in [0.4, 1]"
+    assert grid_title(cfg, 8, "heun", 16, 1.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 1"      # no guidance
