@@ -61,6 +61,7 @@ def model_args(cfg, width: Optional[int] = None) -> ModelArgs:
                      class_dropout=m.class_dropout, qk_norm=m.qk_norm, attention=m.attention, moe=sparse,
                      attn_scale=1.0 / (d // heads) if mp.enabled and mp.attn_scale == "inverse" else None,
                      output_mult=mp.output_mult if mp.enabled else 1.0, mixer_depth=cfg.mask.mixer_depth,
+                     patch_overlap=m.patch_overlap,
                      mask_token=cfg.mask.ratio > 0, align_heads=head_specs(cfg.align, d), conditioning=m.conditioning,
                      text_dim=int(m.text_dim or 0), text_len=int(m.text_len or 0), caption_dropout=m.caption_dropout)
 

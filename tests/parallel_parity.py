@@ -2,7 +2,8 @@
 DiT-MoE in float64 on gloo trains 5 AdamW steps on the same global batch in both; the test compares the losses,
 the first step's gradients (every parameter, adaLN included), the clipping norms, the final weights, EMA and Adam
 moments. The single-process run is the local engine on the whole batch (the second code path). Extras: MOE_LOSSES
-(balance and z-losses), MASKED (with masked=True: kept tokens, patch-mixer, REPA head), TEXT (a text model: the
+(balance and z-losses), MASKED (with masked=True: kept tokens, patch-mixer, REPA head,
+overlapping patches), TEXT (a text model: the
 batch's y is a Captions batch of padded caption features).
 
     ref = train(0, 1, LOCAL)                        # one process
@@ -22,9 +23,10 @@ STEPS, BATCH = 5, 4
 LOCAL = {"parallel.engine": "local"}
 # the DiT-MoE's own losses on: the balance and z-losses of a micro-batch whose tokens several ranks hold are exact
 MOE_LOSSES = ("moe.aux_loss_coeff=0.01", "moe.z_loss_coeff=0.001")
-# deferred masking with a dense patch-mixer block and a REPA head: kept tokens, mask token, gathered heads
+# deferred masking with a dense patch-mixer block and a REPA head: kept tokens, mask token, gathered heads; the patch
+# embedding reads a pixel of its neighbours (before the tokens are split over the ranks)
 MASKED = ("mask.ratio=0.5", "mask.mixer_depth=1", "align.repa_weight=0.5", "align.teacher_dim=8",
-          "align.repa_depth=1", "align.projector_dim=16")
+          "align.repa_depth=1", "align.projector_dim=16", "model.patch_overlap=1")
 
 
 def make_cfg(layout: dict, extra=()):

@@ -23,6 +23,8 @@ class ModelConfig:
     hidden_size: Optional[int] = None   # width (None: from the name)
     num_heads: Optional[int] = None     # attention heads (None: from the name)
     mlp_ratio: float = 4.0              # dense FFN width (GELU MLP, as DiT)
+    patch_overlap: int = 0              # each token's embedding also reads this many pixels of its neighbouring
+                                        # patches on every side (docs/models.md); 0: DiT's patch embedding
     patch_size: Optional[int] = None    # derived from the name when the config is loaded
     num_tokens: Optional[int] = None    # derived: (input_size / patch_size)²
     conditioning: str = "class"         # class (labels) | text (captions, cross-attention: docs/text-to-image.md)

@@ -74,6 +74,9 @@ def check_values(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Checks that need the resolved config (width, depth, experts, tokens)."""
     m, moe, d, t = cfg.model, cfg.moe, cfg.diffusion, cfg.train
+    if not 0 <= m.patch_overlap <= m.patch_size:
+        _fail(f"model.patch_overlap must be between 0 and the patch size {m.patch_size} (pixels of the "
+              f"neighbouring patches a token reads on each side), got {m.patch_overlap}.")
     if moe.num_experts:
         if moe.capacity_factor <= 0:
             _fail(f"moe.capacity_factor must be > 0, got {moe.capacity_factor}.")

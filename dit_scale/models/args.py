@@ -53,6 +53,7 @@ class ModelArgs:
     attn_scale: Optional[float] = None  # softmax temperature; None: 1/sqrt(head_dim) (μP: 1/head_dim)
     output_mult: float = 1.0            # μP's readout input multiplier
     mixer_depth: int = 0                # dense blocks on all tokens before masking (deferred masking)
+    patch_overlap: int = 0              # pixels of the neighbouring patches each token's embedding also reads
     mask_token: bool = False            # learn the vector that fills dropped positions (training with masks)
     align_heads: Dict[str, Tuple[int, Tuple[int, ...]]] = field(default_factory=dict)   # {name: (block, dims)}
     conditioning: str = "class"         # class (labels) | text (captions: cross-attention, models/text.py)

@@ -116,7 +116,7 @@ class DiT(nn.Module):
         self.in_channels, self.out_channels, self.patch_size = args.in_channels, args.out_channels, args.patch_size
         self.num_classes = args.num_classes
         self.grad_checkpointing = False
-        self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d)
+        self.x_embedder = PatchEmbed(args.patch_size, args.in_channels, d, args.patch_overlap)
         self.t_embedder = TimestepEmbedder(d)
         self.caption_embedder = None
         if args.conditioning == "text":             # captions instead of class labels (models/text.py)

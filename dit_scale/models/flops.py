@@ -45,8 +45,8 @@ def cross_attention_macs(args: ModelArgs, tokens: int) -> int:
 
 
 def embed_macs(args: ModelArgs) -> int:
-    d, p = args.hidden_size, args.patch_size
-    macs = args.num_tokens * d * args.in_channels * p * p + 256 * d + d * d
+    d, k = args.hidden_size, args.patch_size + 2 * args.patch_overlap      # the patch embedding's kernel side
+    macs = args.num_tokens * d * args.in_channels * k * k + 256 * d + d * d
     if args.conditioning == "text":     # caption projection (T -> D -> D) on every caption token, pooled projection
         macs += args.text_len * (args.text_dim * d + d * d) + d * d
     return macs

@@ -25,12 +25,14 @@ def modulate(x, shift, scale):
 # ----------------------------------------------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
-    """[B, C, H, W] -> [B, (H/p)*(W/p), D] with a strided convolution (DiT / timm layout)."""
+    """[B, C, H, W] -> [B, (H/p)*(W/p), D] with a strided convolution (DiT / timm layout). `overlap` o > 0: each
+    token also reads o pixels of its neighbours on every side (kernel p + 2o, stride p, zero padding o)."""
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, overlap: int = 0):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size + 2 * overlap, stride=patch_size,
+                              padding=overlap)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)

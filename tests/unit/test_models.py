@@ -67,10 +67,10 @@ def test_registry_names():
     assert (spec.depth, spec.hidden_size, spec.num_heads, spec.num_experts, spec.top_k) == (40, 1408, 16, 16, 2)
 
 
-@pytest.mark.parametrize("name", ["DiT-XS/4", "DiT-XS/4-4E2A"])
-def test_analytic_flops_match_torch_flop_counter(name):
+@pytest.mark.parametrize("name, overlap", [("DiT-XS/4", 0), ("DiT-XS/4-4E2A", 0), ("DiT-XS/4-4E2A", 2)])
+def test_analytic_flops_match_torch_flop_counter(name, overlap):
     """forward_macs minus its LayerNorm term equals torch's count of matmul/conv/attention FLOPs / 2."""
-    cfg = small_cfg(f"model.name={name}", "moe.expert_impl=loop")
+    cfg = small_cfg(f"model.name={name}", "moe.expert_impl=loop", f"model.patch_overlap={overlap}")
     kwargs = model_args(cfg)
     model = DiT(kwargs)
     counter = FlopCounterMode(display=False)
@@ -79,6 +79,27 @@ def test_analytic_flops_match_torch_flop_counter(name):
     tokens, d = (16 // 4) ** 2, kwargs.hidden_size
     norms = kwargs.depth * 2 * tokens * d + tokens * d
     assert forward_macs(kwargs) - norms == counter.get_total_flops() // 2
+
+
+def test_patch_overlap_reads_the_neighbouring_pixels_and_nothing_further():
+    """model.patch_overlap=o: a token's embedding is a direct convolution of its patch widened by o pixels on every
+    side (zero padding at the image border); a pixel o or fewer pixels past the patch border changes it, one further
+    does not. o = 0 is DiT's patch embedding."""
+    plain = build_model(small_cfg())
+    assert plain.x_embedder.proj.kernel_size == (4, 4) and plain.x_embedder.proj.padding == (0, 0)
+    model = build_model(small_cfg("model.patch_overlap=2"))
+    conv = model.x_embedder.proj
+    assert conv.weight.shape[-2:] == (8, 8)
+    x = torch.randn(2, 3, 16, 16)
+    tokens = model.x_embedder(x)                                    # [B, 16, D]: a 4 × 4 grid of 4×4 patches
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    direct = torch.einsum("bchw,dchw->bd", padded[:, :, 4:12, 4:12], conv.weight) + conv.bias   # token (1, 1)
+    torch.testing.assert_close(tokens[:, 1 * 4 + 1], direct)
+    for row, moves in ((9, True), (10, False)):                     # token (1, 1) covers rows 4..7, reads 2..9
+        x2 = x.clone()
+        x2[:, :, row, 5] += 1.0
+        changed = (model.x_embedder(x2)[:, 1 * 4 + 1] - tokens[:, 1 * 4 + 1]).abs().amax() > 1e-6
+        assert changed == moves, row
 
 
 def test_label_dropout_for_cfg():
