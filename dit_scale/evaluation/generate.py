@@ -47,9 +47,8 @@ class SamplingSpec:
                     sde_strength=None, guidance_interval=None):
         """The config's eval.* sampling settings (which default to diffusion.*), each overridable
         (`guidance_interval`: (low, high) instead of diffusion.guidance_low/high)."""
-        low, high = guidance_interval if guidance_interval is not None else (cfg.diffusion.guidance_low,
-                                                                             cfg.diffusion.guidance_high)
         e, d = cfg.eval, cfg.diffusion
+        low, high = guidance_interval if guidance_interval is not None else (d.guidance_low, d.guidance_high)
         pick = (lambda given, *fallbacks: next((v for v in (given, *fallbacks) if v is not None), None))
         return cls(sampler=pick(sampler, e.sampler, d.sampler, DEFAULT_SAMPLER[d.objective]),
                    steps=int(pick(steps, e.steps, d.sample_steps)),
