@@ -2,9 +2,8 @@
 DiT-MoE in float64 on gloo trains 5 AdamW steps on the same global batch in both; the test compares the losses,
 the first step's gradients (every parameter, adaLN included), the clipping norms, the final weights, EMA and Adam
 moments. The single-process run is the local engine on the whole batch (the second code path). Extras: MOE_LOSSES
-(balance and z-losses), MASKED (with masked=True: kept tokens, patch-mixer, REPA head,
-overlapping patches), TEXT (a text model: the
-batch's y is a Captions batch of padded caption features).
+(balance and z-losses), MASKED (with masked=True: kept tokens, patch-mixer, REPA head, overlapping patches), TEXT
+(a text model: the batch's y is a Captions batch of padded caption features).
 
     ref = train(0, 1, LOCAL)                        # one process
     got = run_distributed(train, 2, {"parallel.tp": 2})[0]
