@@ -33,6 +33,9 @@ def main(argv=None):
     p.add_argument("--sde-strength", type=float, default=None, help="sampler sde's strength (default: the run's)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="guide only for t in [LOW, HIGH] (t = 1: noise; default: the run's diffusion.guidance_low/high)")
+    p.add_argument("--grid-shift", type=int, default=None,
+                   help="move the patch grid by this many pixels between model evaluations (default: the run's "
+                        "diffusion.grid_shift; 0: off)")
     p.add_argument("--data", default=None, help="pixel shards of the training images (default: data.path)")
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -51,7 +54,8 @@ def main(argv=None):
         report = probe_run(args.run, num_samples=args.num_samples, train_images=args.train_images,
                            cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler, data=args.data,
                            ema=not args.no_ema, shape=args.shape, device=pick_device(args.device),
-                           sde_strength=args.sde_strength, guidance_interval=args.guidance_interval)
+                           sde_strength=args.sde_strength, guidance_interval=args.guidance_interval,
+                           grid_shift=args.grid_shift)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

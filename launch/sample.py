@@ -49,13 +49,17 @@ def main(argv=None):
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: the shards' manifest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--grid-shift", type=int, default=None,
+                   help="move the patch grid by this many pixels between model evaluations (default: the run's "
+                        "diffusion.grid_shift; 0: off)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
         out = sample_grid(run=args.run, ckpt=args.ckpt, out=args.out, classes=args.classes, per_class=args.per_class,
                           prompts=args.prompts, text_encoder=args.text_encoder, steps=args.steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
-                          vae=args.vae, seed=args.seed, ema=not args.no_ema, device=args.device)
+                          vae=args.vae, seed=args.seed, ema=not args.no_ema, device=args.device,
+                          grid_shift=args.grid_shift)
     except (CheckpointError, ConfigError) as e:     # a sampler the objective does not take is a ConfigError too
         print(f"error: {e}", file=sys.stderr)
         return 2

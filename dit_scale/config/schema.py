@@ -70,6 +70,8 @@ class DiffusionConfig:
     cfg_scale: float = 1.0              # classifier-free guidance scale for sample grids (1: none)
     guidance_low: float = 0.0           # guidance interval in t ∈ [0, 1]
     guidance_high: float = 1.0          # upper end of the guidance interval
+    grid_shift: int = 0                 # sampling: move the patch grid by this many pixels (half the patch side)
+                                        # between model evaluations, hiding block edges (0: DiT's sampling)
 
 
 @dataclass

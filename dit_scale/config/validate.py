@@ -102,6 +102,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
         _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
               f"{d.guidance_low}, {d.guidance_high}.")
+    if not 0 <= d.grid_shift < m.patch_size:
+        _fail(f"diffusion.grid_shift must be between 0 and model.patch_size - 1 ({m.patch_size - 1}), got "
+              f"{d.grid_shift}; half the patch side ({m.patch_size // 2}) is the usual choice, 0 turns it off.")
     if d.cfg_scale != 1.0 and m.conditioning == "class" and m.num_classes == 0:
         _fail(f"diffusion.cfg_scale={d.cfg_scale} guides towards a class, but model.num_classes=0 (unconditional); "
               f"set diffusion.cfg_scale=1.")

@@ -23,6 +23,13 @@ guides three of the four latent channels). Guidance is applied only at times ins
 (lo, hi), inclusive, where time is t in [0, 1] for flow and step / T for DDPM; elsewhere the model runs on the
 conditional batch only.
 
+Grid shift (`grid_shift` = h > 0, for a patch model: h = half its patch side): the model sees its input rolled
+by (h, h), (0, 0), (h, 0), (0, h) pixels on successive evaluations (cycling), and its output is rolled back. A
+patch model draws each patch on its own, so at few steps its patch grid shows as block edges; shifting the grid
+from one evaluation to the next leaves no patch boundary in place (each Heun step averages the velocities of two
+grids half a patch apart). The roll is circular: the h border rows and columns wrap to the other side. h = 0
+(default) is DiT's sampling, evaluation for evaluation.
+
 `generator` is a torch.Generator or a list of one per sample: then sample i's noise comes from generator i only,
 so a sample does not depend on which batch it is drawn in (distributed evaluation).
 """
@@ -46,7 +53,7 @@ DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddim"}
 def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_steps: int,
            sampler: Optional[str] = None, cfg_scale: float = 1.0, null_label: Optional[int] = None,
            guidance_interval: Tuple[float, float] = (0.0, 1.0), guide_channels: Optional[int] = None,
-           generator: Generators = None, sde_strength: float = 1.0) -> torch.Tensor:
+           generator: Generators = None, sde_strength: float = 1.0, grid_shift: int = 0) -> torch.Tensor:
     """Turn `noise` [B, C, ...] into samples x0 of the same shape.
 
     Args:
@@ -65,6 +72,8 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         generator: the noise of the stochastic samplers ("sde", "ancestral"): a generator or a list of one per
             sample (see the module docstring); None: torch's global generator. The other samplers draw nothing.
         sde_strength: "sde" only: how much noise each step removes and adds back (0: the Euler ODE).
+        grid_shift: pixels by which the patch grid moves between model evaluations (see the module docstring);
+            0: none.
     """
     if isinstance(objective, FlowMatching):
         kind = "flow"
@@ -82,6 +91,8 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         raise ValueError(f"sde_strength must be at least 0, got {sde_strength}.")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+    if grid_shift < 0:
+        raise ValueError(f"grid_shift must be at least 0, got {grid_shift}.")
     if cfg_scale != 1.0 and null_label is None and not hasattr(y, "with_null"):
         raise ValueError("cfg_scale != 1 needs null_label, the class id the model uses for 'no class' "
                          "(usually num_classes).")
@@ -94,7 +105,7 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
     if isinstance(generator, (list, tuple)) and len(generator) != len(noise):
         raise ValueError(f"got {len(generator)} generators for {len(noise)} samples; pass one per sample.")
     guide = _Guidance(model_fn, y, cfg_scale, null_label, guidance_interval,
-                      channels if guide_channels is None else guide_channels)
+                      channels if guide_channels is None else guide_channels, int(grid_shift))
     with torch.no_grad():
         if sampler == "euler":
             return _flow_euler(objective, guide, noise, num_steps)
@@ -107,12 +118,19 @@ def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.
         return _ddim(objective, guide, noise, num_steps)
 
 
+GRID_OFFSETS = ((1, 1), (0, 0), (1, 0), (0, 1))    # × grid_shift: the roll of successive evaluations, cycling
+
+
 class _Guidance:
-    """Calls the model at one time value, with classifier-free guidance when that time is inside the interval."""
+    """Calls the model at one time value, with classifier-free guidance when that time is inside the interval,
+    on its input rolled by the next of GRID_OFFSETS × grid_shift (its output rolled back)."""
 
     def __init__(self, model_fn: ModelFn, y: Optional[torch.Tensor], cfg_scale: float,
-                 null_label: Optional[int], interval: Tuple[float, float], guide_channels: int):
+                 null_label: Optional[int], interval: Tuple[float, float], guide_channels: int,
+                 grid_shift: int = 0):
         self.model_fn = model_fn
+        self.grid_shift = grid_shift
+        self.calls = 0
         self.guide_channels = guide_channels
         self.y = y
         self.cfg_scale = float(cfg_scale)
@@ -123,6 +141,14 @@ class _Guidance:
 
     def __call__(self, x: torch.Tensor, t_model_value: float, time: float) -> torch.Tensor:
         """Model output at `x` for the (Python float) model timestep; `time` in [0, 1] decides guidance."""
+        if self.grid_shift == 0:
+            return self._guided(x, t_model_value, time)
+        dy, dx = (self.grid_shift * k for k in GRID_OFFSETS[self.calls % len(GRID_OFFSETS)])
+        self.calls += 1
+        out = self._guided(torch.roll(x, (dy, dx), dims=(-2, -1)), t_model_value, time)
+        return torch.roll(out, (-dy, -dx), dims=(-2, -1))
+
+    def _guided(self, x: torch.Tensor, t_model_value: float, time: float) -> torch.Tensor:
         use_guidance = self.cfg_scale != 1.0 and self.low <= time <= self.high
         batch = 2 * x.shape[0] if use_guidance else x.shape[0]
         t_model = torch.full((batch,), t_model_value, device=x.device, dtype=torch.float32)

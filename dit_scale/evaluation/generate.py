@@ -41,10 +41,11 @@ class SamplingSpec:
     guidance_high: float
     seed: int
     sde_strength: float
+    grid_shift: int = 0
 
     @classmethod
     def from_config(cls, cfg, *, sampler=None, steps=None, cfg_scale=None, guide_channels=None, seed=None,
-                    sde_strength=None, guidance_interval=None):
+                    sde_strength=None, guidance_interval=None, grid_shift=None):
         """The config's eval.* sampling settings (which default to diffusion.*), each overridable
         (`guidance_interval`: (low, high) instead of diffusion.guidance_low/high)."""
         e, d = cfg.eval, cfg.diffusion
@@ -55,7 +56,8 @@ class SamplingSpec:
                    cfg_scale=float(pick(cfg_scale, e.cfg_scale, d.cfg_scale)),
                    guide_channels=pick(guide_channels, e.guide_channels),
                    guidance_low=float(low), guidance_high=float(high),
-                   seed=int(pick(seed, e.seed)), sde_strength=float(pick(sde_strength, d.sde_strength)))
+                   seed=int(pick(seed, e.seed)), sde_strength=float(pick(sde_strength, d.sde_strength)),
+                   grid_shift=int(pick(grid_shift, d.grid_shift)))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +132,7 @@ def sample_indices(model, objective, model_cfg, spec: SamplingSpec, indices: Lis
         return sample(objective, lambda x, t, labels: model(x, t, labels)[0], noise.to(device), y,
                       num_steps=spec.steps, sampler=spec.sampler, cfg_scale=spec.cfg_scale,
                       null_label=m.num_classes, guidance_interval=(spec.guidance_low, spec.guidance_high),
-                      guide_channels=spec.guide_channels, generator=generators, sde_strength=spec.sde_strength)
+                      guide_channels=spec.guide_channels, generator=generators, sde_strength=spec.sde_strength,
+                      grid_shift=spec.grid_shift)
     finally:
         model.train(was_training)

@@ -24,6 +24,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from omegaconf import read_write
+
 from dit_scale.build import build
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
 from dit_scale.config import config_from_yaml_text
@@ -97,15 +99,22 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
                 prompts: Optional[Sequence[str]] = None, text_encoder: Optional[str] = None,
                 steps: Optional[int] = None, sampler: Optional[str] = None, cfg_scale: Optional[float] = None,
                 guide_channels: Optional[int] = None, vae: Optional[str] = None, seed: int = 0, ema: bool = True,
-                device: str = "auto") -> str:
+                device: str = "auto", grid_shift: Optional[int] = None) -> str:
     """Draw and write the grid of a checkpoint (`ckpt`, or the latest of the run directory `run`); returns the PNG's
     path (`out`, else `default_out`). `classes` is --classes' text ("0,3,7"); `per_class` is also a text model's
-    samples per prompt; `ema=False` takes the raw weights (an exported file holds one set). Raises ConfigError or
+    samples per prompt; `ema=False` takes the raw weights (an exported file holds one set); `grid_shift` replaces
+    diffusion.grid_shift. Raises ConfigError or
     CheckpointError (one sentence) for an input error; a sampler or step count the objective does not take is a
     ConfigError too."""
     path = grid_checkpoint(run, ckpt)
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
+    if grid_shift is not None:
+        if not 0 <= grid_shift < cfg.model.patch_size:
+            raise ConfigError(f"--grid-shift must be between 0 and the patch size minus one "
+                              f"({cfg.model.patch_size - 1}), got {grid_shift}.")
+        with read_write(cfg):
+            cfg.diffusion.grid_shift = grid_shift
     device = pick_device(device)
     decoder = image_decoder(cfg, vae, device)
     manifest, _ = data_manifest(cfg.data)

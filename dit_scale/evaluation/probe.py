@@ -232,7 +232,7 @@ def real_images(path: str, num: int, offset: int = 0, field: str = "data.path") 
 def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg_scale: Optional[float] = None,
               steps: Optional[int] = None, sampler: Optional[str] = None, data: Optional[str] = None, seed: int = 0,
               ema: bool = True, shape: bool = False, device="cpu", sde_strength: Optional[float] = None,
-              guidance_interval: Optional[Tuple[float, float]] = None) -> dict:
+              guidance_interval: Optional[Tuple[float, float]] = None, grid_shift: Optional[int] = None) -> dict:
     """Sample `num_samples` images (balanced classes, per-index seeds) from the EMA model of `run`'s latest
     checkpoint (or a checkpoint path) and probe them against its training data (`data`, default data.path): the
     probe trains on the first `train_images` real images and compares with the next 2 × `num_samples`. `shape`:
@@ -271,13 +271,17 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     if text:
         captions = CaptionTable.from_shards(ShardSet.open(data, field=field), train_images + num_samples, field)
         conditions = (lambda indices: captions.take([train_images + i for i in indices]))
+    if grid_shift is not None and not 0 <= grid_shift < cfg.model.patch_size:
+        raise ConfigError(f"--grid-shift must be between 0 and the patch size minus one ({cfg.model.patch_size - 1}), "
+                          f"got {grid_shift}.")
     built = build(cfg)
     model = built.model
     model.load_state_dict(state["ema" if ema else "model"])
     device = torch.device(device)
     model.to(device)
     spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                    sde_strength=sde_strength, guidance_interval=guidance_interval)
+                                    sde_strength=sde_strength, guidance_interval=guidance_interval,
+                                    grid_shift=grid_shift)
     decoder = image_decoder(cfg, device=device, required=True)
     images = []
     for start in range(0, num_samples, 64):

@@ -158,7 +158,7 @@ def prompt_grid(model, objective, cfg, device, captions: Captions, per_prompt: i
         return sample(objective, lambda x, t, c: model(x, t, c)[0], noise, y, num_steps=num_steps or d.sample_steps,
                       sampler=sampler or d.sampler, cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
                       guidance_interval=(d.guidance_low, d.guidance_high), guide_channels=guide_channels,
-                      generator=gen, sde_strength=d.sde_strength)
+                      generator=gen, sde_strength=d.sde_strength, grid_shift=d.grid_shift)
     finally:
         model.train(was_training)
 

@@ -22,13 +22,14 @@ MAX_TITLE_CHARS = 28
 
 
 def grid_title(cfg, step: int, sampler: str, steps: int, cfg_scale: float) -> str:
-    """A sample grid's title: model, step, sampler and steps, and guidance with diffusion.guidance_low/high when
-    guidance is not applied over all of t in [0, 1]."""
+    """A sample grid's title: model, step, sampler and steps, guidance with diffusion.guidance_low/high when
+    guidance is not applied over all of t in [0, 1], and diffusion.grid_shift when it is on."""
     d = cfg.diffusion
     guide = f"cfg {cfg_scale:g}"
     if cfg_scale != 1.0 and (d.guidance_low > 0.0 or d.guidance_high < 1.0):
         guide += f" for t in [{d.guidance_low:g}, {d.guidance_high:g}]"
-    return f"{cfg.model.name} step {step} · {sampler} {steps} steps · {guide}"
+    shift = f" · grid shift {d.grid_shift}" if d.grid_shift else ""
+    return f"{cfg.model.name} step {step} · {sampler} {steps} steps · {guide}{shift}"
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
@@ -116,7 +117,7 @@ def class_grid(model, objective, cfg, device, *, classes=None, per_class=None, n
     out = sample(objective, model_fn, noise, y, num_steps=num_steps or d.sample_steps, sampler=sampler or d.sampler,
                  cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, null_label=m.num_classes,
                  guidance_interval=(d.guidance_low, d.guidance_high), guide_channels=guide_channels, generator=gen,
-                 sde_strength=d.sde_strength)
+                 sde_strength=d.sde_strength, grid_shift=d.grid_shift)
     model.train(was_training)
     return out
 

@@ -164,6 +164,24 @@ def test_periodic_evaluation_under_fsdp_with_expert_parallelism(setup, tiny_shar
     assert row["val_loss"] == pytest.approx(direct["val_loss"], rel=1e-5)
 
 
+def test_sample_grid_shift_moves_the_patch_grid_and_refuses_a_shift_past_the_patch(setup, trained, tmp_path,
+                                                                                     capsys):
+    from launch.sample import main
+    run, cfg = trained
+    grids = {}
+    for shift in (0, 1):
+        out = str(tmp_path / f"shift{shift}.png")
+        assert main(["--run", run, "--vae", setup["vae"], "--steps", "2", "--grid-shift", str(shift),
+                     "--out", out]) == 0
+        grids[shift] = np.asarray(Image.open(out))
+    assert grids[0].shape == grids[1].shape and not np.array_equal(grids[0], grids[1])
+    capsys.readouterr()
+    p = cfg.model.patch_size
+    assert main(["--run", run, "--grid-shift", str(p), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --grid-shift must be between 0 and the patch size minus one ({p - 1}), got {p}."], err
+
+
 def test_evaluate_input_errors_are_one_sentence(setup, trained, tmp_path, capsys):
     from launch.evaluate import main
     run, _ = trained

@@ -302,6 +302,60 @@ def test_flow_cfg_inside_and_outside_guidance_interval():
     assert [call[0] for call in model.calls] == [3] * 5
 
 
+class PositionalModel:
+    """v = weight ⊙ x with a fixed per-pixel weight: its output depends on where the image lies on the grid."""
+
+    def __init__(self, weight):
+        self.weight, self.inputs = weight, []
+
+    def __call__(self, x, t_model, y):
+        self.inputs.append(x.clone())
+        return self.weight * x
+
+
+def test_grid_shift_rolls_each_evaluation_by_the_next_offset_and_back():
+    objective = build_objective(flow_cfg())
+    weight = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    model = PositionalModel(weight)
+    x = sample(objective, model, noise, None, num_steps=5, grid_shift=2)
+    # Euler step k multiplies x by 1 − weight rolled back by offset k (offsets (h, h), (0, 0), (h, 0), (0, h), ...):
+    # the product of those factors, computed directly.
+    offsets = [(2, 2), (0, 0), (2, 0), (0, 2), (2, 2)]
+    factor = torch.ones_like(weight)
+    for dy, dx in offsets:
+        factor = factor * (1 - 0.2 * torch.roll(weight, (-dy, -dx), dims=(2, 3)))
+    torch.testing.assert_close(x, factor * noise)
+    torch.testing.assert_close(model.inputs[0], torch.roll(noise, (2, 2), dims=(2, 3)))
+    plain = sample(objective, PositionalModel(weight), noise, None, num_steps=5)
+    torch.testing.assert_close(plain, (1 - 0.2 * weight) ** 5 * noise)   # grid_shift 0: no roll
+    with pytest.raises(ValueError, match="grid_shift must be at least 0, got -1"):
+        sample(objective, model, noise, None, num_steps=2, grid_shift=-1)
+
+
+@pytest.mark.parametrize("objective, sampler", [("flow", "heun"), ("flow", "sde"), ("ddpm", "ddim"),
+                                                ("ddpm", "ancestral")])
+def test_grid_shift_changes_nothing_for_a_model_that_rolls_with_its_input(objective, sampler):
+    """A circular convolution commutes with rolling: every sampler, guided or not, gives the same samples with the
+    grid shifted; a model that depends on the position (the same convolution plus a per-pixel bias) does not."""
+    objective = build_objective(flow_cfg() if objective == "flow" else ddpm_cfg(num_timesteps=50))
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")
+    bias = torch.randn(1, 2, 8, 8)
+
+    def circular(x, t, y):
+        return conv(x) * (1 + 0.1 * y.view(-1, 1, 1, 1)) + 0.001 * t.view(-1, 1, 1, 1)
+
+    def positional(x, t, y):
+        return circular(x, t, y) + bias
+
+    noise, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 1, 2])
+    kwargs = dict(num_steps=6, sampler=sampler, cfg_scale=2.0, null_label=3, guidance_interval=(0.3, 1.0))
+    for model, same in ((circular, True), (positional, False)):
+        shifted, plain = [sample(objective, model, noise, y, generator=torch.Generator().manual_seed(0),
+                                 grid_shift=shift, **kwargs) for shift in (1, 0)]
+        assert torch.allclose(shifted, plain, atol=1e-5) == same
+
+
 def test_ddim_cfg_interval_uses_step_over_num_timesteps():
     objective = build_objective(ddpm_cfg(num_timesteps=10))
     model = ConstantModel(null_label=5)

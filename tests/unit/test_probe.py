@@ -71,7 +71,7 @@ def test_the_probe_needs_class_conditional_pixel_shards(tmp_path, shapes, capsys
         real_images(shapes, 5000)
 
 
-def test_sampling_spec_takes_the_guidance_interval_from_the_config_or_the_caller():
+def test_sampling_spec_takes_the_guidance_interval_and_grid_shift_from_the_config_or_the_caller():
     from dit_scale.config import load_config
     from dit_scale.evaluation.generate import SamplingSpec
     cfg = load_config(None, ["diffusion.guidance_low=0.1", "diffusion.guidance_high=0.9"])
@@ -79,6 +79,9 @@ def test_sampling_spec_takes_the_guidance_interval_from_the_config_or_the_caller
     assert (spec.guidance_low, spec.guidance_high) == (0.1, 0.9)
     spec = SamplingSpec.from_config(cfg, guidance_interval=(0.2, 1.0))
     assert (spec.guidance_low, spec.guidance_high) == (0.2, 1.0)
+    assert spec.grid_shift == 0
+    cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.grid_shift=2"])
+    assert SamplingSpec.from_config(cfg).grid_shift == 2 and SamplingSpec.from_config(cfg, grid_shift=1).grid_shift == 1
 
 
 def _captioned(n, seed):

@@ -36,7 +36,7 @@ def test_default_out_and_checkpoint(tmp_path):
         grid_checkpoint(str(tmp_path / "empty"), None)
 
 
-def test_grid_title_names_the_guidance_interval_when_it_is_not_all_of_t():
+def test_grid_title_names_the_guidance_interval_and_the_grid_shift():
     from dit_scale.config import load_config
     from dit_scale.generation.sampling import grid_title
     cfg = load_config(None, ["model.name=DiT-XS/4"])
@@ -44,3 +44,5 @@ def test_grid_title_names_the_guidance_interval_when_it_is_not_all_of_t():
     cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.guidance_low=0.4"])
     assert grid_title(cfg, 8, "heun", 16, 2.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 2 for t in [0.4, 1]"
     assert grid_title(cfg, 8, "heun", 16, 1.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 1"      # no guidance
+    cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.grid_shift=2"])
+    assert grid_title(cfg, 8, "heun", 16, 2.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 2 · grid shift 2"
