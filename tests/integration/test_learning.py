@@ -23,13 +23,14 @@ CLASSES, SAMPLES = 4, 200
 MIN_ACCURACY = 0.5                      # measured 0.77 (guidance 2), 0.645 (guidance 1); wrong sign 0.05
 MAX_FD_RATIO = {"configured": 3.0, "unguided": 40.0}   # measured 1.83 and 20.2; wrong sign 4.49, initial 692
 # The quickstart's objective, sampler and guidance scale; the width, batch, t-sampling, learning rate, AdamW beta2,
-# EMA and guidance interval the thresholds were measured with (the quickstart itself: width 192, 1600 steps of 16,
-# logit-normal t, lr 3e-3, beta2 0.95, guidance for t in [0.4, 1]; docs/results.md#quickstarts).
+# EMA, guidance interval and grid shift the thresholds were measured with (the quickstart itself: width 192, 1600
+# steps of 16, logit-normal t, lr 3e-3, beta2 0.95, guidance for t in [0.4, 1], grid shift 2;
+# docs/results.md#quickstarts).
 RUN = {"model.num_classes": CLASSES, "train.steps": 300, "optim.warmup_steps": 20, "data.num_workers": 0,
        "data.batch_size": 32, "diffusion.t_sampling": "uniform", "optim.lr": 2e-3, "optim.ema_decay": 0.998,
        "optim.beta2": 0.999, "model.hidden_size": 128, "model.num_heads": 4, "diffusion.guidance_low": 0.0,
-       "data.partitions": 8, "logging.log_every": 50, "logging.samples_per_class": 4, "logging.wandb": "disabled",
-       "logging.progress_bar": False, "train.checkpoint_every": 0}
+       "diffusion.grid_shift": 0, "data.partitions": 8, "logging.log_every": 50, "logging.samples_per_class": 4,
+       "logging.wandb": "disabled", "logging.progress_bar": False, "train.checkpoint_every": 0}
 
 
 def _train(data, run, **extra):
