@@ -21,6 +21,13 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
+def check_grid_shift(shift: int, patch_size: int, field: str = "diffusion.grid_shift") -> None:
+    """ConfigError naming `field` unless 0 <= shift < patch_size (the config's check, and the CLIs' --grid-shift)."""
+    if not 0 <= shift < patch_size:
+        _fail(f"{field} must be between 0 and the patch size minus one ({patch_size - 1}), got {shift}; half the "
+              f"patch side ({patch_size // 2}) is the usual choice, 0 turns it off.")
+
+
 POSITIVE_INTS = ("model.input_size", "model.in_channels", "train.steps", "train.grad_accum", "data.batch_size",
                  "data.partitions", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
                  "train.max_bad_steps", "parallel.ep", "logging.samples_per_class", "logging.max_sample_classes")
@@ -102,9 +109,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= d.guidance_low <= d.guidance_high <= 1.0:
         _fail(f"diffusion.guidance_low/high must satisfy 0 <= low <= high <= 1, got "
               f"{d.guidance_low}, {d.guidance_high}.")
-    if not 0 <= d.grid_shift < m.patch_size:
-        _fail(f"diffusion.grid_shift must be between 0 and model.patch_size - 1 ({m.patch_size - 1}), got "
-              f"{d.grid_shift}; half the patch side ({m.patch_size // 2}) is the usual choice, 0 turns it off.")
+    check_grid_shift(d.grid_shift, m.patch_size)
     if d.cfg_scale != 1.0 and m.conditioning == "class" and m.num_classes == 0:
         _fail(f"diffusion.cfg_scale={d.cfg_scale} guides towards a class, but model.num_classes=0 (unconditional); "
               f"set diffusion.cfg_scale=1.")

@@ -29,6 +29,7 @@ from omegaconf import read_write
 from dit_scale.build import build
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
 from dit_scale.config import config_from_yaml_text
+from dit_scale.config.validate import check_grid_shift
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
@@ -103,16 +104,13 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
     """Draw and write the grid of a checkpoint (`ckpt`, or the latest of the run directory `run`); returns the PNG's
     path (`out`, else `default_out`). `classes` is --classes' text ("0,3,7"); `per_class` is also a text model's
     samples per prompt; `ema=False` takes the raw weights (an exported file holds one set); `grid_shift` replaces
-    diffusion.grid_shift. Raises ConfigError or
-    CheckpointError (one sentence) for an input error; a sampler or step count the objective does not take is a
-    ConfigError too."""
+    diffusion.grid_shift. Raises ConfigError or CheckpointError (one sentence) for an input error; a sampler or step
+    count the objective does not take is a ConfigError too."""
     path = grid_checkpoint(run, ckpt)
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     if grid_shift is not None:
-        if not 0 <= grid_shift < cfg.model.patch_size:
-            raise ConfigError(f"--grid-shift must be between 0 and the patch size minus one "
-                              f"({cfg.model.patch_size - 1}), got {grid_shift}.")
+        check_grid_shift(grid_shift, cfg.model.patch_size, "--grid-shift")
         with read_write(cfg):
             cfg.diffusion.grid_shift = grid_shift
     device = pick_device(device)

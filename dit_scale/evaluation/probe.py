@@ -243,6 +243,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     from dit_scale.checkpoint import load_checkpoint
     from dit_scale.checkpoint.load import resolve_path
     from dit_scale.config import config_from_yaml_text
+    from dit_scale.config.validate import check_grid_shift
     from dit_scale.evaluation.generate import SamplingSpec, class_of, sample_indices
     from dit_scale.optim import resolve_precision
     from dit_scale.generation.captions import CaptionTable
@@ -271,9 +272,8 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     if text:
         captions = CaptionTable.from_shards(ShardSet.open(data, field=field), train_images + num_samples, field)
         conditions = (lambda indices: captions.take([train_images + i for i in indices]))
-    if grid_shift is not None and not 0 <= grid_shift < cfg.model.patch_size:
-        raise ConfigError(f"--grid-shift must be between 0 and the patch size minus one ({cfg.model.patch_size - 1}), "
-                          f"got {grid_shift}.")
+    if grid_shift is not None:
+        check_grid_shift(grid_shift, cfg.model.patch_size, "--grid-shift")
     built = build(cfg)
     model = built.model
     model.load_state_dict(state["ema" if ema else "model"])

@@ -27,8 +27,8 @@ def error_of(overrides, path=None):
      "moe.num_experts=4 contradicts model.name=DiT-S/2-8E2A (num_experts=8)"),
     (["optim.lr=-0.001"], "optim.lr must be a positive number, got -0.001."),
     (["model.name=DiT-S/2", "model.patch_overlap=3"], "model.patch_overlap must be between 0 and the patch size 2 "),
-    (["model.name=DiT-S/2", "diffusion.grid_shift=2"], "diffusion.grid_shift must be between 0 and "
-                                                        "model.patch_size - 1 (1), got 2; half the patch side (1)"),
+    (["model.name=DiT-S/2", "diffusion.grid_shift=2"], "diffusion.grid_shift must be between 0 and the "
+                                                        "patch size minus one (1), got 2; half the patch side (1)"),
     (["moe.router=hash"], "moe.router='hash' is not allowed; choose one of: token_choice, expert_choice."),
     (["diffusion.sampler=ddim"], "diffusion.sampler='ddim' does not fit diffusion.objective=flow; choose one of: "
                                  "euler, heun, sde."),
