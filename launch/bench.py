@@ -30,8 +30,10 @@ def step_flags(p, model_: str) -> None:
     """The flags of the single-process step benchmarks (model, masking, align)."""
     p.add_argument("--model", default=model_)
     p.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 32 on GPU")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=7, help="timed rounds (each runs every variant once)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--control", action="store_true",
+                   help="run the base variant twice per round; `control` is their ratio, the machine's own noise")
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--device", default="auto")

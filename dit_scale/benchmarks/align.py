@@ -4,20 +4,24 @@
     python launch/bench.py align --model DiT-B/2-8E2A                 # REPA with cached features vs no alignment
 
 Both time one training step (forward + loss + backward) of the same model, alternating the two variants step by
-step so both see the same machine state, and print JSON with the median step times and `ratio` = variant / base.
+step so both see the same machine state, and print JSON with the median step times, `ratio` = variant / base (the
+median over rounds of each round's ratio) and `ratio_range` (its lowest and highest round); `--control` adds the
+base variant once more per round and `control`, its ratio to the base: what the machine alone moves a ratio by.
 `masking`: the backbone runs on the kept 25% of tokens (plus the optional patch-mixer on all of them), loss on kept
 tokens: `ratio` at the same images per step, `budget_ratio` per image at the same tokens per step (the token budget,
 `mask.scale_batch`: tokens / kept times the images, step time divided by that), and on a CPU `expert_gemm`: the
-routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds `ratio` there). `align`: REPA's projector
-(width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features as they arrive from the
-shards (a tensor already in memory), vs the plain denoising step.
+routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds `ratio` there). `align`:
+REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features as
+they arrive from the shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
+import statistics
 import time
 
 import torch
 
-from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
+from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, paired_ratio, random_batch, \
+    training_step, with_control
 from dit_scale.build import build
 from dit_scale.config import load_config
 from dit_scale.models.masking import num_kept
@@ -44,18 +48,22 @@ def bench_masking(args) -> dict:
     multiple = variants["budget"].batch_multiple(0)                 # images per token budget: tokens / kept
     data = {"masked": random_batch(margs, batch, device), "unmasked": random_batch(margs, batch, device),
             "budget": random_batch(margs, batch * multiple, device)}
-    times = alternate({k: training_step(model, fn, data[k], device, precision) for k, fn in variants.items()}, device,
-                      args.warmup, args.steps)
+    closures = {k: training_step(model, fn, data[k], device, precision) for k, fn in variants.items()}
+    rounds = alternate_rounds(with_control(closures, "unmasked", args.control), device, args.warmup, args.steps)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
+    budget = paired_ratio(rounds, "budget", "unmasked", scale=1 / multiple)
     result = header("masking", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     flops_ratio = variants["masked"].flops_per_image(0) / variants["unmasked"].flops_per_image(0)
     result.update({"mask_ratio": args.ratio, "mixer_depth": args.mixer_depth,
                    "masked_step_s": round(times["masked"], 5), "unmasked_step_s": round(times["unmasked"], 5),
-                   "ratio": round(times["masked"] / times["unmasked"], 3),
+                   **paired_ratio(rounds, "masked", "unmasked"),
                    "budget_batch": batch * multiple, "budget_step_s": round(times["budget"], 5),
-                   "budget_ratio": round(times["budget"] / multiple / times["unmasked"], 3),
+                   "budget_ratio": budget["ratio"], "budget_ratio_range": budget["ratio_range"],
                    "target": "ratio and budget_ratio <= 0.30", "flops_ratio": round(flops_ratio, 3)})
     if margs.moe is not None and device.type == "cpu":
         result["expert_gemm"] = expert_gemm_rates(margs, batch, num_kept(margs.num_tokens, args.ratio))
+    if args.control:
+        result["control"] = paired_ratio(rounds, "control", "unmasked")
     print(json.dumps(result))
     return result
 
@@ -105,13 +113,16 @@ def bench_align(args) -> dict:
     data = random_batch(margs, batch, device, feat_dim=args.teacher_dim)    # as the loader delivers batch["feat"]
     variants = {"repa": TrainingLoss.from_config(cfg, built.objective, margs, device),
                 "plain": TrainingLoss(built.objective, margs, device)}
-    times = alternate({k: training_step(model, fn, data, device, precision) for k, fn in variants.items()}, device,
-                      args.warmup, args.steps)
+    closures = {k: training_step(model, fn, data, device, precision) for k, fn in variants.items()}
+    rounds = alternate_rounds(with_control(closures, "plain", args.control), device, args.warmup, args.steps)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
     result = header("align", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     result.update({"repa_depth": cfg.align.repa_depth, "projector_dim": args.projector_dim,
                    "teacher_dim": args.teacher_dim, "teacher": "cached features (shards)",
                    "repa_step_s": round(times["repa"], 5), "plain_step_s": round(times["plain"], 5),
-                   "ratio": round(times["repa"] / times["plain"], 3), "target": "<= 1.05"})
+                   **paired_ratio(rounds, "repa", "plain"), "target": "<= 1.05"})
+    if args.control:
+        result["control"] = paired_ratio(rounds, "control", "plain")
     print(json.dumps(result))
     return result
 

@@ -45,8 +45,9 @@ def training_step(model, loss_fn, batch: dict, device, precision: Precision, see
     return run
 
 
-def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
-    """Median seconds of each closure in `variants`, timed alternately step by step after `warmup` rounds."""
+def alternate_rounds(variants: dict, device, warmup: int, steps: int) -> dict:
+    """Seconds of each closure in `variants` per round ({name: [s, ...]}): `steps` rounds after `warmup`, each
+    running every variant once, back to back, so the variants of one round see the same machine state."""
     def timed(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -62,7 +63,28 @@ def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
     for _ in range(steps):
         for k, fn in variants.items():
             times[k].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def with_control(closures: dict, base: str, control: bool) -> dict:
+    """`closures` with, if `control`, the `base` closure once more at the end of each round as "control": an A/A
+    pair whose `paired_ratio(rounds, "control", base)` should read 1, so its distance from 1 and its range are what
+    the machine alone moves a ratio by (`bench.py ... --control`)."""
+    return {**closures, "control": closures[base]} if control else closures
+
+
+def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
+    """Median seconds of each closure in `variants`, timed alternately step by step after `warmup` rounds."""
+    return {k: statistics.median(v) for k, v in alternate_rounds(variants, device, warmup, steps).items()}
+
+
+def paired_ratio(rounds: dict, a: str, b: str, scale: float = 1.0) -> dict:
+    """{"ratio": median over rounds of scale · a / b, "ratio_range": [lowest, highest]}: each round's two steps ran
+    back to back, so a machine that speeds up or slows down between rounds (a shared host) moves both alike and
+    the per-round ratio cancels it; the range shows what is left."""
+    per_round = [scale * x / y for x, y in zip(rounds[a], rounds[b])]
+    return {"ratio": round(statistics.median(per_round), 3),
+            "ratio_range": [round(min(per_round), 3), round(max(per_round), 3)]}
 
 
 def header(name: str, model: str, device, precision: Precision, batch: int, steps: int, **extra) -> dict:

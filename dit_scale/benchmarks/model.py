@@ -1,13 +1,17 @@
 """Sparse vs dense: forward+backward time per step of the sparse model and of a dense model with the same *active*
 parameters (same width and depth; its GELU FFN has as many parameters as the k routed + shared SwiGLU experts a
-token visits), timed alternately step by step so both see the same machine state. `ratio` = sparse / dense.
+token visits), timed alternately step by step so both see the same machine state. `ratio` = sparse / dense, the
+median over rounds of each round's ratio (`ratio_range`: its lowest and highest round; `--control`: the dense
+step once more per round, and `control` its ratio to the dense one, the machine's own noise).
 
     python launch/bench.py model --model DiT-S/2-8E2A                 # CPU: batch 2, 256 tokens per image
     python launch/bench.py model --model DiT-XL/2-8E2A --batch 32     # GPU: bf16 autocast, reports MFU
 """
 import json
+import statistics
 
-from dit_scale.benchmarks.common import alternate, device_and_precision, header, random_batch, training_step
+from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, paired_ratio, random_batch, \
+    training_step, with_control
 from dit_scale.build import build_objective, model_args
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
@@ -43,7 +47,8 @@ def run(args) -> dict:
     objective = build_objective(cfg)
     steps = {k: training_step(models[k], TrainingLoss(objective, a, device), data, device, precision)
              for k, a in variants.items()}
-    times = alternate(steps, device, args.warmup, args.steps)
+    rounds = alternate_rounds(with_control(steps, "dense", args.control), device, args.warmup, args.steps)
+    times = {k: statistics.median(v) for k, v in rounds.items()}
 
     peak = peak_flops(device, precision.bf16)
     result = header("model", args.model, device, precision, batch, args.steps)
@@ -55,6 +60,8 @@ def run(args) -> dict:
                      "gflops_fwd": round(forward_macs(a) / 1e9, 3)}
         if peak:
             result[k]["mfu"] = round(TrainingLoss(objective, a, device).flops_per_image(0) * batch / sec / peak, 4)
-    result["ratio"] = round(result["moe"]["step_s"] / result["dense"]["step_s"], 3)
+    result.update(paired_ratio(rounds, "moe", "dense"))
+    if args.control:
+        result["control"] = paired_ratio(rounds, "control", "dense")
     print(json.dumps(result))
     return result

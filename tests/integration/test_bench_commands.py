@@ -15,8 +15,8 @@ CASES = {
     "model": ["--model", TINY, "--input-size", "16", "--steps", "1", "--warmup", "1"],
     "moe-parallel": ["--model", TINY, "--tokens", "64", "--steps", "1", "--warmup", "1"],
     "masking": ["--model", TINY, "--input-size", "16", "--steps", "1", "--warmup", "1"],
-    "align": ["--model", TINY, "--input-size", "16", "--steps", "1", "--warmup", "1", "--depth", "2",
-              "--projector-dim", "16", "--teacher-dim", "8"],
+    "align": ["--model", TINY, "--input-size", "16", "--steps", "3", "--warmup", "1", "--depth", "2",
+              "--projector-dim", "16", "--teacher-dim", "8", "--control"],
     "data": ["--num-samples", "64", "--samples-per-shard", "16", "--workers", "1", "--batch", "8", "--batches", "4",
              "--model", TINY, "--train-batch", "2", "--train-steps", "1"],
     "checkpoint": ["--model", TINY],
@@ -53,3 +53,9 @@ def test_bench_subcommand_prints_json(command, tmp_path):
         assert gemm["rows"] == {"masked": 2 * 4 * 2 // 4, "unmasked": 2 * 16 * 2 // 4}
         rate = {k: sum(gemm[f"{k}_gflops"].values()) for k in ("masked", "unmasked")}
         assert gemm["rate_ratio"] == pytest.approx(rate["masked"] / rate["unmasked"], abs=2e-3)
+    if command == "align":                  # 3 rounds: the ratio is the middle round's, within the range
+        doc = docs[0]
+        for field in ("ratio", "control"):
+            ratio, (low, high) = (doc["ratio"], doc["ratio_range"]) if field == "ratio" else \
+                (doc["control"]["ratio"], doc["control"]["ratio_range"])
+            assert 0 < low <= ratio <= high
