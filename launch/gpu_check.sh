@@ -9,9 +9,16 @@
 #   bash launch/gpu_check.sh --models DiT-XL/2-8E2A --batches 32,64 --out gpu.json     # a narrower rerun
 #   DIT_SCALE_PYTHON=python3 bash launch/gpu_check.sh --out gpu.json
 #       # an existing environment with the dependencies (an offline GPU node's own torch), no .venv is made
+#   DIT_SCALE_PYTHON=python3 DIT_SCALE_WHEELS=wheelhouse bash launch/gpu_check.sh --out gpu.json
+#       # the same, first installing from ./wheelhouse (launch/wheelhouse.py download) what that Python lacks
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${DIT_SCALE_PYTHON:-}" ]; then
+  if [ -n "${DIT_SCALE_WHEELS:-}" ]; then
+    site="${TMPDIR:-/tmp}/dit_scale_site"
+    "$DIT_SCALE_PYTHON" launch/wheelhouse.py install "$DIT_SCALE_WHEELS" --target "$site"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   exec "$DIT_SCALE_PYTHON" -m launch.gpu_check "$@"
 fi
