@@ -40,7 +40,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 
 class WheelhouseError(Exception):
-    """One sentence for the user; exit 2."""
+    """One sentence for the user; exit 2. Not dit_scale.errors.ConfigError: this file runs as a plain script on a node
+    where dit_scale is not installed yet, so it imports only the standard library."""
 
 
 def canonical(name: str) -> str:
