@@ -10,6 +10,7 @@ Only the main process writes.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 
 # Dense peak FLOP/s per device (vendor datasheets, SXM parts): bf16 tensor cores, and fp32 without TF32 (what
@@ -153,6 +155,16 @@ def progress_line(step: int, total: int, values: dict, eta_s: Optional[float]) -
         hours, minutes = divmod(minutes, 60)
         parts.append("ETA " + (f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"))
     return " | ".join(parts)
+
+
+def check_wandb(cfg) -> None:
+    """logging.wandb other than `disabled` needs the wandb package: one sentence at start-up, on every rank before
+    any collective (the trainer calls it first), rather than an ImportError on the main rank once the model is built
+    (a node with its own PyTorch and a wheelhouse without wandb, say)."""
+    if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb={cfg.logging.wandb} needs the wandb package, which this Python does not "
+                          f"have; install it (on an offline node: launch/wheelhouse.py download --with-wandb) or set "
+                          f"logging.wandb=disabled (metrics.jsonl is written either way).")
 
 
 class MetricsLogger:

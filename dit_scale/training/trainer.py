@@ -32,7 +32,8 @@ from dit_scale.parallel.parallelize import CUDA_GRAPH_MODES
 from dit_scale.parallel.topology import agree
 from dit_scale.run_dir import RunDir
 from dit_scale.training.loss import TrainingLoss
-from dit_scale.training.metrics import IntervalStats, MetricsLogger, MoEStats, peak_flops, plot_expert_load
+from dit_scale.training.metrics import IntervalStats, MetricsLogger, MoEStats, check_wandb, peak_flops, \
+    plot_expert_load
 from dit_scale.training.preemption import Preemption, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingAborted", "TrainingInterrupted", "train"]
@@ -103,6 +104,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.run = RunDir(t.run_dir)
+        check_wandb(cfg)                                    # logging.wandb: the package is there (every rank)
         self.run.check_usable(t.resume)                     # every rank, before any collective
         self.topo = init_topology(cfg)
         self.device = self.topo.device

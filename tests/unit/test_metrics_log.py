@@ -2,7 +2,7 @@
 plain line per interval with the step, loss, images/s and ETA, and no carriage-return updates."""
 import io
 
-from dit_scale.training.metrics import MetricsLogger, progress_line
+from dit_scale.training.metrics import MetricsLogger, check_wandb, progress_line
 from tiny import tiny_cfg
 
 
@@ -33,3 +33,21 @@ def test_a_log_file_gets_one_line_per_interval_and_no_bar(tmp_path, monkeypatch,
     assert [line.split(" | ")[0] for line in lines] == ["step 20/40", "step 30/40", "step 40/40"]
     assert all("\r" not in line for line in lines) and lines[-1].endswith("ETA 0m00s")
     assert "\r" not in __import__("sys").stderr.getvalue()
+
+
+def test_wandb_logging_without_the_package_is_one_sentence_before_the_run_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from dit_scale.errors import ConfigError
+    from dit_scale.training.trainer import Trainer
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"logging.wandb=offline needs the wandb package.*logging.wandb=disabled"):
+        Trainer(tiny_cfg(f"train.run_dir={run_dir}", "logging.wandb=offline"))
+    assert not run_dir.exists()                             # nothing written, nothing started
+    check_wandb(tiny_cfg("logging.wandb=disabled"))         # disabled: the package is not needed
+    monkeypatch.undo()
+    check_wandb(tiny_cfg("logging.wandb=offline"))          # installed (this venv): nothing to say
