@@ -15,13 +15,12 @@ REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negat
 they arrive from the shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
-import statistics
 import time
 
 import torch
 
-from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, paired_ratio, random_batch, \
-    training_step, with_control
+from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, medians, paired_ratio, \
+    random_batch, training_step, with_control
 from dit_scale.build import build
 from dit_scale.config import load_config
 from dit_scale.models.masking import num_kept
@@ -50,7 +49,7 @@ def bench_masking(args) -> dict:
             "budget": random_batch(margs, batch * multiple, device)}
     closures = {k: training_step(model, fn, data[k], device, precision) for k, fn in variants.items()}
     rounds = alternate_rounds(with_control(closures, "unmasked", args.control), device, args.warmup, args.steps)
-    times = {k: statistics.median(v) for k, v in rounds.items()}
+    times = medians(rounds)
     budget = paired_ratio(rounds, "budget", "unmasked", scale=1 / multiple)
     result = header("masking", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     flops_ratio = variants["masked"].flops_per_image(0) / variants["unmasked"].flops_per_image(0)
@@ -115,7 +114,7 @@ def bench_align(args) -> dict:
                 "plain": TrainingLoss(built.objective, margs, device)}
     closures = {k: training_step(model, fn, data, device, precision) for k, fn in variants.items()}
     rounds = alternate_rounds(with_control(closures, "plain", args.control), device, args.warmup, args.steps)
-    times = {k: statistics.median(v) for k, v in rounds.items()}
+    times = medians(rounds)
     result = header("align", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
     result.update({"repa_depth": cfg.align.repa_depth, "projector_dim": args.projector_dim,
                    "teacher_dim": args.teacher_dim, "teacher": "cached features (shards)",

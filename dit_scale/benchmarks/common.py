@@ -73,9 +73,14 @@ def with_control(closures: dict, base: str, control: bool) -> dict:
     return {**closures, "control": closures[base]} if control else closures
 
 
+def medians(rounds: dict) -> dict:
+    """{name: median seconds} of `alternate_rounds`' output."""
+    return {k: statistics.median(v) for k, v in rounds.items()}
+
+
 def alternate(variants: dict, device, warmup: int, steps: int) -> dict:
     """Median seconds of each closure in `variants`, timed alternately step by step after `warmup` rounds."""
-    return {k: statistics.median(v) for k, v in alternate_rounds(variants, device, warmup, steps).items()}
+    return medians(alternate_rounds(variants, device, warmup, steps))
 
 
 def paired_ratio(rounds: dict, a: str, b: str, scale: float = 1.0) -> dict:

@@ -8,10 +8,9 @@ step once more per round, and `control` its ratio to the dense one, the machine'
     python launch/bench.py model --model DiT-XL/2-8E2A --batch 32     # GPU: bf16 autocast, reports MFU
 """
 import json
-import statistics
 
-from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, paired_ratio, random_batch, \
-    training_step, with_control
+from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, header, medians, paired_ratio, \
+    random_batch, training_step, with_control
 from dit_scale.build import build_objective, model_args
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
@@ -48,7 +47,7 @@ def run(args) -> dict:
     steps = {k: training_step(models[k], TrainingLoss(objective, a, device), data, device, precision)
              for k, a in variants.items()}
     rounds = alternate_rounds(with_control(steps, "dense", args.control), device, args.warmup, args.steps)
-    times = {k: statistics.median(v) for k, v in rounds.items()}
+    times = medians(rounds)
 
     peak = peak_flops(device, precision.bf16)
     result = header("model", args.model, device, precision, batch, args.steps)

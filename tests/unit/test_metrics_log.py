@@ -1,8 +1,14 @@
 """What a run prints per logging interval: a tqdm bar only on a terminal; in a log file (a SLURM job's, a pipe) one
-plain line per interval with the step, loss, images/s and ETA, and no carriage-return updates."""
+plain line per interval with the step, loss, images/s and ETA, and no carriage-return updates; and wandb logging
+without the wandb package stopped before the run starts."""
+import importlib.util
 import io
 
+import pytest
+
+from dit_scale.errors import ConfigError
 from dit_scale.training.metrics import MetricsLogger, check_wandb, progress_line
+from dit_scale.training.trainer import Trainer
 from tiny import tiny_cfg
 
 
@@ -36,12 +42,6 @@ def test_a_log_file_gets_one_line_per_interval_and_no_bar(tmp_path, monkeypatch,
 
 
 def test_wandb_logging_without_the_package_is_one_sentence_before_the_run_starts(tmp_path, monkeypatch):
-    import importlib.util
-
-    import pytest
-
-    from dit_scale.errors import ConfigError
-    from dit_scale.training.trainer import Trainer
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     run_dir = tmp_path / "run"
