@@ -100,14 +100,16 @@ def retain_freed_host_memory() -> bool:
     activations); glibc serves blocks above its mmap threshold (at most 32 MiB) by fresh mappings, so every step
     page-faults and zeroes them again: about 20% of a DiT-B/2-8E2A step on 2 cores, and a cost that does not shrink
     with the tokens a masked step keeps. With mmap off and no trimming, freed blocks stay in the heap and are
-    reused, as CUDA's caching allocator does; resident memory stays at the step's peak."""
+    reused, as CUDA's caching allocator does; resident memory stays at the step's peak. Trimming is off for any
+    size (-1, mallopt(3)): a finite threshold fits in an int, at most 2 GiB, and a step that frees more than that
+    at once (DiT-B/2-8E2A's weight gradients alone are 2.7 GB) gave it back and faulted it in again next step."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):                 # not glibc (macOS, musl): its allocator as it is
         return False
     m_trim_threshold, m_mmap_max = -1, -4             # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 def _local_processes(world: int) -> int:
