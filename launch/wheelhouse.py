@@ -9,10 +9,11 @@
     export PYTHONPATH=/tmp/dit_scale_site:$PWD
     DIT_SCALE_WHEELS=wheelhouse DIT_SCALE_PYTHON=python3 bash launch/gpu_check.sh --out gpu.json    # both at once
 
-`download` resolves setup.py's install_requires for the node's Python and platform (binary wheels only) in a scratch
+`download` resolves setup.py's install_requires, with the test runner the GPU check's first stage starts (pytest and
+pytest-timeout from the dev extras), for the node's Python and platform (binary wheels only) in a scratch
 virtual environment where torch (or every package of --node-packages) counts as installed, so the node's torch and
-its CUDA libraries are neither fetched nor replaced, then fetches exactly the resolved wheels (46 MB for Python 3.12
-with torch alone taken as installed; a few MB for a node with the usual scientific stack). DeepSpeed
+its CUDA libraries are neither fetched nor replaced, then fetches exactly the resolved wheels (about 50 MB for Python
+3.12 with torch alone taken as installed; a few MB for a node with the usual scientific stack). DeepSpeed
 (parallel.engine=deepspeed only; it builds against the torch it finds) is left out, and so is wandb unless
 --with-wandb: the GPU check never imports it, and a training run on the node without it sets
 logging.wandb=disabled (metrics.jsonl is written either way).
@@ -35,6 +36,7 @@ import venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEFT_OUT = {"torch", "deepspeed", "wandb"}          # the node's own; engine=deepspeed only; --with-wandb
+TEST_RUNNER = {"pytest", "pytest-timeout"}            # launch/gpu_check.sh's first stage: pytest -m gpu
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
@@ -49,13 +51,27 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def install_requires(setup_py: str = os.path.join(ROOT, "setup.py")) -> list:
-    """setup.py's install_requires, read (not executed)."""
+def setup_keyword(name: str, setup_py: str = os.path.join(ROOT, "setup.py")):
+    """The literal value of setup()'s keyword `name` in setup.py, read (not executed)."""
     tree = ast.parse(open(setup_py).read())
     for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            return list(ast.literal_eval(node.value))
-    raise WheelhouseError(f"{setup_py} has no install_requires list; is this a dit_scale checkout?")
+        if isinstance(node, ast.keyword) and node.arg == name:
+            return ast.literal_eval(node.value)
+    raise WheelhouseError(f"{setup_py} has no {name}; is this a dit_scale checkout?")
+
+
+def install_requires(setup_py: str = os.path.join(ROOT, "setup.py")) -> list:
+    """setup.py's install_requires."""
+    return list(setup_keyword("install_requires", setup_py))
+
+
+def pytest_requirements(setup_py: str = os.path.join(ROOT, "setup.py")) -> list:
+    """The dev extras' pytest and pytest-timeout (pytest.ini sets a per-test time limit), as pinned there."""
+    dev = setup_keyword("extras_require", setup_py).get("dev", [])
+    picked = [r for r in dev if requirement_project(r) in TEST_RUNNER]
+    if {requirement_project(r) for r in picked} != TEST_RUNNER:
+        raise WheelhouseError(f"{setup_py}'s extras_require['dev'] lacks one of {sorted(TEST_RUNNER)}.")
+    return picked
 
 
 def requirement_project(requirement: str) -> str:
@@ -64,7 +80,7 @@ def requirement_project(requirement: str) -> str:
 
 
 def runtime_requirements(requires=None, wandb: bool = False) -> list:
-    """install_requires without the packages in LEFT_OUT (wandb kept if `wandb`)."""
+    """install_requires without the packages in LEFT_OUT (wandb kept if `wandb`); `download` adds the test runner."""
     left_out = LEFT_OUT - {"wandb"} if wandb else LEFT_OUT
     return [r for r in (requires or install_requires()) if requirement_project(r) not in left_out]
 
@@ -158,7 +174,7 @@ def download(folder: str, python_version: str, wandb: bool = False, node: str = 
     if not any(canonical(name) == "torch" for name in installed):
         installed["torch"] = torch_version()
     pins = [f"{name}=={version}" for name, version in
-            resolve(runtime_requirements(wandb=wandb), python_version, installed)]
+            resolve(runtime_requirements(wandb=wandb) + pytest_requirements(), python_version, installed)]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", folder,
            "--python-version", python_version, "--implementation", "cp"]
     for platform in PLATFORMS:

@@ -40,6 +40,13 @@ def test_the_runtime_requirements_are_the_installed_packages_own_minus_torch_dee
     assert wheelhouse.torch_version() == "2.13"
 
 
+def test_the_wheelhouse_carries_the_gpu_checks_test_runner_as_the_dev_extras_pin_it():
+    dev = [r.split(";")[0].strip() for r in importlib.metadata.requires("dit_scale") if 'extra == "dev"' in r]
+    runner = {(r.name, r.specifier) for r in map(Requirement, dev) if r.name in ("pytest", "pytest-timeout")}
+    assert {(r.name, r.specifier) for r in map(Requirement, wheelhouse.pytest_requirements())} == runner
+    assert len(runner) == 2
+
+
 def test_only_the_wheels_of_missing_projects_are_installed(tmp_path):
     for name in ("megatron_core-0.16.1-cp312-cp312-manylinux_2_28_x86_64.whl", "PyYAML-6.0.4-cp312-cp312-x.whl",
                  "omegaconf-2.4.0-py3-none-any.whl", "requirements.txt"):
