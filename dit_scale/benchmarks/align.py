@@ -9,10 +9,11 @@ median over rounds of each round's ratio) and `ratio_range` (its lowest and high
 base variant once more per round and `control`, its ratio to the base: what the machine alone moves a ratio by.
 `masking`: the backbone runs on the kept 25% of tokens (plus the optional patch-mixer on all of them), loss on kept
 tokens: `ratio` at the same images per step, `budget_ratio` per image at the same tokens per step (the token budget,
-`mask.scale_batch`: tokens / kept times the images, step time divided by that), and on a CPU `expert_gemm`: the
-routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds `ratio` there). `align`:
-REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features as
-they arrive from the shards (a tensor already in memory), vs the plain denoising step.
+`mask.scale_batch`: tokens / kept times the images, step time divided by that), `page_faults_per_step` (median host
+page faults of each variant's step: memory touched afresh, near zero when a step reuses its allocations), and on a CPU
+`expert_gemm`: the routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds `ratio`
+there). `align`: REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to
+features as they arrive from the shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
 import time
@@ -48,7 +49,9 @@ def bench_masking(args) -> dict:
     data = {"masked": random_batch(margs, batch, device), "unmasked": random_batch(margs, batch, device),
             "budget": random_batch(margs, batch * multiple, device)}
     closures = {k: training_step(model, fn, data[k], device, precision) for k, fn in variants.items()}
-    rounds = alternate_rounds(with_control(closures, "unmasked", args.control), device, args.warmup, args.steps)
+    faults = {}
+    rounds = alternate_rounds(with_control(closures, "unmasked", args.control), device, args.warmup, args.steps,
+                              page_faults=faults)
     times = medians(rounds)
     budget = paired_ratio(rounds, "budget", "unmasked", scale=1 / multiple)
     result = header("masking", args.model, device, precision, batch, args.steps, tokens=margs.num_tokens)
@@ -58,7 +61,8 @@ def bench_masking(args) -> dict:
                    **paired_ratio(rounds, "masked", "unmasked"),
                    "budget_batch": batch * multiple, "budget_step_s": round(times["budget"], 5),
                    "budget_ratio": budget["ratio"], "budget_ratio_range": budget["ratio_range"],
-                   "target": "ratio and budget_ratio <= 0.30", "flops_ratio": round(flops_ratio, 3)})
+                   "target": "ratio and budget_ratio <= 0.30", "flops_ratio": round(flops_ratio, 3),
+                   "page_faults_per_step": {k: int(v) for k, v in medians(faults).items()}})
     if margs.moe is not None and device.type == "cpu":
         result["expert_gemm"] = expert_gemm_rates(margs, batch, num_kept(margs.num_tokens, args.ratio))
     if args.control:

@@ -3,6 +3,7 @@
 and worker processes with a process group of their own."""
 from __future__ import annotations
 
+import resource
 import socket
 import statistics
 import time
@@ -45,16 +46,20 @@ def training_step(model, loss_fn, batch: dict, device, precision: Precision, see
     return run
 
 
-def alternate_rounds(variants: dict, device, warmup: int, steps: int) -> dict:
+def alternate_rounds(variants: dict, device, warmup: int, steps: int, page_faults: dict = None) -> dict:
     """Seconds of each closure in `variants` per round ({name: [s, ...]}): `steps` rounds after `warmup`, each
-    running every variant once, back to back, so the variants of one round see the same machine state."""
-    def timed(fn):
+    running every variant once, back to back, so the variants of one round see the same machine state.
+    `page_faults`, if given, receives the host page faults of each timed step ({name: [n, ...]}, minor and major):
+    memory the step touches for the first time, which a step that reuses its allocations keeps near zero."""
+    def timed(fn, k):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        faults, start = _page_faults(), time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if page_faults is not None:
+            page_faults.setdefault(k, []).append(_page_faults() - faults)
         return time.perf_counter() - start
     for _ in range(warmup):
         for fn in variants.values():
@@ -62,8 +67,13 @@ def alternate_rounds(variants: dict, device, warmup: int, steps: int) -> dict:
     times = {k: [] for k in variants}
     for _ in range(steps):
         for k, fn in variants.items():
-            times[k].append(timed(fn))
+            times[k].append(timed(fn, k))
     return times
+
+
+def _page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def with_control(closures: dict, base: str, control: bool) -> dict:

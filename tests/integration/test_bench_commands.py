@@ -53,6 +53,7 @@ def test_bench_subcommand_prints_json(command, tmp_path):
         assert gemm["rows"] == {"masked": 2 * 4 * 2 // 4, "unmasked": 2 * 16 * 2 // 4}
         rate = {k: sum(gemm[f"{k}_gflops"].values()) for k in ("masked", "unmasked")}
         assert gemm["rate_ratio"] == pytest.approx(rate["masked"] / rate["unmasked"], abs=2e-3)
+        assert sorted(docs[0]["page_faults_per_step"]) == ["budget", "masked", "unmasked"]
     if command == "align":                  # 3 rounds: the ratio is the middle round's, within the range
         doc = docs[0]
         for field in ("ratio", "control"):

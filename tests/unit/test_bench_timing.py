@@ -1,5 +1,6 @@
 """How the step benchmarks turn alternating timings into a ratio (dit_scale/benchmarks/common.py): the median of
 each round's ratio, which a machine slowing down between rounds does not move."""
+import mmap
 import statistics
 
 import pytest
@@ -40,3 +41,21 @@ def test_the_control_runs_the_base_variant_again_at_the_end_of_each_round():
     assert with_control(closures, "b", False) is closures
     rounds = alternate_rounds(with_control(closures, "b", True), torch.device("cpu"), warmup=0, steps=2)
     assert calls == ["a", "b", "b"] * 2 and list(rounds) == ["a", "b", "control"]
+
+
+def test_page_faults_count_the_memory_a_step_touches_afresh():
+    """A step that maps and writes 16 MiB of new pages faults once per page (4096 of them); a step that touches
+    nothing new faults about never: what `bench.py masking` reports as page_faults_per_step."""
+    size = 16 * 2 ** 20
+
+    def fresh():
+        block = mmap.mmap(-1, size)               # a new anonymous mapping: its pages arrive on first write
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
+    faults = {}
+    alternate_rounds({"fresh": fresh, "idle": lambda: None}, torch.device("cpu"), warmup=1, steps=3,
+                     page_faults=faults)
+    assert sorted(faults) == ["fresh", "idle"] and all(len(v) == 3 for v in faults.values())
+    assert min(faults["fresh"]) >= size // mmap.PAGESIZE
+    assert max(faults["idle"]) < 64
