@@ -45,7 +45,7 @@ def test_the_control_runs_the_base_variant_again_at_the_end_of_each_round():
 
 def test_page_faults_count_the_memory_a_step_touches_afresh():
     """A step that maps and writes 16 MiB of new pages faults once per page (4096 of them); a step that touches
-    nothing new faults about never: what `bench.py masking` reports as page_faults_per_step."""
+    nothing new faults about never (`bench.py masking` reports the most of any step as page_faults_per_step)."""
     size = 16 * 2 ** 20
 
     def fresh():
