@@ -30,8 +30,8 @@ def test_layout_errors_are_the_same_on_every_rank():
 
 def test_freed_host_memory_stays_with_the_process():
     """A block larger than 2 GiB, freed, stays resident for the next step instead of going back to the system (a
-    DiT-B/2-8E2A CPU step frees more than 2 GiB at once; glibc trimmed that with a 2 GiB threshold and the next step
-    faulted it back in over the next steps). Its own process: mallopt is process-wide."""
+    DiT-B/2-8E2A CPU step frees more than 2 GiB at once; glibc trimmed that with a 2 GiB threshold and the
+    following steps faulted it back in). Its own process: mallopt is process-wide."""
     code = """
 import os, sys, torch
 from dit_scale.parallel.topology import retain_freed_host_memory
