@@ -58,9 +58,10 @@ def alternate_rounds(variants: dict, device, warmup: int, steps: int, page_fault
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
         if page_faults is not None:
             page_faults.setdefault(k, []).append(_page_faults() - faults)
-        return time.perf_counter() - start
+        return seconds
     for _ in range(warmup):
         for fn in variants.values():
             fn()
