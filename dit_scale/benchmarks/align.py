@@ -11,11 +11,13 @@ base variant once more per round and `control`, its ratio to the base: what the 
 tokens: `ratio` at the same images per step, `budget_ratio` per image at the same tokens per step (the token budget,
 `mask.scale_batch`: tokens / kept times the images, step time divided by that), `page_faults_per_step` (the most host
 page faults of any timed step of each variant: memory touched afresh, near zero when a step reuses its allocations),
-and on a CPU `expert_gemm`: the routed experts' GEMM rates at the rows an expert gets masked vs unmasked (what bounds
-`ratio` there). `align`: REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine
-loss to features as they arrive from the shards (a tensor already in memory), vs the plain denoising step.
+and on a CPU `expert_layers`: the routed experts' forward + backward per layer at 1 row, the masked and the unmasked
+rows an expert gets (what bounds `ratio` there: their weights' memory traffic does not shrink with the tokens).
+`align`: REPA's projector (width -> 2048 -> 2048 -> 768) on block `--depth` and the negative-cosine loss to features
+as they arrive from the shards (a tensor already in memory), vs the plain denoising step.
 """
 import json
+import statistics
 import time
 
 import torch
@@ -64,48 +66,71 @@ def bench_masking(args) -> dict:
                    "target": "ratio and budget_ratio <= 0.30", "flops_ratio": round(flops_ratio, 3),
                    "page_faults_per_step": {k: max(v) for k, v in faults.items()}})
     if margs.moe is not None and device.type == "cpu":
-        result["expert_gemm"] = expert_gemm_rates(margs, batch, num_kept(margs.num_tokens, args.ratio))
+        layers = expert_layer_times(model, margs, batch, num_kept(margs.num_tokens, args.ratio))
+        fixed_s = layers["moe_layers"] * layers["ms_per_layer"]["one"] / 1e3
+        layers["ratio_floor"] = round(ratio_floor(fixed_s, times["unmasked"], flops_ratio), 3)
+        result["expert_layers"] = layers
     if args.control:
         result["control"] = paired_ratio(rounds, "control", "unmasked")
     print(json.dumps(result))
     return result
 
 
-def expert_gemm_rates(margs, batch: int, kept: int) -> dict:
-    """What bounds the masked step on a CPU: the routed experts' GEMMs (most of a DiT-MoE's FLOPs) at the rows an
-    expert gets per step, masked vs unmasked (balanced routing: images × tokens × k / E rows), in GFLOP/s for the
-    three products of a linear layer (forward x·W, input gradient, weight gradient), fp32, this process's threads.
-    `rate_ratio` < 1: the BLAS runs the masked step's shorter GEMMs slower per FLOP, so the step ratio sits above
-    the FLOP ratio by about 1 / rate_ratio on the experts' share."""
+def expert_layer_times(model, margs, batch: int, kept: int, rounds: int = 7, layers: int = 4) -> dict:
+    """What bounds the masked step on a CPU: the routed experts of the model's first `layers` MoE layers, forward and
+    backward as in the step (their own weights and code, gradients set to none after each pass), at the rows an
+    expert gets per step masked and unmasked (balanced routing: images × tokens × k / E) and at 1 row, alternated
+    over `rounds`; milliseconds per layer (medians). An expert's weights are read in the forward and in the
+    backward and its weight gradient is written whatever its rows, so the 1-row time is a cost that does not
+    shrink with the tokens: `fixed_share` is its share of the masked time, `layer_ratio` what the experts alone
+    give the step's masked / unmasked ratio. On a CPU whose cache holds no layer's weights, that traffic is paid
+    from memory every step: `one_row_gbs` (the weights read twice and their gradients written once, per second of
+    the 1-row time) against `copy_gbs`, what this machine copies memory at."""
+    from dit_scale.models.moe import GroupedExperts
     moe = margs.moe
-    width = 2 * moe.expert_hidden if moe.expert_act == "swiglu" else moe.expert_hidden
-    rows = {"masked": max(1, batch * kept * moe.top_k // moe.num_experts),
+    every = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    experts = every[:layers]
+    rows = {"one": 1, "masked": max(1, batch * kept * moe.top_k // moe.num_experts),
             "unmasked": max(1, batch * margs.num_tokens * moe.top_k // moe.num_experts)}
-    out = {"shape": [margs.hidden_size, width], "rows": rows}
-    for name, m in rows.items():
-        out[f"{name}_gflops"] = {kind: round(gemm_gflops(a, b), 1) for kind, (a, b) in
-                                 linear_products(m, margs.hidden_size, width).items()}
-    rate = {name: sum(out[f"{name}_gflops"].values()) / 3 for name in rows}
-    out["rate_ratio"] = round(rate["masked"] / rate["unmasked"], 3)
-    return out
+    generator = torch.Generator().manual_seed(0)
+
+    def closure(r):
+        counts = torch.full((moe.num_experts,), r)
+        x, dy = (torch.randn(r * moe.num_experts, margs.hidden_size, generator=generator) for _ in range(2))
+
+        def run():
+            for layer in experts:
+                layer(x.requires_grad_(), counts).backward(dy)
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+        return run
+    times = medians(alternate_rounds({k: closure(r) for k, r in rows.items()}, torch.device("cpu"), 1, rounds))
+    weights = sum(p.numel() * p.element_size() for p in experts[0].parameters())
+    return {"rows": rows, "layers": len(experts), "moe_layers": len(every),
+            "ms_per_layer": {k: round(1e3 * t / len(experts), 4) for k, t in times.items()},
+            "weight_mb_per_layer": round(weights / 1e6, 3), "fixed_share": round(times["one"] / times["masked"], 3),
+            "layer_ratio": round(times["masked"] / times["unmasked"], 3),
+            "one_row_gbs": round(3 * weights * len(experts) / times["one"] / 1e9, 1),
+            "copy_gbs": round(copy_rate(weights) / 1e9, 1)}
 
 
-def linear_products(m: int, d: int, n: int) -> dict:
-    """The operand pairs of a linear layer [d -> n] on m rows: forward, input gradient, weight gradient."""
-    g = torch.Generator().manual_seed(0)
-    x, w, dy = (torch.randn(*s, generator=g) for s in ((m, d), (d, n), (m, n)))
-    return {"forward": (x, w), "input_grad": (dy, w.t()), "weight_grad": (x.t(), dy)}
+def ratio_floor(fixed_s: float, unmasked_s: float, flops_ratio: float) -> float:
+    """The masked / unmasked step ratio if all of the unmasked step but `fixed_s` (the experts' 1-row time over all
+    MoE layers: their weights' traffic) shrank with the FLOPs: what no leaner masked step gets below at this batch."""
+    return (fixed_s + flops_ratio * (unmasked_s - fixed_s)) / unmasked_s
 
 
-def gemm_gflops(a, b, seconds: float = 0.3) -> float:
-    """GFLOP/s of a @ b, repeated for about `seconds` after a warm-up."""
-    for _ in range(2):
-        a @ b
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - start) / 1e9
+def copy_rate(nbytes: int, reps: int = 5) -> float:
+    """Bytes per second (read + written) of copying an `nbytes` host buffer: this machine's memory bandwidth, for
+    `one_row_gbs` (the weights read twice and their gradient written once, over the 1-row time) to be read against."""
+    src = torch.empty(max(1, nbytes // 4)).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times)
 
 
 def bench_align(args) -> dict:
