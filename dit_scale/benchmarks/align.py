@@ -116,7 +116,7 @@ def expert_layer_times(model, margs, batch: int, kept: int, rounds: int = 7, lay
 
 def ratio_floor(fixed_s: float, unmasked_s: float, flops_ratio: float) -> float:
     """The masked / unmasked step ratio if all of the unmasked step but `fixed_s` (the experts' 1-row time over all
-    MoE layers: their weights' traffic) shrank with the FLOPs: what no leaner masked step gets below at this batch."""
+    MoE layers: their weights' traffic) shrank with the FLOPs: below it only by a cheaper 1-row pass or more rows."""
     return (fixed_s + flops_ratio * (unmasked_s - fixed_s)) / unmasked_s
 
 
