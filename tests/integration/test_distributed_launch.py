@@ -20,7 +20,8 @@ def torchrun(*args, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+# DeepSpeed with EP trains, samples and resumes in the default tier too (test_bf16.py); these launches take a minute
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_expert_parallel_run(tiny_shards, tmp_path, engine):
     run = str(tmp_path / "run")
     proc = torchrun(*tiny_overrides(tiny_shards, run, **{"parallel.engine": engine, "parallel.ep": 2,
@@ -65,7 +66,7 @@ def test_config_differing_between_ranks_is_an_error(tiny_shards, tmp_path):
         assert err.count("error: The resolved config differs between ranks (ranks [1] differ from rank 0)") == 1
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("engine", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])
 def test_resume_continues_exactly(tiny_shards, tmp_path, engine):
     def run(dir_, **extra):
         proc = torchrun(*tiny_overrides(tiny_shards, str(dir_), **{

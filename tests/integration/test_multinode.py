@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dist_utils import free_port
 from dit_scale.checkpoint import find_latest, load_checkpoint
 from dit_scale.training.metrics import read_metrics
@@ -32,6 +34,7 @@ def _check_run(run, world):
     return state
 
 
+@pytest.mark.slow          # 4 processes; the two-node environment runs in the default tier below
 def test_torchrun_two_nodes_of_two_processes(tmp_path):
     tiny_shards = write_tiny_shards(str(tmp_path / "shards"), samples_per_shard=24)     # 4 shards for 4 ranks
     run = str(tmp_path / "run")

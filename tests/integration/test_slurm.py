@@ -260,6 +260,7 @@ def test_sweep_job_array_and_aggregate(slurm, tiny_shards, tmp_path, capsys, mon
                                                     for p in glob.glob(str(out / "*" / "metrics.jsonl"))}
 
 
+@pytest.mark.slow          # the requeue path itself runs in the default tier (test_preempted_job_requeues_and_resumes)
 def test_preempted_sweep_task_requeues_and_resumes(slurm, tiny_shards, tmp_path, capsys, monkeypatch):
     """An array task gets launch/submit.py's semantics: USR1 to its batch shell, save, exit 75, requeue, resume."""
     sweep_file, out = write_sweep(tmp_path, tiny_shards, [1e-3], steps=30, log_every=1)
