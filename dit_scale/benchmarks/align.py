@@ -27,6 +27,7 @@ from dit_scale.benchmarks.common import alternate_rounds, device_and_precision, 
 from dit_scale.build import build
 from dit_scale.config import load_config
 from dit_scale.models.masking import num_kept
+from dit_scale.models.moe import GroupedExperts
 from dit_scale.training.loss import TrainingLoss
 
 
@@ -86,7 +87,6 @@ def expert_layer_times(model, margs, batch: int, kept: int, rounds: int = 7, lay
     give the step's masked / unmasked ratio. On a CPU whose cache holds no layer's weights, that traffic is paid
     from memory every step: `one_row_gbs` (the weights read twice and their gradients written once, per second of
     the 1-row time) against `copy_gbs`, what this machine copies memory at."""
-    from dit_scale.models.moe import GroupedExperts
     moe = margs.moe
     every = [m for m in model.modules() if isinstance(m, GroupedExperts)]
     experts = every[:layers]
@@ -97,10 +97,11 @@ def expert_layer_times(model, margs, batch: int, kept: int, rounds: int = 7, lay
     def closure(r):
         counts = torch.full((moe.num_experts,), r)
         x, dy = (torch.randn(r * moe.num_experts, margs.hidden_size, generator=generator) for _ in range(2))
+        x.requires_grad_()
 
         def run():
             for layer in experts:
-                layer(x.requires_grad_(), counts).backward(dy)
+                layer(x, counts).backward(dy)
                 layer.zero_grad(set_to_none=True)
                 x.grad = None
         return run
@@ -130,7 +131,7 @@ def copy_rate(nbytes: int, reps: int = 5) -> float:
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
 def bench_align(args) -> dict:
