@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
 def tiny_shards(tmp_path_factory):
     """2 shards × 48 synthetic 16×16 images, 4 classes."""
     return write_tiny_shards(str(tmp_path_factory.mktemp("shards")))
+
+
+@pytest.fixture(scope="session")
+def shape_shards(tmp_path_factory):
+    """4 shards × 300 synthetic 32×32 images of 4 shapes: enough for the class probe (evaluation/probe.py)."""
+    from data_tools.make_synthetic import make_synthetic
+    out = str(tmp_path_factory.mktemp("shapes"))
+    make_synthetic(out, num_samples=1200, num_classes=4, size=32, samples_per_shard=300, seed=0)
+    return out
