@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from dit_scale.config import load_config  # noqa: E402
 from dit_scale.errors import CheckpointError, ConfigError  # noqa: E402
-from dit_scale.training.trainer import TrainingAborted, TrainingInterrupted, train  # noqa: E402
+from dit_scale.training.preemption import TrainingInterrupted  # noqa: E402
 
 
 def main(argv=None):
@@ -38,6 +38,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The trainer's imports (megatron-core's among them) take seconds: a mistake in the config is reported first.
+    from dit_scale.training.trainer import TrainingAborted, train
+    try:
         summary = train(cfg)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,8 +19,8 @@ import torch
 
 from dit_scale.evaluation.dinov2 import KEY as DINO_KEY
 from dit_scale.evaluation.export import SampleWriter
-from dit_scale.evaluation.features import KEYS as FEATURE_KEYS
 from dit_scale.evaluation.generate import SamplingSpec, class_of, rank_batches, sample_indices
+from dit_scale.evaluation.inception import FEATURE_KEYS
 from dit_scale.evaluation.reference import FeatureExtractor, Reference
 from dit_scale.evaluation.scores import frechet_distance_of, inception_score, precision_recall
 from dit_scale.generation.vae import to_uint8

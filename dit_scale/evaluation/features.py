@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-KEYS = ("pool", "spatial", "logits")
+from dit_scale.evaluation.inception import FEATURE_KEYS as KEYS
 
 
 class FeatureStore(Metric):

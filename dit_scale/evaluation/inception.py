@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 INPUT_SIZE = 299
+FEATURE_KEYS = ("pool", "spatial", "logits")     # what the network returns, as above
 SPATIAL_CHANNELS = 7        # ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 * 17 * 17 = 2023 features
 
 

@@ -30,7 +30,7 @@ import torch
 
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.dinov2 import KEY as DINO_KEY
-from dit_scale.evaluation.features import FeatureStore
+from dit_scale.evaluation.inception import FEATURE_KEYS
 from dit_scale.evaluation.scores import gaussian_stats
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.generation.vae import LatentDecoder, to_uint8
@@ -75,8 +75,11 @@ class FeatureExtractor:
         with torch.autocast(self.device.type, enabled=False):       # float32 features, whatever the caller runs in
             return self.inception(images_uint8.to(self.device))
 
-    def gather(self, batches, keys=("pool", "spatial", "logits")) -> dict:
+    def gather(self, batches, keys=FEATURE_KEYS) -> dict:
         """Feed (indices, uint8 images [B, 3, H, W]) pairs of this rank; return every rank's features by index."""
+        # Imported here, not at the top: importing torchmetrics takes ~3 s on a 2-core CPU (it imports transformers
+        # and scipy), paid by every process that imports the trainer although only an evaluation gathers features.
+        from dit_scale.evaluation.features import FeatureStore
         store = FeatureStore(keys=keys).to(self.device)
         dims = None
         for indices, images in batches:

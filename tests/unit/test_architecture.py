@@ -1,10 +1,13 @@
 """The layering docs/architecture.md describes, checked on the source: no import cycle between dit_scale's modules
 (function-level imports included), models/ imports nothing of dit_scale outside it, config/ nothing above it
 (config/, errors.py, models/, diffusion/), errors.py nothing at all, the private torch / DeepSpeed
-APIs are used only in compat.py (and torch._grouped_mm in models/moe.py), and no module edits sys.path."""
+APIs are used only in compat.py (and torch._grouped_mm in models/moe.py), no module edits sys.path, and start-up
+leaves torchmetrics (and, for a bad config, the trainer) to what needs them."""
 import ast
 import os
 import re
+import subprocess
+import sys
 
 from tiny import ROOT
 
@@ -142,3 +145,22 @@ def test_no_sys_path_edits():
                 if f.endswith(".py"):
                     text = open(os.path.join(folder, f)).read()
                     assert "sys.path.insert" not in text and "sys.path.append" not in text, os.path.join(folder, f)
+
+
+def _imported_after(code: str) -> set:
+    """The top-level packages a fresh Python holds after running `code` (which prints nothing else)."""
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] "
+                          "for m in sys.modules})))"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_start_up_leaves_the_heavy_imports_to_what_needs_them():
+    """Every rank imports the trainer at start: torchmetrics (which imports transformers and scipy, ~3 s on 2 cores)
+    only comes with an evaluation's feature gathering. launch/train.py reports a config mistake before it imports
+    the trainer, so a typo costs about 2 s, not the 6 s of megatron-core and the rest."""
+    trainer = _imported_after("import dit_scale.training.trainer")
+    assert "megatron" in trainer and not {"torchmetrics", "transformers", "scipy"} & trainer
+    refused = _imported_after("from launch.train import main\nimport contextlib, io\nwith contextlib.redirect_stderr("
+                              "io.StringIO()):\n    assert main(['--config', 'configs/quickstart.yaml', "
+                              "'moe.top_k=9']) == 2")
+    assert not {"megatron", "torchmetrics"} & refused
