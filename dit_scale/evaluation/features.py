@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from dit_scale.evaluation.inception import FEATURE_KEYS as KEYS
+from dit_scale.evaluation.inception import FEATURE_KEYS
 
 
 class FeatureStore(Metric):
     full_state_update = False
 
-    def __init__(self, keys=KEYS, **kwargs):
+    def __init__(self, keys=FEATURE_KEYS, **kwargs):
         super().__init__(**kwargs)
         self.keys = tuple(keys)
         self.add_state("index", default=[], dist_reduce_fx="cat")
