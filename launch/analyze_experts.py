@@ -14,8 +14,6 @@ import argparse
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError, DataError
-from dit_scale.evaluation.experts import analyze_experts
-from dit_scale.parallel.topology import pick_device
 
 
 def main(argv=None):
@@ -29,6 +27,8 @@ def main(argv=None):
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
+    from dit_scale.evaluation.experts import analyze_experts     # after the arguments: it imports torch
+    from dit_scale.parallel.topology import pick_device
     try:
         rep = analyze_experts(args.run, shards=args.shards, bins=args.bins, num_samples=args.num_samples,
                               batch_size=args.batch_size, out_dir=args.out, ema=not args.no_ema,

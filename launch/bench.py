@@ -21,8 +21,6 @@ the share of the EP step spent in the all-to-all (torch profiler).
 import argparse
 import sys
 
-from data_tools.bench_shards import write_random_shards
-from dit_scale.benchmarks import align, checkpoint, data, memory, model, moe_parallel, parallel
 from dit_scale.errors import ConfigError
 
 
@@ -92,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("parallel", help="step time of tp2 / cp2 / ep2 on 2 processes vs 1, and the collectives' share")
-    p.add_argument("--layout", choices=sorted(parallel.LAYOUTS), required=True)
+    p.add_argument("--layout", required=True, help="tp2, cp2 or ep2")
     p.add_argument("--model", default="DiT-S/2-8E2A")
     p.add_argument("--input-size", type=int, default=32, help="latent side (32: 256 tokens at patch 2)")
     p.add_argument("--batch", type=int, default=4, help="global batch (images per step)")
@@ -106,9 +104,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from data_tools.bench_shards import write_random_shards     # after the arguments: they import torch
+    from dit_scale.benchmarks import align, checkpoint, data, memory, model, moe_parallel, parallel
     runs = {"model": model.run, "moe-parallel": moe_parallel.run, "masking": align.run, "align": align.run,
             "checkpoint": checkpoint.run, "memory": memory.run, "parallel": parallel.run,
             "data": lambda a: data.run(a, write_random_shards)}
+    if args.what == "parallel" and args.layout not in parallel.LAYOUTS:
+        sys.exit(f"error: --layout {args.layout} is not a layout; choose one of: {', '.join(sorted(parallel.LAYOUTS))}.")
     try:
         runs[args.what](args)
     except ConfigError as e:

@@ -17,7 +17,6 @@ import argparse
 import sys
 
 from dit_scale.errors import ConfigError
-from dit_scale.training.coord_check import coord_check, write
 
 
 def main(argv=None) -> int:
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
+    from dit_scale.training.coord_check import coord_check, write     # after the arguments: it imports torch
     try:
         result = coord_check(args.config, list(args.overrides), widths, args.steps, args.seed, args.seeds)
     except ConfigError as e:

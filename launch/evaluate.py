@@ -30,10 +30,7 @@ import json
 import os
 import sys
 
-import torch
-
 from dit_scale.errors import CheckpointError, ConfigError, DataError
-from dit_scale.evaluation.run import evaluate_checkpoint
 
 
 def parse_args(argv=None):
@@ -74,6 +71,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch     # after the arguments, as is the evaluation (seconds of imports)
+
+    from dit_scale.evaluation.run import evaluate_checkpoint
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         result = evaluate_checkpoint(args)

@@ -11,7 +11,6 @@ safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `
 import argparse
 import sys
 
-from dit_scale.checkpoint import export
 from dit_scale.errors import CheckpointError
 
 
@@ -24,6 +23,7 @@ def main(argv=None):
     if not args.out.endswith(".safetensors"):
         print(f"error: --out '{args.out}' must end with .safetensors.", file=sys.stderr)
         return 2
+    from dit_scale.checkpoint import export     # after the arguments: it imports torch
     try:
         print(export(args.ckpt, args.out, args.ema))
     except CheckpointError as e:

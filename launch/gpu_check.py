@@ -44,11 +44,6 @@ every configuration that fits and had time ran without an error.
 import argparse
 import sys
 
-import torch
-
-from dit_scale.benchmarks.gpu_check import run, write
-from dit_scale.models.layers import ATTENTION_BACKENDS
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,11 +59,19 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="skip what would end later than this after the start (default 8; dry 10)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
-    parser.add_argument("--attention", default="auto", choices=tuple(ATTENTION_BACKENDS),
-                        help="model.attention of the training configurations (default auto; the attention rows "
-                             "time every kernel)")
+    parser.add_argument("--attention", default="auto",
+                        help="model.attention of the training configurations: auto, flash, efficient, cudnn or "
+                             "math (default auto; the attention rows time every kernel)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file (after every sweep point)")
     args = parser.parse_args(argv)
+    import torch     # after the arguments, as is the check itself (seconds of imports)
+
+    from dit_scale.benchmarks.gpu_check import run, write
+    from dit_scale.models.layers import ATTENTION_BACKENDS
+    if args.attention not in ATTENTION_BACKENDS:
+        print(f"error: --attention {args.attention} is not a backend; choose one of: "
+              f"{', '.join(ATTENTION_BACKENDS)}.", file=sys.stderr)
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device is visible; run with --dry-run on a CPU.", file=sys.stderr)
         return 2

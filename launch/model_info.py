@@ -11,14 +11,13 @@ import argparse
 import json
 import sys
 
-from dit_scale.config import load_config
-from dit_scale.build import model_args
 from dit_scale.errors import ConfigError
-from dit_scale.models import list_models
-from dit_scale.models.flops import model_info
 
 
 def info_for(name, args):
+    from dit_scale.build import model_args
+    from dit_scale.config import load_config
+    from dit_scale.models.flops import model_info
     cfg = load_config(None, [f"model.name={name}", f"model.input_size={args.input_size}",
                              f"model.in_channels={args.in_channels}"] + args.overrides)
     info = {"model": name, **model_info(model_args(cfg).replace(out_channels=args.out_channels))}
@@ -36,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--out-channels", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.shared_mlp_ratio=0")
     args = parser.parse_args(argv)
+    from dit_scale.models import list_models     # after the arguments: the models import torch
     try:
         rows = [info_for(n, args) for n in (list_models() if args.all else [args.model])]
     except ConfigError as e:

@@ -17,8 +17,6 @@ import os
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError, DataError
-from dit_scale.evaluation.probe import probe_run
-from dit_scale.parallel.topology import pick_device
 
 
 def main(argv=None):
@@ -50,6 +48,8 @@ def main(argv=None):
     if args.guidance_interval is not None and not 0.0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1.0:
         print("error: --guidance-interval LOW HIGH must satisfy 0 <= LOW <= HIGH <= 1.", file=sys.stderr)
         return 2
+    from dit_scale.evaluation.probe import probe_run     # after the arguments: it imports torch
+    from dit_scale.parallel.topology import pick_device
     try:
         report = probe_run(args.run, num_samples=args.num_samples, train_images=args.train_images,
                            cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler, data=args.data,

@@ -24,7 +24,6 @@ import argparse
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.evaluation.grid import sample_grid
 
 
 def main(argv=None):
@@ -54,6 +53,7 @@ def main(argv=None):
                         "diffusion.grid_shift; 0: off)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    from dit_scale.evaluation.grid import sample_grid     # after the arguments: it imports torch
     try:
         out = sample_grid(run=args.run, ckpt=args.ckpt, out=args.out, classes=args.classes, per_class=args.per_class,
                           prompts=args.prompts, text_encoder=args.text_encoder, steps=args.steps,

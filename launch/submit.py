@@ -24,9 +24,7 @@ import os
 import shlex
 import sys
 
-from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
-from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs
 
 
 def parse_args(argv=None):
@@ -55,6 +53,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    from dit_scale.config import load_config     # after the arguments: it imports torch
+    from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs
     run_dir = os.path.abspath(args.run_dir)
     try:
         unknown = [o for o in overrides if o.startswith("-")]

@@ -22,7 +22,6 @@ import argparse
 import sys
 
 from dit_scale.errors import ConfigError
-from dit_scale.sweep import aggregate, run_sweep, task
 
 
 def main(argv=None) -> int:
@@ -43,6 +42,7 @@ def main(argv=None) -> int:
     a.add_argument("--target-width", type=int, default=0)
     a.add_argument("--smooth", type=int, default=0, help="losses averaged at the end (default: the sweep's)")
     args = parser.parse_args(argv)
+    from dit_scale.sweep import aggregate, run_sweep, task     # after the arguments: it imports torch
     try:
         if args.command == "run":
             return run_sweep(args.config, args.backend, args.parallel, args.dry_run, args.out)
