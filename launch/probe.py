@@ -42,12 +42,6 @@ def main(argv=None):
     if args.num_samples < 2 or args.train_images < 1:
         print("error: --num-samples must be at least 2 and --train-images at least 1.", file=sys.stderr)
         return 2
-    if args.sde_strength is not None and args.sde_strength < 0:
-        print("error: --sde-strength must be at least 0 (0: the sde sampler is the Euler ODE).", file=sys.stderr)
-        return 2
-    if args.guidance_interval is not None and not 0.0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1.0:
-        print("error: --guidance-interval LOW HIGH must satisfy 0 <= LOW <= HIGH <= 1.", file=sys.stderr)
-        return 2
     from dit_scale.evaluation.probe import probe_run     # after the arguments: it imports torch
     from dit_scale.parallel.topology import pick_device
     try:

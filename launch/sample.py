@@ -7,6 +7,8 @@ a checkpoint or an export; latent models are decoded through the VAE.
     python launch/sample.py --ckpt model.safetensors --out grid.png      # written by launch/export.py
     python launch/sample.py --run runs/in1k --vae /models/sd-vae-ft-ema --sampler ancestral --steps 250 \
         --cfg-scale 4 --guide-channels 3                                # DiT's sampling protocol
+    python launch/sample.py --run runs/quickstart --sampler sde --sde-strength 2 --steps 16 \
+        --guidance-interval 0.2 1 --cfg-scale 3                        # a setting launch/probe.py measured
     python launch/sample.py --run runs/quickstart_text --prompts "a small red circle in the top left" prompts.txt \
         --per-prompt 4                                                  # a text model: one row per prompt
 
@@ -45,6 +47,10 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--guide-channels", type=int, default=None,
                    help="guide only the first N channels (DiT: 3); default: all")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guide only for t in [LOW, HIGH] (t = 1: noise; default: the run's diffusion.guidance_low/high)")
+    p.add_argument("--sde-strength", type=float, default=None,
+                   help="sampler sde's strength (default: the run's diffusion.sde_strength; 0: the Euler ODE)")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (default: the shards' manifest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -59,7 +65,8 @@ def main(argv=None):
                           prompts=args.prompts, text_encoder=args.text_encoder, steps=args.steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,
                           vae=args.vae, seed=args.seed, ema=not args.no_ema, device=args.device,
-                          grid_shift=args.grid_shift)
+                          grid_shift=args.grid_shift, sde_strength=args.sde_strength,
+                          guidance_interval=args.guidance_interval)
     except (CheckpointError, ConfigError) as e:     # a sampler the objective does not take is a ConfigError too
         print(f"error: {e}", file=sys.stderr)
         return 2

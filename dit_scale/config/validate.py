@@ -28,6 +28,16 @@ def check_grid_shift(shift: int, patch_size: int, field: str = "diffusion.grid_s
               f"patch side ({patch_size // 2}) is the usual choice, 0 turns it off.")
 
 
+def check_sampling_flags(sde_strength=None, guidance_interval=None) -> None:
+    """ConfigError naming the flag unless the CLIs' --sde-strength (diffusion.sde_strength) and --guidance-interval
+    LOW HIGH (diffusion.guidance_low/high) are in range; None: the run's own value."""
+    if sde_strength is not None and not sde_strength >= 0.0:
+        _fail(f"--sde-strength must be at least 0 (0: the sde sampler is the Euler ODE), got {sde_strength}.")
+    if guidance_interval is not None and not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0:
+        _fail(f"--guidance-interval LOW HIGH must satisfy 0 <= LOW <= HIGH <= 1, got "
+              f"{guidance_interval[0]:g} {guidance_interval[1]:g}.")
+
+
 POSITIVE_INTS = ("model.input_size", "model.in_channels", "train.steps", "train.grad_accum", "data.batch_size",
                  "data.partitions", "diffusion.sample_steps", "logging.log_every", "diffusion.num_timesteps",
                  "train.max_bad_steps", "parallel.ep", "logging.samples_per_class", "logging.max_sample_classes")

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import read_write
 
 from dit_scale.build import build
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
 from dit_scale.config import config_from_yaml_text
-from dit_scale.config.validate import check_grid_shift
+from dit_scale.config.validate import check_grid_shift, check_sampling_flags
 from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
 from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
@@ -100,19 +100,27 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
                 prompts: Optional[Sequence[str]] = None, text_encoder: Optional[str] = None,
                 steps: Optional[int] = None, sampler: Optional[str] = None, cfg_scale: Optional[float] = None,
                 guide_channels: Optional[int] = None, vae: Optional[str] = None, seed: int = 0, ema: bool = True,
-                device: str = "auto", grid_shift: Optional[int] = None) -> str:
+                device: str = "auto", grid_shift: Optional[int] = None, sde_strength: Optional[float] = None,
+                guidance_interval: Optional[Tuple[float, float]] = None) -> str:
     """Draw and write the grid of a checkpoint (`ckpt`, or the latest of the run directory `run`); returns the PNG's
     path (`out`, else `default_out`). `classes` is --classes' text ("0,3,7"); `per_class` is also a text model's
-    samples per prompt; `ema=False` takes the raw weights (an exported file holds one set); `grid_shift` replaces
-    diffusion.grid_shift. Raises ConfigError or CheckpointError (one sentence) for an input error; a sampler or step
+    samples per prompt; `ema=False` takes the raw weights (an exported file holds one set); `grid_shift`,
+    `sde_strength` and `guidance_interval` (low, high) replace the run's diffusion.grid_shift, .sde_strength and
+    .guidance_low/high. Raises ConfigError or CheckpointError (one sentence) for an input error; a sampler or step
     count the objective does not take is a ConfigError too."""
+    check_sampling_flags(sde_strength, guidance_interval)
     path = grid_checkpoint(run, ckpt)
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     if grid_shift is not None:
         check_grid_shift(grid_shift, cfg.model.patch_size, "--grid-shift")
-        with read_write(cfg):
+    with read_write(cfg):                   # what the sampler and the title read
+        if grid_shift is not None:
             cfg.diffusion.grid_shift = grid_shift
+        if sde_strength is not None:
+            cfg.diffusion.sde_strength = float(sde_strength)
+        if guidance_interval is not None:
+            cfg.diffusion.guidance_low, cfg.diffusion.guidance_high = map(float, guidance_interval)
     device = pick_device(device)
     decoder = image_decoder(cfg, vae, device)
     manifest, _ = data_manifest(cfg.data)

@@ -243,13 +243,14 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     from dit_scale.checkpoint import load_checkpoint
     from dit_scale.checkpoint.load import resolve_path
     from dit_scale.config import config_from_yaml_text
-    from dit_scale.config.validate import check_grid_shift
+    from dit_scale.config.validate import check_grid_shift, check_sampling_flags
     from dit_scale.evaluation.generate import SamplingSpec, class_of, sample_indices
     from dit_scale.optim import resolve_precision
     from dit_scale.generation.captions import CaptionTable
     from dit_scale.generation.vae import image_decoder
     from dit_scale.evaluation.shard_samples import ShardSet
 
+    check_sampling_flags(sde_strength, guidance_interval)
     path = resolve_path(run)
     state = load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")

@@ -22,14 +22,16 @@ MAX_TITLE_CHARS = 28
 
 
 def grid_title(cfg, step: int, sampler: str, steps: int, cfg_scale: float) -> str:
-    """A sample grid's title: model, step, sampler and steps, guidance with diffusion.guidance_low/high when
-    guidance is not applied over all of t in [0, 1], and diffusion.grid_shift when it is on."""
+    """A sample grid's title: model, step, sampler and steps (the sde sampler: with diffusion.sde_strength),
+    guidance with diffusion.guidance_low/high when guidance is not applied over all of t in [0, 1], and
+    diffusion.grid_shift when it is on."""
     d = cfg.diffusion
+    strength = f" (strength {d.sde_strength:g})" if sampler == "sde" else ""
     guide = f"cfg {cfg_scale:g}"
     if cfg_scale != 1.0 and (d.guidance_low > 0.0 or d.guidance_high < 1.0):
         guide += f" for t in [{d.guidance_low:g}, {d.guidance_high:g}]"
     shift = f" · grid shift {d.grid_shift}" if d.grid_shift else ""
-    return f"{cfg.model.name} step {step} · {sampler} {steps} steps · {guide}{shift}"
+    return f"{cfg.model.name} step {step} · {sampler} {steps} steps{strength} · {guide}{shift}"
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:

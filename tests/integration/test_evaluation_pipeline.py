@@ -183,6 +183,34 @@ def test_sample_grid_shift_moves_the_patch_grid_and_refuses_a_shift_past_the_pat
                                                f"({p - 1}), got {p};"), err
 
 
+def test_sample_takes_the_probes_sampling_flags(setup, trained, tmp_path, capsys):
+    """--sde-strength and --guidance-interval replace the run's values: checked against a second path to the same
+    samples. At strength 0 the sde sampler is the Euler ODE; guidance over an interval holding none of the sampler's
+    times (2 Euler steps: t = 1 and 0.5) is no guidance. The grids are compared below their titles, which differ."""
+    from launch.sample import main
+    run, _ = trained
+    common = ["--run", run, "--vae", setup["vae"], "--steps", "2"]
+
+    def grid(name, *flags):
+        out = str(tmp_path / f"{name}.png")
+        assert main(common + ["--out", out, *flags]) == 0
+        return np.asarray(Image.open(out))[30:]          # below the title (at most 26 pixels high)
+
+    euler = grid("euler", "--sampler", "euler", "--cfg-scale", "1")
+    np.testing.assert_array_equal(grid("sde0", "--sampler", "sde", "--sde-strength", "0", "--cfg-scale", "1"), euler)
+    assert not np.array_equal(grid("sde1", "--sampler", "sde", "--sde-strength", "1", "--cfg-scale", "1"), euler)
+    outside = grid("outside", "--sampler", "euler", "--cfg-scale", "4", "--guidance-interval", "0", "0.25")
+    np.testing.assert_array_equal(outside, euler)
+    assert not np.array_equal(grid("inside", "--sampler", "euler", "--cfg-scale", "4", "--guidance-interval", "0.25",
+                                   "1"), euler)
+    capsys.readouterr()
+    for flags, message in ((["--sde-strength", "-1"], "--sde-strength must be at least 0"),
+                           (["--guidance-interval", "0.6", "0.2"], "--guidance-interval LOW HIGH must satisfy")):
+        assert main(common + flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 def test_evaluate_input_errors_are_one_sentence(setup, trained, tmp_path, capsys):
     from launch.evaluate import main
     run, _ = trained

@@ -46,3 +46,25 @@ def test_grid_title_names_the_guidance_interval_and_the_grid_shift():
     assert grid_title(cfg, 8, "heun", 16, 1.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 1"      # no guidance
     cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.grid_shift=2"])
     assert grid_title(cfg, 8, "heun", 16, 2.0) == "DiT-XS/4 step 8 · heun 16 steps · cfg 2 · grid shift 2"
+    cfg = load_config(None, ["model.name=DiT-XS/4", "diffusion.sde_strength=0.5"])
+    assert grid_title(cfg, 8, "sde", 16, 1.0) == "DiT-XS/4 step 8 · sde 16 steps (strength 0.5) · cfg 1"
+    assert grid_title(cfg, 8, "euler", 16, 1.0) == "DiT-XS/4 step 8 · euler 16 steps · cfg 1"   # no sde: no strength
+
+
+def test_sampling_flags_are_checked_before_anything_is_read():
+    from dit_scale.config.validate import check_sampling_flags
+    check_sampling_flags(None, None)
+    check_sampling_flags(0.0, (0.0, 0.0))
+    check_sampling_flags(2.0, (0.2, 1.0))
+    with pytest.raises(ConfigError, match=r"^--sde-strength must be at least 0 \(0: the sde sampler is the Euler ODE\), "
+                                          r"got -0.5\.$"):
+        check_sampling_flags(-0.5, None)
+    with pytest.raises(ConfigError, match=r"^--sde-strength must be at least 0"):
+        check_sampling_flags(float("nan"), None)
+    with pytest.raises(ConfigError, match=r"^--guidance-interval LOW HIGH must satisfy 0 <= LOW <= HIGH <= 1, got 0.6 0.2\.$"):
+        check_sampling_flags(None, (0.6, 0.2))
+    with pytest.raises(ConfigError, match=r"got 0 1.5\.$"):
+        check_sampling_flags(None, (0.0, 1.5))
+    with pytest.raises(ConfigError, match="--guidance-interval"):         # the library checks before the checkpoint
+        from dit_scale.evaluation.grid import sample_grid
+        sample_grid(run="no/such/run", guidance_interval=(0.9, 0.1))
