@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dit_scale.config import hidden_size_for
-from dit_scale.diffusion import build_objective as _objective_from_section
+from dit_scale.diffusion.objective import build_objective as _objective_from_section
 from dit_scale.errors import ConfigError
 from dit_scale.models import DiT, ModelArgs, MoEArgs
 from dit_scale.models.init import draw, init_rules, param_generator

@@ -33,15 +33,15 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="YAML experiment config (may name a base: file)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    import torch     # after the arguments (torch alone takes ~2 s to import)
-
-    from dit_scale.config import load_config
+    from dit_scale.config import load_config      # no torch: a config mistake is reported in a fraction of a second
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The trainer's imports (megatron-core's among them) take seconds: a mistake in the config is reported first.
+    # The trainer's imports (torch, megatron-core) take seconds: a mistake in the config is reported first.
+    import torch
+
     from dit_scale.training.trainer import TrainingAborted, train
     try:
         summary = train(cfg)

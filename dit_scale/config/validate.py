@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dit_scale.config.external import read_teacher_config
 from dit_scale.config.schema import CHOICES
-from dit_scale.diffusion.samplers import SAMPLERS
+from dit_scale.diffusion.sampler_names import SAMPLERS
 from dit_scale.errors import ConfigError
+from dit_scale.models.args import num_kept
 
 
 def _fail(msg: str):
@@ -338,7 +339,6 @@ def _validate_start_weights(cfg) -> None:
 
 def _validate_token_budget(cfg) -> None:
     """mask.scale_batch: a masked micro-batch holds data.batch_size × tokens / kept images, a whole number."""
-    from dit_scale.models.masking import num_kept
     mk, n = cfg.mask, cfg.model.num_tokens
     if mk.ratio == 0:
         _fail("mask.scale_batch=true sizes masked micro-batches by their kept tokens, but mask.ratio=0 masks nothing; "
@@ -354,7 +354,6 @@ def _validate_token_budget(cfg) -> None:
 def _validate_model_parallel(cfg) -> None:
     """parallel.tp / sp / cp: what tensor, sequence and context parallelism can split (the process count is checked
     at start-up, `parallel/topology.py`'s check_layout)."""
-    from dit_scale.models.masking import num_kept
     p, m, moe = cfg.parallel, cfg.model, cfg.moe
     for key in ("tp", "cp"):
         if not isinstance(p[key], int) or p[key] < 1:

@@ -1,41 +1,31 @@
 """Diffusion objectives (flow matching, DDPM) and their samplers.
 
+    from dit_scale.diffusion import build_objective, sample
+
     objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
     out_channels = objective.out_channels(in_channels)      # the model's output channels
     targets = objective.training_targets(x0, generator)
     per_sample_loss = objective.loss(model(targets["x_t"], targets["t_model"], y), targets)  # [B]
     x0 = sample(objective, model_fn, noise, y, num_steps=50, cfg_scale=4.0, null_label=num_classes)
+
+    flow.py           FlowMatching: rectified flow, velocity target, logit-normal or uniform t
+    ddpm.py           GaussianDiffusion: DiT's DDPM (eps or learned variance), respacing
+    objective.py      build_objective: the one a config's diffusion section names
+    samplers.py       sample: euler / heun / sde (flow), ddim / ancestral (DDPM), guidance, grid shift
+    sampler_names.py  SAMPLERS and DEFAULT_SAMPLER by objective (no torch)
+
+The names below load on first use (as in models/), so the config check, which reads sampler_names.py, imports no
+torch: a login node checks a config in a fraction of a second. The library's own modules import the submodules.
 """
-from __future__ import annotations
+import importlib
 
-from .ddpm import GaussianDiffusion
-from .flow import FlowMatching
-from .samplers import SAMPLERS, sample
+_EXPORTS = {"FlowMatching": "flow", "GaussianDiffusion": "ddpm", "build_objective": "objective", "sample": "samplers",
+            "SAMPLERS": "sampler_names", "DEFAULT_SAMPLER": "sampler_names"}
 
-__all__ = ["FlowMatching", "GaussianDiffusion", "SAMPLERS", "build_objective", "sample"]
+__all__ = list(_EXPORTS)
 
 
-def build_objective(cfg, learn_sigma: bool = False):
-    """Create the objective named by `cfg.objective` ("flow" or "ddpm").
-
-    `cfg` needs `objective`; the other fields (t_sampling, logit_normal_mean, logit_normal_std, time_scale,
-    num_timesteps, beta_start, beta_end, vlb_weight) fall back to the defaults of the DiffusionConfig when missing.
-    """
-    if cfg.objective == "flow":
-        if learn_sigma:
-            raise ValueError("learn_sigma=True only works with the ddpm objective; flow predicts the velocity only.")
-        return FlowMatching(
-            t_sampling=getattr(cfg, "t_sampling", "uniform"),
-            logit_normal_mean=getattr(cfg, "logit_normal_mean", 0.0),
-            logit_normal_std=getattr(cfg, "logit_normal_std", 1.0),
-            time_scale=getattr(cfg, "time_scale", 1000.0),
-        )
-    if cfg.objective == "ddpm":
-        return GaussianDiffusion(
-            num_timesteps=getattr(cfg, "num_timesteps", 1000),
-            beta_start=getattr(cfg, "beta_start", 1e-4),
-            beta_end=getattr(cfg, "beta_end", 0.02),
-            learn_sigma=learn_sigma,
-            vlb_weight=getattr(cfg, "vlb_weight", 0.001),
-        )
-    raise ValueError(f"Unknown objective {cfg.objective!r}; allowed values: 'flow', 'ddpm'.")
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"dit_scale.diffusion.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'dit_scale.diffusion' has no attribute {name!r}")

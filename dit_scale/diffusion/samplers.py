@@ -42,12 +42,11 @@ import torch
 
 from .ddpm import GaussianDiffusion
 from .flow import FlowMatching
+from .sampler_names import DEFAULT_SAMPLER, SAMPLERS
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
-SAMPLERS = {"flow": ("euler", "heun", "sde"), "ddpm": ("ddim", "ancestral")}
 Generators = Union[torch.Generator, List[torch.Generator], None]
-DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddim"}
 
 
 def sample(objective, model_fn: ModelFn, noise: torch.Tensor, y: Optional[torch.Tensor], *, num_steps: int,

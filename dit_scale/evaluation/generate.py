@@ -23,8 +23,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from dit_scale.diffusion import sample
-from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.diffusion.samplers import sample
+from dit_scale.diffusion.sampler_names import DEFAULT_SAMPLER
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.generation.captions import CaptionTable

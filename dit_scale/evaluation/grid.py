@@ -30,7 +30,7 @@ from dit_scale.build import build
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
 from dit_scale.config import config_from_yaml_text
 from dit_scale.config.validate import check_grid_shift, check_sampling_flags
-from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.diffusion.sampler_names import DEFAULT_SAMPLER
 from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.shard_samples import ShardSet
 from dit_scale.generation.captions import (CaptionTable, prompt_encoder, read_prompts, training_caption_path,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from dit_scale.diffusion.samplers import DEFAULT_SAMPLER
+from dit_scale.diffusion.sampler_names import DEFAULT_SAMPLER
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.evaluator import evaluate_samples, metrics_row
 from dit_scale.evaluation.generate import SamplingSpec, eval_conditions

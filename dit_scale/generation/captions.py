@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from dit_scale.diffusion import sample
+from dit_scale.diffusion.samplers import sample
 from dit_scale.errors import ConfigError
 from dit_scale.generation.sampling import save_grid
 from dit_scale.models.text import Captions

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dit_scale.diffusion import sample
+from dit_scale.diffusion.samplers import sample
 
 MAX_TITLE_CHARS = 28
 

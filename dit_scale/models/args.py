@@ -75,3 +75,9 @@ class ModelArgs:
 
     def replace(self, **changes) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+    """Tokens kept at mask ratio `ratio` (at least one). Here, beside the arguments and without torch, because the
+    config check (token budget, tp / cp splits) counts kept tokens too (models/masking.py draws them)."""
+    return max(1, int(round(num_tokens * (1.0 - ratio))))

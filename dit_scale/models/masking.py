@@ -19,10 +19,7 @@ from typing import Optional
 
 import torch
 
-
-def num_kept(num_tokens: int, ratio: float) -> int:
-    """Tokens kept at mask ratio `ratio` (at least one)."""
-    return max(1, int(round(num_tokens * (1.0 - ratio))))
+from dit_scale.models.args import num_kept
 
 
 def draw_keep_indices(batch: int, num_tokens: int, ratio: float, generator: Optional[torch.Generator] = None,

@@ -9,7 +9,7 @@ from dit_scale.align.aligner import Aligner, ema_hidden
 from dit_scale.align.losses import attention_alignment_loss, repa_loss, select_patch_attention, sra_loss
 from dit_scale.build import build_model, mup_table
 from dit_scale.config import ConfigError, load_config
-from dit_scale.diffusion import build_objective
+from dit_scale.diffusion.objective import build_objective
 from dit_scale.models.dit import attention_with_logits
 from dit_scale.models.masking import draw_keep_indices
 from dit_scale.models.roles import param_roles

@@ -157,14 +157,24 @@ def _imported_after(code: str) -> set:
 
 def test_start_up_leaves_the_heavy_imports_to_what_needs_them():
     """Every rank imports the trainer at start: torchmetrics (which imports transformers and scipy, ~3 s on 2 cores)
-    only comes with an evaluation's feature gathering. launch/train.py reports a config mistake before it imports
-    the trainer, so a typo costs about 2 s, not the 6 s of megatron-core and the rest."""
+    only comes with an evaluation's feature gathering. Checking a config imports no torch (~2 s; far more from a
+    cluster's shared file system on a login node): launch/train.py reports a config mistake before it imports the
+    trainer, and launch/submit.py checks the config of a job without torch."""
     trainer = _imported_after("import dit_scale.training.trainer")
     assert "megatron" in trainer and not {"torchmetrics", "transformers", "scipy"} & trainer
     refused = _imported_after("from launch.train import main\nimport contextlib, io\nwith contextlib.redirect_stderr("
                               "io.StringIO()):\n    assert main(['--config', 'configs/quickstart.yaml', "
                               "'moe.top_k=9']) == 2")
-    assert not {"megatron", "torchmetrics"} & refused
+    assert not {"torch", "megatron", "torchmetrics"} & refused
+    # every check that counts kept tokens or names samplers: the token budget, a cp split of the kept tokens
+    checked = _imported_after("from dit_scale.config import load_config\nload_config('configs/quickstart.yaml', "
+                              "['mask.ratio=0.75', 'mask.scale_batch=true', 'parallel.engine=fsdp', "
+                              "'parallel.cp=2', 'diffusion.sampler=heun'])")
+    assert "omegaconf" in checked and "torch" not in checked
+    submitted = _imported_after("from launch.submit import main\nimport contextlib, io\nwith contextlib.redirect_stdout("
+                                "io.StringIO()):\n    assert main(['--config', 'configs/quickstart.yaml', '--run-dir', "
+                                "'runs/x', '--gpus-per-node', '8', '--time', '01:00:00', '--dry-run']) == 0")
+    assert "torch" not in submitted
 
 
 def test_every_entry_point_reads_its_arguments_before_importing_torch():

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dit_scale.diffusion import FlowMatching, GaussianDiffusion, build_objective, sample
+from dit_scale.diffusion.ddpm import GaussianDiffusion
+from dit_scale.diffusion.flow import FlowMatching
+from dit_scale.diffusion.objective import build_objective
+from dit_scale.diffusion.samplers import sample
 from dit_scale.diffusion.ddpm import discretized_gaussian_log_likelihood
 
 

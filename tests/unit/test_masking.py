@@ -5,7 +5,7 @@ import torch
 
 from dit_scale.build import build_model
 from dit_scale.config import ConfigError, load_config
-from dit_scale.diffusion import build_objective
+from dit_scale.diffusion.objective import build_objective
 from dit_scale.training.loss import TrainingLoss
 from dit_scale.models.masking import (draw_keep_indices, gather_tokens, kept_denoise_loss, kept_mask,
                                       masked_denoise_loss, patchify, scatter_tokens, token_loss)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_scale.diffusion import GaussianDiffusion, sample
+from dit_scale.diffusion.ddpm import GaussianDiffusion
+from dit_scale.diffusion.samplers import sample
 from dit_scale.diffusion.ddpm import space_timesteps
 
 

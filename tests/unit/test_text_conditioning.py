@@ -21,7 +21,8 @@ from dit_scale.build import build_model, model_args, mup_table
 from dit_scale.config import ConfigError
 from dit_scale.data import build_loader
 from dit_scale.data.manifest import Manifest
-from dit_scale.diffusion import build_objective, sample
+from dit_scale.diffusion.objective import build_objective
+from dit_scale.diffusion.samplers import sample
 from dit_scale.generation.text_encoder import TextEncoder
 from dit_scale.models.dit import DiT
 from dit_scale.models.flops import forward_macs
