@@ -1,6 +1,7 @@
 """Diffusion objectives (flow matching, DDPM) and their samplers.
 
-    from dit_scale.diffusion import build_objective, sample
+    from dit_scale.diffusion.objective import build_objective
+    from dit_scale.diffusion.samplers import sample
 
     objective = build_objective(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
     out_channels = objective.out_channels(in_channels)      # the model's output channels
@@ -14,18 +15,6 @@
     samplers.py       sample: euler / heun / sde (flow), ddim / ancestral (DDPM), guidance, grid shift
     sampler_names.py  SAMPLERS and DEFAULT_SAMPLER by objective (no torch)
 
-The names below load on first use (as in models/), so the config check, which reads sampler_names.py, imports no
-torch: a login node checks a config in a fraction of a second. The library's own modules import the submodules.
+The package itself imports none of them: the config check reads sampler_names.py and so imports no torch (a login
+node checks a config in a fraction of a second).
 """
-import importlib
-
-_EXPORTS = {"FlowMatching": "flow", "GaussianDiffusion": "ddpm", "build_objective": "objective", "sample": "samplers",
-            "SAMPLERS": "sampler_names", "DEFAULT_SAMPLER": "sampler_names"}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"dit_scale.diffusion.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'dit_scale.diffusion' has no attribute {name!r}")
