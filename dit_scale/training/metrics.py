@@ -23,10 +23,13 @@ import torch
 from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 
-# Dense peak FLOP/s per device (vendor datasheets, SXM parts): bf16 tensor cores, and fp32 without TF32 (what
-# torch's default fp32 matmul precision uses). MFU is reported only for these devices.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-PEAK_FP32_FLOPS = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12}
+# Dense peak FLOP/s per device (vendor datasheets): bf16 tensor cores, and fp32 without TF32 (what torch's default
+# fp32 matmul precision uses). The first name that the device's name contains wins, so the PCIe and NVL parts
+# (lower clocks and power) come before the SXM parts' plain names. MFU is reported only for these devices.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+PEAK_FP32_FLOPS = {"H100 PCIe": 51e12, "H100 NVL": 60e12, "H200 NVL": 60e12, "H200": 67e12, "H100": 67e12,
+                   "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12}
 
 
 def peak_flops(device: torch.device, bf16: bool = True) -> Optional[float]:

@@ -5,6 +5,7 @@ import importlib.util
 import io
 
 import pytest
+import torch
 
 from dit_scale.errors import ConfigError
 from dit_scale.training.metrics import MetricsLogger, check_wandb, progress_line
@@ -51,3 +52,17 @@ def test_wandb_logging_without_the_package_is_one_sentence_before_the_run_starts
     check_wandb(tiny_cfg("logging.wandb=disabled"))         # disabled: the package is not needed
     monkeypatch.undo()
     check_wandb(tiny_cfg("logging.wandb=offline"))          # installed (this venv): nothing to say
+
+
+def test_peak_flops_tells_the_pcie_and_nvl_parts_from_the_sxm_ones(monkeypatch):
+    """MFU divides by the device's datasheet peak: an H100 PCIe (756 TFLOP/s bf16 dense) must not be read as an
+    H100 SXM (989), whose plain name its own contains. Device names as torch.cuda.get_device_name gives them."""
+    from dit_scale.training.metrics import peak_flops
+    cuda = torch.device("cuda", 0)
+    expected = {"NVIDIA H100 80GB HBM3": (989e12, 67e12), "NVIDIA H100 PCIe": (756e12, 51e12),
+                "NVIDIA H100 NVL": (835e12, 60e12), "NVIDIA H200": (989e12, 67e12), "NVIDIA H200 NVL": (835e12, 60e12),
+                "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12), "NVIDIA GeForce RTX 4090": (None, None)}
+    for name, (bf16, fp32) in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert (peak_flops(cuda, bf16=True), peak_flops(cuda, bf16=False)) == (bf16, fp32), name
+    assert peak_flops(torch.device("cpu")) is None
