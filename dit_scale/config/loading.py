@@ -10,6 +10,7 @@ group or model exists. The loaded config is resolved (derived values written bac
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from typing import Any, List, Optional
 
@@ -42,10 +43,32 @@ def _read_yaml(path: str, seen: tuple = ()) -> DictConfig:
 
 
 def _field_names(schema, section: str) -> List[str]:
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    if section not in fields:
-        return list(fields)
-    return [f.name for f in dataclasses.fields(fields[section].default_factory())]
+    """The keys of `section`, or the top level's when it is not a section."""
+    return _sections(schema).get(section) or [f.name for f in dataclasses.fields(schema)]
+
+
+def _sections(schema) -> dict:
+    """{section: its field names} for the schema's fields that are sections (dataclasses)."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out[f.name] = [g.name for g in dataclasses.fields(f.default_factory)]
+    return out
+
+
+def _did_you_mean(schema, key: str) -> str:
+    """'did you mean ...? ' for an unknown key: the same name in another section (train.lr -> optim.lr), else the
+    closest name in its section or the closest section (a typo); '' when nothing is close."""
+    section, _, name = key.rpartition(".")
+    sections = _sections(schema)
+    if not section:
+        guesses = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(schema)], n=1)
+    elif section in sections:
+        guesses = [f"{s}.{name}" for s, names in sections.items() if s != section and name in names]
+        guesses = guesses or [f"{section}.{m}" for m in difflib.get_close_matches(name, sections[section], n=1)]
+    else:
+        guesses = []
+    return f"did you mean {' or '.join(repr(g) for g in guesses)}? " if guesses else ""
 
 
 def _type_name(schema, full_key: str) -> str:
@@ -71,7 +94,8 @@ def merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         section = key.split(".")[0] if "." in key else ""
         allowed = ", ".join(_field_names(schema, section))
         where = f"'{section}'" if section else "the top level"
-        raise ConfigError(f"Unknown config key '{key}' in {origin}; allowed keys in {where}: {allowed}.") from None
+        raise ConfigError(f"Unknown config key '{key}' in {origin}; {_did_you_mean(schema, key)}allowed keys in "
+                          f"{where}: {allowed}.") from None
     except ValidationError as e:
         raise ConfigError(f"Config field '{e.full_key}' in {origin} got {e.value!r}, "
                           f"which is not a valid {_type_name(schema, e.full_key)}.") from None

@@ -17,7 +17,14 @@ def error_of(overrides, path=None):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.foo=1"], "Unknown config key 'model.foo' in override 'model.foo=1'; allowed keys in 'model': name,"),
-    (["nosuch.key=1"], "Unknown config key 'nosuch'"),
+    (["nosuch.key=1"], "Unknown config key 'nosuch' in override 'nosuch.key=1'; allowed keys in the top level: "),
+    (["trian.steps=2"], "Unknown config key 'trian' in override 'trian.steps=2'; did you mean 'train'? allowed keys "
+                        "in the top level: model, moe,"),
+    (["model.hiden_size=3"], "Unknown config key 'model.hiden_size' in override 'model.hiden_size=3'; did you mean "
+                             "'model.hidden_size'? allowed keys in 'model': name,"),
+    (["train.lr=1e-4"], "Unknown config key 'train.lr' in override 'train.lr=1e-4'; did you mean 'optim.lr'? "
+                        "allowed keys in 'train': steps,"),                     # a key in the wrong section
+    (["data.seed=1"], "did you mean 'train.seed' or 'eval.seed'? allowed keys in 'data': "),
     (["train.steps=abc"], "Config field 'train.steps' in override 'train.steps=abc' got 'abc', which is not a "
                           "valid integer."),
     (["model.name=DiT-Q/2"], "model.name='DiT-Q/2' is not in the registry; use DiT-{XS,S,B,L,XL,G}/{2,4,8}"),
