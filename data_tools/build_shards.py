@@ -460,11 +460,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 latent_dtype=args.latent_dtype, device=args.device, text_encoder=args.text_encoder,
                                 max_length=args.max_length)
     except ValueError as e:
-        sys.exit("error: %s" % e)
+        print("error: %s" % e, file=sys.stderr)
+        return 2
     print(json.dumps({k: manifest.get(k) for k in ("num_samples", "x_shape", "feat_shape", "image_key")}
                      | ({"text_shape": manifest["text_shape"]} if "text_shape" in manifest else {})
                      | {"shards": len(manifest["shards"])}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

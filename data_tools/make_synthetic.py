@@ -310,9 +310,11 @@ def main(argv: list[str] | None = None) -> None:
                                verbose=True, captions=args.captions, text_encoder=args.text_encoder,
                                max_length=args.max_length)
     except ValueError as e:
-        sys.exit("error: %s" % e)
+        print("error: %s" % e, file=sys.stderr)
+        return 2
     print("%d shards in %s (%.1fs)" % (len(paths), args.out, time.time() - t0))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

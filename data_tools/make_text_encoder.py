@@ -84,10 +84,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         make_text_encoder(args.out, args.words, args.width, args.layers, args.heads, args.max_length, args.seed)
     except (OSError, ValueError) as e:
-        sys.exit("error: %s" % e)
+        print("error: %s" % e, file=sys.stderr)
+        return 2
     print("tiny T5 encoder (width %d, %d layers, vocabulary %d words) in %s"
           % (args.width, args.layers, len(vocabulary(args.words)), args.out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -109,13 +109,16 @@ def main(argv=None):
     runs = {"model": model.run, "moe-parallel": moe_parallel.run, "masking": align.run, "align": align.run,
             "checkpoint": checkpoint.run, "memory": memory.run, "parallel": parallel.run,
             "data": lambda a: data.run(a, write_random_shards)}
-    if args.what == "parallel" and args.layout not in parallel.LAYOUTS:
-        sys.exit(f"error: --layout {args.layout} is not a layout; choose one of: {', '.join(sorted(parallel.LAYOUTS))}.")
     try:
+        if args.what == "parallel" and args.layout not in parallel.LAYOUTS:
+            raise ConfigError(f"--layout {args.layout} is not a layout; choose one of: "
+                              f"{', '.join(sorted(parallel.LAYOUTS))}.")
         runs[args.what](args)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

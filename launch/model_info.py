@@ -39,17 +39,19 @@ def main(argv=None):
     try:
         rows = [info_for(n, args) for n in (list_models() if args.all else [args.model])]
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json and not args.all:
         print(json.dumps(rows[0]))
-        return
+        return 0
     for r in rows:
         if args.json:
             print(json.dumps(r))
         else:
             print(f"{r['model']:<18} params {r['params'] / 1e6:9.1f}M  active {r['active_params'] / 1e6:9.1f}M  "
                   f"{r['gflops']:8.2f} GFLOPs")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The command-line contract of the entry points that are not the trainer's: a bad input is one line on stderr,
+"error: " and a sentence naming the flag or field, and exit code 2 (as launch/train.py's config errors), not a
+traceback or Python's exit code 1. Each main runs in this process, as the console scripts call it.
+
+    .venv/bin/python -m pytest -q tests/unit/test_cli_errors.py
+"""
+import pytest
+
+CASES = [
+    ("launch.bench", ["parallel", "--layout", "x"], "--layout x is not a layout; choose one of: cp2, ep2, tp2."),
+    ("launch.model_info", ["--model", "DiT-Q/2"], "model.name='DiT-Q/2' is not in the registry"),
+    ("launch.gpu_check", ["--dry-run", "--attention", "fast"], "--attention fast is not a backend; choose one of: auto"),
+    ("data_tools.make_synthetic", ["--out", "{tmp}/s", "--num-classes", "0"], "num_classes must be in 1.."),
+    ("data_tools.make_text_encoder", ["--out", "{tmp}/t5", "--width", "30", "--heads", "4"],
+     "need --width a multiple of --heads"),
+    ("data_tools.build_shards", ["--out", "{tmp}/b", "--images", "{tmp}", "--pixels"], "has no class sub-folders"),
+]
+
+
+@pytest.mark.parametrize("module, argv, message", CASES, ids=[c[0].split(".")[1] for c in CASES])
+def test_a_bad_input_is_one_line_and_exit_code_2(module, argv, message, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not any(tmp_path.iterdir())                  # nothing written
