@@ -15,6 +15,7 @@ from typing import List
 
 from dit_scale.config import load_config, to_yaml, width_overrides
 from dit_scale.run_dir import RunDir
+from dit_scale.sweep.run import read_manifest
 from dit_scale.training.slurm import ROOT
 
 
@@ -37,8 +38,7 @@ def final_loss(run_dir: str, smooth: int):
 
 def collect(out: str, smooth=None) -> dict:
     """The sweep in `out`: its manifest, a row per run with its final loss and status, the failed and pending runs."""
-    with open(os.path.join(out, "sweep.json")) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(out)
     smooth = smooth or manifest["smooth"]
     rows = []
     for run in manifest["runs"]:

@@ -23,10 +23,21 @@ from dit_scale.training.slurm import ROOT, grace_seconds, preemption_options, wa
 SWEEP_SCRIPT = os.path.join(ROOT, "launch", "sweep.py")
 
 
+def read_manifest(out: str) -> dict:
+    """OUT/sweep.json, which `run_sweep` wrote; a ConfigError naming the folder when there is none to read."""
+    path = os.path.join(out, "sweep.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{out} holds no sweep.json; pass the --out folder of a `launch/sweep.py run`.") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); run the sweep again into a new --out folder.") from None
+
+
 def task(out: str, index: int) -> int:
     """Run one sweep entry (the local backend's process); writes OUT/NAME/train.log and OUT/NAME/exit_code."""
-    with open(os.path.join(out, "sweep.json")) as f:
-        run = json.load(f)["runs"][index]
+    run = read_manifest(out)["runs"][index]
     run_dir = RunDir(os.path.join(out, run["name"]))
     if finished(out, run["name"]):          # a second `run` skips what is done
         print(f"[{run['name']}] already finished (exit code 0)")

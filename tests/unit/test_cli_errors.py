@@ -10,6 +10,7 @@ CASES = [
     ("launch.bench", ["parallel", "--layout", "x"], "--layout x is not a layout; choose one of: cp2, ep2, tp2."),
     ("launch.model_info", ["--model", "DiT-Q/2"], "model.name='DiT-Q/2' is not in the registry"),
     ("launch.gpu_check", ["--dry-run", "--attention", "fast"], "--attention fast is not a backend; choose one of: auto"),
+    ("launch.sweep", ["aggregate", "{tmp}/none"], "none holds no sweep.json; pass the --out folder of a"),
     ("data_tools.make_synthetic", ["--out", "{tmp}/s", "--num-classes", "0"], "num_classes must be in 1.."),
     ("data_tools.make_text_encoder", ["--out", "{tmp}/t5", "--width", "30", "--heads", "4"],
      "need --width a multiple of --heads"),
