@@ -10,8 +10,9 @@ from dit_scale.checkpoint.storage import find_latest, is_run_dir
 from dit_scale.errors import CheckpointError
 
 
-def resolve_path(path: str) -> str:
-    """A checkpoint path from a step_X folder, a step_X.pt file or a run directory (its newest checkpoint)."""
+def resolve_path(path: str, field: str = "Checkpoint") -> str:
+    """A checkpoint path from a step_X folder, a step_X.pt file or a run directory (its newest checkpoint); `field`
+    names what the user passed (a flag) in the error when there is nothing at `path`."""
     if is_run_dir(path):
         latest = find_latest(path)
         if latest is None:
@@ -19,7 +20,8 @@ def resolve_path(path: str) -> str:
                                   f"a step_* checkpoint folder or a step_*.pt file.")
         path = latest
     if not os.path.exists(path):
-        raise CheckpointError(f"Checkpoint '{path}' does not exist; check train.resume / --ckpt.")
+        raise CheckpointError(f"{field} '{path}' does not exist; pass a run directory with checkpoints/, a step_* "
+                              f"checkpoint folder or a step_*.pt file.")
     return path
 
 

@@ -78,6 +78,9 @@ class CheckpointManager:
             candidates = list_checkpoints(self.run.path, check=False)   # a truncated one is reported, not skipped
             if not candidates:
                 return None   # auto-resume on a fresh run directory starts from scratch
+        elif not os.path.exists(resume):
+            raise CheckpointError(f"train.resume='{resume}' does not exist; pass a run directory, a step_* checkpoint "
+                                  f"folder or a step_*.pt file, or train.resume=auto (this run's own checkpoints).")
         else:
             candidates = [find_latest(resume) or os.path.join(resume, RunDir.CHECKPOINTS)] \
                 if is_run_dir(resume) else [resume]

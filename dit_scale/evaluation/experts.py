@@ -166,7 +166,7 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
 
     if bins < 1 or num_samples < 1:
         raise ConfigError(f"--bins={bins} and --num-samples={num_samples} must both be at least 1.")
-    path = resolve_path(run)
+    path = resolve_path(run, "Run or checkpoint")
     state = load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     data, field = (shards, "--shards") if shards else \

@@ -251,7 +251,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     from dit_scale.evaluation.shard_samples import ShardSet
 
     check_sampling_flags(sde_strength, guidance_interval)
-    path = resolve_path(run)
+    path = resolve_path(run, "Run or checkpoint")
     state = load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     classes = int(cfg.model.num_classes)

@@ -92,7 +92,7 @@ def evaluate_checkpoint(args) -> dict:
     IS, precision/recall; FD-DINOv2 with --dinov2), log the result in the run's metrics.jsonl on the main process
     (unless --no-log) and return it; with --no-scores only write the --npz images. `args`: launch/evaluate.py's
     flags. Raises ConfigError, CheckpointError, DataError or FileNotFoundError for an input error."""
-    path = args.ckpt or resolve_path(args.run)
+    path = args.ckpt or resolve_path(args.run, "--run-dir")
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     e = cfg.eval
