@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
@@ -36,11 +37,11 @@ def main(argv=None):
     args = p.parse_intermixed_args(argv)      # CKPT, options and key=value overrides in any order
     try:
         if args.dst:
+            check_output_file(args.out, "--out")
             return _export(args)
         if not args.model:
             raise ConfigError("--from needs --model, the registry name the checkpoint was trained as (e.g. DiT-XL/2).")
-        if not args.out.endswith(".safetensors"):
-            raise ConfigError(f"--out '{args.out}' must end with .safetensors.")
+        check_output_file(args.out, "--out", (".safetensors",))
         from dit_scale.convert import convert, fill_model, save_weights
         weights, cfg, which = convert(args.src, args.ckpt, args.model, args.objective, args.overrides, args.weights)
         model = fill_model(cfg, weights, source=args.ckpt)

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from dit_scale.errors import ConfigError
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None) -> int:
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     widths = [int(w) for w in args.widths.split(",")]
     from dit_scale.training.coord_check import coord_check, write     # after the arguments: it imports torch
     try:
+        check_output_file(args.out, "--out")
         result = coord_check(args.config, list(args.overrides), widths, args.steps, args.seed, args.seeds)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,6 +31,7 @@ import os
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError, DataError
+from dit_scale.output_file import check_output_file
 
 
 def parse_args(argv=None):
@@ -76,6 +77,9 @@ def main(argv=None):
     from dit_scale.evaluation.run import evaluate_checkpoint
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
+        check_output_file(args.out, "--out")
+        check_output_file(args.npz, "--npz", (".npz",))
+        check_output_file(args.ref_cache, "--ref-cache", (".npz",))
         result = evaluate_checkpoint(args)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         if rank == 0:

@@ -11,7 +11,8 @@ safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `
 import argparse
 import sys
 
-from dit_scale.errors import CheckpointError
+from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
@@ -20,13 +21,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     args = p.parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        print(f"error: --out '{args.out}' must end with .safetensors.", file=sys.stderr)
-        return 2
-    from dit_scale.checkpoint import export     # after the arguments: it imports torch
     try:
+        check_output_file(args.out, "--out", (".safetensors",))
+        from dit_scale.checkpoint import export     # after the arguments: it imports torch
         print(export(args.ckpt, args.out, args.ema))
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,6 +44,9 @@ every configuration that fits and had time ran without an error.
 import argparse
 import sys
 
+from dit_scale.errors import ConfigError
+from dit_scale.output_file import check_output_file
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +67,11 @@ def main(argv=None) -> int:
                              "math (default auto; the attention rows time every kernel)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file (after every sweep point)")
     args = parser.parse_args(argv)
+    try:
+        check_output_file(args.out, "--out")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch     # after the arguments, as is the check itself (seconds of imports)
 
     from dit_scale.benchmarks.gpu_check import run, write

@@ -14,7 +14,9 @@ Exit codes: 0 done; 2 a run without metrics.jsonl or no metric to draw (one sent
 import argparse
 import sys
 
+from dit_scale.errors import ConfigError
 from dit_scale.evaluation.curves import plot
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
@@ -25,8 +27,9 @@ def main(argv=None):
     p.add_argument("--x", choices=("step", "hours"), default="step")
     args = p.parse_args(argv)
     try:
+        check_output_file(args.out, "--out")
         print(plot(args.runs, args.out, [m for m in args.metrics.split(",") if m], args.x))
-    except (FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,7 @@ import os
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError, DataError
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
@@ -42,9 +43,10 @@ def main(argv=None):
     if args.num_samples < 2 or args.train_images < 1:
         print("error: --num-samples must be at least 2 and --train-images at least 1.", file=sys.stderr)
         return 2
-    from dit_scale.evaluation.probe import probe_run     # after the arguments: it imports torch
-    from dit_scale.parallel.topology import pick_device
     try:
+        check_output_file(args.out, "--out")
+        from dit_scale.evaluation.probe import probe_run     # after the arguments: it imports torch
+        from dit_scale.parallel.topology import pick_device
         report = probe_run(args.run, num_samples=args.num_samples, train_images=args.train_images,
                            cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler, data=args.data,
                            ema=not args.no_ema, shape=args.shape, device=pick_device(args.device),

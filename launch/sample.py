@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.output_file import IMAGE_SUFFIXES, check_output_file
 
 
 def main(argv=None):
@@ -59,8 +60,9 @@ def main(argv=None):
                         "diffusion.grid_shift; 0: off)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    from dit_scale.evaluation.grid import sample_grid     # after the arguments: it imports torch
     try:
+        check_output_file(args.out, "--out", IMAGE_SUFFIXES)
+        from dit_scale.evaluation.grid import sample_grid     # after the arguments: it imports torch
         out = sample_grid(run=args.run, ckpt=args.ckpt, out=args.out, classes=args.classes, per_class=args.per_class,
                           prompts=args.prompts, text_encoder=args.text_encoder, steps=args.steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, guide_channels=args.guide_channels,

@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from dit_scale.errors import CheckpointError, ConfigError
+from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
@@ -43,8 +44,7 @@ def main(argv=None):
     from dit_scale.convert import read_ours, save_weights
     from dit_scale.convert.upcycle import UpcycleSpec, calibration_scores, max_difference, upcycle
     try:
-        if not args.out.endswith(".safetensors"):
-            raise ConfigError(f"--out '{args.out}' must end with .safetensors.")
+        check_output_file(args.out, "--out", (".safetensors",))
         spec = UpcycleSpec(args.experts, args.top_k, args.shared_ratio, args.mode, args.noise, args.router_std,
                            args.seed)
         weights, dense_cfg = read_ours(args.dense, "DENSE_CKPT")

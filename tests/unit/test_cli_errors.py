@@ -33,3 +33,38 @@ def test_a_bad_input_is_one_line_and_exit_code_2(module, argv, message, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err[0], err
     assert not any(tmp_path.iterdir()) or module == "launch.train"     # nothing written (the trainer: its log)
+
+
+def test_the_output_file_is_checked_before_the_work(tmp_path):
+    """check_output_file: what every --out of a result file goes through before sampling, exporting or scoring."""
+    from dit_scale.errors import ConfigError
+    from dit_scale.output_file import IMAGE_SUFFIXES, check_output_file
+    assert check_output_file(None, "--out") is None                     # the command's default
+    good = tmp_path / "new" / "deeper" / "grid.png"
+    assert check_output_file(str(good), "--out", IMAGE_SUFFIXES) == str(good)
+    assert good.parent.is_dir() and not any(good.parent.iterdir())      # its folder made, the probe file gone
+    with pytest.raises(ConfigError, match=rf"^--out '{tmp_path}' is a directory; give a file name, e\.g\. --out "
+                                          rf"{tmp_path}/result\.png\.$"):
+        check_output_file(str(tmp_path), "--out", IMAGE_SUFFIXES)
+    with pytest.raises(ConfigError, match=r"^--npz 'x\.png' must end with \.npz\.$"):
+        check_output_file("x.png", "--npz", (".npz",))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=rf"^--out '{blocker}/x\.json' cannot be written \(.*\); choose a writable"):
+        check_output_file(str(blocker / "x.json"), "--out")             # its folder would be a file
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("launch.sample", ["--run", "{tmp}/none", "--out", "{tmp}"]),
+    ("launch.export", ["{tmp}/none", "--out", "{tmp}"]),
+    ("launch.evaluate", ["--run-dir", "{tmp}/none", "--out", "{tmp}"]),
+    ("launch.probe", ["{tmp}/none", "--out", "{tmp}"]),
+    ("launch.plot", ["{tmp}/none", "--out", "{tmp}"]),
+], ids=lambda v: v.split(".")[-1] if isinstance(v, str) else None)
+def test_an_output_that_cannot_be_written_stops_the_command_before_its_inputs_are_read(module, argv, tmp_path, capsys):
+    """The output is checked first: the error names --out, not the missing run that would be read next."""
+    import importlib
+    main = importlib.import_module(module).main
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --out '{tmp_path}' is a directory"), err
