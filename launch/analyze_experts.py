@@ -13,6 +13,7 @@ Exit codes: 0 done; 2 an input error (no checkpoint, a dense model, unreadable s
 import argparse
 import sys
 
+from dit_scale.cli import positive_int
 from dit_scale.errors import CheckpointError, ConfigError, DataError
 
 
@@ -20,9 +21,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (its latest checkpoint) or a checkpoint (step_* folder or .pt)")
     p.add_argument("--shards", default=None, help="held-out shards (default: eval.val_path, else data.path)")
-    p.add_argument("--bins", type=int, default=10, help="timestep bins (centres (k + 0.5) / bins)")
-    p.add_argument("--num-samples", type=int, default=1000, help="first N held-out samples")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: eval.val_batch_size)")
+    p.add_argument("--bins", type=positive_int, default=10, help="timestep bins (centres (k + 0.5) / bins)")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="first N held-out samples")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per forward (default: eval.val_batch_size)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/analysis/experts_step<N>)")
     p.add_argument("--no-ema", action="store_true", help="the trained weights instead of the EMA")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -18,8 +18,8 @@ state dict, torch.save). Exit code 2 with one sentence on a bad source.
 import argparse
 import sys
 
+from dit_scale.cli import check_output_file
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):

@@ -30,8 +30,8 @@ import json
 import os
 import sys
 
+from dit_scale.cli import check_output_file, positive_int
 from dit_scale.errors import CheckpointError, ConfigError, DataError
-from dit_scale.output_file import check_output_file
 
 
 def parse_args(argv=None):
@@ -41,7 +41,7 @@ def parse_args(argv=None):
                      help="run directory (its latest checkpoint; the result is logged in its metrics.jsonl). Under "
                           "torchrun write --run-dir: torchrun's own parser takes --run for its --run-path")
     src.add_argument("--ckpt", help="checkpoint (step_* folder, step_*.pt) or exported .safetensors file")
-    p.add_argument("--num-samples", type=int, default=None, help="images to generate (default: eval.fid_samples, "
+    p.add_argument("--num-samples", type=positive_int, default=None, help="images to generate (default: eval.fid_samples, "
                                                                    "else 50000)")
     p.add_argument("--ref", default=None, help="reference: ADM .npz batch, a cached .npz, or shards:PATH")
     p.add_argument("--inception", default=None, help="local FID Inception weights (.pth or .safetensors)")
@@ -49,12 +49,12 @@ def parse_args(argv=None):
                                                     "the samples (default: eval.captions, else --ref shards:PATH)")
     p.add_argument("--vae", default=None, help="local VAE folder (default: the one the shards' manifest names)")
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--guide-channels", type=int, default=None, help="guide only the first N channels (DiT: 3)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="images per sampling batch and process")
-    p.add_argument("--ref-samples", type=int, default=None, help="shards:PATH references: first N samples")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per sampling batch and process")
+    p.add_argument("--ref-samples", type=positive_int, default=None, help="shards:PATH references: first N samples")
     p.add_argument("--ref-cache", default=None, help="where a shards:PATH reference is cached (.npz)")
     p.add_argument("--dinov2", default=None, help="local transformers DINOv2 folder (ViT-L/14 for the protocol): "
                                                   "also report FD-DINOv2 against the same --ref")

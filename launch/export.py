@@ -11,8 +11,8 @@ safetensors metadata key `config` (with `step` and `weights`) and as a sidecar `
 import argparse
 import sys
 
+from dit_scale.cli import check_output_file
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):

@@ -44,8 +44,8 @@ every configuration that fits and had time ran without an error.
 import argparse
 import sys
 
+from dit_scale.cli import check_output_file, non_negative_int, positive_int
 from dit_scale.errors import ConfigError
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None) -> int:
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
                         help="models, comma-separated (default DiT-XL/2,DiT-XL/2-8E2A; dry DiT-XS/4,DiT-XS/4-4E2A)")
     parser.add_argument("--batches", default=None,
                         help="images per GPU to sweep, comma-separated (default 32,64,128,256; dry 2,4)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per sweep point (default 5; dry 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per sweep point (default 2)")
-    parser.add_argument("--profile-steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps per sweep point (default 5; dry 2)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up steps per sweep point (default 2)")
+    parser.add_argument("--profile-steps", type=non_negative_int, default=None,
                         help="profiled steps at each configuration's best batch (default 3; dry 2; 0: no profile)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="skip what would end later than this after the start (default 8; dry 10)")

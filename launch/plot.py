@@ -14,9 +14,9 @@ Exit codes: 0 done; 2 a run without metrics.jsonl or no metric to draw (one sent
 import argparse
 import sys
 
+from dit_scale.cli import check_output_file
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.curves import plot
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):

@@ -16,18 +16,18 @@ import json
 import os
 import sys
 
+from dit_scale.cli import check_output_file, positive_int
 from dit_scale.errors import CheckpointError, ConfigError, DataError
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory (its latest checkpoint) or a checkpoint (step_* folder or .pt)")
-    p.add_argument("--num-samples", type=int, default=400, help="samples drawn (balanced classes)")
-    p.add_argument("--train-images", type=int, default=4000, help="real images the probe trains on")
+    p.add_argument("--num-samples", type=positive_int, default=400, help="samples drawn (balanced classes)")
+    p.add_argument("--train-images", type=positive_int, default=4000, help="real images the probe trains on")
     p.add_argument("--shape", action="store_true", help="probe the colour-free view (the drawn shape)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance (default: the run's eval / diffusion)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the run's)")
     p.add_argument("--sampler", default=None, help="sampler (default: the run's)")
     p.add_argument("--sde-strength", type=float, default=None, help="sampler sde's strength (default: the run's)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),

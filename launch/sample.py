@@ -25,8 +25,8 @@ the grid shows the first three latent channels and says so.
 import argparse
 import sys
 
+from dit_scale.cli import IMAGE_SUFFIXES, check_output_file, positive_int
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.output_file import IMAGE_SUFFIXES, check_output_file
 
 
 def main(argv=None):
@@ -36,13 +36,13 @@ def main(argv=None):
     src.add_argument("--ckpt", help="checkpoint (step_* folder or step_*.pt file) or exported .safetensors file")
     p.add_argument("--out", help="output PNG (default: RUN/samples/grid_stepN.png)")
     p.add_argument("--classes", help="comma-separated class ids (default: the first logging.max_sample_classes)")
-    p.add_argument("--per-class", "--per-prompt", dest="per_class", type=int, default=None,
+    p.add_argument("--per-class", "--per-prompt", dest="per_class", type=positive_int, default=None,
                    help="samples per class (a text model: per prompt); default: logging.samples_per_class")
     p.add_argument("--prompts", nargs="+", default=None,
                    help="a text model's prompts: texts and/or files with one prompt per line")
     p.add_argument("--text-encoder", default=None, help="local T5 / CLIP text folder for the prompts (default: "
                                                         "model.text_encoder, else the shards' manifest's)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: diffusion.sample_steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: diffusion.sample_steps)")
     p.add_argument("--sampler", default=None, help="euler | heun (flow), ddim | ancestral (ddpm); default: "
                                                    "diffusion.sampler")
     p.add_argument("--cfg-scale", type=float, default=None)

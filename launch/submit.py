@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 
+from dit_scale.cli import non_negative_int, positive_int
 from dit_scale.errors import ConfigError
 
 
@@ -31,17 +32,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML experiment config")
     p.add_argument("--run-dir", required=True, help="run directory (checkpoints, metrics, the job log)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node, one process each (0: CPU job)")
-    p.add_argument("--tasks-per-node", type=int, default=0, help="CPU job (--gpus-per-node 0): processes per node")
-    p.add_argument("--cpus-per-task", type=int, default=0, help="CPU cores per process (default: the cluster's)")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=non_negative_int, required=True, help="GPUs per node, one process each (0: CPU job)")
+    p.add_argument("--tasks-per-node", type=non_negative_int, default=0, help="CPU job (--gpus-per-node 0): processes per node")
+    p.add_argument("--cpus-per-task", type=non_negative_int, default=0, help="CPU cores per process (default: the cluster's)")
     p.add_argument("--time", default="04:00:00", help="time limit per job, e.g. 04:00:00 (default)")
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
     p.add_argument("--signal-grace", type=int, default=None,
                    help="seconds before the time limit at which the job is told to save and requeue (default: "
                         "max(300, 2 × the run's slowest checkpoint save + 60))")
-    p.add_argument("--chain", type=int, default=1,
+    p.add_argument("--chain", type=positive_int, default=1,
                    help="submit N jobs, each after the previous ends (--dependency=afterany), for clusters whose "
                         "jobs cannot run scontrol; they do not requeue themselves")
     p.add_argument("--job-name", default="", help="default: the run directory's name")

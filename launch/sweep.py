@@ -21,6 +21,7 @@ to `--target-width` (PREFIX_<sweep>_w<width>.yaml): under μP the hyperparameter
 import argparse
 import sys
 
+from dit_scale.cli import non_negative_int, positive_int
 from dit_scale.errors import ConfigError
 
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="expand a sweep file and run it")
     r.add_argument("--config", required=True)
     r.add_argument("--backend", choices=("local", "slurm"), default="local")
-    r.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    r.add_argument("--parallel", type=positive_int, default=1, help="local: runs at a time")
     r.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch script, do not submit")
     r.add_argument("--out", default=None, help="output directory (default: the sweep file's out)")
     t = sub.add_parser("task", help="run entry INDEX of OUT/sweep.json (what each local run process does)")
@@ -39,8 +40,8 @@ def main(argv=None) -> int:
     a = sub.add_parser("aggregate", help="tables, μTransfer plot, best point, transferred config")
     a.add_argument("dirs", nargs="+")
     a.add_argument("--out", default=None, help="output prefix (default: DIR/results)")
-    a.add_argument("--target-width", type=int, default=0)
-    a.add_argument("--smooth", type=int, default=0, help="losses averaged at the end (default: the sweep's)")
+    a.add_argument("--target-width", type=non_negative_int, default=0)
+    a.add_argument("--smooth", type=non_negative_int, default=0, help="losses averaged at the end (default: the sweep's)")
     args = parser.parse_args(argv)
     from dit_scale.sweep import aggregate, run_sweep, task     # after the arguments: it imports torch
     try:

@@ -19,23 +19,23 @@ difference printed. Trailing key=value overrides go into the written config. Fin
 import argparse
 import sys
 
+from dit_scale.cli import check_output_file, positive_int
 from dit_scale.errors import CheckpointError, ConfigError
-from dit_scale.output_file import check_output_file
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dense", help="dense DiT: run directory, checkpoint, export or converted .safetensors")
-    p.add_argument("--experts", type=int, required=True, help="routed experts per block (E)")
-    p.add_argument("--top-k", type=int, required=True, help="experts per token (k)")
+    p.add_argument("--experts", type=positive_int, required=True, help="routed experts per block (E)")
+    p.add_argument("--top-k", type=positive_int, required=True, help="experts per token (k)")
     p.add_argument("--shared-ratio", type=float, default=0.0, help="shared expert hidden / width (0: none)")
     p.add_argument("--mode", choices=("copy", "split"), default="copy")
     p.add_argument("--noise", type=float, default=0.0, help="copy: relative noise std on each copy (0: exact)")
     p.add_argument("--router-std", type=float, default=None, help="router init std (default: the model's, 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-data", help="split: shards for the Taylor importance (default: the config's data.path)")
-    p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--calib-batch-size", type=int, default=16)
+    p.add_argument("--calib-batches", type=positive_int, default=8)
+    p.add_argument("--calib-batch-size", type=positive_int, default=16)
     p.add_argument("--no-check", action="store_true", help="skip the dense-vs-upcycled comparison")
     p.add_argument("--out", required=True, help="output .safetensors (a sidecar .yaml is written beside it)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the written config")

@@ -38,7 +38,7 @@ def test_a_bad_input_is_one_line_and_exit_code_2(module, argv, message, tmp_path
 def test_the_output_file_is_checked_before_the_work(tmp_path):
     """check_output_file: what every --out of a result file goes through before sampling, exporting or scoring."""
     from dit_scale.errors import ConfigError
-    from dit_scale.output_file import IMAGE_SUFFIXES, check_output_file
+    from dit_scale.cli import IMAGE_SUFFIXES, check_output_file
     assert check_output_file(None, "--out") is None                     # the command's default
     good = tmp_path / "new" / "deeper" / "grid.png"
     assert check_output_file(str(good), "--out", IMAGE_SUFFIXES) == str(good)
@@ -68,3 +68,33 @@ def test_an_output_that_cannot_be_written_stops_the_command_before_its_inputs_ar
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --out '{tmp_path}' is a directory"), err
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("launch.evaluate", ["--run-dir", "r", "--num-samples", "0"], "--num-samples"),   # 0 would read as the default
+    ("launch.sample", ["--run", "r", "--steps", "0"], "--steps"),
+    ("launch.sample", ["--run", "r", "--per-class", "-2"], "--per-class/--per-prompt"),
+    ("launch.probe", ["r", "--steps", "two"], "--steps"),
+    ("launch.analyze_experts", ["r", "--bins", "0"], "--bins"),
+    ("launch.submit", ["--config", "c.yaml", "--run-dir", "r", "--gpus-per-node", "-1"], "--gpus-per-node"),
+    ("launch.gpu_check", ["--dry-run", "--warmup", "-1"], "--warmup"),
+], ids=lambda v: v.split(".")[-1] if isinstance(v, str) and v.startswith("launch.") else None)
+def test_a_count_below_its_least_value_is_refused_by_the_parser(module, argv, flag, capsys):
+    """Counts are positive (or at least 0) where the parser reads them: `--num-samples 0` used to start the run's
+    default 50,000 samples, `--per-class -2` ended in a traceback."""
+    import importlib
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: ") and f"error: argument {flag}: must be " in err[-1], err
+
+
+def test_the_count_types():
+    import argparse
+    from dit_scale.cli import non_negative_int, positive_int
+    assert positive_int("3") == 3 and non_negative_int("0") == 0
+    for bad, typ in (("0", positive_int), ("-1", non_negative_int), ("1.5", positive_int), ("", non_negative_int)):
+        with pytest.raises(argparse.ArgumentTypeError, match="^must be "):
+            typ(bad)
