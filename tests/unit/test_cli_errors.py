@@ -78,6 +78,7 @@ def test_an_output_that_cannot_be_written_stops_the_command_before_its_inputs_ar
     ("launch.analyze_experts", ["r", "--bins", "0"], "--bins"),
     ("launch.submit", ["--config", "c.yaml", "--run-dir", "r", "--gpus-per-node", "-1"], "--gpus-per-node"),
     ("launch.gpu_check", ["--dry-run", "--warmup", "-1"], "--warmup"),
+    ("launch.bench", ["masking", "--steps", "0"], "--steps"),
 ], ids=lambda v: v.split(".")[-1] if isinstance(v, str) and v.startswith("launch.") else None)
 def test_a_count_below_its_least_value_is_refused_by_the_parser(module, argv, flag, capsys):
     """Counts are positive (or at least 0) where the parser reads them: `--num-samples 0` used to start the run's
