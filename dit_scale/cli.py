@@ -1,5 +1,5 @@
-"""What the entry points (launch/, data_tools/) share: argument types for counts, and the check of the file a
-command writes its result to. No torch: they run before the entry points' imports.
+"""What the entry points (launch/, data_tools/) share: argument types for counts, and the check of the file or
+folder a command writes its result to. No torch: they run before the entry points' imports.
 
     p.add_argument("--steps", type=positive_int)         # 0 or -3: argparse's usage and one error line, exit 2
     out = check_output_file(args.out, "--out", (".png", ".jpg"))    # ConfigError: one sentence naming --out
@@ -52,7 +52,23 @@ def check_output_file(path: Optional[str], flag: str, suffixes: Sequence[str] = 
         raise ConfigError(f"{flag} '{path}' is a directory; give a file name, e.g. {flag} {example}.")
     if suffixes and not path.lower().endswith(tuple(suffixes)):
         raise ConfigError(f"{flag} '{path}' must end with {' or '.join(suffixes)}.")
-    folder = os.path.dirname(os.path.abspath(path))
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
+    return path
+
+
+def check_output_dir(path: Optional[str], flag: str) -> Optional[str]:
+    """`path` (None: the command's default) once it names a folder that exists or can be made, and can be written;
+    else a ConfigError naming `flag`. Creates it."""
+    if path is None:
+        return None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} '{path}' is a file; give a folder (it is made if missing).")
+    _check_writable(os.path.abspath(path), flag, path)
+    return path
+
+
+def _check_writable(folder: str, flag: str, path: str) -> None:
+    """Make `folder` and write a temporary file in it (removed at once)."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
@@ -60,4 +76,3 @@ def check_output_file(path: Optional[str], flag: str, suffixes: Sequence[str] = 
     except OSError as e:
         raise ConfigError(f"{flag} '{path}' cannot be written ({e.strerror or e}: {folder}); choose a writable "
                           f"folder.") from None
-    return path

@@ -13,7 +13,7 @@ Exit codes: 0 done; 2 an input error (no checkpoint, a dense model, unreadable s
 import argparse
 import sys
 
-from dit_scale.cli import positive_int
+from dit_scale.cli import check_output_dir, positive_int
 from dit_scale.errors import CheckpointError, ConfigError, DataError
 
 
@@ -31,6 +31,7 @@ def main(argv=None):
     from dit_scale.evaluation.experts import analyze_experts     # after the arguments: it imports torch
     from dit_scale.parallel.topology import pick_device
     try:
+        check_output_dir(args.out, "--out")
         rep = analyze_experts(args.run, shards=args.shards, bins=args.bins, num_samples=args.num_samples,
                               batch_size=args.batch_size, out_dir=args.out, ema=not args.no_ema,
                               device=pick_device(args.device))

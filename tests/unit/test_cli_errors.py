@@ -52,6 +52,14 @@ def test_the_output_file_is_checked_before_the_work(tmp_path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match=rf"^--out '{blocker}/x\.json' cannot be written \(.*\); choose a writable"):
         check_output_file(str(blocker / "x.json"), "--out")             # its folder would be a file
+    from dit_scale.cli import check_output_dir
+    assert check_output_dir(None, "--out") is None
+    assert check_output_dir(str(tmp_path / "made" / "here"), "--out") == str(tmp_path / "made" / "here")
+    assert (tmp_path / "made" / "here").is_dir() and not any((tmp_path / "made" / "here").iterdir())
+    with pytest.raises(ConfigError, match=rf"^--out '{blocker}' is a file; give a folder \(it is made if missing\)\.$"):
+        check_output_dir(str(blocker), "--out")
+    with pytest.raises(ConfigError, match=rf"^--out '{blocker}/sub' cannot be written"):
+        check_output_dir(str(blocker / "sub"), "--out")
 
 
 @pytest.mark.parametrize("module, argv", [
