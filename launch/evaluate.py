@@ -78,7 +78,6 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         check_output_file(args.out, "--out")
-        check_output_file(args.npz, "--npz", (".npz",))
         check_output_file(args.ref_cache, "--ref-cache", (".npz",))
         result = evaluate_checkpoint(args)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:

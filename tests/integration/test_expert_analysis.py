@@ -87,9 +87,13 @@ def test_expert_shares_match_a_direct_count_and_figures_are_written(run, tiny_sh
 def test_analyze_experts_input_errors_are_one_sentence(run, tmp_path, capsys):
     from launch.analyze_experts import main
     run_dir, _ = run
+    (tmp_path / "a_file").write_text("")
     for argv, message in (([str(tmp_path)], "No checkpoint found"),
                           ([run_dir, "--shards", str(tmp_path / "none")], "--shards"),
-                          ([run_dir, "--bins", "0"], "must both be at least 1")):
+                          ([run_dir, "--out", str(tmp_path / "a_file")], "--out '%s' is a file" % (tmp_path / "a_file"))):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    with pytest.raises(SystemExit) as info:                         # a count below 1: the parser's error
+        main([run_dir, "--bins", "0"])
+    assert info.value.code == 2 and "argument --bins: must be a positive integer" in capsys.readouterr().err
