@@ -32,6 +32,18 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer of at least 0")
 
 
+def positive_int_list(text: str) -> list:
+    """argparse type: comma-separated positive integers ("64,128,256")."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers (e.g. 64,128), got {text!r}") \
+            from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers (e.g. 64,128), got {text!r}")
+    return values
+
+
 def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)

@@ -16,21 +16,21 @@ near 0); under SP they grow with width. Runs on CPU in about a minute for the co
 import argparse
 import sys
 
-from dit_scale.cli import check_output_file, positive_int
+from dit_scale.cli import check_output_file, positive_int, positive_int_list
 from dit_scale.errors import ConfigError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--widths", default="64,128,256,512")
+    parser.add_argument("--widths", type=positive_int_list, default="64,128,256,512")
     parser.add_argument("--steps", type=positive_int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds averaged per width (default 3)")
     parser.add_argument("--out", default="coord_check.png", help="PNG; the JSON goes next to it")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
     args = parser.parse_args(argv)
-    widths = [int(w) for w in args.widths.split(",")]
+    widths = args.widths
     from dit_scale.training.coord_check import coord_check, write     # after the arguments: it imports torch
     try:
         check_output_file(args.out, "--out")

@@ -44,7 +44,7 @@ every configuration that fits and had time ran without an error.
 import argparse
 import sys
 
-from dit_scale.cli import check_output_file, non_negative_int, positive_int
+from dit_scale.cli import check_output_file, non_negative_int, positive_int, positive_int_list
 from dit_scale.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU: a tiny model, a tiny sweep, fp32")
     parser.add_argument("--models", default=None,
                         help="models, comma-separated (default DiT-XL/2,DiT-XL/2-8E2A; dry DiT-XS/4,DiT-XS/4-4E2A)")
-    parser.add_argument("--batches", default=None,
+    parser.add_argument("--batches", type=positive_int_list, default=None,
                         help="images per GPU to sweep, comma-separated (default 32,64,128,256; dry 2,4)")
     parser.add_argument("--steps", type=positive_int, default=None, help="timed steps per sweep point (default 5; dry 2)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="warm-up steps per sweep point (default 2)")
@@ -76,6 +76,13 @@ def main(argv=None) -> int:
 
     from dit_scale.benchmarks.gpu_check import run, write
     from dit_scale.models.layers import ATTENTION_BACKENDS
+    from dit_scale.models.registry import parse_model_name
+    for name in args.models.split(",") if args.models else ():
+        try:
+            parse_model_name(name)
+        except KeyError as e:
+            print(f"error: --models: {e.args[0]}", file=sys.stderr)
+            return 2
     if args.attention not in ATTENTION_BACKENDS:
         print(f"error: --attention {args.attention} is not a backend; choose one of: "
               f"{', '.join(ATTENTION_BACKENDS)}.", file=sys.stderr)

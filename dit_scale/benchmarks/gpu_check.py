@@ -417,7 +417,7 @@ def run(args) -> dict:
     args.steps = args.steps or (2 if dry else 5)
     args.profile_steps = (2 if dry else 3) if args.profile_steps is None else args.profile_steps
     budget = Budget(args.budget_minutes or (10.0 if dry else 8.0))
-    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (DRY_BATCHES if dry else GPU_BATCHES)
+    batches = tuple(args.batches) if args.batches else (DRY_BATCHES if dry else GPU_BATCHES)
     models = tuple(args.models.split(",")) if args.models else (DRY_MODELS if dry else GPU_MODELS)
     os.environ.pop("WORLD_SIZE", None)
     device = torch.device("cpu") if dry else torch.device("cuda", 0)

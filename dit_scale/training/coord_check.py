@@ -51,7 +51,8 @@ def coord_data(config: str, overrides: list, width: int, steps: int, mup: bool, 
     """[{layer type: mean |activation|} after step t] for t = 1..steps, at one width."""
     base = load_config(config, overrides)
     cfg = load_config(config, overrides + width_overrides(base.model, width)
-                      + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0"])
+                      + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0",
+                         "diffusion.cfg_scale=1", "eval.cfg_scale=null"])     # nothing is sampled; no null class
     built = build(cfg, seed=seed)
     model = built.model
     optimizer = build_optimizer(cfg.optim, model, built.mup)

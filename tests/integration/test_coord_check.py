@@ -17,3 +17,11 @@ def test_coord_check_slopes(tiny_shards):
     for kind in ("attention", "ffn/experts", "router logits"):
         assert last_sp[kind] > 0.5, (kind, last_sp)
     assert last_sp["embedding"] < -0.15              # xavier's input init shrinks with width
+
+
+def test_coord_check_runs_on_a_config_that_samples_with_guidance(tiny_shards):
+    """The check trains without label dropout, so it must not keep the config's guidance (cfg_scale 2 needs the
+    null class, which only dropped labels teach): the quickstart config used to stop it with a ConfigError."""
+    overrides = tiny_overrides(tiny_shards, "unused", **{"diffusion.cfg_scale": 2.0, "eval.cfg_scale": 3.0})
+    per_step = cc.coord_data(None, overrides, 32, steps=1, mup=True)
+    assert len(per_step) == 1 and per_step[0]["output"] > 0

@@ -10,6 +10,7 @@ CASES = [
     ("launch.bench", ["parallel", "--layout", "x"], "--layout x is not a layout; choose one of: cp2, ep2, tp2."),
     ("launch.model_info", ["--model", "DiT-Q/2"], "model.name='DiT-Q/2' is not in the registry"),
     ("launch.gpu_check", ["--dry-run", "--attention", "fast"], "--attention fast is not a backend; choose one of: auto"),
+    ("launch.gpu_check", ["--dry-run", "--models", "DiT-Q/9"], "--models: model.name='DiT-Q/9' is not in the registry"),
     ("launch.sweep", ["aggregate", "{tmp}/none"], "none holds no sweep.json; pass the --out folder of a"),
     ("launch.evaluate", ["--run-dir", "{tmp}/none"], "--run-dir '{tmp}/none' does not exist; pass a run directory"),
     ("launch.probe", ["{tmp}/none"], "Run or checkpoint '{tmp}/none' does not exist; pass a run directory"),
@@ -87,6 +88,8 @@ def test_an_output_that_cannot_be_written_stops_the_command_before_its_inputs_ar
     ("launch.submit", ["--config", "c.yaml", "--run-dir", "r", "--gpus-per-node", "-1"], "--gpus-per-node"),
     ("launch.gpu_check", ["--dry-run", "--warmup", "-1"], "--warmup"),
     ("launch.bench", ["masking", "--steps", "0"], "--steps"),
+    ("launch.coord_check", ["--config", "c.yaml", "--widths", "64,abc"], "--widths"),
+    ("launch.gpu_check", ["--dry-run", "--batches", "2,0"], "--batches"),
 ], ids=lambda v: v.split(".")[-1] if isinstance(v, str) and v.startswith("launch.") else None)
 def test_a_count_below_its_least_value_is_refused_by_the_parser(module, argv, flag, capsys):
     """Counts are positive (or at least 0) where the parser reads them: `--num-samples 0` used to start the run's
@@ -102,8 +105,9 @@ def test_a_count_below_its_least_value_is_refused_by_the_parser(module, argv, fl
 
 def test_the_count_types():
     import argparse
-    from dit_scale.cli import non_negative_int, positive_int
-    assert positive_int("3") == 3 and non_negative_int("0") == 0
-    for bad, typ in (("0", positive_int), ("-1", non_negative_int), ("1.5", positive_int), ("", non_negative_int)):
+    from dit_scale.cli import non_negative_int, positive_int, positive_int_list
+    assert positive_int("3") == 3 and non_negative_int("0") == 0 and positive_int_list("64,128") == [64, 128]
+    for bad, typ in (("0", positive_int), ("-1", non_negative_int), ("1.5", positive_int), ("", non_negative_int),
+                     ("64,", positive_int_list), ("64,-2", positive_int_list)):
         with pytest.raises(argparse.ArgumentTypeError, match="^must be "):
             typ(bad)
