@@ -52,7 +52,9 @@ from PIL import Image
 
 from data_tools.writer import (ShardWriter, caption_members, encode_label, encode_npy, encode_png,  # noqa: F401
                                sha256_file, text_manifest_fields)
+from dit_scale.cli import check_output_dir
 from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
+from dit_scale.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -311,6 +313,8 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
     """Write (or complete) the shards in `out`; returns the manifest."""
     if (images is None) == (list_file is None):
         raise ValueError("give exactly one of --images DIR and --list FILE")
+    if list_file is not None and not os.path.isfile(list_file):
+        raise ValueError("--list %s is not a file; give a text file with one image path (and label) per line" % list_file)
     if pixels == (vae is not None):
         raise ValueError("give --vae PATH for latent shards or --pixels for pixel shards (not both, not neither)")
     for name, path in (("--vae", vae), ("--teacher", teacher), ("--text-encoder", text_encoder)):
@@ -452,6 +456,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         manifest = build_shards(args.out, images=args.images, list_file=args.list_file, resolution=args.resolution,
                                 vae=args.vae, teacher=args.teacher, pixels=args.pixels, patch_size=args.patch_size,
                                 feat_grid=args.feat_grid, teacher_resolution=args.teacher_resolution,
@@ -459,7 +464,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 batch_size=args.batch_size, seed=args.seed, flip=args.flip,
                                 latent_dtype=args.latent_dtype, device=args.device, text_encoder=args.text_encoder,
                                 max_length=args.max_length)
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
     print(json.dumps({k: manifest.get(k) for k in ("num_samples", "x_shape", "feat_shape", "image_key")}

@@ -48,8 +48,10 @@ from PIL import Image, ImageDraw
 
 from data_tools.writer import (ShardWriter, caption_members, describe_shard, encode_label, encode_png,
                                text_manifest_fields)
+from dit_scale.cli import check_output_dir
 from dit_scale.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
 from dit_scale.data.shards import decode_image, iter_tar_samples
+from dit_scale.errors import ConfigError
 
 SHAPES = ["circle", "square", "triangle", "ring", "plus", "hbars", "vbars", "diamond", "xcross", "checker"]
 COLOURS = {
@@ -305,11 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
+        check_output_dir(args.out, "--out")
         paths = make_synthetic(args.out, num_samples=args.num_samples, num_classes=args.num_classes,
                                size=args.size, samples_per_shard=args.samples_per_shard, seed=args.seed,
                                verbose=True, captions=args.captions, text_encoder=args.text_encoder,
                                max_length=args.max_length)
-    except ValueError as e:
+    except (ConfigError, ValueError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
     print("%d shards in %s (%.1fs)" % (len(paths), args.out, time.time() - t0))

@@ -22,6 +22,8 @@ import sys
 from typing import Iterable, Optional
 
 from data_tools.make_synthetic import caption_words
+from dit_scale.cli import check_output_dir
+from dit_scale.errors import ConfigError
 
 SPECIAL = ("<pad>", "</s>", "<unk>")
 WORD = re.compile(r"\w+|[^\w\s]+")   # what pre_tokenizers.Whitespace splits
@@ -82,8 +84,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        check_output_dir(args.out, "--out")
         make_text_encoder(args.out, args.words, args.width, args.layers, args.heads, args.max_length, args.seed)
-    except (OSError, ValueError) as e:
+    except (ConfigError, OSError, ValueError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
     print("tiny T5 encoder (width %d, %d layers, vocabulary %d words) in %s"

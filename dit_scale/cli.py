@@ -69,20 +69,26 @@ def check_output_file(path: Optional[str], flag: str, suffixes: Sequence[str] = 
 
 
 def check_output_dir(path: Optional[str], flag: str) -> Optional[str]:
-    """`path` (None: the command's default) once it names a folder that exists or can be made, and can be written;
-    else a ConfigError naming `flag`. Creates it."""
+    """`path` (None: the command's default) once it names a folder the command can make or write in; else a
+    ConfigError naming `flag`. Makes nothing: the command makes it once its inputs are checked too."""
     if path is None:
         return None
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag} '{path}' is a file; give a folder (it is made if missing).")
-    _check_writable(os.path.abspath(path), flag, path)
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} '{path}' cannot be made: {existing} is a file; choose another folder.")
+    _check_writable(existing, flag, path, make=False)
     return path
 
 
-def _check_writable(folder: str, flag: str, path: str) -> None:
-    """Make `folder` and write a temporary file in it (removed at once)."""
+def _check_writable(folder: str, flag: str, path: str, make: bool = True) -> None:
+    """Write a temporary file in `folder` (removed at once), after making it (`make`)."""
     try:
-        os.makedirs(folder, exist_ok=True)
+        if make:
+            os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as e:

@@ -23,6 +23,9 @@ CASES = [
     ("data_tools.make_text_encoder", ["--out", "{tmp}/t5", "--width", "30", "--heads", "4"],
      "need --width a multiple of --heads"),
     ("data_tools.build_shards", ["--out", "{tmp}/b", "--images", "{tmp}", "--pixels"], "has no class sub-folders"),
+    ("data_tools.build_shards", ["--out", "{tmp}/b", "--list", "{tmp}/none.txt", "--pixels"],
+     "--list {tmp}/none.txt is not a file"),
+    ("data_tools.make_synthetic", ["--out", "/proc/synthetic"], "--out '/proc/synthetic' cannot be written"),
 ]
 
 
@@ -55,12 +58,14 @@ def test_the_output_file_is_checked_before_the_work(tmp_path):
         check_output_file(str(blocker / "x.json"), "--out")             # its folder would be a file
     from dit_scale.cli import check_output_dir
     assert check_output_dir(None, "--out") is None
-    assert check_output_dir(str(tmp_path / "made" / "here"), "--out") == str(tmp_path / "made" / "here")
-    assert (tmp_path / "made" / "here").is_dir() and not any((tmp_path / "made" / "here").iterdir())
+    assert check_output_dir(str(tmp_path / "to" / "make"), "--out") == str(tmp_path / "to" / "make")
+    assert not (tmp_path / "to").exists()                               # the command makes it, after its checks
     with pytest.raises(ConfigError, match=rf"^--out '{blocker}' is a file; give a folder \(it is made if missing\)\.$"):
         check_output_dir(str(blocker), "--out")
-    with pytest.raises(ConfigError, match=rf"^--out '{blocker}/sub' cannot be written"):
+    with pytest.raises(ConfigError, match=rf"^--out '{blocker}/sub' cannot be made: {blocker} is a file"):
         check_output_dir(str(blocker / "sub"), "--out")
+    with pytest.raises(ConfigError, match=r"^--out '/proc/x/y' cannot be written"):
+        check_output_dir("/proc/x/y", "--out")                         # a file system that takes no files
 
 
 @pytest.mark.parametrize("module, argv", [
