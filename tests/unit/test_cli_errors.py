@@ -16,7 +16,7 @@ CASES = [
     ("launch.probe", ["{tmp}/none"], "Run or checkpoint '{tmp}/none' does not exist; pass a run directory"),
     ("launch.analyze_experts", ["{tmp}/none"], "Run or checkpoint '{tmp}/none' does not exist"),
     ("launch.export", ["{tmp}/none", "--out", "{tmp}/x.safetensors"], "Checkpoint '{tmp}/none' does not exist"),
-    ("launch.train", ["--config", "configs/quickstart.yaml", "train.run_dir={tmp}/run", "train.resume={tmp}/none"],
+    ("launch.train", ["--config", "configs/quickstart.yaml", "{tiny run}", "train.resume={tmp}/none"],
      "train.resume='{tmp}/none' does not exist; pass a run directory, a step_* checkpoint folder or a step_*.pt "
      "file, or train.resume=auto"),
     ("data_tools.make_synthetic", ["--out", "{tmp}/s", "--num-classes", "0"], "num_classes must be in 1.."),
@@ -30,9 +30,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("module, argv, message", CASES, ids=[c[0].split(".")[1] for c in CASES])
-def test_a_bad_input_is_one_line_and_exit_code_2(module, argv, message, tmp_path, capsys):
+def test_a_bad_input_is_one_line_and_exit_code_2(module, argv, message, tmp_path, capsys, request):
     import importlib
     main = importlib.import_module(module).main
+    if "{tiny run}" in argv:                    # the tiny model on the tiny shards (the trainer reads them first)
+        from tiny import tiny_overrides
+        i = argv.index("{tiny run}")
+        argv = argv[:i] + tiny_overrides(request.getfixturevalue("tiny_shards"), "{tmp}/run") + argv[i + 1:]
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in err[0], err
