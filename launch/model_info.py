@@ -12,6 +12,7 @@ import json
 import sys
 
 from dit_scale.errors import ConfigError
+from dit_scale.models.registry import list_models
 
 
 def info_for(name, args):
@@ -35,7 +36,6 @@ def main(argv=None):
     parser.add_argument("--out-channels", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. moe.shared_mlp_ratio=0")
     args = parser.parse_args(argv)
-    from dit_scale.models import list_models     # after the arguments: the models import torch
     try:
         rows = [info_for(n, args) for n in (list_models() if args.all else [args.model])]
     except ConfigError as e:

@@ -24,6 +24,7 @@ from dit_scale.training.preemption import catch_early_signals
 
 catch_early_signals()       # before the heavy imports: a stop signal (or Ctrl-C) during start-up is kept
 
+from dit_scale.config import load_config  # noqa: E402  (no torch: a config mistake is reported at once)
 from dit_scale.errors import CheckpointError, ConfigError  # noqa: E402
 from dit_scale.training.preemption import TrainingInterrupted  # noqa: E402
 
@@ -33,7 +34,6 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="YAML experiment config (may name a base: file)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    from dit_scale.config import load_config      # no torch: a config mistake is reported in a fraction of a second
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
