@@ -1,4 +1,6 @@
 """Shared pytest set-up: markers, CPU threads, the tiny synthetic dataset (`tiny.py` holds the tiny config)."""
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,10 @@ from tiny import ROOT, tiny_cfg, tiny_overrides, write_tiny_shards  # noqa: F401
 #                                                                     import path through pytest.ini's `pythonpath`)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Every process a test starts (torchrun ranks, mp.spawn workers, entry points) inherits this: one that dies of a
+# fatal signal (SIGSEGV, SIGABRT: a C++ "terminate called ...") prints each Python thread's stack to the stderr the
+# failing test reports, which says where every thread was (start-up, a collective, interpreter teardown).
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def pytest_configure(config):
