@@ -79,6 +79,7 @@ def main(argv=None):
     try:
         check_output_file(args.out, "--out")
         check_output_file(args.ref_cache, "--ref-cache", (".npz",))
+        check_output_file(args.npz, "--npz", (".npz",))
         result = evaluate_checkpoint(args)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         if rank == 0:

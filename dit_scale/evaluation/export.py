@@ -39,9 +39,7 @@ class SampleWriter:
     def __init__(self, path: str, rank: int = 0, world_size: int = 1):
         if not path.endswith(".npz"):
             raise ConfigError(f"--npz {path!r} must end in .npz (ADM's evaluator reads an .npz of arr_0).")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--npz {path!r}: the folder {folder!r} does not exist; create it first.")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)     # as every --out: made if missing
         self.path, self.rank, self.world_size = path, int(rank), int(world_size)
         self.indices, self.images, self.labels = [], [], []
 

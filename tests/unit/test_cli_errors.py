@@ -13,6 +13,8 @@ CASES = [
     ("launch.gpu_check", ["--dry-run", "--models", "DiT-Q/9"], "--models: model.name='DiT-Q/9' is not in the registry"),
     ("launch.sweep", ["aggregate", "{tmp}/none"], "none holds no sweep.json; pass the --out folder of a"),
     ("launch.evaluate", ["--run-dir", "{tmp}/none"], "--run-dir '{tmp}/none' does not exist; pass a run directory"),
+    ("launch.evaluate", ["--run-dir", "{tmp}/none", "--npz", "{tmp}"],
+     "--npz '{tmp}' is a directory; give a file name, e.g. --npz {tmp}/result.npz."),
     ("launch.probe", ["{tmp}/none"], "Run or checkpoint '{tmp}/none' does not exist; pass a run directory"),
     ("launch.analyze_experts", ["{tmp}/none"], "Run or checkpoint '{tmp}/none' does not exist"),
     ("launch.export", ["{tmp}/none", "--out", "{tmp}/x.safetensors"], "Checkpoint '{tmp}/none' does not exist"),
