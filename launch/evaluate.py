@@ -32,6 +32,7 @@ import sys
 
 from dit_scale.cli import check_output_file, positive_int
 from dit_scale.errors import CheckpointError, ConfigError, DataError
+from dit_scale.parallel.shutdown import end_process_group, run_main
 
 
 def parse_args(argv=None):
@@ -72,9 +73,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch     # after the arguments, as is the evaluation (seconds of imports)
-
-    from dit_scale.evaluation.run import evaluate_checkpoint
+    from dit_scale.evaluation.run import evaluate_checkpoint     # after the arguments: seconds of imports (torch)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         check_output_file(args.out, "--out")
@@ -86,8 +85,7 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_process_group()
     if rank == 0:
         text = json.dumps(result, indent=1)
         print(text, flush=True)
@@ -98,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)          # after a distributed run: exits without the interpreter's teardown (parallel/shutdown.py)

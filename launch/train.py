@@ -26,6 +26,7 @@ catch_early_signals()       # before the heavy imports: a stop signal (or Ctrl-C
 
 from dit_scale.config import load_config  # noqa: E402  (no torch: a config mistake is reported at once)
 from dit_scale.errors import CheckpointError, ConfigError  # noqa: E402
+from dit_scale.parallel.shutdown import end_process_group, run_main  # noqa: E402  (no torch)
 from dit_scale.training.preemption import TrainingInterrupted  # noqa: E402
 
 
@@ -40,8 +41,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The trainer's imports (torch, megatron-core) take seconds: a mistake in the config is reported first.
-    import torch
-
     from dit_scale.training.trainer import TrainingAborted, train
     try:
         summary = train(cfg)
@@ -56,12 +55,11 @@ def main(argv=None):
             print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print({k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()})
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)          # after a distributed run: exits without the interpreter's teardown (parallel/shutdown.py)

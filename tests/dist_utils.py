@@ -18,10 +18,12 @@ def _entry(rank, world_size, port, fn, args, results):
     import torch
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from dit_scale.parallel.shutdown import end_process_group, exit_now
     try:
         results[rank] = fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
+    exit_now(0)     # as the entry points end a distributed run: without the interpreter's teardown (see there)
 
 
 def run_distributed(fn, world_size: int = 2, *args):
