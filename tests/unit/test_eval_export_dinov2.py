@@ -55,7 +55,7 @@ def test_sample_writer_without_labels_and_with_an_empty_rank(tmp_path):
         np.testing.assert_array_equal(data["arr_0"], images)
 
 
-def test_sample_writer_refuses_duplicate_indices_and_bad_paths(tmp_path):
+def test_sample_writer_refuses_duplicate_indices_and_a_wrong_suffix_and_makes_its_folder(tmp_path):
     path = str(tmp_path / "s.npz")
     image = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
     for rank in (1, 0):
@@ -67,8 +67,8 @@ def test_sample_writer_refuses_duplicate_indices_and_bad_paths(tmp_path):
         writer.finish()
     with pytest.raises(ConfigError, match="must end in .npz"):
         SampleWriter(str(tmp_path / "s.png"))
-    with pytest.raises(ConfigError, match="does not exist"):
-        SampleWriter(str(tmp_path / "missing" / "s.npz"))
+    SampleWriter(str(tmp_path / "missing" / "s.npz"))
+    assert (tmp_path / "missing").is_dir()                  # its folder is made, as for every --out
 
 
 # ------------------------------------------------------------------------------------------------------ DINOv2
