@@ -23,19 +23,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# megatron-core warns at import that Transformer Engine / Apex are absent; we only use its plain-torch routing.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-from megatron.core.transformer.moe.moe_utils import (
-    compute_routing_scores_for_aux_loss,
-    switch_load_balancing_loss_func,
-    topk_routing_with_score_function,
-    z_loss_func,
-)  # noqa: E402
-
 from dit_scale.models.args import MoEArgs
 from dit_scale.models.dispatch import LocalDispatcher
 from dit_scale.models.layers import Mlp, SwiGLU
 from dit_scale.models.sequence import LocalTokens
+
+_moe_utils = None       # megatron-core's routing (megatron.core.transformer.moe.moe_utils), loaded by the first Router
+
+
+def megatron_routing():
+    """megatron-core's routing module, imported at the first Router: the package takes seconds to import (most of a
+    command's start-up), which a dense model, a config check or a tool that only reads a checkpoint never needs."""
+    global _moe_utils
+    if _moe_utils is None:
+        # megatron-core warns at import that Transformer Engine / Apex are absent; we use its plain-torch routing.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.core.transformer.moe import moe_utils
+        _moe_utils = moe_utils
+    return _moe_utils
 
 
 class MoEOutput(NamedTuple):
@@ -64,6 +69,7 @@ class Router(nn.Module):
         # The micro-batch's token statistics (`sequence.py`): this rank's own, or summed over the ranks that split
         # the micro-batch's tokens (sequence / context parallelism), so the losses equal one process's.
         self.tokens = LocalTokens()
+        megatron_routing()          # imported here, at build time, not inside a traced or compiled forward
 
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))
@@ -77,7 +83,7 @@ class Router(nn.Module):
         total = self.tokens.total(num_tokens)                        # tokens of the micro-batch
         loss = logits.new_zeros(())
         if self.z_loss_coeff > 0:
-            loss = loss + z_loss_func(logits, self.z_loss_coeff) * (num_tokens / total)
+            loss = loss + _moe_utils.z_loss_func(logits, self.z_loss_coeff) * (num_tokens / total)
 
         if self.kind == "expert_choice":
             scores = torch.softmax(logits, dim=-1)
@@ -88,14 +94,15 @@ class Router(nn.Module):
             num_routed = cap * self.num_experts
         else:
             bias = self.expert_bias if self.bias_update_rate > 0 else None
-            probs, routing_map = topk_routing_with_score_function(
+            probs, routing_map = _moe_utils.topk_routing_with_score_function(
                 logits, self.top_k, use_pre_softmax=True, score_function=self.score_function, expert_bias=bias)
             if self.normalize_topk and self.score_function == "softmax":
                 probs = probs / probs.sum(dim=-1, keepdim=True)
             num_routed = num_tokens * self.top_k
             if self.aux_loss_coeff > 0:
-                aux_map, aux_scores = compute_routing_scores_for_aux_loss(logits, self.top_k, self.score_function)
-                loss = loss + switch_load_balancing_loss_func(      # local scores, the micro-batch's counts
+                aux_map, aux_scores = _moe_utils.compute_routing_scores_for_aux_loss(logits, self.top_k,
+                                                                                     self.score_function)
+                loss = loss + _moe_utils.switch_load_balancing_loss_func(      # local scores, the micro-batch's counts
                     aux_scores, self.tokens.count(aux_map.sum(dim=0)), total, self.top_k, self.num_experts,
                     self.aux_loss_coeff)
             scores = torch.softmax(logits, dim=-1) if self.score_function == "softmax" else None
