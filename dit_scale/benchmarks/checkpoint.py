@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from dit_scale.benchmarks.common import spawn_ranks
 from dit_scale.build import build
 from dit_scale.checkpoint import (list_checkpoints, load_checkpoint, load_sharded, save_checkpoint, save_sharded,
                                   verify_sharded)
@@ -43,12 +44,12 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
-def _worker(rank, world, args, out_dir, results):
-    """One process: save and load each format on its engine, record seconds and bytes in results[rank]."""
-    import torch.distributed as dist
-
+def _worker(rank, world, args, port, results):
+    """One process: save and load each format on its engine (in args.out_dir), record seconds and bytes in
+    results[rank]."""
+    out_dir = args.out_dir
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK=str(rank),
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     engine_overrides = [f"parallel.engine={'fsdp' if world > 1 else 'local'}", f"parallel.ep={world}"]
     cfg = load_config(None, [f"model.name={args.model}", "train.device=cpu", *engine_overrides, *args.overrides])
@@ -106,8 +107,6 @@ def _worker(rank, world, args, out_dir, results):
         r["consolidated_skipped"] = (f"gathering the full state on {world} rank(s) needs "
                                      f"{state_bytes * world / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available")
     results[rank] = r
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def _verified(error):
@@ -127,20 +126,13 @@ def _tensors(tree):
 def run(args) -> dict:
     """Every rank's saves and loads (`args.procs` processes); prints and returns the JSON (rank 0's figures)."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.procs))
-    out_dir = args.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
+    out_dir = args.out_dir = args.dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     try:
         if args.procs == 1:
             results = {}
-            _worker(0, 1, args, out_dir, results)
+            _worker(0, 1, args, None, results)
         else:
-            import socket
-
-            import torch.multiprocessing as mp
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                args.port = sock.getsockname()[1]
-            results = mp.Manager().dict()
-            mp.spawn(_worker, args=(args.procs, args, out_dir, results), nprocs=args.procs, join=True)
+            results = spawn_ranks(_worker, args.procs, args)
     finally:
         if args.dir is None:
             shutil.rmtree(out_dir, ignore_errors=True)

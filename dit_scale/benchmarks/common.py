@@ -119,5 +119,16 @@ def spawn_ranks(worker, world: int, args) -> list:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(world, args, port, results), nprocs=world, join=True)
+    mp.spawn(_rank, args=(worker, world, args, port, results), nprocs=world, join=True)
     return [results[r] for r in range(world)]
+
+
+def _rank(rank: int, worker, world: int, args, port: int, results) -> None:
+    """One spawned rank: `worker`, then the end of every distributed entry point (its process group destroyed, no
+    interpreter teardown: `parallel/shutdown.py`). An exception reaches mp.spawn as before."""
+    from dit_scale.parallel.shutdown import end_process_group, exit_now
+    try:
+        worker(rank, world, args, port, results)
+    finally:
+        end_process_group()
+    exit_now(0)

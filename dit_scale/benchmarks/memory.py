@@ -62,8 +62,6 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
     if topo.device.type == "cuda":
         record["device_peak"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
     results[rank] = record
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 
 def run(args) -> dict:

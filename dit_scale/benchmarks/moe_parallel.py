@@ -62,7 +62,6 @@ def _worker(rank, world, args, port, results):
     record = {k: statistics.median(v) for k, v in times.items()}
     record["all_to_all_share"] = comm / total if total else 0.0
     results[rank] = record                     # a Manager dict: assign whole values
-    dist.destroy_process_group()
 
 
 def run(args) -> dict:

@@ -96,7 +96,6 @@ def _worker(rank: int, world: int, args, port: int, results) -> None:
         record["comm_share"] = comm / wall_us
         record["top_collectives"] = sorted(((e.key, round(e.self_cpu_time_total / wall_us, 3)) for e in events
                                             if _is_collective(e.key)), key=lambda kv: -kv[1])[:5]
-        torch.distributed.destroy_process_group()
     results[rank] = record
 
 
