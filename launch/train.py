@@ -40,7 +40,7 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The trainer's imports (torch, megatron-core) take seconds: a mistake in the config is reported first.
+    # The trainer's imports (torch) take seconds: a mistake in the config is reported first.
     from dit_scale.training.trainer import TrainingAborted, train
     try:
         summary = train(cfg)

@@ -31,16 +31,15 @@ from dit_scale.models.sequence import LocalTokens
 _moe_utils = None       # megatron-core's routing (megatron.core.transformer.moe.moe_utils), loaded by the first Router
 
 
-def megatron_routing():
-    """megatron-core's routing module, imported at the first Router: the package takes seconds to import (most of a
-    command's start-up), which a dense model, a config check or a tool that only reads a checkpoint never needs."""
+def _import_megatron_routing() -> None:
+    """Set `_moe_utils`, at the first Router: megatron-core takes seconds to import (most of a command's start-up),
+    which a dense model, a config check or a tool that only reads a checkpoint never needs."""
     global _moe_utils
     if _moe_utils is None:
         # megatron-core warns at import that Transformer Engine / Apex are absent; we use its plain-torch routing.
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         from megatron.core.transformer.moe import moe_utils
         _moe_utils = moe_utils
-    return _moe_utils
 
 
 class MoEOutput(NamedTuple):
@@ -69,7 +68,7 @@ class Router(nn.Module):
         # The micro-batch's token statistics (`sequence.py`): this rank's own, or summed over the ranks that split
         # the micro-batch's tokens (sequence / context parallelism), so the losses equal one process's.
         self.tokens = LocalTokens()
-        megatron_routing()          # imported here, at build time, not inside a traced or compiled forward
+        _import_megatron_routing()  # imported here, at build time, not inside a traced or compiled forward
 
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))

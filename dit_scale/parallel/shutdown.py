@@ -24,15 +24,13 @@ from typing import Callable, NoReturn
 _ended_a_group = False      # set by end_process_group: this process had a process group
 
 
-def end_process_group() -> bool:
-    """Destroy this process's process groups, if it has any (torch.distributed initialised); True if it had."""
+def end_process_group() -> None:
+    """Destroy this process's process groups, if it has any (torch.distributed initialised)."""
     global _ended_a_group
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return False
-    dist.destroy_process_group()
-    _ended_a_group = True
-    return True
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        _ended_a_group = True
 
 
 def exit_now(code: int) -> NoReturn:

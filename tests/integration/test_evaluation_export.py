@@ -116,7 +116,8 @@ def test_no_scores_writes_the_images_only(setup, tmp_path, capsys):
         assert data["arr_0"].shape == (5, 16, 16, 3)
         np.testing.assert_array_equal(data["arr_1"], np.arange(5) % 4)
     for argv, message in ((["--no-scores"], "--no-scores only makes sense with --npz"),
-                          (["--no-scores", "--npz", str(tmp_path / "x.png")], f"--npz '{tmp_path}/x.png' must end with .npz."),
+                          (["--no-scores", "--npz", str(tmp_path / "x.png")],
+                           f"--npz '{tmp_path}/x.png' must end with .npz."),
                           (["--ref", f"shards:{setup['shards']}", "--inception", setup["inception"], "--dinov2",
                             str(tmp_path)], "is not a local transformers DINOv2 folder")):
         assert main(["--run-dir", setup["run"], "--num-samples", "5"] + argv) == 2

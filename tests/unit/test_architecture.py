@@ -157,9 +157,10 @@ def _imported_after(code: str) -> set:
 
 def test_start_up_leaves_the_heavy_imports_to_what_needs_them():
     """Every rank imports the trainer at start: torchmetrics (which imports transformers and scipy, ~3 s on 2 cores)
-    only comes with an evaluation's feature gathering, megatron-core with an MoE model's first router. Checking a config imports no torch (~2 s; far more from a
-    cluster's shared file system on a login node): launch/train.py reports a config mistake before it imports the
-    trainer, and launch/submit.py checks the config of a job without torch."""
+    only comes with an evaluation's feature gathering, megatron-core with an MoE model's first router. Checking a
+    config imports no torch (~2 s; far more from a cluster's shared file system on a login node): launch/train.py
+    reports a config mistake before it imports the trainer, and launch/submit.py checks the config of a job without
+    torch."""
     trainer = _imported_after("import dit_scale.training.trainer")
     assert not {"megatron", "torchmetrics", "transformers", "scipy"} & trainer
     # megatron-core (~4 s) comes with the first router: a dense model never imports it
