@@ -52,9 +52,10 @@ def embed_macs(args: ModelArgs) -> int:
     return macs
 
 
-def final_macs(args: ModelArgs) -> int:
+def final_macs(args: ModelArgs, tokens: Optional[int] = None) -> int:
+    """The final layer on `tokens` tokens (default: every token; the kept-token output: the kept ones)."""
     d, p = args.hidden_size, args.patch_size
-    return args.num_tokens * d * (1 + p * p * args.out_channels) + 2 * d * d
+    return (args.num_tokens if tokens is None else tokens) * d * (1 + p * p * args.out_channels) + 2 * d * d
 
 
 def head_macs(args: ModelArgs, name: str, tokens: int) -> int:
@@ -64,16 +65,18 @@ def head_macs(args: ModelArgs, name: str, tokens: int) -> int:
 
 
 def forward_macs(args: ModelArgs, kept_tokens: Optional[int] = None, heads: Sequence[str] = (),
-                 stop_after: Optional[int] = None) -> int:
+                 stop_after: Optional[int] = None, kept_output: bool = False) -> int:
     """Forward multiply-accumulates per image of `DiT(args)` (no model is built): the patch-mixer on every token,
-    the backbone blocks on `kept_tokens` (default: every token), the `heads` on the kept tokens, and the final layer;
-    `stop_after` k: only blocks 1..k and no final layer (SRA's truncated EMA forward)."""
+    the backbone blocks on `kept_tokens` (default: every token), the `heads` on the kept tokens, and the final layer
+    (on every token; `kept_output`: on the kept ones, the forward's `kept_only`); `stop_after` k: only blocks 1..k
+    and no final layer (SRA's truncated EMA forward)."""
     n = args.num_tokens
     kept = n if kept_tokens is None else kept_tokens
     blocks = args.depth if stop_after is None else min(stop_after, args.depth)
     macs = embed_macs(args) + args.mixer_depth * block_macs(args, n, sparse=False) + blocks * block_macs(args, kept)
     macs += sum(head_macs(args, name, kept) for name in heads)
-    return int(macs + (final_macs(args) if stop_after is None else 0))
+    final = final_macs(args, kept if kept_output else None)
+    return int(macs + (final if stop_after is None else 0))
 
 
 def count_params(model: DiT) -> dict:

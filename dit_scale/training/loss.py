@@ -81,13 +81,11 @@ class TrainingLoss:
         ratio = self.mask_ratio(step)
         if not self.scale_batch or ratio == 0:
             return 1
-        return self.args.num_tokens // num_kept(self.args.num_tokens, ratio)
-
-    def images_before(self, step: int, images_per_batch: int) -> int:
-        """Images trained on before step `step` when one micro-batch of a multiple-1 step holds `images_per_batch`
-        (the mask schedule has two phases: masked until `mask.unmask_at_step`, then unmasked)."""
-        masked = step if self.unmask_at_step is None else min(step, self.unmask_at_step)
-        return images_per_batch * (masked * self.batch_multiple(0) + (step - masked) * self.batch_multiple(step))
+        n, kept = self.args.num_tokens, num_kept(self.args.num_tokens, ratio)
+        if n % kept:     # the config check refuses it; a direct caller (a benchmark) must not get a rounded budget
+            raise ValueError(f"the token budget needs a mask ratio that keeps a divisor of {n} tokens; {ratio} keeps "
+                             f"{kept}")
+        return n // kept
 
     @property
     def uniforms_per_sample(self) -> int:
@@ -157,4 +155,5 @@ class TrainingLoss:
                 extra += forward_macs(self.args, kept, stop_after=self.aligner.cfg.sra_teacher_depth)
             if self.aligner.teacher is not None:
                 extra += self.aligner.teacher.macs_per_image()
-        return 2.0 * (3 * forward_macs(self.args, kept, heads) + extra)
+        kept_output = kept is not None and self.masked_loss_weight == 0.0       # the forward's kept_only
+        return 2.0 * (3 * forward_macs(self.args, kept, heads, kept_output=kept_output) + extra)

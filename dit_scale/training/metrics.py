@@ -2,7 +2,7 @@
 wandb, a tqdm bar on a terminal (in a log file one plain line per logging interval instead), MFU, MoE statistics.
 
     interval = IntervalStats(names, device)      # device-side sums of one logging interval (no sync per step)
-    interval.add(totals, grad_norm, ok, images)  # images: the step's global images (a host int)
+    interval.add(totals, grad_norm, ok, images, flops)  # the step's global images and their FLOPs (host numbers)
     row = interval.summary(all_reduce_sum_, world_size)   # one sync, at the logging step
     log = MetricsLogger(cfg, run_dir, is_main, total_steps, start_step); log.log(step, row)
 
@@ -98,13 +98,21 @@ class IntervalStats:
         self.consecutive_bad = torch.zeros((), device=device)
         self.worst_bad = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
-        self.steps, self.images, self.skipped_before, self.last = 0, 0, 0.0, {}
+        self.steps, self.images, self.flops, self.skipped_before, self.last = 0, 0, 0.0, 0.0, {}
         self.moe_counts = None            # tokens per expert [L, E] of the last interval (expert_load.png)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start timing training now: the trainer calls it when its loop begins, so that building, checkpoint loading
+        and logger set-up are not counted in the first interval's images/s."""
         self._tic, self._paused = time.perf_counter(), 0.0
 
-    def add(self, totals: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, images: int) -> None:
-        """One step: its loss terms, gradient norm, whether it was applied, and its images over every data-parallel
-        rank (a host number: with the token budget a masked step holds more images than an unmasked one)."""
+    def add(self, totals: torch.Tensor, grad_norm: torch.Tensor, ok: torch.Tensor, images: int,
+            flops: float = 0.0) -> None:
+        """One step: its loss terms, gradient norm, whether it was applied, its images over every data-parallel rank
+        and their training FLOPs (host numbers: with the token budget a masked step holds more images than an
+        unmasked one, and a masked image costs less than an unmasked one, so an interval that spans the unmask step
+        needs them step by step)."""
         bad = (~ok).float()
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.worst_bad = torch.maximum(self.worst_bad, self.consecutive_bad)
@@ -113,6 +121,7 @@ class IntervalStats:
                                 torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
         self.steps += 1
         self.images += images
+        self.flops += flops
 
     @contextmanager
     def paused(self):
@@ -137,13 +146,13 @@ class IntervalStats:
         # an interval whose steps were all skipped has no loss to report: null, and "skipped": true (not 0.0)
         losses = {k: (v / n_ok if n_ok > 0 else None) for k, v in zip(self.names, values)}
         row = {**losses, "grad_norm": values[-1] / self.steps if n_ok > 0 else None, "skipped": n_ok <= 0,
-               "images_per_s": self.images / elapsed, "skipped_steps": skipped,
+               "images_per_s": self.images / elapsed, "flops_per_s": self.flops / elapsed, "skipped_steps": skipped,
                **self.moe.summary()}
         self.moe_counts = self.moe.counts
         self.moe.reset()
         self.sums.zero_()
-        self.steps, self.images, self.skipped_before, self.last = 0, 0, skipped, row
-        self._tic, self._paused = time.perf_counter(), 0.0
+        self.steps, self.images, self.flops, self.skipped_before, self.last = 0, 0, 0.0, skipped, row
+        self.restart_clock()
         return row
 
 

@@ -51,6 +51,7 @@ class RankStreams:
     def __init__(self, cfg, topology, device, uniforms: int):
         self.cfg, self.topo, self.uniforms = cfg, topology, uniforms
         self.loader = self._build_loader(cfg.train.seed)
+        self.images = 0              # images trained on so far, over every data-parallel rank (the trainer counts)
         # seeded per data-parallel rank: the ranks sharing an image (tensor / context parallelism) draw alike
         self.rng = RNGStreams(cfg.train.seed, topology.dp_rank, device, cfg.train.deterministic)
 
@@ -70,7 +71,7 @@ class RankStreams:
 
     def state_dict(self) -> dict:
         return {"data": self.loader.state_dict(), "rng": self.rng.state_dict(), "global_batch": self.global_batch,
-                "dp": [self.topo.dp_rank, self.topo.dp_size]}
+                "dp": [self.topo.dp_rank, self.topo.dp_size], "images": self.images}
 
     def resume(self, saved: list, step: int) -> list[str]:
         """Continue from every rank's saved streams (`saved`, a checkpoint's per_rank list) at `step`: the loader from
@@ -78,20 +79,24 @@ class RankStreams:
         else fresh ones derived from the step. Returns lines to log about what changed."""
         notes = []
         data = [s.get("data") if isinstance(s, dict) else None for s in saved]
+        first = saved[0] if isinstance(saved[0], dict) else {}
         if all(isinstance(d, dict) and d.get("format") == STATE_FORMAT for d in data):
             self.loader.load_state_dict(merge_states(data))
+            self.images = int(first.get("images", self.loader.samples))   # older checkpoints: the loader's count
         else:   # a checkpoint of an older dit_scale: its per-rank loader state cannot be split anew
             self.loader.close()
             self.loader = self._build_loader(self.cfg.train.seed + step)
+            self.images = step * self.global_batch          # the count it lacks, as if the batch never changed
             notes.append(f"the checkpoint's data-loader state has an older format, so the data order restarts "
-                         f"(shuffled with a seed derived from step {step}) and differs from an uninterrupted run")
+                         f"(shuffled with a seed derived from step {step}) and differs from an uninterrupted run; "
+                         f"the images column continues from {self.images} (steps x today's global batch)")
         mine = saved[self.topo.rank] if len(saved) == self.topo.world_size else None
         if isinstance(mine, dict) and mine.get("dp", [self.topo.dp_rank, self.topo.dp_size]) == \
                 [self.topo.dp_rank, self.topo.dp_size]:
             self.rng.load_state_dict(mine["rng"])
         else:
             self.rng.reseed(step)
-        before = saved[0].get("global_batch") if isinstance(saved[0], dict) else None
+        before = first.get("global_batch")
         if before is not None and before != self.global_batch:
             notes.append(f"the global batch changes from {before} to {self.global_batch} images (data.batch_size x "
                          f"train.grad_accum x data-parallel size): the sample order continues where it stopped, but "
@@ -232,12 +237,15 @@ class Trainer:
                   f"{self.sizes['active_params'] / 1e6:.2f}M active, device {self.device}, "
                   f"{torch.get_num_threads()} CPU threads, run dir {self.run}")
         interval = self.interval
+        interval.restart_clock()                            # start-up and checkpoint loading are not training time
         try:
             with self.preemption:
                 while self.step < t.steps:
                     totals, grad_norm, ok = self.train_step(interval.moe)
                     self.step += 1
-                    interval.add(totals, grad_norm, ok, self.images_in_step(self.step - 1))
+                    images = self.images_in_step(self.step - 1)
+                    self.streams.images += images
+                    interval.add(totals, grad_norm, ok, images, images * self.loss.flops_per_image(self.step - 1))
                     log.advance()
                     stop = self.preemption.agreed(self._stop_votes) and self.step < t.steps
                     if stop or self.step % cfg.logging.log_every == 0 or self.step == t.steps:
@@ -271,15 +279,16 @@ class Trainer:
                 f"{worst} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
                 f"{t.max_bad_steps}); lower optim.lr or check the data; {where}.")
         row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size)
-        row["images"] = self.loss.images_before(self.step, self._images_per_batch())   # trained on so far
+        row["images"] = self.streams.images             # trained on so far, over every data-parallel rank
         row["global_batch"] = self.images_in_step(self.step - 1)
         row["data_position"] = self.loader.samples       # global samples the loader has handed out
         row["lr"] = self.engine.lr
         if self.cfg.mask.ratio > 0:
             row["mask_ratio"] = self.loss.mask_ratio(self.step - 1)
+        flops_per_s = row.pop("flops_per_s")             # each step's images at that step's cost (mask schedule)
         peak = peak_flops(self.device, self.precision.bf16)
         if peak:
-            row["mfu"] = row["images_per_s"] * self.loss.flops_per_image(self.step - 1) / (peak * self.topo.world_size)
+            row["mfu"] = flops_per_s / (peak * self.topo.world_size)
         self._moe_counts = interval.moe_counts
         return row
 

@@ -74,3 +74,27 @@ def test_budget_in_bf16_follows_fp32(tiny_shards, tmp_path):
     assert [r[2] for r in bf16] == [r[2] for r in fp32] == [16, 32, 48, 64]
     torch.testing.assert_close(torch.tensor([r[1] for r in bf16]), torch.tensor([r[1] for r in fp32]),
                                rtol=3e-2, atol=0)
+
+
+def test_images_and_mfu_count_what_each_step_trained(tiny_shards, tmp_path, monkeypatch):
+    """The `images` column is the run's own count (kept in the checkpoint), so a resume that moves the unmask step
+    before the saved step continues from the images really trained on (48 after three masked steps of 16), not from
+    a count recomputed with the new schedule (40). MFU over an interval that spans the unmask step weighs each step's
+    images by that step's FLOPs: its ratio to images/s is the interval's mean cost per image, not the last step's."""
+    import dit_scale.training.trainer as trainer_module
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device, bf16=True: 1e12)
+    run = str(tmp_path / "run")
+    assert [r[2] for r in _fit(0, 1, tiny_shards, run, {"train.steps": 3})[0]] == [16, 32, 48]
+    rows, _ = _fit(0, 1, tiny_shards, run, {"train.steps": 5, "train.resume": "auto", "mask.unmask_at_step": 2})
+    assert [r[2] for r in rows] == [16, 32, 48, 52, 56]
+
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "mfu"), **{
+        **BUDGET, "train.steps": 3, "data.batch_size": 4, "logging.log_every": 3, "mask.unmask_at_step": 2,
+        "diffusion.sample_steps": 1, "logging.samples_per_class": 1}))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    row = read_metrics(str(tmp_path / "mfu"))[-1]
+    per_step = [(trainer.images_in_step(s), trainer.loss.flops_per_image(s)) for s in range(3)]
+    assert [n for n, _ in per_step] == [16, 16, 4] and per_step[0][1] < per_step[2][1]
+    mean_cost = sum(n * f for n, f in per_step) / sum(n for n, _ in per_step)
+    assert row["mfu"] / row["images_per_s"] == pytest.approx(mean_cost / 1e12, rel=1e-9)

@@ -57,7 +57,6 @@ def test_token_budget_batch_is_the_mean_of_per_image_losses():
     built = build(cfg)
     loss_fn = TrainingLoss.from_config(cfg, built.objective, built.args, "cpu")
     assert [loss_fn.batch_multiple(s) for s in (0, 4, 5, 9)] == [4, 4, 1, 1]
-    assert [loss_fn.images_before(s, 2) for s in (0, 1, 5, 6, 8)] == [0, 8, 40, 42, 46]
     data = batch(b=8)
     out = loss_fn(built.model, data, step=0, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
@@ -80,12 +79,16 @@ def test_flops_follow_what_runs():
     built = build(cfg)
     loss_fn = TrainingLoss.from_config(cfg, built.objective, built.args, "cpu")
     a = built.args
-    masked = 2 * (3 * forward_macs(a, 4, ("repa", "sra")) + forward_macs(a, 4, stop_after=2))
+    # masked: the kept-token output (mask.masked_loss_weight=0), so the final layer runs on the 4 kept tokens too
+    masked = 2 * (3 * forward_macs(a, 4, ("repa", "sra"), kept_output=True) + forward_macs(a, 4, stop_after=2))
     assert loss_fn.flops_per_image(0) == pytest.approx(masked)           # kept tokens, heads, SRA's EMA forward
-    assert loss_fn.flops_per_image(10) == pytest.approx(2 * 3 * forward_macs(a, 4))     # alignment stopped
+    assert loss_fn.flops_per_image(10) == pytest.approx(2 * 3 * forward_macs(a, 4, kept_output=True))   # no align
     assert loss_fn.flops_per_image(20) == pytest.approx(2 * 3 * forward_macs(a))        # unmasked finetune
     # the backbone blocks run on the 4 kept tokens; the patch-mixer, embedding and final layer on all 16
     assert forward_macs(a) - forward_macs(a, 4) == a.depth * (block_macs(a, 16) - block_macs(a, 4))
+    weighted = TrainingLoss.from_config(tiny_cfg("mask.ratio=0.75", "mask.masked_loss_weight=0.1"), built.objective,
+                                        a, "cpu")           # a loss on masked tokens too: the full output
+    assert weighted.flops_per_image(0) == pytest.approx(2 * 3 * forward_macs(a, 4))
     out = loss_fn(built.model, batch(feat_dim=dim), step=0, generator=torch.Generator().manual_seed(0),
                   ema=lambda: _Same(built.model))
     assert set(out.terms) == {"denoise", "moe", "repa", "sra"}

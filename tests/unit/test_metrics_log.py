@@ -66,3 +66,36 @@ def test_peak_flops_tells_the_pcie_and_nvl_parts_from_the_sxm_ones(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert (peak_flops(cuda, bf16=True), peak_flops(cuda, bf16=False)) == (bf16, fp32), name
     assert peak_flops(torch.device("cpu")) is None
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_an_interval_times_training_only_and_weighs_each_step_by_its_flops(monkeypatch):
+    """images/s and FLOP/s of an interval: the time from the loop's start (restart_clock: building and checkpoint
+    loading before it do not count) less paused time (sampling, saving); the FLOPs are each step's images at that
+    step's cost, so an interval spanning the unmask step (cheap masked images, then full ones) is not priced at the
+    last step's cost. A fake clock makes the expected values exact."""
+    from dit_scale.training import metrics
+    clock = _Clock()
+    monkeypatch.setattr(metrics, "time", clock)
+    interval = metrics.IntervalStats(["loss"], "cpu")
+    clock.now = 100.0                        # start-up: 100 s of building and loading
+    interval.restart_clock()
+    ok, zero = torch.tensor(True), torch.zeros(())
+    for images, flops in ((16, 16 * 1e6), (16, 16 * 1e6), (4, 4 * 4e6)):      # two masked steps, one unmasked
+        clock.now += 2.0
+        interval.add(torch.ones(1), zero, ok, images, flops)
+    with interval.paused():
+        clock.now += 50.0                    # a checkpoint save
+    row = interval.summary(lambda t: t, 1)
+    assert row["images_per_s"] == pytest.approx(36 / 6.0)
+    assert row["flops_per_s"] == pytest.approx((32e6 + 16e6) / 6.0)
+    clock.now += 3.0                         # the next interval starts where this one was summarised
+    interval.add(torch.ones(1), zero, ok, 4, 4 * 4e6)
+    assert interval.summary(lambda t: t, 1)["images_per_s"] == pytest.approx(4 / 3.0)

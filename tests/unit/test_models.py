@@ -10,6 +10,7 @@ from dit_scale.models import list_models, parse_model_name
 from dit_scale.models.dit import DiT
 from dit_scale.models.flops import forward_macs, model_info
 from dit_scale.models.layers import LabelEmbedder
+from dit_scale.models.masking import draw_keep_indices
 from dit_scale.models.roles import param_roles
 from dit_scale.mup import param_groups
 
@@ -79,6 +80,22 @@ def test_analytic_flops_match_torch_flop_counter(name, overlap):
     tokens, d = (16 // 4) ** 2, kwargs.hidden_size
     norms = kwargs.depth * 2 * tokens * d + tokens * d
     assert forward_macs(kwargs) - norms == counter.get_total_flops() // 2
+
+
+def test_analytic_flops_of_the_kept_token_output_match_torch_flop_counter():
+    """Masked, kept_only (the training loss's output when only kept tokens are scored): the backbone and the final
+    layer run on the kept tokens, the patch-mixer on every token; forward_macs(kept, kept_output=True) minus its
+    LayerNorm terms equals torch's count."""
+    cfg = small_cfg("model.name=DiT-XS/4-4E2A", "moe.expert_impl=loop", "mask.ratio=0.75", "mask.mixer_depth=1")
+    kwargs = model_args(cfg)
+    model = DiT(kwargs)
+    tokens, kept, d = (16 // 4) ** 2, 4, kwargs.hidden_size
+    keep = draw_keep_indices(1, tokens, 0.75, torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, 16, 16), torch.tensor([500.0]), torch.tensor([1]), mask=keep, kept_only=True)
+    norms = 2 * tokens * d + kwargs.depth * 2 * kept * d + kept * d         # mixer block, backbone, final layer
+    assert forward_macs(kwargs, kept, kept_output=True) - norms == counter.get_total_flops() // 2
 
 
 def test_patch_overlap_reads_the_neighbouring_pixels_and_nothing_further():
