@@ -345,10 +345,25 @@ def _validate_token_budget(cfg) -> None:
               "set mask.ratio (e.g. 0.75) or remove mask.scale_batch.")
     kept = num_kept(n, mk.ratio)
     if n % kept:
-        whole = [1 - 1 / m for m in (2, 4, 8) if n % m == 0]
         _fail(f"mask.scale_batch=true needs whole images per micro-batch, but mask.ratio={mk.ratio} keeps {kept} of "
               f"{n} tokens ({n / kept:.3g} × data.batch_size images); use a ratio that keeps a divisor of {n} "
-              f"tokens, e.g. mask.ratio=" + " or ".join(f"{r:g}" for r in whole) + ".")
+              f"tokens, {_ratio_hint(cfg, kept)}.")
+    images = cfg.data.batch_size * (n // kept)
+    if images > MAX_BATCH:
+        _fail(f"mask.scale_batch=true makes a masked micro-batch data.batch_size × {n // kept} = {images} images per "
+              f"rank (at most {MAX_BATCH}); use a smaller data.batch_size, and train.grad_accum or more processes "
+              f"for a larger global batch.")
+
+
+def _ratio_hint(cfg, kept: int) -> str:
+    """'e.g. mask.ratio=R (keeps K)' for the kept counts nearest `kept` that every check accepts: divisible by
+    tp × cp (each rank holds an equal part of the kept tokens) and, with the token budget, dividing the tokens."""
+    n, split = cfg.model.num_tokens, cfg.parallel.tp * cfg.parallel.cp
+    fits = [k for k in range(1, n) if k % split == 0 and (not cfg.mask.scale_batch or n % k == 0)]
+    if not fits:
+        return "but none fits; use a smaller tp × cp" if split > 1 else "but none fits"
+    near = sorted(sorted(fits, key=lambda k: (abs(k - kept), k))[:2])
+    return "e.g. " + " or ".join(f"mask.ratio={1 - k / n:.6g} (keeps {k})" for k in near)
 
 
 def _validate_model_parallel(cfg) -> None:
@@ -373,11 +388,8 @@ def _validate_model_parallel(cfg) -> None:
               f"them; choose a tp × cp that divides model.num_tokens (model.input_size / patch size, squared).")
     if cfg.mask.ratio > 0 and num_kept(m.num_tokens, cfg.mask.ratio) % split:
         kept = num_kept(m.num_tokens, cfg.mask.ratio)
-        near = [k for k in range(split, m.num_tokens, split)]
-        best = min(near, key=lambda k: abs(k - kept)) if near else None
         _fail(f"mask.ratio={cfg.mask.ratio} keeps {kept} of {m.num_tokens} tokens, which {which} cannot split into "
-              f"{split} equal parts; " + (f"use mask.ratio={1 - best / m.num_tokens:.6g} (keeps {best})."
-                                         if best else "use a smaller tp × cp."))
+              f"{split} equal parts; choose another ratio, {_ratio_hint(cfg, kept)}.")
     widths = {"model.mlp_ratio × model.hidden_size (the dense FFN)": int(m.hidden_size * m.mlp_ratio)}
     if moe.num_experts and moe.shared_hidden:
         widths["moe.shared_hidden (the shared experts)"] = moe.shared_hidden

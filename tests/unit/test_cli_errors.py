@@ -122,3 +122,12 @@ def test_the_count_types():
                      ("64,", positive_int_list), ("64,-2", positive_int_list)):
         with pytest.raises(argparse.ArgumentTypeError, match="^must be "):
             typ(bad)
+
+
+def test_a_mask_ratio_without_a_whole_token_budget_is_refused_by_the_masking_bench(capsys):
+    """bench.py masking times the token budget too: a ratio whose budget is no whole number of images (0.6 keeps 102
+    of 256 tokens) is the config check's sentence, not a budget silently rounded to 204 tokens against 256."""
+    from launch.bench import main
+    assert main(["masking", "--model", "DiT-S/2", "--ratio", "0.6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask.ratio=0.6 keeps 102 of 256 tokens" in err[0] and "mask.ratio=0.75" in err[0], err

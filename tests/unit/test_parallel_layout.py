@@ -2,6 +2,7 @@
 config alone (validate) or from the config and the process count (check_layout, on every rank before any
 collective)."""
 import os
+import re
 
 import pytest
 
@@ -23,7 +24,8 @@ from tiny import ROOT, tiny_cfg
     (["parallel.engine=fsdp", "parallel.tp=2", "mask.ratio=0.25"],            # keeps 12 of 16: fine; 0.3 keeps 11
      None),
     (["parallel.engine=fsdp", "parallel.tp=2", "mask.ratio=0.3"],
-     "mask.ratio=0.3 keeps 11 of 16 tokens, which parallel.tp=2 cannot split into 2 equal parts; use mask.ratio="),
+     "mask.ratio=0.3 keeps 11 of 16 tokens, which parallel.tp=2 cannot split into 2 equal parts; choose another "
+     "ratio, e.g. mask.ratio=0.375 (keeps 10) or mask.ratio=0.25 (keeps 12)."),
     (["parallel.engine=deepspeed", "parallel.tp=2"],
      "parallel.tp=2 needs parallel.engine=fsdp (FSDP2 composes with tensor and context parallelism; "
      "parallel.engine=deepspeed does not), so set parallel.engine=fsdp."),
@@ -81,3 +83,27 @@ def test_init_processes_needs_no_engine(monkeypatch):
     topo = init_processes("cpu")
     assert (topo.rank, topo.world_size, topo.dp_rank, topo.dp_size, topo.device.type) == (0, 1, 0, 1, "cpu")
     assert topo.is_main and topo.mesh is None and not dist.is_initialized()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.engine=fsdp", "parallel.cp=2", "model.input_size=24", "mask.ratio=0.75", "mask.scale_batch=true"],
+    ["parallel.engine=fsdp", "parallel.tp=2", "mask.ratio=0.3", "mask.scale_batch=true"],
+    ["mask.ratio=0.5", "mask.scale_batch=true", "model.input_size=12"],          # 9 tokens: no ratio of 2, 4, 8
+    ["mask.ratio=0.6", "mask.scale_batch=true"],
+])
+def test_a_suggested_mask_ratio_passes_every_check(overrides):
+    """The ratios an error suggests satisfy every rule at once (tp × cp splits the kept tokens; with the token budget
+    they divide the tokens): the config check itself accepts each one, so a user never goes round in circles."""
+    with pytest.raises(ConfigError) as info:
+        tiny_cfg(*overrides)
+    suggested = re.findall(r"mask\.ratio=([0-9.]+) \(keeps", str(info.value))
+    assert suggested, str(info.value)
+    for ratio in suggested:
+        tiny_cfg(*overrides, f"mask.ratio={ratio}")
+
+
+def test_the_token_budget_caps_images_per_micro_batch():
+    """data.batch_size × tokens / kept is the micro-batch in images under the budget: the same cap as data.batch_size."""
+    tiny_cfg("data.batch_size=16384", "mask.ratio=0.75", "mask.scale_batch=true")       # 65536 images: the cap
+    with pytest.raises(ConfigError, match=r"data.batch_size × 4 = 131072 images per rank \(at most 65536\)"):
+        tiny_cfg("data.batch_size=32768", "mask.ratio=0.75", "mask.scale_batch=true")
