@@ -6,7 +6,8 @@
         --run-dir runs/cpu parallel.engine=fsdp parallel.ep=2 --dry-run      # CPU job; only print the command
     python launch/submit.py ... --chain 4      # 4 jobs, each starting after the previous one ends (no scontrol)
 
-It checks the config first (an error here costs nothing; in the queue it costs a wait), prints the sbatch command
+It checks the config first, and its parallel layout and data.partitions against the job's process count (an error
+here costs nothing; in the queue it costs a wait), prints the sbatch command
 and submits it, printing the job id (`--dry-run`: prints the command only). The job runs one process per GPU
 (`--gpus-per-node 0`: `--tasks-per-node` CPU processes per node), writes its log to RUN_DIR/slurm-JOBID.out, and
 gets USR1 `--signal-grace` seconds before `--time` runs out: it saves, requeues itself and resumes from that
@@ -55,7 +56,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     from dit_scale.config import load_config     # after the arguments: it imports torch
-    from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs
+    from dit_scale.data.loader import check_partitions
+    from dit_scale.parallel.topology import check_layout
+    from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs, tasks_per_node
     run_dir = os.path.abspath(args.run_dir)
     try:
         unknown = [o for o in overrides if o.startswith("-")]
@@ -65,7 +68,10 @@ def main(argv=None) -> int:
         check_overrides(overrides)
         if not os.path.isfile(args.config):
             raise ConfigError(f"--config {args.config} does not exist.")
-        load_config(args.config, overrides + [f"train.run_dir={run_dir}"])     # fail here, not in the queue
+        cfg = load_config(args.config, overrides + [f"train.run_dir={run_dir}"])     # fail here, not in the queue
+        world = args.nodes * tasks_per_node(args)            # and the layout against the job's processes
+        check_layout(cfg.parallel, world)
+        check_partitions(cfg.data.partitions, max(1, world // (cfg.parallel.tp * cfg.parallel.cp)))
         first = sbatch_command(args, overrides, run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

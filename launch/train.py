@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 launch/train.py --config configs/quickstart.yaml parallel.engine=fsdp parallel.ep=2
     torchrun --nproc_per_node 2 launch/train.py --config configs/quickstart.yaml parallel.engine=deepspeed parallel.ep=2
 
-Arguments after the config file are `key=value` overrides of any config field (see dit_scale/config.py).
+Arguments after the config file are `key=value` overrides of any config field (every key: docs/config.md).
 Exit codes:
     0   done (train.steps reached, final checkpoint written)
     2   configuration / input error, e.g. a bad key or a corrupt checkpoint (one sentence on stderr)

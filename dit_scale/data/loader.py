@@ -81,6 +81,15 @@ class _RankDataset(torch.utils.data.IterableDataset):
             yield batch
 
 
+def check_partitions(partitions: int, dp_size: int) -> None:
+    """data.partitions must split evenly over the data-parallel ranks (the loader checks it; launch/submit.py too,
+    from the job's process count, before the job waits in the queue)."""
+    if partitions % dp_size:
+        raise ConfigError("data.partitions=%d is not a multiple of the data-parallel size %d, so the ranks cannot "
+                          "split the global sample order; set data.partitions to a multiple of %d (e.g. %d)."
+                          % (partitions, dp_size, dp_size, dp_size * max(1, -(-partitions // dp_size))))
+
+
 class ShardLoader:
     """Infinite iterator of batches for one data-parallel rank (see the module docstring)."""
 
@@ -98,10 +107,7 @@ class ShardLoader:
             raise ValueError("dp_rank %d is not in [0, dp_size=%d)" % (dp_rank, dp_size))
         if mode not in ("epoch", "resampled"):
             raise ValueError("data.mode must be epoch or resampled, got %r" % mode)
-        if partitions % dp_size:
-            raise ConfigError("data.partitions=%d is not a multiple of the data-parallel size %d, so the ranks cannot "
-                              "split the global sample order; set data.partitions to a multiple of %d (e.g. %d)."
-                              % (partitions, dp_size, dp_size, dp_size * max(1, -(-partitions // dp_size))))
+        check_partitions(partitions, dp_size)
         for src in sources:
             if mode == "epoch" and src.num_samples is not None and src.num_samples < partitions:
                 raise ConfigError("%s holds %d samples, fewer than data.partitions=%d, so some partitions of the "

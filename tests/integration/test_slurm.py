@@ -59,7 +59,8 @@ def test_dry_run_prints_the_gpu_job_and_submits_nothing(tmp_path, capsys):
 
 def test_dry_run_cpu_job_chain_and_own_wall_guard(tmp_path, capsys):
     code, lines, err = dry_run(capsys, "--run-dir", str(tmp_path / "cpu"), "--gpus-per-node", "0",
-                               "--tasks-per-node", "2", "--time", "30", "--chain", "3", "train.max_wall_minutes=10")
+                               "--tasks-per-node", "2", "--time", "30", "--chain", "3", "parallel.engine=fsdp",
+                               "train.max_wall_minutes=10")
     assert code == 0, err
     cmd = lines[0].split()
     assert "--ntasks-per-node=2" in cmd and not any(c.startswith("--gpus") for c in cmd)
@@ -76,6 +77,13 @@ def test_dry_run_cpu_job_chain_and_own_wall_guard(tmp_path, capsys):
     (["train.resume=none"], "Drop the train.resume override"),
     (["train.stepz=3"], "train.stepz"),
     (["--nodez", "2"], "Unknown flag --nodez"),
+    # the layout against the job's processes, before the queue: 6 GPUs cannot split experts 4 ways, 24 cannot share
+    # the 64 data partitions, and the quickstart's one-process engine cannot run 8
+    (["--gpus-per-node", "6", "parallel.engine=fsdp", "parallel.ep=4"], "parallel.ep=4 must divide the number of "
+                                                                         "processes (WORLD_SIZE=6)"),
+    (["--nodes", "3", "--gpus-per-node", "8", "parallel.engine=fsdp"], "data.partitions=64 is not a multiple of "
+                                                                        "the data-parallel size 24"),
+    (["--gpus-per-node", "8"], "parallel.engine=local trains in one process but WORLD_SIZE=8"),
 ])
 def test_bad_flags_are_one_sentence_errors(tmp_path, capsys, args, message):
     base = ["--run-dir", str(tmp_path / "r")] + ([] if "--gpus-per-node" in args else ["--gpus-per-node", "0"])
