@@ -12,7 +12,8 @@ It runs, in order:
    device cannot run are recorded with PyTorch's reason) at the sweep's first batch, the fastest, and auto against it;
    --attention KERNEL then runs the training configurations with it;
 3. training configurations in bf16 (fp32 in the dry run) with the trainer's own loss and the one-process engine,
-   for DiT-XL/2 and DiT-XL/2-8E2A, each model in this order:
+   for DiT-XL/2 and DiT-XL/2-8E2A, in stages: both models' first row, then both models' second row, and so on
+   (a budget that runs out still leaves every model measured), the rows of a model being:
      "<model> eager"                     torch.compile off, unmasked
      "<model> compiled"                  train.compile=true (torch.compile's default mode), unmasked
      "<model> mask 0.75 token budget"    mask ratio 0.75 at the same tokens per step as the unmasked sweep: each
@@ -22,7 +23,10 @@ It runs, in order:
      "<model> compiled reduce-overhead"  train.compile_mode=reduce-overhead (CUDA graphs), at the best batch of
                                          "<model> compiled" only
    Every configuration builds its model once and sweeps the batch per GPU (32, 64, 128, 256 images; dry: 2, 4),
-   stopping at the first batch that does not fit (an `out_of_memory` point, not a failure). Per point: images/s,
+   stopping at the first batch that does not fit (an `out_of_memory` point, not a failure). A model whose fp32
+   weights, EMA, gradients and AdamW moments (20 bytes a parameter) exceed the device's memory is not built (DiT-XL/2-
+   8E2A's 78 GiB: run it on an H200), nor is one whose smallest batch did not fit in an earlier row; without a C
+   compiler or Python.h (Triton needs both) the compiled rows are skipped with that reason. Per point: images/s,
    kept tokens/s, MFU (against the device's bf16 peak, FLOPs of what runs), peak device memory, host syncs counted
    over one step (torch.cuda.set_sync_debug_mode); per configuration `best` (the highest images/s: batch, images/s,
    tokens/s, MFU) and a torch.profiler `profile` of a few steps at that batch (`dit_scale.benchmarks.profiling`): shares
@@ -34,6 +38,7 @@ It runs, in order:
 4. `table`: one line per configuration and attention shape for a reader, and whether no counted step synchronised
    with the host.
 
+The tests run with a limit (2 min each, 4 min together): a hang is a failed stage, not the device time gone.
 Time budget: a configuration, sweep point or profile whose estimate (from what ran before) would end past
 --budget-minutes from the start is skipped and recorded as skipped for time. The JSON (--out) is rewritten after
 every sweep point, so a run cut off still leaves its results. In the dry run the compiled configurations run for the

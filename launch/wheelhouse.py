@@ -29,10 +29,12 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import venv
+import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEFT_OUT = {"torch", "deepspeed", "wandb"}          # the node's own; engine=deepspeed only; --with-wandb
@@ -113,12 +115,46 @@ def missing_wheels(folder: str, installed=None) -> list:
 
 
 def install(folder: str, target: str) -> list:
-    """pip-install the missing wheels of `folder` into `target` (offline, no dependencies); returns them."""
+    """pip-install the missing wheels of `folder` into `target` (offline, no dependencies); returns them. A Python
+    without pip (a bare python3 on a GPU node) gets them unpacked instead: a wheel is a zip of its import tree."""
     wheels = missing_wheels(folder)
-    if wheels:
+    if not wheels:
+        return wheels
+    has_pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
+    if has_pip:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                         "--disable-pip-version-check", "--upgrade", "--target", target, *wheels], check=True)
+    else:
+        for wheel in wheels:
+            unpack_wheel(wheel, target)
     return wheels
+
+
+def unpack_wheel(wheel: str, target: str) -> None:
+    """Install `wheel` into the folder `target` the way `pip install --target` lays it out: its files at the top,
+    the contents of its NAME.data/purelib and NAME.data/platlib merged in (scripts and headers are not needed to
+    import it). Member names that would leave `target` are refused."""
+    root = os.path.realpath(target)
+    with zipfile.ZipFile(wheel) as z:
+        for member in z.infolist():
+            parts = member.filename.split("/")
+            if len(parts) > 2 and parts[0].endswith(".data"):
+                if parts[1] not in ("purelib", "platlib"):
+                    continue
+                parts = parts[2:]
+            dest = os.path.realpath(os.path.join(root, *parts))
+            if not dest.startswith(root + os.sep):
+                raise WheelhouseError(f"{wheel} holds {member.filename!r}, which points outside {target}; rebuild "
+                                      f"the wheelhouse with `launch/wheelhouse.py download`.")
+            if member.is_dir():
+                os.makedirs(dest, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with z.open(member) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+            mode = member.external_attr >> 16
+            if mode & 0o111:
+                os.chmod(dest, 0o755)
 
 
 def node_packages(path: str) -> dict:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 import warnings
@@ -25,6 +26,7 @@ from dit_scale.benchmarks.common import random_batch
 from dit_scale.build import build, check_attention, model_args
 from dit_scale.config import load_config
 from dit_scale.errors import ConfigError
+from dit_scale.models.flops import model_info
 from dit_scale.models.masking import num_kept
 from dit_scale.optim import resolve_precision
 from dit_scale.parallel import build_engine, init_topology
@@ -43,13 +45,23 @@ DRY_OVERRIDES = ["model.input_size=16", "model.depth=2", "model.hidden_size=64",
 TOKEN_BUDGET_MASK = 0.75
 WINDOW = "gpu_check.profiled_steps"
 COMPILE_GUESS_S = 60.0                                      # a first torch.compile of a block, forward + backward
+TESTS_TIMEOUT_S = 240                                       # the gpu tests together (a hang must not eat the budget)
+TEST_TIMEOUT_S = 120                                        # one gpu test (pytest-timeout)
+STATE_BYTES_PER_PARAM = 20          # fp32 weights, EMA, gradients and AdamW's two moments, before any activation
 STEPS = itertools.count()                                   # the training step index the loss sees
 
 
 def run_gpu_tests() -> dict:
-    """pytest -m gpu: counts of passed / failed / skipped tests."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                           os.path.join(ROOT, "tests", "gpu")], cwd=ROOT, capture_output=True, text=True)
+    """pytest -m gpu: counts of passed / failed / skipped tests (each test at most TEST_TIMEOUT_S, all together at
+    most TESTS_TIMEOUT_S: a hang is a failed stage, not the device time gone)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
+               f"--timeout={TEST_TIMEOUT_S}", os.path.join(ROOT, "tests", "gpu")]
+    try:
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"summary": f"stopped after {TESTS_TIMEOUT_S} s", "ok": False,
+                "failures": [line for line in out.splitlines() if line.strip()][-20:]}
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-200:]
     counts = {k: 0 for k in ("passed", "failed", "skipped", "errors")}
     words = summary.split(" in ")[0].replace(",", "").split()
@@ -85,23 +97,25 @@ def attention_rows(models, batch: int, device, dry: bool) -> dict:
 
 
 def plan(models, batches, compile_: bool, dry: bool) -> list:
-    """The configurations, in the order they run (see the module docstring)."""
-    configs = []
+    """The configurations, in the order they run (see the module docstring): each model's eager row, then each
+    model's compiled row, and so on, so that a budget that runs out still leaves every model measured."""
+    per_model = []
     for i, model in enumerate(models):
         compiled = compile_ and (not dry or i == 0)
         eager = {"name": f"{model} eager", "model": model, "compile_mode": None, "mask_ratio": 0.0,
                  "token_budget": False, "batches": list(batches)}
-        configs.append(eager)
+        rows = [eager]
         if compiled:
-            configs.append({**eager, "name": f"{model} compiled", "compile_mode": "default",
-                            "batches": list(batches[:1] if dry else batches)})
-        reference = configs[-1] if compiled and not dry else eager
-        configs.append({**reference, "name": f"{model} mask {TOKEN_BUDGET_MASK} token budget",
-                        "mask_ratio": TOKEN_BUDGET_MASK, "token_budget": True, "reference": reference["name"]})
+            rows.append({**eager, "name": f"{model} compiled", "compile_mode": "default",
+                         "batches": list(batches[:1] if dry else batches)})
+        reference = rows[-1] if compiled and not dry else eager
+        rows.append({**reference, "name": f"{model} mask {TOKEN_BUDGET_MASK} token budget",
+                     "mask_ratio": TOKEN_BUDGET_MASK, "token_budget": True, "reference": reference["name"]})
         if compiled:
-            configs.append({**eager, "name": f"{model} compiled reduce-overhead", "compile_mode": "reduce-overhead",
-                            "batches": "best", "best_of": f"{model} compiled"})
-    return configs
+            rows.append({**eager, "name": f"{model} compiled reduce-overhead", "compile_mode": "reduce-overhead",
+                         "batches": "best", "best_of": f"{model} compiled"})
+        per_model.append(rows)
+    return [row for stage in itertools.zip_longest(*per_model) for row in stage if row is not None]
 
 
 class Budget:
@@ -110,15 +124,25 @@ class Budget:
     def __init__(self, minutes: float):
         self.start = time.time()
         self.deadline = self.start + 60 * minutes
-        self.first_point_s = {}                             # compile mode -> longest (build + first point) seen
+        self.first_point_s = {}                 # (model, compile mode) -> longest (build + first point) seen
 
-    def config_estimate(self, compile_mode) -> float:
-        """Build and first point of a configuration: as long as the longest seen with this compile mode, else as
-        any seen plus a first compilation's guess."""
-        seen = self.first_point_s.get(compile_mode)
+    def config_estimate(self, model: str, compile_mode) -> float:
+        """Build and first point of a configuration: as long as the longest seen for this model and compile mode;
+        else this model's longest plus a first compilation's guess; else the longest of any model with this mode;
+        else the longest of all plus that guess."""
+        seen = self.first_point_s.get((model, compile_mode))
         if seen is not None:
             return seen
-        return max(self.first_point_s.values(), default=0.0) + (COMPILE_GUESS_S if compile_mode else 0.0)
+        guess = COMPILE_GUESS_S if compile_mode else 0.0
+        mine = [t for (m, _), t in self.first_point_s.items() if m == model]
+        if mine:
+            return max(mine) + guess
+        same_mode = [t for (_, c), t in self.first_point_s.items() if c == compile_mode]
+        return max(same_mode) if same_mode else max(self.first_point_s.values(), default=0.0) + guess
+
+    def first_point(self, model: str, compile_mode, seconds: float) -> None:
+        key = (model, compile_mode)
+        self.first_point_s[key] = max(self.first_point_s.get(key, 0.0), seconds)
 
     def fits(self, estimate_s: float) -> bool:
         return time.time() + estimate_s <= self.deadline
@@ -137,7 +161,7 @@ def run_config(spec: dict, device, dry: bool, args, budget: Budget, save) -> dic
     record = {k: v for k, v in spec.items() if k != "batches"}
     record.update(precision="fp32" if dry else "bf16", points=[])
     save(record)
-    estimate = budget.config_estimate(spec["compile_mode"])
+    estimate = budget.config_estimate(spec["model"], spec["compile_mode"])
     if not budget.fits(estimate):
         record.update(ok=None, skipped=budget.skipped(estimate))
         return record
@@ -179,8 +203,7 @@ def run_config(spec: dict, device, dry: bool, args, budget: Budget, save) -> dic
         point.update(measure_point(step_at, point["batch"], kept, flops, device, dry, args))
         previous_s = time.perf_counter() - point_start
         if len(record["points"]) == 1:
-            mode = spec["compile_mode"]
-            budget.first_point_s[mode] = max(budget.first_point_s.get(mode, 0.0), time.perf_counter() - started)
+            budget.first_point(spec["model"], spec["compile_mode"], time.perf_counter() - started)
         save(record)
         if point["ok"] is not True:                         # out of memory (larger batches will not fit) or an error
             engine.zero_grad()                              # what the failed step left behind
@@ -292,9 +315,14 @@ def profile_point(step_at, images: int, device, args) -> dict:
                     step(next(STEPS))
                 sync(device)
         summary = profiling.profile_summary(prof.events(), device.type, WINDOW)
-        return {"batch": images, "steps": args.profile_steps, **summary}
     except Exception as e:                                  # noqa: BLE001 -- reported in the JSON
+        if is_oom(e):                                       # the profiler's own memory at the largest batch that fit
+            return {"batch": images, "skipped": oom_message(device)}
         return {"batch": images, "ok": False, "error": error_message(e)}
+    if not summary.get("top"):                              # no kernel recorded: no measurement, not "idle 100%"
+        return {"batch": images, "skipped": "the profiler recorded no device kernels (CUPTI unavailable or "
+                                             "restricted to administrators on this node?)"}
+    return {"batch": images, "steps": args.profile_steps, **summary}
 
 
 def token_budget_ratios(record: dict, reference: dict) -> None:
@@ -422,11 +450,15 @@ def run(args) -> dict:
     os.environ.pop("WORLD_SIZE", None)
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("cc")
+    no_compile = compile_toolchain_problem(dry, cxx)
     result = {"check": "gpu", "dry_run": dry, "torch": torch.__version__,
               "device": "cpu" if dry else torch.cuda.get_device_name(device), "cxx": cxx,
               "models": list(models), "batches": list(batches), "warmup_steps": args.warmup, "timed_steps": args.steps,
               "profile_steps": args.profile_steps, "budget_minutes": round((budget.deadline - budget.start) / 60, 2)}
+    result["tests"] = {"ok": None, "summary": "running"}
+    write(result, args.out)                                 # a run cut off during the tests still leaves a file
     result["tests"] = run_gpu_tests()
+    write(result, args.out)
     result["attention"] = attention_rows(models, batches[0], device, dry)
     write(result, args.out)
     result["training"] = []
@@ -436,14 +468,14 @@ def run(args) -> dict:
             result["training"].append(record)
         write(result, args.out)
 
-    by_name, unfit = {}, {}                                 # unfit: model -> the configuration it did not build in
+    by_name = {}
+    unfit = {m: why for m in models if (why := state_too_large(m, device, dry))}   # model -> why it cannot train here
     for spec in plan(models, batches, not args.no_compile, dry):
         spec["attention"] = getattr(args, "attention", "auto")
-        if spec["compile_mode"] is not None and dry and not cxx:
-            record = skipped_record(spec, "no C++ compiler (g++, clang++, cc) on this machine: torch.compile's CPU "
-                                          "backend needs one")
+        if spec["compile_mode"] is not None and no_compile:
+            record = skipped_record(spec, no_compile)
         elif spec["model"] in unfit:                        # weights, EMA and AdamW state alone do not fit
-            record = skipped_record(spec, f"out of memory while building {unfit[spec['model']]}")
+            record = skipped_record(spec, unfit[spec["model"]])
         elif spec["batches"] == "best":
             best = by_name.get(spec["best_of"], {}).get("best")
             if best is None:
@@ -454,8 +486,11 @@ def run(args) -> dict:
                     record["note"] = "on a CPU inductor captures no CUDA graphs: this row runs the path, not the gain"
         else:
             record = run_config(spec, device, dry, args, budget, save)
+        first = record.get("points", [{}])[0] if record.get("points") else {}
         if "out_of_memory" in record:
-            unfit[spec["model"]] = spec["name"]
+            unfit[spec["model"]] = f"out of memory while building {spec['name']}"
+        elif "out_of_memory" in first:                      # not even the smallest batch trains
+            unfit[spec["model"]] = f"out of memory in {spec['name']} at its smallest batch, {first['batch']}"
         if spec.get("reference") in by_name:
             token_budget_ratios(record, by_name[spec["reference"]])
         by_name[spec["name"]] = record
@@ -471,6 +506,39 @@ def run(args) -> dict:
     result["ok"] = bool(result["tests"]["ok"] and all(r.get("ok") is not False for r in result["training"])
                         and all(r.get("ok") is not False for r in result["attention"].values()))
     return result
+
+
+def compile_toolchain_problem(dry: bool, cxx) -> "str | None":
+    """Why torch.compile cannot work on this machine, or None: inductor's CPU backend (the dry run) needs a C++
+    compiler; on CUDA, Triton builds a small C module at first use, which needs a C compiler and Python's headers
+    (Python.h), which a bare python3 on a GPU node may lack. Found here, the compiled rows are skipped with the
+    reason instead of each building its model and failing."""
+    if dry:
+        return None if cxx else ("no C++ compiler (g++, clang++, cc) on this machine: torch.compile's CPU backend "
+                                 "needs one")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        return "no C compiler (cc, gcc, clang) on this machine: Triton builds its launcher with one"
+    header = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.isfile(header):
+        return (f"no {header} (Python's development headers, e.g. the python3-dev package): Triton builds its "
+                f"launcher against them")
+    return None
+
+
+def state_too_large(model: str, device, dry: bool) -> "str | None":
+    """Why `model` cannot train on this device whatever the batch, or None: its fp32 weights, EMA, gradients and
+    AdamW moments (STATE_BYTES_PER_PARAM per parameter) against the device's memory (a 4.2B-parameter DiT-XL/2-8E2A
+    needs about 78 GiB of them: an H200's 141 GB, not an H100's 80). Counted on the meta device: nothing is built."""
+    if dry or device.type != "cuda":
+        return None
+    params = model_info(model_args(load_config(None, [f"model.name={model}"])))["params"]
+    need = STATE_BYTES_PER_PARAM * params / 2 ** 30
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    if need > 0.95 * total:
+        return (f"{params / 1e9:.2f}B parameters need about {need:.0f} GiB for fp32 weights, EMA, gradients and AdamW "
+                f"moments before any activation; this device has {total:.0f} GiB")
+    return None
 
 
 def write(result: dict, path) -> str:

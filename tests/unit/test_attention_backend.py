@@ -70,6 +70,34 @@ def test_time_backends_records_every_kernel():
     assert r["auto_vs_fastest"] == pytest.approx(r["backends"]["auto"]["ms"] / r["backends"][fastest]["ms"], abs=2e-3)
 
 
+def test_a_kernel_that_refuses_the_real_shape_loses_only_its_own_timing(monkeypatch):
+    """The availability probe is a 16-token problem; a kernel can accept it and still refuse the model's shape (as
+    cuDNN's can at some lengths on a GPU). That kernel is recorded as unavailable with the reason, the others keep
+    their timings, and the row stays whole."""
+    import dit_scale.benchmarks.attention as attention
+    real = torch.nn.functional.scaled_dot_product_attention
+    chosen = []
+
+    def picky(q, k, v, *a, **kw):
+        if chosen and chosen[-1] == "flash" and q.shape[2] > 16:
+            raise RuntimeError("cuDNN Frontend error: no engine for this shape\nmore lines")
+        return real(q, k, v, *a, **kw)
+
+    original_kernel = attention.attention_kernel
+
+    def tracking_kernel(name):
+        chosen.append(name)
+        return original_kernel(name)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", picky)
+    monkeypatch.setattr(attention, "attention_kernel", tracking_kernel)
+    cfg = load_config(None, ["model.name=DiT-XS/4", "model.input_size=32"])     # 64 tokens
+    r = time_backends(build(cfg, device="meta").args, batch=2, device=torch.device("cpu"), dtype=torch.float32,
+                      warmup=1, iters=2)
+    assert r["backends"]["flash"] == {"unavailable": "failed at this shape: cuDNN Frontend error: no engine for "
+                                                     "this shape"}
+    assert r["backends"]["auto"]["ms"] > 0 and r["backends"]["math"]["ms"] > 0 and r["fastest"] in ("auto", "math")
+
+
 def test_gpu_check_attention_rows_group_models_by_shape():
     rows = attention_rows(("DiT-XS/4", "DiT-XS/4-4E2A"), 2, torch.device("cpu"), dry=True)
     (shape, row), = rows.items()                            # the MoE model's attention is the dense model's

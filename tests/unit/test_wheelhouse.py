@@ -73,6 +73,46 @@ def test_install_puts_the_missing_wheel_in_the_target_offline_and_leaves_install
     assert check.stdout.split() == ["42", "True"], check.stderr
 
 
+def _tree(folder):
+    """{relative path: bytes} of the importable files (the dist-info bookkeeping differs between installers)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if ".dist-info" not in rel and "__pycache__" not in rel:
+                out[rel] = open(os.path.join(root, name), "rb").read()
+    return out
+
+
+def test_without_pip_the_wheels_are_unpacked_as_pip_lays_them_out(tmp_path, monkeypatch):
+    """A bare python3 on a GPU node may have no pip: the wheels are unpacked instead, into the same tree pip
+    installs (a NAME.data/purelib part merged into the top), and a member that would leave the target is refused."""
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    wheel = _wheel(str(house), "dit_scale_test_tinymod")
+    with zipfile.ZipFile(wheel, "a") as z:
+        z.writestr("dit_scale_test_tinymod-0.1.data/purelib/dit_scale_test_extra.py", "EXTRA = 1\n")
+    wheelhouse.install(str(house), str(tmp_path / "with_pip"))
+    real_run = subprocess.run
+
+    def no_pip(command, **kwargs):
+        if command[1:] == ["-m", "pip", "--version"]:
+            return subprocess.CompletedProcess(command, 1)
+        raise AssertionError(f"pip was called without pip: {command}")
+    monkeypatch.setattr(wheelhouse.subprocess, "run", no_pip)
+    assert wheelhouse.install(str(house), str(tmp_path / "without_pip")) == [wheel]
+    monkeypatch.setattr(wheelhouse.subprocess, "run", real_run)
+    unpacked = _tree(tmp_path / "without_pip")
+    assert unpacked == _tree(tmp_path / "with_pip")
+    assert set(unpacked) == {"dit_scale_test_tinymod/__init__.py", "dit_scale_test_extra.py"}
+    evil = str(tmp_path / "evil-0.1-py3-none-any.whl")
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("../outside.py", "")
+    with pytest.raises(wheelhouse.WheelhouseError, match="points outside"):
+        wheelhouse.unpack_wheel(evil, str(tmp_path / "target"))
+    assert not (tmp_path / "outside.py").exists()
+
+
 def test_a_folder_without_wheels_is_one_sentence_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "wheelhouse.py"), "install",
                            str(tmp_path / "none"), "--target", str(tmp_path / "site")],
