@@ -5,6 +5,11 @@ reads it with `pickle.load`: a crafted `.metadata` (its manifest recomputed to m
 resume, export or sampling. `SafeFileSystemReader` reads the same file with an unpickler that admits only what a DCP
 index holds — DCP's own metadata classes, torch dtypes, sizes and layouts, and a path — and refuses anything else
 with one sentence naming the file and the reference. Tensor data is read by DCP with `torch.load(weights_only=True)`.
+
+An index can also declare an entry as pickled bytes (`BytesStorageMetadata`), which DCP's planner reads back with an
+unrestricted `torch.load`: the index itself unpickles cleanly, but loading that entry runs the payload. dit_scale never
+writes such entries (every value it saves is a tensor or goes through `extra.pt`), so the reader refuses an index that
+declares one, and refuses to read a bytes item should a planner ask for one.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import pickle
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from dit_scale.errors import CheckpointError
 
@@ -54,11 +60,22 @@ def read_metadata_safely(path: str) -> Metadata:
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"Checkpoint index '{path}' holds a {type(metadata).__name__}, not DCP metadata; "
                               f"refusing to load it.")
+    pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+    if pickled:                                 # DCP would unpickle them without restriction: never for our files
+        raise CheckpointError(f"Checkpoint index '{path}' declares pickled objects ({pickled[0]}, ...), which "
+                              f"dit_scale never writes (the file was crafted or is not ours); refusing to load it.")
     return metadata
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader with `read_metadata` through the restricted unpickler."""
+    """DCP's FileSystemReader with `read_metadata` through the restricted unpickler, refusing pickled entries."""
+
+    def read_data(self, plan, planner):
+        bytes_items = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
+        if bytes_items:                         # a second line of defence: read_metadata refuses them first
+            raise CheckpointError(f"Checkpoint '{self.path}' would load {bytes_items[0].dest_index.fqn} as pickled "
+                                  f"bytes, which dit_scale never writes; refusing to load it.")
+        return super().read_data(plan, planner)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         rank = kwargs.get("rank")

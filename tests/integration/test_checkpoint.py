@@ -277,7 +277,7 @@ def test_sharded_checkpoint_loads_whole_and_refuses_pickles(trained_run, tmp_pat
     evil = str(tmp_path / "evil")
     dcp.save({"w": torch.zeros(2), "obj": {"a": [1, 2]}, "s": "text"}, checkpoint_id=evil, no_dist=True)
     torch.save({"step": 1}, os.path.join(evil, "extra.pt"))
-    with pytest.raises(CheckpointError, match="holds pickled objects"):
+    with pytest.raises(CheckpointError, match="declares pickled objects"):
         load_checkpoint(evil, verify=False)
 
 

@@ -105,6 +105,43 @@ def test_crafted_metadata_is_refused_on_resume_and_on_load(four_steps, tiny_shar
     assert not os.path.exists(marker)
 
 
+def plant_bytes_entry(ckpt, marker):
+    """The other form: an index that unpickles cleanly but declares one model tensor as pickled bytes, pointing at a
+    payload file; DCP's planner would read that entry back with an unrestricted torch.load."""
+    import io
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+    path = os.path.join(ckpt, ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)                       # our own file, written by the test's own run
+    key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
+    buffer = io.BytesIO()
+    torch.save(_Payload(marker), buffer)
+    with open(os.path.join(ckpt, "__0_1.distcp"), "wb") as f:
+        f.write(buffer.getvalue())
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if k.fqn != key}
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_1.distcp", 0, len(buffer.getvalue()))
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+    manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
+    manifest["files"]["__0_1.distcp"] = {}
+    json.dump(manifest, open(os.path.join(ckpt, "manifest.json"), "w"))
+    rewrite_manifest(ckpt)
+
+
+def test_a_pickled_bytes_entry_is_refused_on_resume_and_on_load(four_steps, tiny_shards, tmp_path):
+    run = copy_run(four_steps, tmp_path / "run")
+    marker = str(tmp_path / "pwned")
+    plant_bytes_entry(find_latest(run), marker)
+    with pytest.raises(CheckpointError, match="declares pickled objects"):
+        load_checkpoint(find_latest(run))
+    proc = train_cli(tiny_shards, run, **{"train.steps": 6, "train.resume": "auto"})
+    said = proc.stdout + proc.stderr          # auto: a warning, then the newest checkpoint before it
+    assert "declares pickled objects (model." in said and "resumed from" in said, said[-3000:]
+    assert not os.path.exists(marker)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. A save at a step that already has a checkpoint replaces it
 # ----------------------------------------------------------------------------------------------------------------
