@@ -81,9 +81,15 @@ class CheckpointManager:
         elif not os.path.exists(resume):
             raise CheckpointError(f"train.resume='{resume}' does not exist; pass a run directory, a step_* checkpoint "
                                   f"folder or a step_*.pt file, or train.resume=auto (this run's own checkpoints).")
+        elif is_run_dir(resume):
+            latest = find_latest(resume)
+            if latest is None:
+                raise CheckpointError(f"train.resume='{resume}' holds no complete checkpoint (a run directory whose "
+                                      f"saves never finished, or not a run directory); pass a step_* checkpoint, "
+                                      f"or train.resume=none to start afresh.")
+            candidates = [latest]
         else:
-            candidates = [find_latest(resume) or os.path.join(resume, RunDir.CHECKPOINTS)] \
-                if is_run_dir(resume) else [resume]
+            candidates = [resume]
         configured = hyperparameters(self.engine.optimizer)
         for i, path in enumerate(candidates):
             try:
@@ -183,6 +189,7 @@ class CheckpointManager:
             self.log(f"warning: not saving step {step}: {reason}; the newest checkpoint stays "
                      f"{os.path.basename(latest) if latest else '(none yet)'}.")
             return ""
+        self.wait()                         # the previous background save first: its error names its own step
         try:
             return self._save(step)
         except (OSError, RuntimeError, CheckpointException) as e:
@@ -190,7 +197,6 @@ class CheckpointManager:
 
     def _save(self, step: int) -> str:
         t = self.cfg.train
-        self.wait()
         start = time.monotonic()
         if t.checkpoint_format == "consolidated":
             state = self.state_dict(step)
@@ -202,6 +208,7 @@ class CheckpointManager:
 
         def published(path):
             self._published(start, path)
+        self._pending_step = step
         self._pending = save_sharded(
             self.run.path, step, self.state_dict(step, sharded=True), rank=self.topo.rank,
             barrier=self.engine.barrier, async_save=t.async_save,
@@ -221,7 +228,7 @@ class CheckpointManager:
             try:
                 pending.wait()
             except (OSError, RuntimeError, CheckpointException) as e:
-                raise disk_error(self.run, e, "while saving") from None
+                raise disk_error(self.run, e, f"while saving step {self._pending_step}") from None
 
     def _prune(self, _path: str) -> None:
         prune_checkpoints(self.run.path, self.cfg.train.keep_last, self.cfg.train.keep_every)
@@ -245,6 +252,10 @@ def disk_error(run: RunDir, error: BaseException, when: str) -> BaseException:
     error as it was. `when`: what was being written, e.g. "while saving step 4"."""
     code = _write_errno(error)
     latest = find_latest(run.path) or "(none)"
+    partial = sorted(n for n in os.listdir(run.checkpoints) if n.endswith(".tmp")) \
+        if os.path.isdir(run.checkpoints) else []
+    if partial:                                     # the failed save's part stays until the next save publishes
+        latest += f" (the unfinished {partial[-1]} in that folder can be deleted to free its space)"
     if code in NOT_WRITABLE:
         return CheckpointError(f"Cannot write to {run.checkpoints} ({os.strerror(code)}) {when}; make it writable or "
                                f"move train.run_dir — the newest complete checkpoint is {latest}.")

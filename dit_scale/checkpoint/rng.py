@@ -72,3 +72,9 @@ class RNGStreams:
 
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state, self.generator)
+
+    def can_load(self, state) -> bool:
+        """Whether `state` (a checkpoint's) fits these streams: its generator's state has this generator's size (a
+        CUDA generator's state is 16 bytes, a CPU one's 5056: a run moved between a GPU and a CPU cannot take it)."""
+        saved = state.get("generator") if isinstance(state, dict) else None
+        return isinstance(saved, torch.Tensor) and saved.numel() == self.generator.get_state().numel()

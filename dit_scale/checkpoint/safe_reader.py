@@ -13,12 +13,13 @@ declares one, and refuses to read a bytes item should a planner ask for one.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from dit_scale.errors import CheckpointError
@@ -67,6 +68,19 @@ def read_metadata_safely(path: str) -> Metadata:
     return metadata
 
 
+def check_declared_sizes(metadata: Metadata, folder: str) -> None:
+    """The index's tensors must fit in the folder's data files (DCP stores each tensor's bytes once, uncompressed):
+    a crafted index that declares more (a [2**40] tensor) would have every reader allocate it before reading a
+    byte — an out-of-memory crash instead of one sentence."""
+    declared = sum(math.prod(meta.size) * meta.properties.dtype.itemsize
+                   for meta in metadata.state_dict_metadata.values() if isinstance(meta, TensorStorageMetadata))
+    stored = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".distcp"))
+    if declared > stored + 2 ** 20:                 # torch.save's per-tensor framing is the only slack needed
+        raise CheckpointError(f"Checkpoint '{folder}' declares {declared / 2 ** 30:.3g} GiB of tensors but its data "
+                              f"files hold {stored / 2 ** 30:.3g} GiB (the index was crafted or the data files are "
+                              f"truncated); use an earlier checkpoint.")
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader with `read_metadata` through the restricted unpickler, refusing pickled entries."""
 
@@ -81,6 +95,7 @@ class SafeFileSystemReader(FileSystemReader):
         rank = kwargs.get("rank")
         name = ".metadata" if rank is None else f"__{rank}.metadata"       # as DCP's FileSystemWriter names it
         metadata = read_metadata_safely(os.path.join(str(self.path), name))
+        check_declared_sizes(metadata, str(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

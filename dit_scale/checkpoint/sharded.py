@@ -206,7 +206,11 @@ def load_whole(path: str) -> dict:
     """The whole sharded checkpoint in this process as full tensors (the consolidated format), e.g. for export."""
     reader = SafeFileSystemReader(path)
     reader.read_metadata()                      # a crafted index (code, pickled entries) refused in one sentence
-    tensors = dcp_load_whole(reader)
+    try:
+        tensors = dcp_load_whole(reader)
+    except (Exception, CheckpointException) as e:      # DCP's CheckpointException derives from BaseException
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({_first_line(e)}); use an earlier "
+                              f"checkpoint.") from None
     opt = tensors.get("optimizer", {})
     if "state" in opt:                          # DCP names entries by strings: the optimizer's indices are ints
         opt["state"] = {int(i): s for i, s in opt["state"].items()}

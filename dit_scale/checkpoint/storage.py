@@ -249,7 +249,9 @@ def prune_checkpoints(run_dir: str, keep_last: int, keep_every: int = 0) -> List
     for _, name in steps:
         if name not in keep:
             path = os.path.join(folder, name)
-            if os.path.isdir(path):                     # manifest first: a folder without one is ignored
+            if os.path.islink(path):                    # a checkpoint linked in from elsewhere: only the link goes
+                remove(path)
+            elif os.path.isdir(path):                   # manifest first: a folder without one is ignored
                 remove(manifest_path(path))
                 remove(path)
             else:
@@ -263,7 +265,9 @@ def prune_checkpoints(run_dir: str, keep_last: int, keep_every: int = 0) -> List
 
 
 def remove(path: str) -> None:
-    if os.path.isdir(path):
+    """Delete a file or folder; a symbolic link is unlinked, never followed (what it points to may be another
+    run's)."""
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
         return
     try:

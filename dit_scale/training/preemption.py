@@ -104,11 +104,17 @@ class TrainingInterrupted(Exception):
     """A stop signal or train.max_wall_minutes: every rank saved a checkpoint at `step`. `exit_code`: 130 after
     SIGINT (Ctrl-C: run again to continue), else 75 (requeue)."""
 
-    def __init__(self, step: int, reason: str, path: str = ""):
+    def __init__(self, step: int, reason: str, path: str = "", unsaved: str = ""):
+        """`unsaved`: why step `step` could not be saved (its weights followed a non-finite step); `path` is then the
+        newest checkpoint, which the next start resumes from."""
         ctrl_c = reason.startswith("SIGINT")
         again = "run again with train.resume=auto" if ctrl_c else "requeue (train.resume=auto)"
-        super().__init__(f"{reason.replace('SIGINT', 'SIGINT (Ctrl-C)', 1) if ctrl_c else reason}: checkpoint saved "
-                         f"at step {step}; {again} to continue.")
+        said = reason.replace('SIGINT', 'SIGINT (Ctrl-C)', 1) if ctrl_c else reason
+        if unsaved:
+            super().__init__(f"{said}: step {step} was not saved ({unsaved}); {again} to continue from "
+                             f"{path or 'the start (no checkpoint yet)'}.")
+        else:
+            super().__init__(f"{said}: checkpoint saved at step {step}; {again} to continue.")
         self.step, self.reason, self.path = step, reason, path
         self.exit_code = EXIT_SIGINT if ctrl_c else EXIT_REQUEUE
 

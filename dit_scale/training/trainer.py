@@ -91,11 +91,15 @@ class RankStreams:
                          f"(shuffled with a seed derived from step {step}) and differs from an uninterrupted run; "
                          f"the images column continues from {self.images} (steps x today's global batch)")
         mine = saved[self.topo.rank] if len(saved) == self.topo.world_size else None
-        if isinstance(mine, dict) and mine.get("dp", [self.topo.dp_rank, self.topo.dp_size]) == \
-                [self.topo.dp_rank, self.topo.dp_size]:
+        same_layout = isinstance(mine, dict) and mine.get("dp", [self.topo.dp_rank, self.topo.dp_size]) == \
+            [self.topo.dp_rank, self.topo.dp_size]
+        if same_layout and self.rng.can_load(mine.get("rng")):
             self.rng.load_state_dict(mine["rng"])
         else:
             self.rng.reseed(step)
+            if same_layout:
+                notes.append(f"the checkpoint's random streams come from another device type (a run moved between "
+                             f"GPU and CPU), so they restart from a seed derived from step {step}")
         before = first.get("global_batch")
         if before is not None and before != self.global_batch:
             notes.append(f"the global batch changes from {before} to {self.global_batch} images (data.batch_size x "
@@ -340,9 +344,17 @@ class Trainer:
         return path
 
     def _save_and_interrupt(self):
-        path = self._save_last()                            # every rank (collective); rank 0 writes
+        """A stop signal or the wall-time guard: save this step and exit for a requeue. A save refused for the
+        weights' health (a non-finite step just before, fewer than train.max_bad_steps) is no reason to end the run
+        for good: the requeued job resumes from the newest checkpoint, and train.max_bad_steps still aborts a run
+        that keeps diverging."""
+        path = self.save()                                  # every rank (collective); rank 0 writes
         self.checkpoints.wait()
         self.engine.all_reduce_sum_(torch.zeros(1, device=self.device)).item()   # barrier: the file is in place
+        refused = self.checkpoints.refused
+        if refused is not None and refused[0] == self.step:
+            raise TrainingInterrupted(self.step, self.preemption.describe(), find_latest(self.run.path) or "",
+                                      unsaved=refused[1])
         raise TrainingInterrupted(self.step, self.preemption.describe(), path)
 
     def write_samples(self) -> str:

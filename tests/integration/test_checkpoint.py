@@ -68,6 +68,26 @@ def test_prune_keeps_last_every_and_latest(tmp_path):
     assert _steps(run) == [4, 10]
 
 
+def test_retention_unlinks_a_linked_checkpoint_and_leaves_its_target_whole(tmp_path):
+    """A checkpoint folder linked into the run (seeding a run from another's checkpoint) is pruned by removing the
+    link: the other run's checkpoint keeps every file, its manifest first of all."""
+    donor = tmp_path / "donor" / "checkpoints" / "step_00000002"
+    donor.mkdir(parents=True)
+    for name in ("manifest.json", ".metadata", "__0_0.distcp", "extra.pt"):
+        (donor / name).write_bytes(b"x")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    os.symlink(donor, run / "checkpoints" / "step_00000002")
+    for step in (3, 4):
+        folder = run / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir()
+        (folder / "manifest.json").write_text("{}")
+    deleted = prune_checkpoints(str(run), keep_last=2)
+    assert deleted == [str(run / "checkpoints" / "step_00000002")]
+    assert not os.path.lexists(deleted[0])
+    assert sorted(os.listdir(donor)) == [".metadata", "__0_0.distcp", "extra.pt", "manifest.json"]
+
+
 def test_trainer_applies_retention(tiny_shards, tmp_path):
     run = str(tmp_path / "run")
     cfg = load_config(None, tiny_overrides(tiny_shards, run, **{

@@ -142,6 +142,38 @@ def test_a_pickled_bytes_entry_is_refused_on_resume_and_on_load(four_steps, tiny
     assert not os.path.exists(marker)
 
 
+def test_resuming_from_a_run_directory_without_a_complete_checkpoint_is_one_sentence(tiny_shards, tmp_path):
+    """train.resume=DIR names another run whose only save never finished: the sentence says the directory holds no
+    complete checkpoint, not that its checkpoints folder is an unfinished save."""
+    other = tmp_path / "other"
+    (other / "checkpoints" / "step_00000002.tmp").mkdir(parents=True)
+    line = one_line_error(train_cli(tiny_shards, str(tmp_path / "run"), **{"train.steps": 2,
+                                                                          "train.resume": str(other)}))
+    assert f"train.resume='{other}' holds no complete checkpoint" in line, line
+
+
+def test_an_index_declaring_more_than_its_files_hold_is_one_sentence(four_steps, tiny_shards, tmp_path):
+    """A crafted index declaring a [2**40] tensor would have every reader allocate 4 TiB before reading a byte (a
+    traceback from the allocator): the declared sizes are checked against the data files first."""
+    run = copy_run(four_steps, tmp_path / "run")
+    ckpt = find_latest(run)
+    path = os.path.join(ckpt, ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)                       # our own file, written by the test's own run
+    key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
+    metadata.state_dict_metadata[key].size = torch.Size([1 << 40])
+    for chunk in metadata.state_dict_metadata[key].chunks:
+        chunk.sizes = torch.Size([1 << 40])
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+    rewrite_manifest(ckpt)
+    with pytest.raises(CheckpointError, match=r"declares 4.1e\+03 GiB of tensors but its data files hold"):
+        load_checkpoint(ckpt)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), ckpt, "--out",
+                           str(tmp_path / "w.safetensors")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "declares 4.1e+03 GiB of tensors" in one_line_error(proc)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. A save at a step that already has a checkpoint replaces it
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,23 +411,29 @@ def test_read_only_checkpoint_folder_is_the_disk_sentence(four_steps, tiny_shard
         subprocess.run(["umount", "-l", folder], capture_output=True)
 
 
-def test_full_disk_is_one_sentence_naming_it_and_so_is_its_resume(tiny_shards, tmp_path):
-    """The run directory on a 700 KiB filesystem: config and metrics fit, the first checkpoint does not; the resumed
-    run on the same full disk stops with the same sentence before it writes anything."""
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_is_one_sentence_naming_it_and_so_is_its_resume(tiny_shards, tmp_path, async_save):
+    """The run directory on a 700 KiB filesystem: config and metrics fit, the first checkpoint does not; the
+    sentence names the step whose save failed (a background save's too, found when the next save waits for it) and
+    the partial folder it left; the resumed run on the same full disk stops with the same sentence before it writes
+    anything."""
     mount = tmp_path / "small"
     mount_tmpfs(mount, "size=700k")
     try:
         run = str(mount / "run")
-        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1})
+        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1,
+                                              "train.async_save": async_save})
         line = one_line_error(proc)
         assert "No space left on the disk holding" in line and str(mount) in line
+        assert "while saving step 1;" in line and "the unfinished step_00000001.tmp in that folder" in line, line
         with open(os.path.join(run, "filler"), "wb") as f:      # whatever room the failed save left: none now
             with pytest.raises(OSError):
                 f.write(b"\0" * (1 << 20))
                 f.flush()
                 os.fsync(f.fileno())
         before = {p: os.path.getsize(os.path.join(run, p)) for p in os.listdir(run) if p != ".lock"}
-        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1, "train.resume": "auto"})
+        proc = train_cli(tiny_shards, run, **{"train.steps": 3, "train.checkpoint_every": 1, "train.resume": "auto",
+                                              "train.async_save": async_save})
         line = one_line_error(proc)
         assert "No space left on the disk holding" in line and str(mount) in line, line
         assert {p: os.path.getsize(os.path.join(run, p)) for p in os.listdir(run) if p != ".lock"} == before
@@ -458,3 +496,54 @@ def test_a_run_that_cannot_save_its_last_step_is_aborted(tiny_shards, tmp_path):
     with pytest.raises(TrainingAborted, match="without saving step 2"):
         trainer.fit()
     assert find_latest(run) is None
+
+
+def test_a_preemption_on_a_skipped_step_requeues_from_the_newest_checkpoint(tiny_shards, tmp_path):
+    """A stop signal that lands during a non-finite step (skipped; fewer than train.max_bad_steps in a row): that
+    step's save is refused, but the run is not over, so it ends for a requeue (TrainingInterrupted, exit 75) naming
+    the checkpoint the next start resumes from, not as aborted (exit 3, which SLURM would never requeue); the
+    resumed run finishes."""
+    from dit_scale.training.preemption import EXIT_REQUEUE, TrainingInterrupted
+    run = str(tmp_path / "run")
+    fields = {"train.steps": 8, "train.checkpoint_every": 2, "logging.log_every": 1, "data.batch_size": 4}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_shards, run, **fields)))
+    real_loss = trainer.loss.__class__.__call__
+
+    def nan_at_step_4(self, module, batch, *, step, **kw):
+        out = real_loss(self, module, batch, step=step, **kw)
+        if step == 4:                                        # 0-based step 4: the fifth
+            out.loss = out.loss * float("nan")
+            trainer.preemption.reason = "SIGTERM"            # what the signal handler sets
+        return out
+    trainer.loss.__class__.__call__ = nan_at_step_4
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            trainer.fit()
+    finally:
+        trainer.loss.__class__.__call__ = real_loss
+    newest = os.path.join(run, "checkpoints", "step_00000004")
+    assert info.value.exit_code == EXIT_REQUEUE and info.value.path == newest
+    assert str(info.value).startswith("SIGTERM: step 5 was not saved (the last 1 step(s) had a non-finite loss")
+    assert f"to continue from {newest}." in str(info.value)
+    assert find_latest(run) == newest
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_shards, run, **{**fields, "train.resume": "auto"})))
+    assert trainer.fit()["step"] == 8
+
+
+def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu(four_steps, tiny_shards, tmp_path):
+    """A CUDA generator's state is 16 bytes, a CPU one's 5056: a run moved from a GPU to a CPU (or back) resumes with
+    its random streams restarted from the step, saying so, instead of a traceback. The training trajectory does not
+    depend on them (samples carry their own draws), so the losses are those of a resume with its own streams."""
+    run = copy_run(four_steps, tmp_path / "run")
+    ckpt = find_latest(run)
+    extra = torch.load(os.path.join(ckpt, "extra.pt"), weights_only=True)
+    extra["per_rank"][0]["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)     # as a CUDA run saves it
+    torch.save(extra, os.path.join(ckpt, "extra.pt"))
+    rewrite_manifest(ckpt)
+    proc = train_cli(tiny_shards, run, **{"train.steps": 6, "train.resume": "auto"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "random streams come from another device type" in proc.stdout + proc.stderr
+    same = copy_run(four_steps, tmp_path / "same")                   # resumed with its own streams
+    reference = train_cli(tiny_shards, same, **{"train.steps": 6, "train.resume": "auto"})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(same)]
