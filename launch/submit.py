@@ -55,9 +55,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    from dit_scale.config import load_config     # after the arguments: it imports torch
-    from dit_scale.data.loader import check_partitions
-    from dit_scale.parallel.topology import check_layout
+    from dit_scale.config import load_config     # after the arguments
+    from dit_scale.parallel.layout import check_layout, check_partitions
     from dit_scale.training.slurm import check_overrides, sbatch_command, submit_jobs, tasks_per_node
     run_dir = os.path.abspath(args.run_dir)
     try:

@@ -368,7 +368,7 @@ def _ratio_hint(cfg, kept: int) -> str:
 
 def _validate_model_parallel(cfg) -> None:
     """parallel.tp / sp / cp: what tensor, sequence and context parallelism can split (the process count is checked
-    at start-up, `parallel/topology.py`'s check_layout)."""
+    at start-up and by launch/submit.py, `parallel/layout.py`'s check_layout)."""
     p, m, moe = cfg.parallel, cfg.model, cfg.moe
     for key in ("tp", "cp"):
         if not isinstance(p[key], int) or p[key] < 1:

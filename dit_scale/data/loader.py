@@ -45,6 +45,7 @@ from dit_scale.data.shards import ARRAY_SUFFIXES, PIXEL_SUFFIXES, decode_array, 
 from dit_scale.data.stream import MAX_CONSECUTIVE_CORRUPT, RankReader, SourceSpec, StreamSpec, \
     initial_partition_state
 from dit_scale.errors import ConfigError, DataError
+from dit_scale.parallel.layout import check_partitions
 
 STATE_FORMAT = "dit_scale.data/2"
 WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
@@ -79,15 +80,6 @@ class _RankDataset(torch.utils.data.IterableDataset):
                 yield {"__error__": str(e)}
                 return
             yield batch
-
-
-def check_partitions(partitions: int, dp_size: int) -> None:
-    """data.partitions must split evenly over the data-parallel ranks (the loader checks it; launch/submit.py too,
-    from the job's process count, before the job waits in the queue)."""
-    if partitions % dp_size:
-        raise ConfigError("data.partitions=%d is not a multiple of the data-parallel size %d, so the ranks cannot "
-                          "split the global sample order; set data.partitions to a multiple of %d (e.g. %d)."
-                          % (partitions, dp_size, dp_size, dp_size * max(1, -(-partitions // dp_size))))
 
 
 class ShardLoader:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from dit_scale.compat import flatten_mesh
 from dit_scale.config import to_yaml
 from dit_scale.errors import ConfigError
+from dit_scale.parallel.layout import check_layout
 
 
 @dataclass(frozen=True)
@@ -118,26 +119,6 @@ def _local_processes(world: int) -> int:
         if value.isdigit():
             return int(value)
     return world
-
-
-def check_layout(parallel_cfg, world: int) -> None:
-    """Errors every rank computes identically from the config's parallel section, before any collective."""
-    engine, ep = parallel_cfg.engine, parallel_cfg.ep
-    split = parallel_cfg.tp * parallel_cfg.cp
-    if engine == "local" and world != 1:
-        raise ConfigError(f"parallel.engine=local trains in one process but WORLD_SIZE={world}; use "
-                          f"parallel.engine=fsdp or deepspeed for several processes (or launch a single one).")
-    if world % split:
-        raise ConfigError(f"parallel.tp × parallel.cp = {split} must divide the number of processes "
-                          f"(WORLD_SIZE={world}); launch a multiple of {split} processes.")
-    if split == 1 and world % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide the number of processes (WORLD_SIZE={world}).")
-    if split > 1 and (world // split) % ep:
-        raise ConfigError(f"parallel.ep={ep} must divide the data-parallel size WORLD_SIZE / (parallel.tp × "
-                          f"parallel.cp) = {world // split} (experts are split over data-parallel ranks).")
-    if engine == "local" and ep != 1:
-        raise ConfigError(f"parallel.ep={ep} needs as many processes and parallel.engine=fsdp or deepspeed; "
-                          f"parallel.engine=local runs one, so set parallel.ep=1.")
 
 
 def config_hash(cfg) -> str:

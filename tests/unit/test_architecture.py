@@ -179,7 +179,8 @@ def test_start_up_leaves_the_heavy_imports_to_what_needs_them():
     assert "omegaconf" in checked and "torch" not in checked
     submitted = _imported_after("from launch.submit import main\nimport contextlib, io\nwith contextlib.redirect_stdout("
                                 "io.StringIO()):\n    assert main(['--config', 'configs/quickstart.yaml', '--run-dir', "
-                                "'runs/x', '--gpus-per-node', '8', '--time', '01:00:00', '--dry-run']) == 0")
+                                "'runs/x', '--gpus-per-node', '8', '--time', '01:00:00', '--dry-run', "
+                                "'parallel.engine=fsdp']) == 0")
     assert "torch" not in submitted
 
 
