@@ -111,6 +111,9 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.partitions = batch_size, dp_rank, dp_size, partitions
         self.mode, self.uniforms = mode, uniforms
         self.num_workers = min(num_workers, partitions // dp_size)   # more workers than partitions would idle
+        # batches in pinned host memory on a GPU machine: a copy from pageable memory to the device makes the host
+        # wait for the stream (a sync each step); with workers the DataLoader pins them, without, __next__ does
+        self.pin = torch.cuda.is_available()
         self.max_corrupt_fraction = max_corrupt_fraction
         counts = [src.num_samples for src in sources]
         self.total_samples = sum(counts) if all(c is not None for c in counts) else None
@@ -226,7 +229,10 @@ class ShardLoader:
         for part in parts:
             self.partition_states.update(part.pop("__state__"))
         self.samples += self.batch_size * self.dp_size
-        return _merge_rows(parts)
+        batch = _merge_rows(parts)
+        if self.pin and self.num_workers == 0:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
     def close(self) -> None:
         """Stop the worker processes (if any); the next batch restarts them from the current state."""

@@ -36,6 +36,17 @@ def test_training_step_has_no_host_sync(tiny_shards, tmp_path, extra):
 
 
 @pytest.mark.gpu
+def test_batches_without_loader_workers_are_pinned(tiny_shards, tmp_path):
+    """data.num_workers=0 (the loader in the training process): its batches are pinned too, so the step's copy to
+    the GPU is asynchronous (from pageable memory CUDA waits for the stream first, which the sync debug mode does not
+    report)."""
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
+        "train.device": "cuda", "data.num_workers": 0}))
+    batch = next(Trainer(cfg).loader)
+    assert all(v.is_pinned() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.gpu
 def test_token_budget_batches_stay_pinned():
     """The token budget's concatenated micro-batch is pinned like the loader's batches, so its copy to the GPU does
     not wait for the host."""

@@ -137,6 +137,28 @@ def test_worker_processes_equal_in_process_reading(tmp_path):
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]   # no leaked workers
 
 
+def test_on_a_gpu_machine_in_process_batches_are_pinned(tmp_path, monkeypatch):
+    """Without workers the loader pins each batch itself where a GPU exists (the DataLoader does it for workers): a
+    copy from pageable memory makes the host wait for the GPU's stream. Here, without a GPU, pinning is recorded
+    (a copy) and the batches are those of the same loader unpinned."""
+    directory = write_shards(tmp_path, UNEVEN)
+    c = cfg(directory, batch_size=3, partitions=2)
+    pinned, plain = build_loader(c, uniforms=3), build_loader(c, uniforms=3)
+    assert pinned.pin == torch.cuda.is_available()
+    pinned.pin, calls = True, []
+
+    def pin_memory(self):
+        calls.append(self.shape)
+        return self.clone()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    for _ in range(3):
+        a, b = next(pinned), next(plain)
+        assert all(torch.equal(a[k], b[k]) for k in ("x", "y", "index", "uniform", "noise")) and a["key"] == b["key"]
+    tensors = sum(isinstance(v, torch.Tensor) for v in b.values())
+    assert len(calls) == 3 * tensors and calls[-tensors:] == [v.shape for v in b.values()
+                                                             if isinstance(v, torch.Tensor)]
+
+
 def test_resume_with_workers_mid_epoch(tmp_path):
     directory = write_shards(tmp_path, UNEVEN)
     c = cfg(directory, batch_size=4, shuffle_buffer=6, hflip=True, num_workers=2, partitions=4)
