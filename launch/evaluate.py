@@ -20,7 +20,8 @@ i mod num_classes (a text model: the caption of held-out sample i mod M, from --
 shards:PATH of --ref / eval.val_path; give the same shards as the reference for a caption-conditioned FID) and its
 own noise seed (seed, i), so 1 and N processes draw the same images and report the same statistics. Latents are
 decoded with the VAE the shards' manifest names, or --vae. A shards:PATH reference is
-computed once over all processes and cached next to the shards (inception_ref_<weights>_<N>.npz, or --ref-cache).
+computed once over all processes and cached next to the shards (inception_ref_<weights>_<N>_<data key>.npz, or
+--ref-cache; a cache of other shards, samples, weights or VAE is recomputed).
 Under torchrun / srun each process uses one GPU (NCCL) or, without GPUs, gloo on CPU.
 
 Exit codes: 0 done; 2 an input error (missing file, bad checkpoint or reference), one sentence on stderr.

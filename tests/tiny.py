@@ -37,8 +37,8 @@ def tiny_overrides(data_path, run_dir, **extra) -> list:
     return as_overrides({**TINY_MODEL, **TINY_RUN, "data.path": data_path, "train.run_dir": run_dir, **extra})
 
 
-def write_tiny_shards(out: str, samples_per_shard: int = 48) -> str:
+def write_tiny_shards(out: str, samples_per_shard: int = 48, seed: int = 0) -> str:
     """96 synthetic 16×16 images, 4 classes, as WebDataset shards of `samples_per_shard`."""
     from data_tools.make_synthetic import make_synthetic
-    make_synthetic(out, num_samples=96, num_classes=4, size=16, samples_per_shard=samples_per_shard, seed=0)
+    make_synthetic(out, num_samples=96, num_classes=4, size=16, samples_per_shard=samples_per_shard, seed=seed)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from dit_scale.checkpoint.load import load_checkpoint
+from dit_scale.checkpoint.load import checkpoint_weights, load_checkpoint
 from dit_scale.errors import CheckpointError
 
 
@@ -18,7 +18,7 @@ def export(ckpt: str, out: str, ema: bool = False) -> str:
     from safetensors.torch import save_file
 
     state = load_checkpoint(ckpt)
-    weights = state["ema" if ema else "model"]
+    weights = checkpoint_weights(state, ema, ckpt)
     tensors, seen = {}, set()
     for name, value in weights.items():
         value = value.detach().cpu().contiguous()

@@ -32,3 +32,15 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     if verify:
         storage.verify(path)
     return load_whole(path) if os.path.isdir(path) else load_file(path)
+
+
+def checkpoint_weights(state: dict, ema: bool, path: str = "") -> dict:
+    """The weights a tool samples or evaluates with: an export's own (`weights`), else the EMA (`ema`) or the
+    model; one sentence when the checkpoint lacks the EMA (a hand-made or converted one)."""
+    if "weights" in state:
+        return state["weights"]
+    which = "ema" if ema else "model"
+    if which not in state:
+        other = "pass --no-ema to use its model weights" if ema else "it holds no weights to use"
+        raise CheckpointError(f"Checkpoint '{path}' holds no {'EMA' if ema else 'model'} weights; {other}.")
+    return state[which]

@@ -40,7 +40,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from .ddpm import GaussianDiffusion
+from .ddpm import GaussianDiffusion, space_timesteps
 from .flow import FlowMatching
 from .sampler_names import DEFAULT_SAMPLER, SAMPLERS
 
@@ -161,8 +161,9 @@ class _Guidance:
 
 
 def _flow_time_grid(num_steps: int):
-    """Uniform grid 1 = t_0 > t_1 > ... > t_N = 0 as Python floats."""
-    return [1.0 - i / num_steps for i in range(num_steps + 1)]
+    """Uniform grid 1 = t_0 > t_1 > ... > t_N = 0 as Python floats, each (N - i) / N correctly rounded (1 - i / N
+    is not: 1 - 1/5 gives 0.19999999999999996, outside a guidance interval that starts at 0.2)."""
+    return [(num_steps - i) / num_steps for i in range(num_steps + 1)]
 
 
 def _flow_euler(objective: FlowMatching, guide: _Guidance, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -213,11 +214,10 @@ def _ddim(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, n
     num_timesteps = objective.num_timesteps
     if num_steps > num_timesteps:
         raise ValueError(f"DDIM num_steps ({num_steps}) cannot exceed num_timesteps ({num_timesteps}).")
-    steps = torch.linspace(num_timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
+    steps = space_timesteps(num_timesteps, num_steps)[::-1]     # DiT's respacing (its rounding at ties too)
     # Plain Python floats (from the float64 schedule) so the loop never synchronises with the device.
-    abar = objective.alphas_cumprod[steps].tolist()
+    abar = objective.alphas_cumprod[torch.tensor(steps)].tolist()
     abar_prev = abar[1:] + [1.0]  # after the last step (t = 0) comes the clean image: abar = 1
-    steps = steps.tolist()
     channels = noise.shape[1]
     x = noise
     for step, a_cur, a_prev in zip(steps, abar, abar_prev):

@@ -156,7 +156,7 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
     (default RUN/analysis/experts_step<N>) and return the report, with "json" and "figures" added."""
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
-    from dit_scale.checkpoint.load import resolve_path
+    from dit_scale.checkpoint.load import checkpoint_weights, resolve_path
     from dit_scale.config import config_from_yaml_text
     from dit_scale.evaluation.val_loss import ValidationLoss
     from dit_scale.generation.sampling import class_names
@@ -176,7 +176,7 @@ def analyze_experts(run: str, shards: Optional[str] = None, bins: int = 10, num_
     if not model.moe_layers():
         raise ConfigError(f"The model of '{path}' ({cfg.model.name}) has no mixture-of-experts layers: there is no "
                           f"routing to analyse.")
-    model.load_state_dict(state["ema" if ema else "model"])
+    model.load_state_dict(checkpoint_weights(state, ema, path))
     device = torch.device(device)
     model.to(device)
     val = ValidationLoss.from_config(cfg, built.objective, device, path=data, num_samples=num_samples, bins=bins,

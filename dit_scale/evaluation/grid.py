@@ -28,6 +28,7 @@ from omegaconf import read_write
 
 from dit_scale.build import build
 from dit_scale.checkpoint import find_latest, load_checkpoint, load_exported
+from dit_scale.checkpoint.load import checkpoint_weights
 from dit_scale.config import config_from_yaml_text
 from dit_scale.config.validate import check_grid_shift, check_sampling_flags
 from dit_scale.diffusion.sampler_names import DEFAULT_SAMPLER
@@ -135,7 +136,7 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
                           "(model.conditioning=text): pass --prompts instead.")
     built = build(cfg)
     model, objective = built.model, built.objective
-    model.load_state_dict(state["weights"] if "weights" in state else state["ema" if ema else "model"])
+    model.load_state_dict(checkpoint_weights(state, ema, path))
     model.to(device).eval()
     per_class = per_class or cfg.logging.samples_per_class
     sampler = sampler or cfg.diffusion.sampler or DEFAULT_SAMPLER[cfg.diffusion.objective]

@@ -241,7 +241,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     caption's place and size (`layout_boundaries`, `layout_scores`)."""
     from dit_scale.build import build
     from dit_scale.checkpoint import load_checkpoint
-    from dit_scale.checkpoint.load import resolve_path
+    from dit_scale.checkpoint.load import checkpoint_weights, resolve_path
     from dit_scale.config import config_from_yaml_text
     from dit_scale.config.validate import check_grid_shift, check_sampling_flags
     from dit_scale.evaluation.generate import SamplingSpec, class_of, sample_indices
@@ -249,6 +249,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     from dit_scale.generation.captions import CaptionTable
     from dit_scale.generation.vae import image_decoder
     from dit_scale.evaluation.shard_samples import ShardSet
+    from dit_scale.diffusion.sampler_names import SAMPLERS
 
     check_sampling_flags(sde_strength, guidance_interval)
     path = resolve_path(run, "Run or checkpoint")
@@ -256,6 +257,10 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     cfg = config_from_yaml_text(state["config"], f"the config stored in '{path}'")
     classes = int(cfg.model.num_classes)
     text = cfg.model.conditioning == "text"
+    kind = "flow" if cfg.diffusion.objective == "flow" else "ddpm"
+    if sampler is not None and sampler not in SAMPLERS[kind]:      # before the probe trains, not after
+        raise ConfigError(f"--sampler {sampler} is not a sampler of the {kind} objective '{path}' was trained with; "
+                          f"choose one of: {', '.join(SAMPLERS[kind])}.")
     if not text and (cfg.model.conditioning != "class" or classes < 2):
         raise ConfigError(f"The model of '{path}' is neither class-conditional with 2 or more classes nor "
                           f"caption-conditioned; the probe checks conditional samples.")
@@ -277,7 +282,7 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
         check_grid_shift(grid_shift, cfg.model.patch_size, "--grid-shift")
     built = build(cfg)
     model = built.model
-    model.load_state_dict(state["ema" if ema else "model"])
+    model.load_state_dict(checkpoint_weights(state, ema, path))
     device = torch.device(device)
     model.to(device)
     spec = SamplingSpec.from_config(cfg, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
@@ -287,8 +292,11 @@ def probe_run(run: str, *, num_samples: int = 400, train_images: int = 4000, cfg
     images = []
     for start in range(0, num_samples, 64):
         indices = list(range(start, min(num_samples, start + 64)))
-        with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
-            out = sample_indices(model, built.objective, cfg.model, spec, indices, device, conditions)
+        try:
+            with torch.no_grad(), resolve_precision(cfg.train.precision, device).autocast():   # as the run trained
+                out = sample_indices(model, built.objective, cfg.model, spec, indices, device, conditions)
+        except ValueError as e:         # a sampling setting that does not fit the objective
+            raise ConfigError(str(e)) from None
         images.append(decoder(out).cpu().float().clamp(-1.0, 1.0))
     colour = torch.cat(images)
     samples = view(colour)

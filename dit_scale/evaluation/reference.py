@@ -11,16 +11,21 @@ Two sources:
   `allow_pickle=False`.
 - `shards:PATH`: the first `num_samples` samples of those shards (decoded through the VAE for latent shards, so
   the reference is the VAE's reconstructions) run through Inception over all ranks; the result is cached as
-  `PATH/inception_ref_<weights fingerprint>_<num_samples>.npz` (or `cache`) and read from there next time. The
-  cache keeps the pool features of the first PR_SAMPLES images for precision/recall.
+  `PATH/inception_ref_<weights fingerprint>_<num_samples>_<data key>.npz` (or `cache`) and read from there next
+  time. The data key hashes what the statistics depend on besides the network: the shards used (names, sizes,
+  modification times) and the VAE that decodes them; the cache records it, so a cache of other data (shards rebuilt
+  in place, another --vae, an explicit `cache` of another reference) is recomputed, never read. The cache keeps the
+  pool features of the first PR_SAMPLES images for precision/recall.
 
 DINOv2 statistics for FD-DINOv2 (`load_dino_reference`, an extractor whose network is `dinov2.DINOv2Features`):
-`shards:PATH` as above, cached as `PATH/dinov2_ref_<folder fingerprint>_<num_samples>.npz`; an `.npz` written for
+`shards:PATH` as above, cached as `PATH/dinov2_ref_<folder fingerprint>_<num_samples>_<data key>.npz`; an `.npz` written for
 DINOv2 (`features` = "dinov2") is read as it is; any other `.npz` with images (`arr_0`, e.g. ADM's reference batch)
 has their DINOv2 statistics computed over all ranks and cached next to it (`<name>_dinov2_<fingerprint>.npz`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -48,11 +53,12 @@ class Reference:
     pool: Optional[np.ndarray] = None          # [M, 2048] real pool features (precision / recall)
     source: str = ""
     features: str = "inception"                # or "dinov2": which network's statistics these are
+    key: str = ""                              # a cache's data key (see the module docstring); "" for other files
 
     def save(self, path: str) -> str:
         """Write an .npz (no pickled objects) atomically."""
         arrays = {"mu": self.mu, "sigma": self.sigma, "source": np.array(self.source),
-                  "features": np.array(self.features)}
+                  "features": np.array(self.features), "key": np.array(self.key)}
         for key in ("mu_s", "sigma_s", "pool"):
             if getattr(self, key) is not None:
                 arrays[key] = getattr(self, key)
@@ -98,7 +104,10 @@ def _feature_dims(inception, device, keys) -> dict:
 def read_npz(path: str) -> dict:
     """The arrays of an .npz (never unpickled); ConfigError naming the file when it is not one."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):      # an .npy: one array, not named ones
+            raise ValueError("it holds one array (an .npy file), not named arrays")
+        with data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
         raise ConfigError(f"Reference file {path!r} cannot be read as an .npz of arrays ({e}); pass an ADM reference "
@@ -129,9 +138,26 @@ def _image_batches(images: np.ndarray, extractor: FeatureExtractor):
         yield list(range(start, start + len(chunk))), chunk
 
 
-def cache_path(shards_path: str, fingerprint: str, num_samples: int, features: str = "inception") -> str:
+def cache_path(shards_path: str, fingerprint: str, num_samples: int, features: str = "inception",
+               key: str = "") -> str:
     folder = shards_path if os.path.isdir(shards_path) else os.path.dirname(shards_path)
-    return os.path.join(folder, f"{features}_ref_{fingerprint}_{num_samples}.npz")
+    return os.path.join(folder, f"{features}_ref_{fingerprint}_{num_samples}{'_' + key if key else ''}.npz")
+
+
+def data_key(shards: ShardSet, num_samples: int, fingerprint: str, features: str, decoder: dict) -> str:
+    """What reference statistics of the first `num_samples` samples of `shards` depend on, hashed: the network
+    (its fingerprint, which features), the count, each shard read (name, size, modification time: shards rebuilt in
+    place change it) and the decoder of latent shards (VAE folder and factors)."""
+    used, total = [], 0
+    for shard, count in zip(shards.shards, shards.counts):
+        if total >= num_samples:
+            break
+        st = os.stat(shard)
+        used.append([os.path.basename(shard), st.st_size, st.st_mtime_ns])
+        total += count
+    text = json.dumps({"features": features, "network": fingerprint, "samples": num_samples, "shards": used,
+                       "decoder": decoder}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _save_cache(ref: Reference, cache: str, extractor: FeatureExtractor) -> None:
@@ -149,12 +175,23 @@ def _from_shards(path: str, extractor: FeatureExtractor, num_samples: int, vae: 
                  cache: Optional[str], field: str, features: str = "inception") -> Reference:
     shards = ShardSet.open(path, field=field)
     n = min(num_samples, shards.num_samples)
-    cache = cache or cache_path(path, extractor.fingerprint, n, features)
+    info = (shards.manifest.vae or {}) if not shards.pixels else {}
+    described = {} if shards.pixels else {"vae": os.path.abspath(vae) if vae else info.get("path"),
+                                          "scaling": None if vae else info.get("scaling_factor"),
+                                          "shift": None if vae else info.get("shift_factor")}
+    key = data_key(shards, n, extractor.fingerprint, features, described)
+    cache = cache or cache_path(path, extractor.fingerprint, n, features, key)
     if os.path.isfile(cache):
-        return _from_npz(cache, extractor) if features == "inception" else _dino_from_npz(cache, extractor)
+        saved = str(read_npz(cache).get("key", ""))
+        if saved == key:
+            ref = _from_npz(cache, extractor) if features == "inception" else _dino_from_npz(cache, extractor)
+            ref.key = key
+            return ref
+        if extractor.rank == 0:
+            print(f"note: {cache} holds statistics of other data (shards, sample count, network or VAE differ); "
+                  f"computing them anew", flush=True)
     decoder = None
     if not shards.pixels:
-        info = shards.manifest.vae or {}
         if vae:
             decoder = LatentDecoder.from_folder(vae, extractor.device)
         elif info.get("path"):
@@ -175,12 +212,12 @@ def _from_shards(path: str, extractor: FeatureExtractor, num_samples: int, vae: 
     source = f"{path} ({n} samples{', decoded by ' + decoder.describe() if decoder else ''})"
     if features == "dinov2":
         mu, sigma = gaussian_stats(extractor.gather(batches(), keys=(DINO_KEY,))[DINO_KEY])
-        ref = Reference(mu, sigma, source=source, features="dinov2")
+        ref = Reference(mu, sigma, source=source, features="dinov2", key=key)
     else:
         feats = extractor.gather(batches())
         mu, sigma = gaussian_stats(feats["pool"])
         mu_s, sigma_s = gaussian_stats(feats["spatial"])
-        ref = Reference(mu, sigma, mu_s, sigma_s, pool=feats["pool"][:PR_SAMPLES], source=source)
+        ref = Reference(mu, sigma, mu_s, sigma_s, pool=feats["pool"][:PR_SAMPLES], source=source, key=key)
     _save_cache(ref, cache, extractor)
     return ref
 
@@ -196,10 +233,12 @@ def _dino_from_npz(path: str, extractor: FeatureExtractor, cache: Optional[str] 
                           f"[N, H, W, 3]) to compute them from; pass shards:PATH of real images or ADM's reference "
                           f"batch.")
     cache = cache or f"{os.path.splitext(path)[0]}_dinov2_{extractor.fingerprint}.npz"
-    if os.path.isfile(cache):
+    st = os.stat(path)                              # the images' file: a replaced one is another reference
+    key = hashlib.sha256(json.dumps([extractor.fingerprint, st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+    if os.path.isfile(cache) and str(read_npz(cache).get("key", "")) == key:
         return _dino_from_npz(cache, extractor)
     mu, sigma = gaussian_stats(extractor.gather(_image_batches(images, extractor), keys=(DINO_KEY,))[DINO_KEY])
-    ref = Reference(mu, sigma, source=f"{path} ({len(images)} images)", features="dinov2")
+    ref = Reference(mu, sigma, source=f"{path} ({len(images)} images)", features="dinov2", key=key)
     _save_cache(ref, cache, extractor)
     return ref
 

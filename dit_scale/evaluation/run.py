@@ -13,7 +13,7 @@ import time
 
 from dit_scale.build import build
 from dit_scale.checkpoint import load_checkpoint, load_exported
-from dit_scale.checkpoint.load import resolve_path
+from dit_scale.checkpoint.load import checkpoint_weights, resolve_path
 from dit_scale.config import config_from_yaml_text
 from dit_scale.errors import ConfigError
 from dit_scale.evaluation.dinov2 import CombinedFeatures, folder_fingerprint, load_dinov2
@@ -34,7 +34,7 @@ def _run_dir_of(args, path: str):
     return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
 
 
-def _setup(args, state, cfg):
+def _setup(args, state, cfg, path: str):
     """The processes (the model is replicated on every one: no engine), the model with the chosen weights on this
     process's device, the image decoder. Every rank must have loaded the same checkpoint config."""
     topo = init_processes(args.device, cfg.parallel.timeout_minutes, cfg.data.num_workers)
@@ -42,7 +42,7 @@ def _setup(args, state, cfg):
         check_same_config(cfg, topo.rank, topo.world_size)
     built = build(cfg)
     ema = not args.no_ema and "weights" not in state
-    built.model.load_state_dict(state["weights"] if "weights" in state else state["ema" if ema else "model"])
+    built.model.load_state_dict(checkpoint_weights(state, ema, path))
     built.model.to(topo.device).eval()
     return topo, built, ema, image_decoder(cfg, args.vae, topo.device, required=True)
 
@@ -73,7 +73,7 @@ def export_checkpoint(args, path: str, state: dict, cfg) -> dict:
     """--npz with --no-scores: draw the images over all processes and write the ADM-format .npz only."""
     num_samples = args.num_samples or cfg.eval.fid_samples or 50000
     batch_size = args.batch_size or cfg.eval.batch_size
-    topo, built, ema, decoder = _setup(args, state, cfg)
+    topo, built, ema, decoder = _setup(args, state, cfg, path)
     writer = SampleWriter(args.npz, topo.rank, topo.world_size)
     spec = SamplingSpec.from_config(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                                     guide_channels=args.guide_channels, seed=args.seed)
@@ -111,7 +111,11 @@ def evaluate_checkpoint(args) -> dict:
     if num_samples < 4:
         raise ConfigError(f"--num-samples={num_samples} is too few for FID and precision/recall (k=3); use at least "
                           f"4 (FID-50K: 50000).")
-    topo, built, ema, decoder = _setup(args, state, cfg)
+    ref_samples = args.ref_samples or e.ref_samples
+    if ref.startswith("shards:") and ref_samples < 4:       # before anything is computed or sampled
+        raise ConfigError(f"--ref-samples={ref_samples} real images are too few for reference statistics and "
+                          f"precision/recall (k=3); use at least 4 (FID-50K: 50000).")
+    topo, built, ema, decoder = _setup(args, state, cfg, path)
     device = topo.device
     batch_size = args.batch_size or e.batch_size
     writer = SampleWriter(args.npz, topo.rank, topo.world_size) if args.npz else None
@@ -122,7 +126,6 @@ def evaluate_checkpoint(args) -> dict:
         raise ConfigError(str(err)) from None
     extractor = FeatureExtractor(inception, device, topo.rank, topo.world_size, batch_size,
                                  weights_fingerprint(inception_path))
-    ref_samples = args.ref_samples or e.ref_samples
     reference = load_reference(ref, extractor, num_samples=ref_samples, vae=args.vae, cache=args.ref_cache)
     dino_reference = None
     if dino is not None:                # its own reference statistics; the generated images go through both

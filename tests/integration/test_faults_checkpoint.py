@@ -547,3 +547,26 @@ def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu(four_steps, tiny_shards, t
     reference = train_cli(tiny_shards, same, **{"train.steps": 6, "train.resume": "auto"})
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(same)]
+
+
+def test_the_sampling_tools_say_in_one_sentence_what_a_checkpoint_or_flag_lacks(four_steps, tiny_shards, tmp_path):
+    """A checkpoint without EMA weights (hand-made or converted) is one sentence pointing at --no-ema for every tool
+    that samples from it, not KeyError: 'ema'; the probe refuses a sampler of the other objective before it trains
+    (a ValueError traceback after the training, before); evaluate refuses too few reference images before it
+    samples anything."""
+    state = load_checkpoint(find_latest(four_steps))
+    bare = str(tmp_path / "bare.pt")
+    torch.save({"model": state["model"], "config": state["config"], "step": state["step"]}, bare)
+    for tool, argv in (("sample.py", ["--ckpt", bare, "--out", str(tmp_path / "g.png"), "--steps", "1"]),
+                       ("export.py", [bare, "--ema", "--out", str(tmp_path / "w.safetensors")])):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", tool), *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert f"Checkpoint '{bare}' holds no EMA weights; pass --no-ema" in one_line_error(proc), tool
+    probe = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "probe.py"), four_steps, "--sampler",
+                            "ancestral", "--data", tiny_shards], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "--sampler ancestral is not a sampler of the flow objective" in one_line_error(probe)
+    evaluate = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--run-dir", four_steps,
+                               "--ref", f"shards:{tiny_shards}", "--inception", str(tmp_path / "unused.pth"),
+                               "--ref-samples", "1", "--no-log"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert "--ref-samples=1 real images are too few" in one_line_error(evaluate)

@@ -370,6 +370,31 @@ def test_ddim_cfg_interval_uses_step_over_num_timesteps():
     assert [call[1][0].item() for call in model.calls] == [float(s) for s in range(9, -1, -1)]
 
 
+@pytest.mark.parametrize("steps, interval, guided", [(5, (0.2, 1.0), 5), (10, (0.0, 0.3), 3), (3, (0.0, 1 / 3), 1)])
+def test_a_guidance_interval_includes_its_edges(steps, interval, guided):
+    """[LOW, HIGH] is inclusive: a grid time equal to an edge is guided. The grid is (N - i) / N, correctly rounded;
+    1 - i / N missed t = 0.2 at 5 steps (0.19999999999999996), 0.3 at 10 and 1/3 at 3."""
+    objective = build_objective(flow_cfg())
+    model = ConstantModel(null_label=10)
+    sample(objective, model, torch.randn(2, 1), torch.tensor([0, 4]), num_steps=steps, cfg_scale=2.0, null_label=10,
+           guidance_interval=interval)
+    assert sum(call[0] == 4 for call in model.calls) == guided, [call[0] for call in model.calls]
+
+
+@pytest.mark.parametrize("steps", [10, 21, 23, 43, 250])
+def test_ddim_takes_dits_respaced_steps(steps):
+    """DDIM runs at the steps of DiT's respacing (space_timesteps, what the ancestral sampler uses), ties rounded
+    the same way: 21 steps of 1000 include 499, not 500."""
+    from dit_scale.diffusion.ddpm import space_timesteps
+    objective = build_objective(ddpm_cfg())
+    model = ConstantModel(null_label=3)
+    sample(objective, model, torch.randn(1, 1), torch.tensor([0]), num_steps=steps, sampler="ddim")
+    taken = [int(call[1][0].item()) for call in model.calls]
+    assert taken == space_timesteps(1000, steps)[::-1] and len(taken) == steps
+    if steps == 21:
+        assert 499 in taken and 500 not in taken
+
+
 def test_sampler_error_messages():
     flow, ddpm = build_objective(flow_cfg()), build_objective(ddpm_cfg())
     model = ConstantModel(null_label=3)

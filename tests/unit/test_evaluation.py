@@ -5,7 +5,9 @@ validation loss against a hand computation, the eval.* config checks and titled 
 
     .venv/bin/python -m pytest -q tests/unit/test_evaluation.py
 """
+import glob
 import os
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from dit_scale.config import ConfigError
 from dit_scale.evaluation.features import FeatureStore
 from dit_scale.evaluation.generate import class_of, rank_batches, sample_seed
 from dit_scale.evaluation.inception import InceptionV3, load_inception, tf1_bilinear_resize
-from dit_scale.evaluation.reference import FeatureExtractor, Reference, load_reference
+from dit_scale.evaluation.reference import FeatureExtractor, Reference, load_reference, read_npz
 from dit_scale.evaluation.scores import (frechet_distance, frechet_distance_of, gaussian_stats, inception_score,
                                          precision_recall)
 
@@ -210,6 +212,9 @@ def test_reference_npz_files(tmp_path):
     np.savez(tmp_path / "obj.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
     with pytest.raises(ConfigError, match="cannot be read as an .npz of arrays"):
         load_reference(str(tmp_path / "obj.npz"), extractor)
+    np.save(tmp_path / "one.npy", np.zeros(3))             # one array, not named ones: a sentence, not a TypeError
+    with pytest.raises(ConfigError, match=r"holds one array \(an .npy file\), not named arrays"):
+        load_reference(str(tmp_path / "one.npy"), extractor)
     np.savez(tmp_path / "nomu.npz", arr_0=images)
     with pytest.raises(ConfigError, match="has no 'mu' and 'sigma'"):
         load_reference(str(tmp_path / "nomu.npz"), extractor)
@@ -221,8 +226,8 @@ def test_reference_from_pixel_shards_is_cached(tmp_path):
     shards = write_tiny_shards(str(tmp_path / "shards"))                # 96 images in 2 shards of 48
     extractor = FeatureExtractor(FakeInception(), "cpu", batch_size=10, fingerprint="fake")
     ref = load_reference(f"shards:{shards}", extractor, num_samples=60)
-    cache = os.path.join(shards, "inception_ref_fake_60.npz")
-    assert os.path.isfile(cache) and ref.pool.shape == (60, 6)
+    [cache] = glob.glob(os.path.join(shards, "inception_ref_fake_60_*.npz"))
+    assert ref.pool.shape == (60, 6)
     from dit_scale.evaluation.shard_samples import ShardSet
     x = np.concatenate([b.x for b in ShardSet.open(shards, "test").batches(60, 7)])   # another batch size
     direct = np.tile(x.astype(np.float32).mean(axis=(1, 2)), 2)
@@ -230,6 +235,33 @@ def test_reference_from_pixel_shards_is_cached(tmp_path):
     np.testing.assert_allclose(ref.mu, direct.mean(0), rtol=1e-6)
     again = load_reference(f"shards:{shards}", FeatureExtractor(None, "cpu", fingerprint="fake"), num_samples=60)
     np.testing.assert_array_equal(again.sigma, ref.sigma)                # read from the cache: no network needed
+
+
+def test_a_reference_cache_of_other_data_is_recomputed_not_read(tmp_path, capsys):
+    """The cache records what its statistics came from: shards rebuilt in place (other images, same names and
+    count) give a new cache, and an explicit cache file of another reference is recomputed, not read (it used to
+    be, giving a silently wrong FID)."""
+    shards = write_tiny_shards(str(tmp_path / "shards"))
+    extractor = FeatureExtractor(FakeInception(), "cpu", batch_size=10, fingerprint="fake")
+    first = load_reference(f"shards:{shards}", extractor, num_samples=60)
+    explicit = str(tmp_path / "mine.npz")
+    assert load_reference(f"shards:{shards}", extractor, num_samples=60, cache=explicit).key == first.key
+    for name in os.listdir(shards):                      # rebuilt in place: other images, same names and counts
+        if not name.startswith("inception_ref_"):
+            os.remove(os.path.join(shards, name))
+    time.sleep(0.01)
+    write_tiny_shards(shards, seed=1)
+    rebuilt = load_reference(f"shards:{shards}", extractor, num_samples=60)
+    assert rebuilt.key != first.key and not np.allclose(rebuilt.mu, first.mu)
+    assert len(glob.glob(os.path.join(shards, "inception_ref_fake_60_*.npz"))) == 2
+    from dit_scale.evaluation.shard_samples import ShardSet
+    x = np.concatenate([b.x for b in ShardSet.open(shards, "test").batches(60, 7)])
+    np.testing.assert_allclose(rebuilt.mu, np.tile(x.astype(np.float32).mean(axis=(1, 2)), 2).mean(0), rtol=1e-6)
+    capsys.readouterr()
+    again = load_reference(f"shards:{shards}", extractor, num_samples=60, cache=explicit)     # the old data's file
+    assert "holds statistics of other data" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.mu, rebuilt.mu)
+    assert load_reference(explicit, extractor).key == "" and str(read_npz(explicit)["key"]) == rebuilt.key
 
 
 # ------------------------------------------------------------------------------------------------ validation loss
