@@ -43,6 +43,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -63,6 +64,11 @@ FORMAT_VERSION = 1
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
+
+# what an interrupted run of this tool leaves in --out: shards and their sidecars, and the manifest, half written
+LEFTOVER = re.compile(r"shard-\d{6}\.tar(\.json)?\.tmp(-\d+)?|manifest\.json\.tmp-\d+")
+
+
 def scan_image_folder(root: str) -> tuple[list[tuple[str, Optional[int], Optional[str]]], Optional[list[str]]]:
     """(items, class names) of an ImageNet-style folder: label = index of the sorted class sub-folder. A folder with
     no sub-folders but images is read flat (no labels, class names None). Each image's caption is its sidecar text
@@ -370,8 +376,8 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
     if os.path.exists(manifest_path):
         if read_manifest(manifest_path).params.get("hash") != params["hash"]:
             raise ValueError("%s was built from other inputs or arguments; use another --out or delete it first" % out)
-    for name in os.listdir(out):                   # leftovers of an interrupted run
-        if ".tmp" in name:
+    for name in os.listdir(out):                   # leftovers of an interrupted run: our own names only
+        if LEFTOVER.fullmatch(name) and os.path.isfile(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
 
     jobs = [(i, jobs_items[s:s + samples_per_shard]) for i, s in enumerate(range(0, len(jobs_items),

@@ -321,10 +321,21 @@ def take_batches(loader: Iterator[dict], n: int) -> dict[str, Any]:
 
 
 def concat_batches(batches: list[dict]) -> dict[str, Any]:
-    """Batches with the same keys -> one batch: tensors concatenated along dim 0 (into pinned memory when they were
-    pinned, so the step's host-to-device copy stays asynchronous), lists (keys, captions) joined."""
+    """Batches -> one batch, as if its samples had been collated together (`stream.collate`): tensors concatenated
+    along dim 0 (into pinned memory when they were pinned, so the step's host-to-device copy stays asynchronous),
+    lists (keys, captions) joined. Keys some samples lack follow collate's rule: a caption missing from a part is ""
+    for its rows; a tensor (teacher or caption features) missing from a part is left out of the whole batch. (Loader
+    workers collate their shares separately, so their keys can differ where the shards' members do.)"""
     out: dict[str, Any] = {}
-    for key, first in batches[0].items():
+    keys = list(dict.fromkeys(k for b in batches for k in b))
+    rows = [len(b["x"]) for b in batches]
+    for key in keys:
+        if key == "caption":
+            out[key] = [c for b, n in zip(batches, rows) for c in b.get(key, [""] * n)]
+            continue
+        if any(key not in b for b in batches):
+            continue
+        first = batches[0][key]
         parts = [b[key] for b in batches]
         if not isinstance(first, torch.Tensor):
             out[key] = [v for part in parts for v in part]
@@ -353,6 +364,7 @@ def _resolve_source(path: str, field: str, weight: float, image_key: str, manife
                      num_samples=sum(counts.values()) if len(counts) == len(shards) else None)
     src.image_key, src.key_origin = image_key, "data.image_key=%r" % image_key
     if manifest is not None:
+        _check_manifest_lists_the_shards(path, field, shards, counts, manifest, found, manifest_path)
         if image_key == "auto":
             src.image_key, src.key_origin = manifest.image_key, "the image_key of %s" % found
         src.flip_key = manifest.flip_key if src.image_key == manifest.image_key else None
@@ -375,8 +387,8 @@ def _resolve_source(path: str, field: str, weight: float, image_key: str, manife
                 raise ConfigError("Samples of %s have no image or latent member (members: %s); set data.image_key."
                                   % (name, sorted(k for k in sample if not k.startswith("__"))))
             src.image_key, src.key_origin = found_keys[0], "found in the first sample of %s" % shards[0]
-            if "feat.npy" in sample and src.feat_key is None:
-                src.feat_key = "feat.npy"
+        if "feat.npy" in sample and src.feat_key is None:         # whether data.image_key was given or found
+            src.feat_key = "feat.npy"
         if manifest is None and CAPTION_FEAT_KEY in sample:
             src.text_key, src.text_mask_key = CAPTION_FEAT_KEY, CAPTION_MASK_KEY
             src.text_shape = tuple(decode_array(sample[CAPTION_FEAT_KEY], CAPTION_FEAT_KEY).shape)
@@ -391,6 +403,24 @@ def _resolve_source(path: str, field: str, weight: float, image_key: str, manife
         if src.feat_key and src.feat_key in sample and src.feat_shape is None:
             src.feat_shape = tuple(decode_array(sample[src.feat_key], src.feat_key).shape)
     return src
+
+
+def _check_manifest_lists_the_shards(path, field, shards, counts, manifest, found, manifest_path) -> None:
+    """With a manifest, its counts must cover every shard read: one it does not list (added after it was written)
+    would drop every count and change the global order silently. For a folder (data.path=DIR, not a pattern that may
+    pick a subset), every shard it lists must be there."""
+    unlisted = [s for s in shards if s not in counts]
+    if unlisted:
+        raise ConfigError("%s=%r has %d shard(s) that its manifest %s does not list, e.g. %s; rebuild the manifest "
+                          "with the data tool that wrote the shards, or leave them out of %s."
+                          % (field, path, len(unlisted), found, unlisted[0], field))
+    if os.path.isdir(path) and not manifest_path:
+        present = {os.path.basename(s) for s in shards}
+        missing = sorted(name for name in manifest.counts() if name not in present)
+        if missing:
+            raise ConfigError("%s=%r lacks %d shard(s) its manifest %s lists, e.g. %s; restore them, or rebuild "
+                              "the manifest for the shards that are there." % (field, path, len(missing), found,
+                                                                               missing[0]))
 
 
 def check_expected(sources: list[SourceSpec], expect: dict) -> None:

@@ -36,7 +36,7 @@ from dit_scale.errors import ConfigError
 SAFE_SUFFIXES = {"png", "jpg", "jpeg", "npy", "safetensors", "cls", "txt", "json"}
 PIXEL_SUFFIXES = {"png", "jpg", "jpeg"}
 ARRAY_SUFFIXES = {"npy", "safetensors"}
-_TAR_NAME = re.compile(r"([^/\s]+\.tar)(?:\s|$)")
+_TAR_NAME = re.compile(r"([^/\s?#]+\.tar)(?:[\s?#]|$)")     # a URL's query (signed URLs) is not part of the name
 
 
 # -- listing ---------------------------------------------------------------------------------------------------------

@@ -159,6 +159,57 @@ def test_on_a_gpu_machine_in_process_batches_are_pinned(tmp_path, monkeypatch):
                                                              if isinstance(v, torch.Tensor)]
 
 
+def test_workers_give_the_in_process_batches_when_only_some_samples_have_a_caption(tmp_path):
+    """Each loader worker collates its share of a batch alone: a share without any caption used to have no caption
+    key, and merging the shares failed (KeyError) or dropped the captions. Merged, the batches are the in-process
+    ones: "" for a sample without a caption."""
+    directory = str(tmp_path / "captions")
+    os.makedirs(directory)
+    with tarfile.open(os.path.join(directory, "part-000.tar"), "w") as tar:
+        for i in range(16):
+            add(tar, "%06d.npy" % i, npy(np.full((1, 2, 2), i, np.float32)))
+            add(tar, "%06d.cls" % i, b"0")
+            if i % 4 == 0:
+                add(tar, "%06d.caption.txt" % i, ("caption %d" % i).encode())
+    got = {}
+    for workers in (0, 2):
+        loader = build_loader(SimpleNamespace(**{**vars(cfg(directory, batch_size=4, partitions=4)),
+                                                 "num_workers": workers}))
+        try:
+            got[workers] = [(ids(b), b.get("caption")) for b in (next(loader) for _ in range(4))]
+        finally:
+            loader.close()
+    assert got[2] == got[0]
+    assert sum(c != "" for _, captions in got[0] for c in captions or []) == 4
+
+
+def test_teacher_features_are_found_whether_the_image_key_is_given_or_found(tmp_path):
+    """Shards without a manifest: feat.npy was looked for only when data.image_key was auto, so naming the key hid
+    the features (REPA then refused the shards as featureless)."""
+    directory = write_shards(tmp_path / "f", [4, 4], feat=True)
+    for key in ("auto", "npy"):
+        batch = next(build_loader(cfg(directory, batch_size=2, image_key=key)))
+        assert batch["feat"].shape == (2, 4, 3), key
+
+
+def test_a_manifest_must_list_the_shards_it_counts(tmp_path):
+    """A shard the manifest does not list (added after it was written) used to drop every count silently, and a
+    resumed run then repeated and skipped samples; a folder missing a listed shard trained on without it. Both are one
+    sentence at start-up; a pattern that picks a subset of the listed shards is fine."""
+    directory = write_shards(tmp_path / "d", UNEVEN)
+    write_manifest_for(directory, UNEVEN)
+    build_loader(cfg(directory, partitions=2))
+    build_loader(cfg(os.path.join(directory, "part-00{0..3}.tar"), partitions=2))        # a subset: counted
+    write_shards(tmp_path / "extra", [3], start=100)
+    os.rename(tmp_path / "extra" / "part-000.tar", os.path.join(directory, "part-999.tar"))
+    with pytest.raises(ConfigError, match=r"has 1 shard\(s\) that its manifest .* does not list, e\.g\. .*part-999"):
+        build_loader(cfg(directory, partitions=2))
+    os.remove(os.path.join(directory, "part-999.tar"))
+    os.remove(os.path.join(directory, "part-003.tar"))
+    with pytest.raises(ConfigError, match=r"lacks 1 shard\(s\) its manifest .* lists, e\.g\. part-003\.tar"):
+        build_loader(cfg(directory, partitions=2))
+
+
 def test_resume_with_workers_mid_epoch(tmp_path):
     directory = write_shards(tmp_path, UNEVEN)
     c = cfg(directory, batch_size=4, shuffle_buffer=6, hflip=True, num_workers=2, partitions=4)

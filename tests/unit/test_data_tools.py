@@ -153,13 +153,16 @@ def test_rerun_completes_an_interrupted_build(built, images, models, tmp_path):
             dst.write(src.read())
     os.remove(work / "shard-000001.tar")                              # as if killed while writing shard 1
     (work / "shard-000001.tar.tmp-999").write_bytes(b"partial")
+    (work / "notes.tmpl").write_text("mine")                         # a user's files beside the shards stay
+    (work / "budget.tmp.xlsx").write_text("mine")
+    (work / "cache.tmp").mkdir()
     os.remove(work / "manifest.json")
     kept = os.stat(work / "shard-000000.tar").st_mtime_ns
     again = bs.build_shards(str(work), images=images, resolution=RES, vae=models[0], teacher=models[1],
                             teacher_resolution=28, samples_per_shard=5, batch_size=3, progress=False)
     assert again == manifest | {"shards": again["shards"]} and again["shards"] == manifest["shards"]  # same bytes
     assert os.stat(work / "shard-000000.tar").st_mtime_ns == kept
-    assert not [n for n in os.listdir(work) if ".tmp" in n]
+    assert sorted(n for n in os.listdir(work) if ".tmp" in n) == ["budget.tmp.xlsx", "cache.tmp", "notes.tmpl"]
     with pytest.raises(ValueError, match="another --out"):
         bs.build_shards(str(work), images=images, resolution=RES, vae=models[0], samples_per_shard=5,
                         progress=False)
