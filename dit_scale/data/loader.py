@@ -162,6 +162,7 @@ class ShardLoader:
         """Plain values: the global position and this rank's partitions' states (`merge_states` joins the ranks')."""
         return {"format": STATE_FORMAT, "mode": self.mode, "partitions": self.partitions,
                 "num_sources": len(self.sources), "samples": self.samples,
+                "epoch_samples": list(self.spec.epoch_samples),
                 "partition_states": [{"partition": p, **self.partition_states[p]} for p in self.mine]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -175,6 +176,10 @@ class ShardLoader:
             if state[key] != mine:
                 raise ConfigError("The checkpoint's loader state was saved with %s=%s and this run has %s; resume "
                                   "with the same value." % (field, state[key], mine))
+        if self.mode == "resampled" and state.get("epoch_samples"):
+            # a resampled epoch's length per partition is part of the order (derived from the global batch at the
+            # start): a resume with another global batch or data-parallel size keeps it, so the order continues
+            self.spec.epoch_samples = [int(v) for v in state["epoch_samples"]]
         saved = {int(s["partition"]): s for s in state["partition_states"]}
         missing = [p for p in self.mine if p not in saved]
         if missing and int(state["samples"]):
