@@ -196,7 +196,10 @@ def decode_image(data: bytes, ext: str) -> np.ndarray:
     if ext.rsplit(".", 1)[-1].lower() in PIXEL_SUFFIXES:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
-    return decode_array(data, ext).astype(np.float32, copy=False)
+    array = decode_array(data, ext)
+    if array.dtype.kind not in "biuf":          # a structured or string array would cast to float32 silently
+        raise ValueError(".%s holds %s values, not numbers" % (ext, array.dtype))
+    return array.astype(np.float32, copy=False)
 
 
 def first_sample(spec: str) -> Optional[dict[str, Any]]:

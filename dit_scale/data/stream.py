@@ -295,7 +295,7 @@ class PartitionStream:
         shape = (x.shape[2], x.shape[0], x.shape[1]) if pixels else tuple(x.shape)        # as [C, H, W]
         if src.x_shape is not None and shape != tuple(src.x_shape):
             raise ValueError("x has shape %s, expected %s" % (shape, tuple(src.x_shape)))
-        _check_finite("x", x)
+        _check_values("x", x)
         out = {"x": x, "pixels": pixels, "key": sample["__key__"], "y": self._label(sample, src)}
         if src.feat_key is not None:
             if src.feat_key not in sample:
@@ -306,7 +306,7 @@ class PartitionStream:
                                 src.feat_key)
             if feat.ndim != 2 or (src.feat_shape is not None and tuple(feat.shape) != tuple(src.feat_shape)):
                 raise ValueError("feat has shape %s, expected %s" % (tuple(feat.shape), src.feat_shape))
-            _check_finite("feat", feat)
+            _check_values("feat", feat)
             if flip and flipped not in sample:     # mirror the token grid (features of the flipped image)
                 side = int(round(feat.shape[0] ** 0.5))
                 if side * side == feat.shape[0]:
@@ -429,13 +429,17 @@ def _caption_features(sample: dict, src: SourceSpec) -> tuple[np.ndarray, np.nda
         raise ValueError("caption features have shape %s, expected %s" % (tuple(feat.shape), src.text_shape))
     if mask.shape != feat.shape[:1]:
         raise ValueError("caption mask has shape %s for %d caption tokens" % (tuple(mask.shape), feat.shape[0]))
-    _check_finite("caption features", feat)
+    _check_values("caption features", feat)
     return feat, mask.astype(bool)
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
-    """A float array holding NaN or ±Inf makes its sample corrupt: skipped and counted here, in the loader worker,
-    instead of making the training step skip its whole batch."""
+def _check_values(name: str, array: np.ndarray) -> None:
+    """An array that is not numbers (strings, bytes, structured or void records, objects: the collate's float cast
+    would fail there, outside the per-sample skip, or turn "1" into 1.0) or a float array holding NaN or ±Inf makes
+    its sample corrupt: skipped and counted here, in the loader worker, instead of stopping or silently corrupting
+    the training step."""
+    if array.dtype.kind not in "biuf":
+        raise ValueError("%s holds %s values, not numbers" % (name, array.dtype))
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError("%s holds values that are not finite (NaN or Inf)" % name)
 

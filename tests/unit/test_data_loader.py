@@ -192,6 +192,26 @@ def test_teacher_features_are_found_whether_the_image_key_is_given_or_found(tmp_
         assert batch["feat"].shape == (2, 4, 3), key
 
 
+def test_members_that_are_not_numbers_are_corrupt_samples(tmp_path):
+    """Teacher features of strings or void records and a latent of structured records are skipped and counted like
+    any corrupt sample (they failed in the collate, outside the per-sample skip, or a "1" became 1.0)."""
+    directory = str(tmp_path / "odd")
+    os.makedirs(directory)
+    bad = {2: ("feat.npy", np.array([["1"] * 3] * 4)), 4: ("feat.npy", np.zeros((4, 3), dtype="V2")),
+           5: ("npy", np.zeros((1, 2, 2), dtype=[("a", "f4")]))}
+    with tarfile.open(os.path.join(directory, "part-000.tar"), "w") as tar:
+        for i in range(8):
+            members = {"npy": np.full((1, 2, 2), i, np.float32), "feat.npy": np.zeros((4, 3), np.float16)}
+            if i in bad:
+                members[bad[i][0]] = bad[i][1]
+            for name, value in members.items():
+                add(tar, "%06d.%s" % (i, name), npy(value))
+            add(tar, "%06d.cls" % i, b"0")
+    loader = build_loader(cfg(directory, batch_size=5, image_key="npy", max_corrupt_fraction=0.5))
+    batch = next(loader)
+    assert ids(batch) == [0, 1, 3, 6, 7] and batch["feat"].dtype == torch.float32
+
+
 def test_a_manifest_must_list_the_shards_it_counts(tmp_path):
     """A shard the manifest does not list (added after it was written) used to drop every count silently, and a
     resumed run then repeated and skipped samples; a folder missing a listed shard trained on without it. Both are one
