@@ -118,6 +118,9 @@ def read_list_file(path: str) -> list[tuple[str, Optional[int], Optional[str]]]:
                 label_value = int(label) if label else None
             except ValueError:
                 raise ValueError("%s line %d: label %r is not an integer" % (path, n, label)) from None
+            if label_value is not None and label_value < 0:
+                raise ValueError("%s line %d: label %d is negative; labels are class ids 0, 1, 2, ..."
+                                 % (path, n, label_value))
             items.append((os.path.join(base, parts[0]), label_value, caption))
     return items
 
@@ -424,7 +427,8 @@ def build_shards(out: str, *, images: Optional[str] = None, list_file: Optional[
         caption_key="caption.txt" if any(c is not None for _, _, c in items) else None,
         x_shape=x_shape, x_dtype=latent_dtype if vae else "uint8",
         feat_shape=feat_shape, feat_dtype="float16" if teacher else None, resolution=resolution,
-        num_classes=(max(lb for _, lb, _ in items) + 1) if has_labels[0] else None, class_names=class_names,
+        num_classes=(len(class_names) if class_names else max(lb for _, lb, _ in items) + 1) if has_labels[0]
+        else None, class_names=class_names,              # a class folder without images is still a class
         vae=encoders.get("vae"), teacher=encoders.get("teacher"), **text,
         params={k: v for k, v in params.items() if k not in ("out", "batch_size")},
         source=os.path.abspath(images or list_file))

@@ -249,7 +249,8 @@ class _Checker:
         self.path, self.data = path, data
 
     def fail(self, name: str, problem: str):
-        raise ConfigError("Manifest %s has %s%s; %s." % (self.path, name, problem, _REBUILD))
+        joint = "" if problem.startswith(("=", " ")) else " "      # "field=value ..." or "field is ..."
+        raise ConfigError("Manifest %s has %s%s%s; %s." % (self.path, name, joint, problem, _REBUILD))
 
     def _get(self, name: str, default=None):
         value = self.data.get(name, default)

@@ -199,3 +199,23 @@ def test_cli_with_two_workers(tmp_path, images, models):
                        "shards": 4}
     loader = build_loader(SimpleNamespace(path=str(out), batch_size=12, shuffle_buffer=0))
     assert sorted(next(loader)["key"]) == ["%08d" % i for i in range(12)]
+
+
+def test_an_empty_class_folder_is_still_a_class_and_a_negative_label_is_refused(tmp_path):
+    """Folder input: a last class folder without images keeps its class id (num_classes counts the folders, as
+    class_names does; the manifest was refused after every shard was encoded). List input: a negative label is one
+    sentence before any encoding (it made every such sample corrupt at training time)."""
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee", "cat"):
+        os.makedirs(tmp_path / "img" / name)
+    for name in ("ant", "bee"):
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / name / f"{i}.png")
+    manifest = bs.build_shards(str(tmp_path / "out"), images=str(tmp_path / "img"), resolution=8, pixels=True,
+                               progress=False)
+    assert manifest["num_classes"] == 3 and manifest["class_names"] == ["ant", "bee", "cat"]
+    (tmp_path / "list.txt").write_text("img/ant/0.png\t1\nimg/bee/0.png\t-1\n")
+    with pytest.raises(ValueError, match="line 2: label -1 is negative"):
+        bs.build_shards(str(tmp_path / "out2"), list_file=str(tmp_path / "list.txt"), resolution=8, pixels=True,
+                        progress=False)
+    assert not os.path.exists(tmp_path / "out2" / "shard-000000.tar")
