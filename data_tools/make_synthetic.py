@@ -38,6 +38,7 @@ generators on the same --out at once.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tarfile
@@ -78,6 +79,8 @@ SUPERSAMPLE = 4
 FORMAT_VERSION = 1
 
 
+
+PARAMS_NAME = "make_synthetic.json"          # the arguments of the set being written (the manifest comes last)
 def class_spec(c: int) -> tuple[str, str]:
     """(shape, colour name) of class c; distinct for every c < MAX_CLASSES."""
     return SHAPES[c % len(SHAPES)], COLOUR_NAMES[(c + 3 * (c // len(SHAPES))) % len(COLOUR_NAMES)]
@@ -255,19 +258,27 @@ def make_synthetic(out: str, num_samples: int = 20000, num_classes: int = 10, si
         params.update(text_encoder=encoder.path, max_length=int(max_length))
     os.makedirs(out, exist_ok=True)
     manifest_path = os.path.join(out, MANIFEST_NAME)
-    if os.path.exists(manifest_path):
-        old = read_manifest(manifest_path).params
-        if old != params:
-            raise ValueError("%s was generated with %s, not %s; use another --out or delete it first"
-                             % (out, old, params))
+    params_path = os.path.join(out, PARAMS_NAME)   # written before the first shard: an interrupted run's arguments
+    old = read_manifest(manifest_path).params if os.path.exists(manifest_path) else None
+    if old is None and os.path.exists(params_path):
+        with open(params_path, encoding="utf-8") as f:
+            old = json.load(f)
+    if old is not None and old != params:
+        raise ValueError("%s was generated with %s, not %s; use another --out or delete it first"
+                         % (out, old, params))
+    reuse = old is not None                   # shards of unknown arguments are written anew, never kept
+    tmp = "%s.tmp-%d" % (params_path, os.getpid())
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(params, f)
+    os.replace(tmp, params_path)
     for name in os.listdir(out):              # leftovers of an interrupted run
-        if name.startswith("shard-") and ".tar.tmp-" in name:
+        if (name.startswith("shard-") and ".tar.tmp-" in name) or name.startswith(PARAMS_NAME + ".tmp-"):
             os.remove(os.path.join(out, name))
 
     shards, paths = [], []
     for index, (start, end) in enumerate(_shard_ranges(num_samples, samples_per_shard)):
         path = os.path.join(out, "shard-%06d.tar" % index)
-        if _count_samples(path) == end - start:
+        if reuse and _count_samples(path) == end - start:
             entry, status = describe_shard(path, end - start), "exists"
         else:
             t0 = time.time()

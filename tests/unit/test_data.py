@@ -137,6 +137,26 @@ def test_rerun_skips_complete_shards_and_rebuilds_deleted_one_identically(tmp_pa
         make_synthetic(str(tmp_path), **dict(TINY, seed=1))
 
 
+def test_an_interrupted_set_is_not_completed_with_other_arguments(tmp_path):
+    """Killed before its manifest: the arguments written first still guard the folder, so a re-run with other ones
+    is refused (it used to keep the old shards under a manifest of the new arguments); a folder of shards of unknown
+    arguments is written anew, not kept."""
+    make_synthetic(str(tmp_path / "a"), **TINY)
+    os.remove(tmp_path / "a" / "manifest.json")
+    with pytest.raises(ValueError, match="another --out"):
+        make_synthetic(str(tmp_path / "a"), **dict(TINY, size=16))
+    assert make_synthetic(str(tmp_path / "a"), **TINY)                    # the same arguments complete it
+    other = make_synthetic(str(tmp_path / "b"), **dict(TINY, size=16))
+    for name in ("manifest.json", "make_synthetic.json"):
+        os.remove(tmp_path / "b" / name)
+    before = [Path(p).read_bytes() for p in other]
+    fresh = make_synthetic(str(tmp_path / "b"), **TINY)
+    assert [Path(p).read_bytes() for p in fresh] != before
+    assert fresh == [p.replace(str(tmp_path / "b"), str(tmp_path / "b")) for p in other]
+    again = make_synthetic(str(tmp_path / "c"), **TINY)
+    assert [Path(p).read_bytes() for p in fresh] == [Path(p).read_bytes() for p in again]
+
+
 def test_cli(tmp_path):
     script = ROOT / "data_tools" / "make_synthetic.py"
     subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--num-samples", "12", "--num-classes",
