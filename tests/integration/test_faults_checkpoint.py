@@ -81,15 +81,24 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def plant_payload(ckpt, marker):
-    """Stealth form: the real index, plus an attribute whose unpickling runs the payload; manifest recomputed."""
+def edit_index(ckpt, change, new_files=()):
+    """Rewrite a sharded checkpoint's DCP index with change(metadata), and its manifest (listing `new_files` too),
+    as an attacker would."""
     path = os.path.join(ckpt, ".metadata")
     with open(path, "rb") as f:
         metadata = pickle.load(f)                       # our own file, written by the test's own run
-    metadata.planner_data = {"note": _Payload(marker)}
+    change(metadata)
     with open(path, "wb") as f:
         pickle.dump(metadata, f)
+    manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
+    manifest["files"].update({name: {} for name in new_files})
+    json.dump(manifest, open(os.path.join(ckpt, "manifest.json"), "w"))
     rewrite_manifest(ckpt)
+
+
+def plant_payload(ckpt, marker):
+    """Stealth form: the real index, plus an attribute whose unpickling runs the payload; manifest recomputed."""
+    edit_index(ckpt, lambda metadata: setattr(metadata, "planner_data", {"note": _Payload(marker)}))
 
 
 def test_crafted_metadata_is_refused_on_resume_and_on_load(four_steps, tiny_shards, tmp_path):
@@ -111,23 +120,17 @@ def plant_bytes_entry(ckpt, marker):
     import io
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-    path = os.path.join(ckpt, ".metadata")
-    with open(path, "rb") as f:
-        metadata = pickle.load(f)                       # our own file, written by the test's own run
-    key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
     buffer = io.BytesIO()
     torch.save(_Payload(marker), buffer)
     with open(os.path.join(ckpt, "__0_1.distcp"), "wb") as f:
         f.write(buffer.getvalue())
-    metadata.state_dict_metadata[key] = BytesStorageMetadata()
-    metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if k.fqn != key}
-    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_1.distcp", 0, len(buffer.getvalue()))
-    with open(path, "wb") as f:
-        pickle.dump(metadata, f)
-    manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
-    manifest["files"]["__0_1.distcp"] = {}
-    json.dump(manifest, open(os.path.join(ckpt, "manifest.json"), "w"))
-    rewrite_manifest(ckpt)
+
+    def bytes_entry(metadata):
+        key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
+        metadata.state_dict_metadata[key] = BytesStorageMetadata()
+        metadata.storage_data = {k: v for k, v in metadata.storage_data.items() if k.fqn != key}
+        metadata.storage_data[MetadataIndex(key)] = _StorageInfo("__0_1.distcp", 0, len(buffer.getvalue()))
+    edit_index(ckpt, bytes_entry, new_files=["__0_1.distcp"])
 
 
 def test_a_pickled_bytes_entry_is_refused_on_resume_and_on_load(four_steps, tiny_shards, tmp_path):
@@ -157,16 +160,14 @@ def test_an_index_declaring_more_than_its_files_hold_is_one_sentence(four_steps,
     traceback from the allocator): the declared sizes are checked against the data files first."""
     run = copy_run(four_steps, tmp_path / "run")
     ckpt = find_latest(run)
-    path = os.path.join(ckpt, ".metadata")
-    with open(path, "rb") as f:
-        metadata = pickle.load(f)                       # our own file, written by the test's own run
-    key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
-    metadata.state_dict_metadata[key].size = torch.Size([1 << 40])
-    for chunk in metadata.state_dict_metadata[key].chunks:
-        chunk.sizes = torch.Size([1 << 40])
-    with open(path, "wb") as f:
-        pickle.dump(metadata, f)
-    rewrite_manifest(ckpt)
+
+    def huge(metadata):
+        key = sorted(k for k in metadata.state_dict_metadata if k.startswith("model."))[0]
+        meta = metadata.state_dict_metadata[key]
+        meta.size = torch.Size([1 << 40])
+        for chunk in meta.chunks:
+            chunk.sizes = torch.Size([1 << 40])
+    edit_index(ckpt, huge)
     with pytest.raises(CheckpointError, match=r"declares 4.1e\+03 GiB of tensors but its data files hold"):
         load_checkpoint(ckpt)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), ckpt, "--out",
