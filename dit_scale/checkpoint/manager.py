@@ -42,6 +42,22 @@ from dit_scale.optim import hyperparameters, restore_hyperparameters
 from dit_scale.run_dir import RunDir
 
 MODEL_SECTIONS = ("model.", "moe.", "mask.", "align.", "mup.")
+# what the weights compute, besides their shapes: a resume that changes one would read the trained weights as
+# another function (the same shapes under other heads, scales or routing); the rest (attention kernel, dropout, top-k,
+# the balancing losses, the expert implementation) may change
+FUNCTION_FIELDS = ("num_heads", "qk_norm", "attn_scale", "output_mult", "conditioning")
+MOE_FUNCTION_FIELDS = ("router", "score_function", "normalize_topk", "expert_act")
+
+
+def _model_identity(cfg) -> tuple:
+    """The parameter shapes and the function-defining arguments of `cfg`'s model, and its μP parametrisation (which
+    sets the per-group learning rates the optimizer state belongs to)."""
+    args = model_args(cfg)
+    shapes = {n: tuple(p.shape) for n, p in meta_model(args).named_parameters()}
+    function = tuple(getattr(args, f) for f in FUNCTION_FIELDS)
+    moe = tuple(getattr(args.moe, f) for f in MOE_FUNCTION_FIELDS) if args.moe else None
+    mup = (bool(cfg.mup.enabled), int(cfg.mup.base_width) if cfg.mup.enabled else None)
+    return shapes, function, moe, mup
 
 
 class CheckpointManager:
@@ -158,12 +174,11 @@ class CheckpointManager:
         if not changes:
             return
         self.log(f"config changes on resume from '{os.path.basename(path)}': {describe(changes)}")
-        shapes = [{n: tuple(p.shape) for n, p in meta_model(model_args(c)).named_parameters()} for c in (saved, self.cfg)]
-        if shapes[0] != shapes[1]:
+        if _model_identity(saved) != _model_identity(self.cfg):
             model_changes = [c for c in changes if c[0].startswith(MODEL_SECTIONS)]
             raise ConfigError(f"Checkpoint '{path}' does not fit this model: {describe(model_changes)} cannot change "
-                              f"on resume (it changes the model's parameters); resume with the config it was trained "
-                              f"with.")
+                              f"on resume (it changes the model's parameters or what they compute); resume with the "
+                              f"config it was trained with.")
 
     # ------------------------------------------------------------------------------------------------------------
     # Save

@@ -221,11 +221,16 @@ def test_resume_applies_a_new_learning_rate_and_schedule(four_steps, tiny_shards
     assert rows[6]["lr"] == pytest.approx(5e-4 * 0.1, rel=1e-6)
 
 
-def test_resume_refuses_a_change_of_model_shape(four_steps, tiny_shards, tmp_path):
+@pytest.mark.parametrize("change, key", [({"model.depth": 3}, "model.depth"),
+                                         ({"model.num_heads": 4}, "model.num_heads"),     # same shapes, other heads
+                                         ({"mup.enabled": True, "mup.base_width": 32}, "mup.enabled")])
+def test_resume_refuses_a_change_of_what_the_model_computes(four_steps, tiny_shards, tmp_path, change, key):
+    """A change of the parameters' shapes, or of what the same shapes compute (the head count, the μP
+    parametrisation and its learning-rate groups), stops the resume in one sentence; a new head count used to be
+    accepted and read the trained weights as another attention."""
     run = copy_run(four_steps, tmp_path / "run")
-    line = one_line_error(train_cli(tiny_shards, run, **{"train.steps": 6, "model.depth": 3,
-                                                         "train.resume": "auto"}))
-    assert "model.depth" in line and "cannot change on resume" in line
+    line = one_line_error(train_cli(tiny_shards, run, **{"train.steps": 6, "train.resume": "auto", **change}))
+    assert key in line and "cannot change on resume" in line
 
 
 # ----------------------------------------------------------------------------------------------------------------
