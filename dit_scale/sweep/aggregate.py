@@ -96,11 +96,16 @@ def plot(sweeps: List[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False, sharey=True)
     for ax, sweep in zip(axes[0], sweeps):
         key = next(iter(sweep["rows"][0]["params"]))
+        values = [r["params"][key] for r in sweep["rows"]]
+        log2 = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        categories = sorted({str(v) for v in values})       # not numbers (router kinds, say): one tick each
         for w in sorted({r["width"] for r in sweep["rows"]}):
             by_x = {}
             for r in sweep["rows"]:
                 if r["width"] == w and r["status"] == "ok":
-                    x = math.log2(r["params"][key])
+                    v = r["params"][key]
+                    x = math.log2(v) if log2 else (float(v) if numeric else categories.index(str(v)))
                     by_x[x] = min(by_x.get(x, math.inf), r["loss"])     # best over the other swept keys
             xs = sorted(by_x)
             ax.plot(xs, [by_x[x] for x in xs], "o-", label=f"width {w}")
@@ -108,7 +113,9 @@ def plot(sweeps: List[dict], path: str) -> None:
                 i = min(range(len(xs)), key=lambda j: by_x[xs[j]])
                 ax.plot([xs[i]], [by_x[xs[i]]], "k*", ms=12)
         ax.set_title(sweep["name"])
-        ax.set_xlabel(f"log2 {key}")
+        ax.set_xlabel(f"log2 {key}" if log2 else key)
+        if not numeric:
+            ax.set_xticks(range(len(categories)), categories)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()

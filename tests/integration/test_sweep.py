@@ -55,6 +55,38 @@ def test_bad_sweep_files_are_one_sentence_errors(tmp_path):
         sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path, params={"optim.lr": [-1.0]})))
 
 
+@pytest.mark.parametrize("fields, words", [
+    ({"search": "random", "params": {"optim.lr": {"log_uniform": [0, 1e-2]}}}, "log_uniform needs [low, high]"),
+    ({"search": "random", "params": {"optim.lr": {"log_uniform": 1e-3}}}, "log_uniform needs [low, high]"),
+    ({"search": "random", "params": {"optim.lr": [1e-3, 1e-2]}}, "params.optim.lr must be a mapping of one kind"),
+    ({"search": "random", "params": {"optim.lr": {"uniform": [0, 1], "choice": [1]}}}, "must be a mapping of one"),
+    ({"search": "random", "params": {"optim.lr": {"choice": []}}}, "choice needs a non-empty list"),
+    ({"search": "random", "num_samples": 0, "params": {"optim.lr": {"choice": [1e-3]}}}, "num_samples=0"),
+])
+def test_bad_random_search_specs_are_one_sentence(tmp_path, fields, words):
+    with pytest.raises(ConfigError, match=words.replace("[", "\\[").replace("]", "\\]")):
+        sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path, **fields)))
+
+
+def test_a_sweep_file_with_a_yaml_error_is_one_sentence(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("widths: [64\nparams: {}\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        sweep_mod.load_sweep(str(path))
+
+
+def test_close_random_draws_get_their_own_run_directories(tmp_path):
+    """24 draws of lr in [1e-3, 2e-3] named with 3 digits gave two pairs the same run directory (the second of each
+    skipped as finished): names get the digits that keep them apart, and as few as do."""
+    path = write_sweep(tmp_path, search="random", num_samples=24, seed=0, widths=[64],
+                       params={"optim.lr": {"log_uniform": [1e-3, 2e-3]}})
+    runs = sweep_mod.expand(sweep_mod.load_sweep(path))
+    assert len({r["name"] for r in runs}) == 24 == len(runs)
+    assert len({sweep_mod.spec.run_name(64, r["params"]) for r in runs}) < 24          # what 3 digits gave
+    grid = sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path)))
+    assert grid[0]["name"] == "w64_lr0.000977"                                        # unchanged where unique
+
+
 def test_slurm_dry_run_writes_one_job_array(tmp_path, capsys):
     path = write_sweep(tmp_path)
     assert sweep_main(["run", "--config", path, "--backend", "slurm", "--dry-run"]) == 0
@@ -97,7 +129,8 @@ def fake_results(out, runs, failed_name):
         open(os.path.join(d, "exit_code"), "w").write(f"{code}\n")
         if code:
             continue
-        final = 0.3 + 0.01 * (math.log2(r["params"]["optim.lr"]) + 9) ** 2 - 0.01 * math.log2(r["width"])
+        lr = r["params"].get("optim.lr", 2.0 ** -9)           # sweeps over another key: the bowl's floor
+        final = 0.3 + 0.01 * (math.log2(lr) + 9) ** 2 - 0.01 * math.log2(r["width"])
         with open(os.path.join(d, "metrics.jsonl"), "w") as f:
             for step, loss in ((10, 1.0), (20, final + 0.01), (30, final - 0.01)):
                 f.write(json.dumps({"step": step, "loss": loss}) + "\n")
@@ -126,6 +159,21 @@ def test_aggregate_tables_plot_best_point_and_transfer(tmp_path, capsys):
     transferred = load_config(f"{prefix}_out_w512.yaml")
     assert transferred.model.hidden_size == 512 and transferred.model.num_heads == 16
     assert transferred.optim.lr == LRS[1] and transferred.mup.enabled
+
+
+@pytest.mark.parametrize("values", [[0.0, 0.1], ["token_choice", "expert_choice"]])
+def test_aggregate_plots_a_first_key_that_is_not_a_positive_number(tmp_path, capsys, values):
+    """A grid over weight decay (0 included) or over router kinds: a linear or categorical axis, not a traceback
+    from log2 after the table was written."""
+    key = "optim.weight_decay" if isinstance(values[0], float) else "moe.router"
+    path = write_sweep(tmp_path, params={key: values}, widths=[64])
+    sweep_main(["run", "--config", path, "--backend", "slurm", "--dry-run"])
+    out = str(tmp_path / "out")
+    runs = json.load(open(os.path.join(out, "sweep.json")))["runs"]
+    fake_results(out, runs, None)
+    prefix = str(tmp_path / "agg" / "res")
+    assert sweep_main(["aggregate", out, "--out", prefix, "--target-width", "128"]) == 0
+    assert os.path.getsize(prefix + ".png") > 1000
 
 
 def test_local_backend_runs_and_resumes(tiny_shards, tmp_path, capsys):
