@@ -14,6 +14,7 @@ The output is the format `dit_scale.checkpoint.export` writes (safetensors with 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -160,3 +161,12 @@ def read_ours(path: str, field: str = "DENSE_CKPT"):
                               f"with launch/convert.py first (or export a run with launch/export.py).")
     return ({k: source.tensors[k] for k in source.tensors},
             config_from_yaml_text(source.config, f"the config stored in {field}='{path}'"))
+
+
+def exact_ratio(hidden: int, width: int) -> float:
+    """The ratio r with int(width × r) == hidden, as the model computes a dense FFN's hidden size (hidden / width
+    can land a hair below: 120 / 88 × 88 = 119.99999999999999, and the converter refused its own input)."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio

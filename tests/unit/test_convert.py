@@ -49,6 +49,18 @@ def test_dit_release_converts_to_the_same_function(tmp_path):
     compare(fill_model(cfg, weights, path), ref, t, t)
 
 
+def test_an_ffn_size_whose_ratio_rounds_below_converts(tmp_path):
+    """Width 88 with an FFN of 120: 120 / 88 × 88 is 119.99999999999999, so the converter's own ratio rebuilt 119
+    rows and refused its input; the ratio it writes now rebuilds 120 (57 such sizes at DiT-G's width 1408)."""
+    ref = RefDiT(dim=88, mlp_ratio=1.364).randomize_(0)     # int(88 × 1.364) = 120 rows
+    assert ref.blocks[0].mlp.fc1.weight.shape[0] == 120
+    path = str(tmp_path / "DiT-odd.pt")
+    torch.save(ref.state_dict(), path)
+    weights, cfg, _ = convert("dit", path, "DiT-S/2", overrides=["model.num_heads=2"])
+    _, t, _ = inputs()
+    compare(fill_model(cfg, weights, path), ref, t, t)
+
+
 def test_dit_training_checkpoint_takes_the_ema(tmp_path):
     ema, raw = RefDiT().randomize_(0), RefDiT().randomize_(1)
     path = str(tmp_path / "0400000.pt")
