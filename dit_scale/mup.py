@@ -12,6 +12,7 @@ dimensions of a parameter grow is read by comparing its shape with the same para
     input-like  fan-out or none     input, vector               × 1        base std              × 1
     hidden      fan-in and fan-out  hidden, expert              × 1/m      base std / sqrt(m)    × m
     readout     fan-in only         output, router              × 1/m      base std / m          × m
+    (biases, role vector, and the router, role router, are not decayed at all: models/roles.py NO_DECAY_ROLES)
 
 Heads. An alignment head reads a hidden state (width D) out into a fixed-size space (REPA: projector_dim, then the
 teacher's dim), so its first matrix is μP's *readout* for that target: LR × 1/m, init base std / m. Its later

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dit_scale.config.external import read_teacher_config
 from dit_scale.config.schema import CHOICES
@@ -54,6 +54,10 @@ def _check_finite(node, prefix: str = "") -> None:
         path = f"{prefix}{key}"
         if isinstance(value, DictConfig):
             _check_finite(value, path + ".")
+        elif isinstance(value, ListConfig):                 # data.weights=[nan, 1], say
+            bad = next((v for v in value if isinstance(v, float) and not math.isfinite(v)), None)
+            if bad is not None:
+                _fail(f"{path} must hold finite numbers, got {bad} in {list(value)}.")
         elif isinstance(value, float) and not math.isfinite(value):
             _fail(f"{path} must be a finite number, got {value}.")
 

@@ -88,8 +88,9 @@ def upcycled_config(dense_cfg, spec: UpcycleSpec, overrides: Iterable[str] = ())
         raise ConfigError(f"model.name={dense_cfg.model.name} is already a mixture of experts; upcycle a dense DiT.")
     if not 1 <= spec.top_k <= spec.num_experts:
         raise ConfigError(f"--top-k {spec.top_k} must be between 1 and --experts {spec.num_experts}.")
-    if spec.noise < 0 or spec.shared_ratio < 0 or (spec.router_std is not None and spec.router_std < 0):
-        raise ConfigError("--noise, --shared-ratio and --router-std must be >= 0.")
+    values = [spec.noise, spec.shared_ratio] + ([spec.router_std] if spec.router_std is not None else [])
+    if not all(math.isfinite(v) and v >= 0 for v in values):        # nan passes a "< 0" check
+        raise ConfigError("--noise, --shared-ratio and --router-std must be finite numbers >= 0.")
     if spec.noise and spec.mode != "copy":
         raise ConfigError("--noise applies to --mode copy only (split experts already differ).")
     name = dense_cfg.model.name

@@ -267,6 +267,7 @@ def test_diverged_weights_are_never_saved(tiny_shards, tmp_path):
 
 
 @pytest.mark.parametrize("override, field", [("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"),
+                                             ("data.weights=[nan,1]", "data.weights"),
                                              ("optim.weight_decay=nan", "optim.weight_decay"),
                                              ("optim.grad_clip=nan", "optim.grad_clip"),
                                              ("optim.eps=-1e-8", "optim.eps"), ("train.seed=-1", "train.seed"),

@@ -135,6 +135,9 @@ def test_bad_upcycles_are_one_sentence(tmp_path):
     moe = build_model(tiny_cfg())
     with pytest.raises(ConfigError, match="already a mixture of experts"):
         upcycle(moe.state_dict(), tiny_cfg(), UpcycleSpec(4, 2))
+    for bad in ({"noise": float("inf")}, {"router_std": float("nan")}, {"shared_ratio": float("nan")}):
+        with pytest.raises(ConfigError, match="must be finite numbers >= 0"):     # nan passed the "< 0" check
+            upcycle(dense.state_dict(), cfg, UpcycleSpec(4, 2, **bad))
 
 
 def test_command_line(tmp_path, tiny_shards, capsys):
