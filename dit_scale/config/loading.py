@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import typing
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,15 +73,34 @@ def _did_you_mean(schema, key: str) -> str:
     return f"did you mean {' or '.join(repr(g) for g in guesses)}? " if guesses else ""
 
 
+def _type_label(t) -> str:
+    """A schema annotation in words: integer, number, list of numbers, section, ..."""
+    if isinstance(t, str):                                  # postponed annotations: the names as written
+        t = t.replace("typing.", "")
+        inner = t[len("Optional["):-1] if t.startswith("Optional[") else t
+        if inner.startswith(("List[", "list[")):
+            return "list of " + _type_label(inner[5:-1]).replace("integer", "integers").replace("number", "numbers")
+        return {"int": "integer", "float": "number", "bool": "boolean (true/false)", "str": "string"}.get(inner,
+                                                                                                         inner)
+    if typing.get_origin(t) is typing.Union:
+        return _type_label(next(a for a in typing.get_args(t) if a is not type(None)))
+    if typing.get_origin(t) is list:
+        return "list of " + _type_label(typing.get_args(t)[0]).replace("integer", "integers").replace("number",
+                                                                                                      "numbers")
+    if dataclasses.is_dataclass(t):
+        return "section of key: value settings"
+    return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string"}.get(t, "value")
+
+
 def _type_name(schema, full_key: str) -> str:
     section, _, name = str(full_key).partition(".")
     for f in dataclasses.fields(schema):
         if f.name == section:
+            if not name or not dataclasses.is_dataclass(f.type) and f.default_factory is dataclasses.MISSING:
+                return _type_label(f.type)                  # a top-level field (a sweep file's num_samples)
             for g in dataclasses.fields(f.default_factory()):
                 if g.name == name:
-                    t = str(g.type).replace("Optional[", "").rstrip("]")
-                    return {"int": "integer", "float": "number", "bool": "boolean (true/false)",
-                            "str": "string"}.get(t, t)
+                    return _type_label(g.type)
     return "value"
 
 
@@ -97,14 +118,40 @@ def merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         raise ConfigError(f"Unknown config key '{key}' in {origin}; {_did_you_mean(schema, key)}allowed keys in "
                           f"{where}: {allowed}.") from None
     except ValidationError as e:
-        raise ConfigError(f"Config field '{e.full_key}' in {origin} got {e.value!r}, "
-                          f"which is not a valid {_type_name(schema, e.full_key)}.") from None
+        key = e.full_key or (str(other).split("=")[0] if isinstance(other, str) else None)
+        if not key:                                         # a whole section replaced by a value (model=5)
+            raise ConfigError(f"A section in {origin} was given a single value; set its keys instead, e.g. "
+                              f"model.depth=12.") from None
+        raise ConfigError(f"Config field '{key}' in {origin} got {e.value!r}, "
+                          f"which is not a valid {_type_name(schema, key)}.") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"Config field '{getattr(e, 'full_key', '?')}' in {origin} is invalid: {e.msg}.") from None
+    except TypeError as e:                                  # OmegaConf: a mapping where a list goes, or the reverse
+        raise ConfigError(f"A value in {origin} has the wrong shape ({e}): a list field takes [a, b], a section "
+                          f"or mapping takes key: value pairs.") from None
+
+
+def _check_interpolated_keys(cfg: DictConfig) -> None:
+    """An interpolation of a key that is still null would resolve to the text 'None' (`runs/k${moe.top_k}` when
+    top_k comes from the model's name): derived values are written after interpolations, so such a reference is
+    refused, naming both keys."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, path + ".")
+            elif isinstance(value, str):
+                for ref in re.findall(r"\$\{([A-Za-z_][\w.]*)\}", value):     # plain ${a.b}, not resolvers
+                    if OmegaConf.select(cfg, ref, default="missing") is None:
+                        raise ConfigError(f"Config field '{path}' interpolates ${{{ref}}}, which is null here (a "
+                                          f"value derived later, from the model's name or sizes); set {ref} "
+                                          f"explicitly or write the value itself.")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _finish(cfg: DictConfig) -> DictConfig:
     """Interpolations resolved, values checked, derived values written back, checked again; read-only."""
+    _check_interpolated_keys(cfg)
     try:
         OmegaConf.resolve(cfg)
     except InterpolationResolutionError as e:

@@ -53,6 +53,11 @@ def error_of(overrides, path=None):
                                                              "all ranks, which DeepSpeed does not combine with "
                                                              "expert groups; use parallel.zero_stage=1 or 2"),
     (["train.steps"], "Override 'train.steps' must look like key=value"),
+    # a value of the wrong shape or type: one sentence, not a TypeError or a half-printed type
+    (["data.sources={a:1}"], "A value in override 'data.sources={a:1}' has the wrong shape"),
+    (["model=5"], "A section in override 'model=5' was given a single value; set its keys instead"),
+    (["data.weights=abc"], "Config field 'data.weights' in override 'data.weights=abc' got 'abc', which is not a "
+                           "valid list of numbers."),
 ])
 def test_invalid_values_name_the_field(overrides, message):
     assert message in error_of(overrides)
@@ -113,3 +118,15 @@ def test_top_k_overrides_the_name():
     """The README's override example: moe.top_k=1 on the quickstart's DiT-XS/4-4E2A keeps 4 experts, 1 active."""
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), ["moe.top_k=1"])
     assert (cfg.moe.num_experts, cfg.moe.top_k) == (4, 1)
+
+
+def test_an_interpolation_of_a_derived_key_is_refused(tmp_path):
+    """Derived values (moe.top_k from the model's name) are written after interpolations: ${moe.top_k} would resolve
+    to the text 'None' (runs/k None) and was accepted; it is refused naming both keys, while a key the config sets
+    interpolates as before."""
+    base = os.path.join(ROOT, "configs", "quickstart.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"base: {base}\ntrain: {{run_dir: 'runs/w${{model.hidden_size}}_k${{moe.top_k}}'}}\n")
+    assert "Config field 'train.run_dir' interpolates ${moe.top_k}, which is null here" in error_of([], str(path))
+    path.write_text(f"base: {base}\ntrain: {{run_dir: 'runs/w${{model.hidden_size}}'}}\n")
+    assert load_config(str(path)).train.run_dir == "runs/w192"
