@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from dit_scale.build import build
 from dit_scale.config import load_config, width_overrides
 from dit_scale.data import build_loader
+from dit_scale.errors import ConfigError
 from dit_scale.models.moe import MoEFFN
 from dit_scale.optim import build_optimizer
 from dit_scale.training.loss import TrainingLoss
@@ -47,12 +48,22 @@ def add_hooks(model, record: dict) -> list:
     return hooks
 
 
+# μP's own knobs (only valid with mup.enabled): the SP half of the check runs without them
+MUP_ONLY = ["mup.output_mult=1.0", "mup.attn_scale=sqrt", "mup.zero_init_query=false"]
+
+
+def width_config(config: str, overrides: list, width: int, mup: bool):
+    """The config of one width and parametrisation: μP with the user's μP settings, SP without them."""
+    base = load_config(config, overrides + MUP_ONLY)       # only its model's sizes are read
+    return load_config(config, overrides + width_overrides(base.model, width)
+                       + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0",
+                          "diffusion.cfg_scale=1", "eval.cfg_scale=null"]          # nothing is sampled; no null class
+                       + ([] if mup else MUP_ONLY))
+
+
 def coord_data(config: str, overrides: list, width: int, steps: int, mup: bool, seed: int = 0) -> list:
     """[{layer type: mean |activation|} after step t] for t = 1..steps, at one width."""
-    base = load_config(config, overrides)
-    cfg = load_config(config, overrides + width_overrides(base.model, width)
-                      + [f"mup.enabled={str(mup).lower()}", "optim.warmup_steps=0", "model.class_dropout=0",
-                         "diffusion.cfg_scale=1", "eval.cfg_scale=null"])     # nothing is sampled; no null class
+    cfg = width_config(config, overrides, width, mup)
     built = build(cfg, seed=seed)
     model = built.model
     optimizer = build_optimizer(cfg.optim, model, built.mup)
@@ -90,6 +101,12 @@ def mean_over_seeds(runs: list) -> list:
 def coord_check(config: str, overrides: list, widths: list, steps: int, seed: int = 0, num_seeds: int = 3) -> dict:
     """{"mup"|"sp": {"values": {width: [per step]}, "slopes": [{layer type: slope} per step]}}; each value is
     the mean over `num_seeds` seeds (init, data and noise), as microsoft's `mup.get_coord_data` averages them."""
+    if len(set(widths)) < 2:
+        raise ConfigError(f"--widths {','.join(map(str, widths))}: a slope against width needs at least two "
+                          f"different widths, e.g. --widths 64,128,256.")
+    for width in widths:                    # every config checked before anything trains
+        for mup in (True, False):
+            width_config(config, overrides, width, mup)
     result = {}
     seeds = range(seed, seed + num_seeds)
     for name, mup in (("mup", True), ("sp", False)):

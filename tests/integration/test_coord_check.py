@@ -25,3 +25,17 @@ def test_coord_check_runs_on_a_config_that_samples_with_guidance(tiny_shards):
     overrides = tiny_overrides(tiny_shards, "unused", **{"diffusion.cfg_scale": 2.0, "eval.cfg_scale": 3.0})
     per_step = cc.coord_data(None, overrides, 32, steps=1, mup=True)
     assert len(per_step) == 1 and per_step[0]["output"] > 0
+
+
+def test_mup_only_settings_apply_to_the_mup_half_and_a_single_width_is_refused(tiny_shards):
+    """mup.attn_scale=inverse (only valid under μP) used to fail the SP half after the μP half had trained: the SP
+    configs drop μP's own knobs. One width has no slope: refused before anything trains."""
+    import pytest
+    from dit_scale.errors import ConfigError
+    overrides = tiny_overrides(tiny_shards, "unused", **{"mup.base_width": 32, "mup.attn_scale": "inverse"})
+    assert cc.width_config(None, overrides, 64, mup=True).mup.attn_scale == "inverse"
+    assert cc.width_config(None, overrides, 64, mup=False).mup.attn_scale == "sqrt"
+    result = cc.coord_check(None, overrides, [32, 64], steps=1, num_seeds=1)
+    assert set(result) == {"mup", "sp"}
+    with pytest.raises(ConfigError, match="at least two different widths"):
+        cc.coord_check(None, overrides, [64, 64], steps=1)
