@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from dit_scale.convert.common import fill_model, read_ours, read_source, save_weights
-from dit_scale.errors import ConfigError
+from dit_scale.errors import CheckpointError, ConfigError
 
 FORMATS = ("dit", "dit-moe")
 
@@ -31,6 +31,19 @@ def convert(fmt: str, path: str, model: str, objective: str = None, overrides: I
             weights: str = "auto"):
     """(our weights, resolved config, which weights were read) of the checkpoint `path` in format `fmt`."""
     state, which = read_source(path, weights)
+    try:
+        ours, cfg = _convert(fmt, state, path, model, objective, overrides)
+    except (ConfigError, CheckpointError):              # already one sentence naming the field or file
+        raise
+    except (IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        # tensors of the right names but impossible shapes (a crafted or damaged file): one sentence, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}' has the names of a --from {fmt} checkpoint but tensors it cannot be read "
+                              f"from ({type(e).__name__}: {first[:160]}); check --from and the file.") from None
+    return ours, cfg, which
+
+
+def _convert(fmt, state, path, model, objective, overrides):
     if fmt == "dit":
         from dit_scale.convert.dit import from_dit
         if objective not in (None, "ddpm"):
@@ -45,7 +58,7 @@ def convert(fmt: str, path: str, model: str, objective: str = None, overrides: I
         ours, cfg = from_dit_moe(state, model, objective, overrides, source=path)
     else:
         raise ConfigError(f"--from {fmt!r} is not one of {', '.join(FORMATS)}.")
-    return ours, cfg, which
+    return ours, cfg
 
 
 def export_to(fmt: str, weights: dict, cfg) -> dict:

@@ -74,6 +74,8 @@ def read_source(path: str, weights: str = "auto") -> Tuple[Dict[str, torch.Tenso
 def _strip(state: dict) -> Dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):             # a weights entry holding a number, a string...
+            continue                                        # (a layer it lacks then names itself)
         while key.startswith(WRAPPER_PREFIXES):
             key = key.split(".", 1)[1]
         out[key] = value

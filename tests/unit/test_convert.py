@@ -177,6 +177,23 @@ class Evil:
         return (os.system, ("echo pwned",))
 
 
+def test_crafted_tensors_are_one_sentence(tmp_path, capsys):
+    """The right names with impossible tensors (a 1-D pos_embed, one of the wrong width, a number where a weight
+    goes, an expert of another size): one sentence naming the file, not an IndexError, RuntimeError or
+    AttributeError traceback."""
+    out = str(tmp_path / "o.safetensors")
+    ref, moe = RefDiT().randomize_(0).state_dict(), RefDiT(moe=(4, 2)).randomize_(0).state_dict()
+    cases = [("dit", {**ref, "pos_embed": torch.zeros(16)}), ("dit", {**ref, "pos_embed": torch.zeros(1, 16, 8)}),
+             ("dit", {"model": {**ref, "x_embedder.proj.weight": 5}}),
+             ("dit-moe", {**moe, "blocks.0.moe.experts.1.gate_proj.weight": torch.zeros(3, 32)})]
+    for i, (fmt, state) in enumerate(cases):
+        path = str(tmp_path / f"crafted{i}.pt")
+        torch.save(state, path)
+        err = one_error(capsys, ["--from", fmt, path, "--model", "DiT-S/2" + ("-4E2A" if fmt == "dit-moe" else ""),
+                                 "--out", out, *(["--objective", "ddpm"] if fmt == "dit-moe" else []), *CUSTOM])
+        assert path in err, err
+
+
 def test_flash_attention_names_map_when_qk_norm_is_off():
     """DiT-MoE's flash layout without q/k norm parameters (`Wqkv`, `out_proj`) renames onto qkv / proj."""
     from dit_scale.convert.dit_moe import _attn
