@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from dit_scale.compat import (deepspeed_engine_class, deepspeed_expert_groups, deepspeed_init_distributed,
                               zero_fp32_fragment, zero_fp32_full, zero_init_optimizer_state, zero_norm_groups)
+from dit_scale.errors import ConfigError
 from dit_scale.optim import EMA, build_optimizer, build_scheduler, init_adamw_state, resolve_precision
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names
@@ -135,6 +136,10 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
     # -- training -------------------------------------------------------------------------------------------------
     def backward(self, loss):
         self._micro += 1
+        if self.stage == 3:
+            # what DeepSpeedEngine.forward does first, which the trainer's direct call of the module skips: without
+            # it ZeRO-3's micro-step counter stays at 0 and each micro-batch's gradient replaces the last one's
+            self.ds.optimizer.clear_backward_seen_flag()
         self.ds.set_gradient_accumulation_boundary(self._micro == self.cfg.train.grad_accum)
         self.ds.backward(loss, scale_wrt_gas=False)          # the trainer already divided by grad_accum
 
@@ -244,10 +249,14 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
                 "optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
 
     def _step_count(self):
+        if self.stage == 3 and not self.optimizer.state:     # before its first step: the template of a resume
+            _refuse_zero3_resume()
         return next(iter(self.optimizer.state.values()))["step"]
 
     def load_state_dict(self, state: dict):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        if self.stage == 3:
+            _refuse_zero3_resume()
         opt_state = state["optimizer"]["state"]
         with torch.no_grad():
             for i, (name, p) in enumerate(zip(self.names, self.params)):
@@ -276,3 +285,12 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         init_adamw_state(self.optimizer)
         if self.stage < 3:        # stage 3 reads the optimizer state directly
             zero_init_optimizer_state(self.ds.optimizer)
+
+
+def _refuse_zero3_resume():
+    """ZeRO-3's base optimizer holds no per-parameter state before its first step, so AdamW's moments cannot be
+    restored into it (they would restart from zero): a resume is refused rather than continued differently from
+    the saved run."""
+    raise ConfigError("A checkpoint cannot be loaded into parallel.zero_stage=3 yet (its AdamW state would not be "
+                      "restored); resume it with parallel.zero_stage=2 or parallel.engine=fsdp, which also shard the "
+                      "optimizer state, or in one process.")
