@@ -55,8 +55,11 @@ def parallelize(model: nn.Module, train_cfg, topology, shard: Optional[Callable[
     if train_cfg.compile:
         check_compile_mode(train_cfg.compile_mode, topology)
         mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+        # tensor parallelism: static shapes (a recompile per batch size). With automatic dynamic shapes inductor's
+        # code for the sequence-parallel split of a dynamic token count fails in the first backward (torch 2.13)
+        dynamic = False if topology.tp_size > 1 else None
         for block in list(model.mixer) + list(model.blocks):
-            block.compile(mode=mode)
+            block.compile(mode=mode, dynamic=dynamic)
     if topology.ep_size > 1:
         shard_experts(model, topology.ep_rank, topology.ep_size, topology.group("ep"))
     if shard is not None:

@@ -163,7 +163,10 @@ def _init_process_group(device: torch.device, rank: int, world: int, timeout_min
     """The default process group (NCCL on GPU, gloo on CPU), unless one exists."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        # one process started without torchrun (`python launch/train.py parallel.engine=fsdp`): no rendezvous
+        # address is set, and none is needed; an in-process store stands in for it
+        store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(backend, rank=rank, world_size=world, store=store,
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(minutes=timeout_minutes))
 

@@ -65,12 +65,14 @@ class MoEStats:
             self.dropped += d
         self.n += 1
 
-    def all_reduce(self, reduce_sum, world_size: int):
-        """Combine the interval's statistics over data-parallel ranks (reduce_sum: in-place sum over ranks)."""
+    def all_reduce(self, reduce_sum, world_size: int, dp_size: Optional[int] = None):
+        """Combine the interval's statistics over the ranks (reduce_sum: in-place sum over all of them). Dropped
+        tokens are per micro-batch of one data-parallel rank, as in one process: the sum over ranks (tensor and
+        context parallel ranks each count their share of an image's tokens) divided by the data-parallel size."""
         if self.counts is not None:
             self.counts = reduce_sum(self.counts)
             self.entropy = reduce_sum(self.entropy) / world_size
-            self.dropped = reduce_sum(self.dropped)
+            self.dropped = reduce_sum(self.dropped) / (dp_size or world_size)
 
     def summary(self) -> dict:
         """Max/mean expert load (1.0 = perfectly balanced), averaged and worst over layers; entropy; dropped."""
@@ -135,12 +137,12 @@ class IntervalStats:
         """The longest run of consecutive skipped steps so far (one host sync)."""
         return int(self.worst_bad.item())
 
-    def summary(self, all_reduce_sum_, world_size: int) -> dict:
+    def summary(self, all_reduce_sum_, world_size: int, dp_size: Optional[int] = None) -> dict:
         """The interval's row (losses averaged over applied steps and ranks, grad norm, images/s, cumulative
         skipped steps, MoE load), then a fresh interval. Collective: every rank calls it."""
         elapsed = max(1e-9, time.perf_counter() - self._tic - self._paused)
         values = (all_reduce_sum_(self.sums.clone()) / world_size).tolist()
-        self.moe.all_reduce(all_reduce_sum_, world_size)
+        self.moe.all_reduce(all_reduce_sum_, world_size, dp_size)
         skipped = self.skipped.item()
         n_ok = self.steps - (skipped - self.skipped_before)
         # an interval whose steps were all skipped has no loss to report: null, and "skipped": true (not 0.0)

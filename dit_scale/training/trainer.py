@@ -203,9 +203,9 @@ class Trainer:
                                                          self.preemption.vote_tensor(self.device)]))
         self._stop_votes = flags[1]
         ok = (flags[0] == 0) & torch.isfinite(grad_norm)
+        self._update_router_bias(counts)    # before the step: the local engine copies buffers into its EMA there
         self.engine.step(ok)
         self.engine.zero_grad()
-        self._update_router_bias(counts)
         return totals, grad_norm, ok
 
     def _update_router_bias(self, counts):
@@ -282,7 +282,7 @@ class Trainer:
             raise TrainingAborted(
                 f"{worst} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
                 f"{t.max_bad_steps}); lower optim.lr or check the data; {where}.")
-        row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size)
+        row = interval.summary(self.engine.all_reduce_sum_, self.topo.world_size, self.topo.dp_size)
         row["images"] = self.streams.images             # trained on so far, over every data-parallel rank
         row["global_batch"] = self.images_in_step(self.step - 1)
         row["data_position"] = self.loader.samples       # global samples the loader has handed out

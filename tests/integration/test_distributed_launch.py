@@ -79,3 +79,21 @@ def test_resume_continues_exactly(tiny_shards, tmp_path, engine):
     run(tmp_path / "part", **{"train.steps": 3})
     resumed = run(tmp_path / "part", **{"train.resume": "auto"})
     assert resumed == full and len(full) == 6
+
+
+def test_a_sharding_engine_runs_in_one_process_without_torchrun(tiny_shards, tmp_path):
+    """`python launch/train.py ... parallel.engine=fsdp` (no torchrun, so no rendezvous address): one process with an
+    in-process store, the local engine's losses (it ended in torch's MASTER_ADDR traceback)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    losses = {}
+    for engine in ("local", "fsdp"):
+        run = str(tmp_path / engine)
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
+                               os.path.join(ROOT, "configs", "quickstart.yaml"),
+                               *tiny_overrides(tiny_shards, run, **{"parallel.engine": engine, "train.steps": 3,
+                                                                    "logging.log_every": 1,
+                                                                    "train.deterministic": True})],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[engine] = [r["loss"] for r in read_metrics(run)]
+    assert losses["fsdp"] == pytest.approx(losses["local"], rel=1e-5)

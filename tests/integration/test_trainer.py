@@ -109,3 +109,19 @@ def test_aux_loss_free_counts_each_token_once(tiny_shards, tmp_path, checkpointi
     from dit_scale.training.metrics import MoEStats
     trainer.train_step(MoEStats())
     assert len(seen) == 2 and all(c.sum().item() == 2 * 4 * 16 * 2 for c in seen)      # accum · B · N · k
+
+
+def test_the_ema_carries_the_current_router_bias(tiny_shards, tmp_path):
+    """The router bias is a buffer the EMA model copies: the local engine copies at its step, so the bias update
+    must come first (it came after, and the one-process EMA lagged one update behind every other layout's)."""
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
+        "moe.score_function": "sigmoid", "moe.bias_update_rate": 0.05, "moe.aux_loss_coeff": 0}))
+    trainer = Trainer(cfg)
+    from dit_scale.training.metrics import MoEStats
+    for _ in range(3):
+        trainer.train_step(MoEStats())
+        trainer.step += 1
+    state = trainer.engine.state_dict()
+    names = [n for n in state["model"] if n.endswith("router.expert_bias")]
+    assert names and any(state["model"][n].abs().sum() > 0 for n in names)
+    assert all(torch.equal(state["ema"][n], state["model"][n]) for n in names)

@@ -99,3 +99,15 @@ def test_an_interval_times_training_only_and_weighs_each_step_by_its_flops(monke
     clock.now += 3.0                         # the next interval starts where this one was summarised
     interval.add(torch.ones(1), zero, ok, 4, 4 * 4e6)
     assert interval.summary(lambda t: t, 1)["images_per_s"] == pytest.approx(4 / 3.0)
+
+
+def test_dropped_tokens_are_per_micro_batch_whatever_the_data_parallel_size():
+    """Two data-parallel ranks that each drop 3 tokens in their micro-batch report 3, as one process dropping 3 per
+    micro-batch does (the sum over ranks was reported: 6, doubling with the ranks)."""
+    from dit_scale.training.metrics import MoEStats
+    stats = MoEStats()
+    stats.add({"tokens_per_expert": torch.ones(1, 4), "router_entropy": torch.ones(1), "dropped_tokens": torch.tensor(
+        [3.0])})
+    twice = lambda t: t * 2                                 # the sum over 2 ranks holding the same values
+    stats.all_reduce(twice, world_size=2, dp_size=2)
+    assert stats.summary()["moe/dropped_tokens"] == 3.0
