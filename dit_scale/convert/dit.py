@@ -125,8 +125,9 @@ def from_dit(state: Dict[str, torch.Tensor], model: str, overrides: Iterable[str
     if any(".moe." in k for k in state):
         raise CheckpointError(f"'{source}' holds DiT-MoE layers ('blocks.0.moe.*'); convert it with --from dit-moe.")
     fc1 = _get(state, "blocks.0.mlp.fc1.weight", source)
-    changes.update({"model.mlp_ratio": exact_ratio(fc1.shape[0], shapes["width"]), "model.learn_sigma": shapes["out"] != shapes[
-        "channels"], "diffusion.objective": "ddpm", "moe.num_experts": 0})
+    changes.update({"model.mlp_ratio": exact_ratio(fc1.shape[0], shapes["width"]),
+                    "model.learn_sigma": shapes["out"] != shapes["channels"], "diffusion.objective": "ddpm",
+                    "moe.num_experts": 0})
     cfg = derive_config(None, changes, overrides)
     weights = {rename(k): v for k, v in state.items() if k != "pos_embed"}
     return weights, cfg

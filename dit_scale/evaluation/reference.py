@@ -18,9 +18,10 @@ Two sources:
   pool features of the first PR_SAMPLES images for precision/recall.
 
 DINOv2 statistics for FD-DINOv2 (`load_dino_reference`, an extractor whose network is `dinov2.DINOv2Features`):
-`shards:PATH` as above, cached as `PATH/dinov2_ref_<folder fingerprint>_<num_samples>_<data key>.npz`; an `.npz` written for
-DINOv2 (`features` = "dinov2") is read as it is; any other `.npz` with images (`arr_0`, e.g. ADM's reference batch)
-has their DINOv2 statistics computed over all ranks and cached next to it (`<name>_dinov2_<fingerprint>.npz`).
+`shards:PATH` as above, cached as `PATH/dinov2_ref_<folder fingerprint>_<num_samples>_<data key>.npz`; an `.npz`
+written for DINOv2 (`features` = "dinov2") is read as it is; any other `.npz` with images (`arr_0`, e.g. ADM's
+reference batch) has their DINOv2 statistics computed over all ranks and cached next to it
+(`<name>_dinov2_<fingerprint>.npz`, recomputed when that file changes).
 """
 from __future__ import annotations
 
