@@ -45,7 +45,7 @@ class MoEConfig:
     shared_mlp_ratio: float = 2.0       # always-on shared SwiGLU hidden = ratio * width (DiT-MoE: 2); 0 = none
     aux_loss_coeff: float = 0.01        # DiT-MoE expert-level balance loss alpha
     z_loss_coeff: float = 0.0           # router z-loss coefficient (0: off)
-    capacity_factor: float = 1.0        # expert_choice: each expert takes capacity_factor * k * T / E tokens
+    capacity_factor: float = 1.0        # expert_choice: an expert takes capacity_factor*k*T/E of an image's T tokens
     bias_update_rate: float = 0.0       # >0: aux-loss-free balancing (selection bias, sigmoid scores)
     expert_impl: str = "auto"           # auto | grouped_mm | loop
     expert_act: str = "swiglu"          # expert FFN: swiglu (DiT-MoE) | gelu (DiT's dense FFN, biases: upcycled DiTs)

@@ -8,7 +8,8 @@ goes through the dispatcher slot (see `dispatch.py`). Options:
   * token choice (default): top-k over softmax (or sigmoid) scores, DiT-MoE's expert-level balance loss
     `α·Σ_i P_i·f_i`, f_i = E·count_i/(T·k) (megatron's switch load-balancing loss), router z-loss;
   * aux-loss-free balancing: a selection-only bias updated after each optimizer step (sigmoid scores);
-  * expert choice (micro_diffusion): every expert takes its top-C tokens, C = capacity_factor·k·T/E.
+  * expert choice (EC-DiT, micro_diffusion): in each image, every expert takes its top-C of the image's T tokens,
+    C = capacity_factor·k·T/E (per image, so an image's output does not depend on the rest of its batch).
 The forward of the local path has no host-device synchronisation; statistics are returned as tensors. Every setting
 arrives as one `MoEArgs` (`args.py`), as the config's moe section resolved by `build.model_args`:
 
@@ -73,8 +74,9 @@ class Router(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         return max(1, min(num_tokens, int(self.capacity_factor * self.top_k * num_tokens / self.num_experts)))
 
-    def forward(self, x):
-        """x [T, D] -> (probs [T, E], routing_map [T, E] bool, num_routed, loss, stats...)."""
+    def forward(self, x, group: int = 0):
+        """x [T, D] -> (probs [T, E], routing_map [T, E] bool, num_routed, loss, stats...). `group`: the tokens of
+        one image (consecutive rows; expert choice picks each expert's tokens within each image), 0: all of x."""
         dtype = torch.promote_types(x.dtype, torch.float32)          # fp32 at least (fp64 stays fp64)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.weight.to(dtype))
@@ -86,16 +88,21 @@ class Router(nn.Module):
 
         if self.kind == "expert_choice":
             scores = torch.softmax(logits, dim=-1)
-            cap = self.capacity(num_tokens)
-            top_w, top_tok = scores.t().topk(cap, dim=1)                           # [E, C]
-            routing_map = torch.zeros_like(scores, dtype=torch.bool).t().scatter(1, top_tok, True).t()
-            probs = torch.zeros_like(scores).t().scatter(1, top_tok, top_w).t()
-            num_routed = cap * self.num_experts
+            group = group or num_tokens
+            cap = self.capacity(group)
+            per_image = scores.view(-1, group, self.num_experts).transpose(1, 2)     # [B, E, N]
+            top_w, top_tok = per_image.topk(cap, dim=2)                              # [B, E, C]
+            routing_map = torch.zeros_like(per_image, dtype=torch.bool).scatter(2, top_tok, True)
+            routing_map = routing_map.transpose(1, 2).reshape(num_tokens, self.num_experts)
+            probs = torch.zeros_like(per_image).scatter(2, top_tok, top_w).transpose(1, 2).reshape_as(scores)
+            num_routed = cap * self.num_experts * (num_tokens // group)
         else:
             bias = self.expert_bias if self.bias_update_rate > 0 else None
             probs, routing_map = _moe_utils.topk_routing_with_score_function(
                 logits, self.top_k, use_pre_softmax=True, score_function=self.score_function, expert_bias=bias)
-            if self.normalize_topk and self.score_function == "softmax":
+            if self.score_function == "sigmoid":    # megatron renormalises sigmoid weights whenever k > 1; the
+                probs = torch.sigmoid(logits) * routing_map     # chosen experts' raw scores (moe.normalize_topk below)
+            if self.normalize_topk:
                 probs = probs / probs.sum(dim=-1, keepdim=True)
             num_routed = num_tokens * self.top_k
             if self.aux_loss_coeff > 0:
@@ -115,11 +122,13 @@ class Router(nn.Module):
         return probs, routing_map, num_routed, MoEOutput(self.tokens.sum(loss), counts, entropy, dropped)
 
     @torch.no_grad()
-    def update_bias(self, global_counts):
-        """Aux-loss-free balancing step (after the optimizer step): raise the bias of under-loaded experts.
-        `global_counts` [E]: the step's tokens per expert, summed over micro-batches and data-parallel ranks."""
+    def update_bias(self, global_counts, applied=None):
+        """Aux-loss-free balancing step (once per optimizer step): raise the bias of under-loaded experts.
+        `global_counts` [E]: the step's tokens per expert, summed over micro-batches and data-parallel ranks;
+        `applied`: a device flag, false on a step the trainer skips (non-finite), which then moves nothing."""
         offset = global_counts.mean() - global_counts
-        self.expert_bias.add_(self.bias_update_rate * torch.sign(offset))
+        update = self.bias_update_rate * torch.sign(offset)
+        self.expert_bias.add_(update if applied is None else update * applied)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +227,7 @@ class MoEFFN(nn.Module):
     def forward(self, x):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        probs, routing_map, num_routed, aux = self.router(tokens)
+        probs, routing_map, num_routed, aux = self.router(tokens, group=shape[-2] if x.dim() == 3 else 0)
         expert_in, tokens_per_expert, handle = self.dispatcher.dispatch(tokens, routing_map, probs, num_routed)
         expert_out = self.experts(expert_in, tokens_per_expert)
         out = self.dispatcher.combine(expert_out, handle).to(x.dtype)

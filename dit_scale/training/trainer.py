@@ -203,21 +203,22 @@ class Trainer:
                                                          self.preemption.vote_tensor(self.device)]))
         self._stop_votes = flags[1]
         ok = (flags[0] == 0) & torch.isfinite(grad_norm)
-        self._update_router_bias(counts)    # before the step: the local engine copies buffers into its EMA there
+        self._update_router_bias(counts, ok)    # before the step: the local engine copies buffers into its EMA there
         self.engine.step(ok)
         self.engine.zero_grad()
         return totals, grad_norm, ok
 
-    def _update_router_bias(self, counts):
+    def _update_router_bias(self, counts, ok):
         """Aux-loss-free balancing: the step's tokens per expert (from the forwards' outputs, so a recomputed
-        checkpointed forward counts nothing twice), summed over data-parallel ranks, then each router's sign update."""
+        checkpointed forward counts nothing twice), summed over data-parallel ranks, then each router's sign update;
+        none on a skipped step (`ok` false, a device flag: no host sync)."""
         layers = self.model.moe_layers()
         if counts is None or not any(layer.router.bias_update_rate > 0 for layer in layers):
             return
         counts = self.engine.all_reduce_sum_(counts.clone())
         for layer, layer_counts in zip(layers, counts):
             if layer.router.bias_update_rate > 0:
-                layer.router.update_bias(layer_counts)
+                layer.router.update_bias(layer_counts, ok)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loop

@@ -63,8 +63,11 @@ def test_resume_continues_exactly(tiny_shards, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_abort(tiny_shards, tmp_path):
+    """Nothing moves on a skipped step: weights, optimizer state, and the aux-loss-free router bias (it moved by the
+    full rate on every skipped step)."""
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "nan"), **{
-        "train.max_bad_steps": 3, "logging.log_every": 4, "train.steps": 12}))
+        "train.max_bad_steps": 3, "logging.log_every": 4, "train.steps": 12, "moe.score_function": "sigmoid",
+        "moe.bias_update_rate": 0.01, "moe.aux_loss_coeff": 0}))
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real_loss = trainer.objective.loss
@@ -105,7 +108,7 @@ def test_aux_loss_free_counts_each_token_once(tiny_shards, tmp_path, checkpointi
     seen = []
     for layer in trainer.model.moe_layers():
         real = layer.router.update_bias
-        layer.router.update_bias = lambda counts, real=real: (seen.append(counts.clone()), real(counts))
+        layer.router.update_bias = lambda counts, ok, real=real: (seen.append(counts.clone()), real(counts, ok))
     from dit_scale.training.metrics import MoEStats
     trainer.train_step(MoEStats())
     assert len(seen) == 2 and all(c.sum().item() == 2 * 4 * 16 * 2 for c in seen)      # accum · B · N · k

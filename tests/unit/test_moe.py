@@ -73,6 +73,27 @@ def test_router_invariants_and_fp32():
     torch.testing.assert_close(probs_n.sum(dim=1), torch.ones(50))
 
 
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_token_choice_weights_are_the_documented_formula(score_function, normalize, top_k):
+    """A token's weights are its chosen experts' scores (softmax or sigmoid of the logits; an aux-loss-free bias
+    changes only which experts are chosen), renormalised to sum to 1 exactly when moe.normalize_topk is set."""
+    rate = 0.3 if score_function == "sigmoid" else 0.0
+    moe = make_moe(top_k=top_k, score_function=score_function, normalize_topk=normalize, bias_update_rate=rate)
+    if rate:
+        moe.router.expert_bias.copy_(torch.tensor([0.6, -0.6, 0.0, 0.3]))
+    x = torch.randn(30, D)
+    probs = moe.router(x)[0]
+    logits = x @ moe.router.weight.t()
+    scores = logits.softmax(-1) if score_function == "softmax" else logits.sigmoid()
+    chosen = (scores + moe.router.expert_bias).topk(top_k, dim=-1).indices
+    expected = torch.zeros_like(scores).scatter(1, chosen, scores.gather(1, chosen))
+    if normalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(probs, expected)
+
+
 def test_balance_loss_is_dit_moe_formula():
     """α·Σ_i P_i·f_i with P_i = mean softmax prob, f_i = E·count_i/(T·k) (DiT-MoE), plus z-loss."""
     alpha, zc, k = 0.01, 0.001, 2
@@ -95,6 +116,19 @@ def test_expert_choice_capacity_and_dropped():
     assert cap == 4 and num_routed == E * cap
     assert (routing_map.sum(dim=0) == cap).all()
     assert aux.dropped.item() == (~routing_map.any(dim=1)).sum().item() >= 32 - E * cap
+
+
+def test_expert_choice_routes_within_each_image():
+    """Each expert takes its top-C of each image's tokens (C = cf·k·N/E): an image's output is the same alone or in
+    any batch, and equals the per-image reference (the layer on that image's tokens as one group)."""
+    moe = make_moe(top_k=2, router="expert_choice", capacity_factor=0.5, shared_hidden=8)
+    x = torch.randn(5, 12, D)
+    out, aux = moe(x)
+    for i in range(5):
+        torch.testing.assert_close(out[i], moe(x[i:i + 1])[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[i], reference_forward(moe, x[i]), rtol=1e-5, atol=1e-5)
+    cap = moe.router.capacity(12)
+    assert cap == 3 and aux.tokens_per_expert.tolist() == [5 * cap] * E
 
 
 def test_aux_loss_free_bias_update():
