@@ -119,8 +119,8 @@ class IntervalStats:
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.worst_bad = torch.maximum(self.worst_bad, self.consecutive_bad)
         self.skipped += bad
-        self.sums += torch.cat([torch.nan_to_num(totals, nan=0.0, posinf=0.0) * ok,
-                                torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)])
+        self.sums += torch.cat([torch.nan_to_num(totals, nan=0.0, posinf=0.0),
+                                torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0).view(1)]) * ok
         self.steps += 1
         self.images += images
         self.flops += flops
@@ -147,7 +147,7 @@ class IntervalStats:
         n_ok = self.steps - (skipped - self.skipped_before)
         # an interval whose steps were all skipped has no loss to report: null, and "skipped": true (not 0.0)
         losses = {k: (v / n_ok if n_ok > 0 else None) for k, v in zip(self.names, values)}
-        row = {**losses, "grad_norm": values[-1] / self.steps if n_ok > 0 else None, "skipped": n_ok <= 0,
+        row = {**losses, "grad_norm": values[-1] / n_ok if n_ok > 0 else None, "skipped": n_ok <= 0,
                "images_per_s": self.images / elapsed, "flops_per_s": self.flops / elapsed, "skipped_steps": skipped,
                **self.moe.summary()}
         self.moe_counts = self.moe.counts

@@ -143,6 +143,7 @@ class Trainer:
         self._started = False
         self._stop_votes = None      # device scalar: ranks voting to stop, all-reduced in train_step
         self._moe_counts = None      # tokens per expert of the last logging interval, for expert_load.png
+        self._lr = None              # the learning rate of the last step (host float, from the optimizer's groups)
 
     def _write_config(self):
         """Rank 0 writes the resolved config into the run directory; returns the one-line disk message when the disk
@@ -204,6 +205,7 @@ class Trainer:
         self._stop_votes = flags[1]
         ok = (flags[0] == 0) & torch.isfinite(grad_norm)
         self._update_router_bias(counts, ok)    # before the step: the local engine copies buffers into its EMA there
+        self._lr = self.engine.lr           # the rate this step uses (the engine's step moves the schedule on)
         self.engine.step(ok)
         self.engine.zero_grad()
         return totals, grad_norm, ok
@@ -287,7 +289,7 @@ class Trainer:
         row["images"] = self.streams.images             # trained on so far, over every data-parallel rank
         row["global_batch"] = self.images_in_step(self.step - 1)
         row["data_position"] = self.loader.samples       # global samples the loader has handed out
-        row["lr"] = self.engine.lr
+        row["lr"] = self._lr                             # the rate the interval's last step used
         if self.cfg.mask.ratio > 0:
             row["mask_ratio"] = self.loss.mask_ratio(self.step - 1)
         flops_per_s = row.pop("flops_per_s")             # each step's images at that step's cost (mask schedule)

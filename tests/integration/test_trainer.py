@@ -80,6 +80,20 @@ def test_non_finite_steps_are_skipped_then_abort(tiny_shards, tmp_path):
     assert trainer.engine.optimizer.state_dict()["state"][0]["step"].item() == 0
 
 
+def test_the_logged_lr_is_the_rate_the_step_used(tiny_shards, tmp_path):
+    """Row `step` logs the rate its last step (0-based step - 1) trained with: the schedule's factor at that step
+    (it logged the next step's, and the last row a rate no step used)."""
+    from dit_scale.optim import lr_lambda
+    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "lr"), **{
+        "optim.warmup_steps": 4, "optim.schedule": "cosine", "optim.lr": 2e-3, "train.steps": 6,
+        "logging.log_every": 1}))
+    Trainer(cfg).fit()
+    factor = lr_lambda(cfg.optim, 6)
+    logged = [(r["step"], r["lr"]) for r in read_metrics(str(tmp_path / "lr")) if "lr" in r]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+    assert [lr for _, lr in logged] == pytest.approx([2e-3 * factor(s - 1) for s, _ in logged])
+
+
 def test_isolated_non_finite_step_is_skipped_and_counted(tiny_shards, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "one"), **{
         "logging.log_every": 3, "train.steps": 6}))

@@ -101,6 +101,18 @@ def test_an_interval_times_training_only_and_weighs_each_step_by_its_flops(monke
     assert interval.summary(lambda t: t, 1)["images_per_s"] == pytest.approx(4 / 3.0)
 
 
+def test_an_interval_averages_losses_and_grad_norm_over_its_applied_steps():
+    """A skipped step (non-finite loss or norm) counts in neither the losses nor the grad norm: three steps at norm 2
+    and one at inf log 2 (it logged 1.5, the inf step counted as a zero)."""
+    from dit_scale.training.metrics import IntervalStats
+    interval = IntervalStats(["loss"], "cpu")
+    for loss, norm in ((1.0, 2.0), (3.0, 2.0), (float("nan"), float("inf")), (5.0, 2.0)):
+        ok = torch.tensor(bool(torch.isfinite(torch.tensor([loss, norm])).all()))
+        interval.add(torch.tensor([loss]), torch.tensor(norm), ok, 1)
+    row = interval.summary(lambda t: t, 1)
+    assert (row["loss"], row["grad_norm"], row["skipped_steps"]) == (3.0, 2.0, 1.0)
+
+
 def test_dropped_tokens_are_per_micro_batch_whatever_the_data_parallel_size():
     """Two data-parallel ranks that each drop 3 tokens in their micro-batch report 3, as one process dropping 3 per
     micro-batch does (the sum over ranks was reported: 6, doubling with the ranks)."""
