@@ -93,13 +93,14 @@ class IntervalStats:
     consecutive non-finite steps, MoE routing statistics, and the wall time spent training (time inside `paused()`,
     e.g. sampling and saving, is not training throughput). Nothing here synchronises until `summary`."""
 
-    def __init__(self, names, device):
+    def __init__(self, names, device, skipped: Optional[torch.Tensor] = None):
+        """`skipped`: the run's device counter of skipped steps (a checkpoint carries it: `RankStreams.skipped`)."""
         self.names, self.device = list(names), device
         self.moe = MoEStats()
         self.sums = torch.zeros(len(self.names) + 1, device=device)    # loss terms + grad norm
         self.consecutive_bad = torch.zeros((), device=device)
         self.worst_bad = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device) if skipped is None else skipped
         self.steps, self.images, self.flops, self.skipped_before, self.last = 0, 0, 0.0, 0.0, {}
         self.moe_counts = None            # tokens per expert [L, E] of the last interval (expert_load.png)
         self.restart_clock()

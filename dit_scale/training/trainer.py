@@ -52,6 +52,8 @@ class RankStreams:
         self.cfg, self.topo, self.uniforms = cfg, topology, uniforms
         self.loader = self._build_loader(cfg.train.seed)
         self.images = 0              # images trained on so far, over every data-parallel rank (the trainer counts)
+        self.skipped = torch.zeros((), device=device)    # steps skipped so far (non-finite; IntervalStats counts)
+        self.periodic_due = False    # saved by a stop before this step's samples / evaluation: the resume runs them
         # seeded per data-parallel rank: the ranks sharing an image (tensor / context parallelism) draw alike
         self.rng = RNGStreams(cfg.train.seed, topology.dp_rank, device, cfg.train.deterministic)
 
@@ -71,7 +73,8 @@ class RankStreams:
 
     def state_dict(self) -> dict:
         return {"data": self.loader.state_dict(), "rng": self.rng.state_dict(), "global_batch": self.global_batch,
-                "dp": [self.topo.dp_rank, self.topo.dp_size], "images": self.images}
+                "dp": [self.topo.dp_rank, self.topo.dp_size], "images": self.images,
+                "skipped_steps": int(self.skipped.item()), "periodic_due": self.periodic_due}
 
     def resume(self, saved: list, step: int) -> list[str]:
         """Continue from every rank's saved streams (`saved`, a checkpoint's per_rank list) at `step`: the loader from
@@ -90,6 +93,8 @@ class RankStreams:
             notes.append(f"the checkpoint's data-loader state has an older format, so the data order restarts "
                          f"(shuffled with a seed derived from step {step}) and differs from an uninterrupted run; "
                          f"the images column continues from {self.images} (steps x today's global batch)")
+        self.skipped.fill_(int(first.get("skipped_steps", 0)))
+        self.periodic_due = bool(first.get("periodic_due", False))
         mine = saved[self.topo.rank] if len(saved) == self.topo.world_size else None
         same_layout = isinstance(mine, dict) and mine.get("dp", [self.topo.dp_rank, self.topo.dp_size]) == \
             [self.topo.dp_rank, self.topo.dp_size]
@@ -134,7 +139,7 @@ class Trainer:
         self.streams.rng.reseed(0)                          # per-rank randomness from here on
         self.evaluation = TrainingEvaluation(cfg, self.topo, self.objective, self.device)   # eval.*, sample grids
         self.metric_names = ["loss"] + [f"loss_{k}" for k in self.loss.names]
-        self.interval = IntervalStats(self.metric_names, self.device)
+        self.interval = IntervalStats(self.metric_names, self.device, skipped=self.streams.skipped)
         self.checkpoints = CheckpointManager(cfg, self.run, self.engine, self.topo, self.streams,
                                              health=self._unhealthy)
         self.preemption = Preemption(t.max_wall_minutes, t.run_dir)
@@ -245,7 +250,12 @@ class Trainer:
                   f"{torch.get_num_threads()} CPU threads, run dir {self.run}")
         interval = self.interval
         interval.restart_clock()                            # start-up and checkpoint loading are not training time
+        interval.skipped_before = self.streams.skipped.item()     # skipped before this job (a resumed run's count)
         try:
+            if self.streams.periodic_due:                   # a stop saved this step before its samples / evaluation
+                with interval.paused():
+                    self._periodic(log)
+                self.streams.periodic_due = False
             with self.preemption:
                 while self.step < t.steps:
                     totals, grad_norm, ok = self.train_step(interval.moe)
@@ -258,12 +268,10 @@ class Trainer:
                     if stop or self.step % cfg.logging.log_every == 0 or self.step == t.steps:
                         log.log(self.step, self._interval_row(interval))
                     if stop:
+                        self.streams.periodic_due = self._samples_due() or self.evaluation.due(self.step)
                         self._save_and_interrupt()
                     with interval.paused():             # sampling / saving time is not training throughput
-                        if self._samples_due():
-                            self.write_samples()
-                        if self.evaluation.due(self.step):
-                            log.log(self.step, self.evaluation.run(self.step, self.engine))
+                        self._periodic(log)
                         self.checkpoints.save(self.step)
                 self._save_last()
                 self.write_samples()
@@ -272,6 +280,13 @@ class Trainer:
         finally:
             log.close()
         return {"step": self.step, **interval.last}
+
+    def _periodic(self, log) -> None:
+        """This step's sample grid and evaluation where they are due (collective)."""
+        if self._samples_due():
+            self.write_samples()
+        if self.evaluation.due(self.step):
+            log.log(self.step, self.evaluation.run(self.step, self.engine))
 
     def _interval_row(self, interval: IntervalStats) -> dict:
         """The metrics row of the logging interval that ends now (collective); aborts after too many bad steps."""

@@ -80,6 +80,31 @@ def test_non_finite_steps_are_skipped_then_abort(tiny_shards, tmp_path):
     assert trainer.engine.optimizer.state_dict()["state"][0]["step"].item() == 0
 
 
+def test_a_stop_on_a_sampling_step_leaves_its_grid_and_the_skipped_count_to_the_resume(tiny_shards, tmp_path):
+    """A stop saves before the step's periodic work: the resumed run draws that step's grid first (it never did), and
+    the count of skipped steps continues (it restarted at 0)."""
+    from dit_scale.training.preemption import TrainingInterrupted
+    run = str(tmp_path / "run")
+    over = {"logging.sample_every": 4, "logging.log_every": 2, "train.steps": 6, "logging.samples_per_class": 1,
+            "diffusion.sample_steps": 1}
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_shards, run, **over)))
+    real_loss, calls = trainer.objective.loss, {"n": 0}
+
+    def flaky(out, targets):
+        calls["n"] += 1
+        return real_loss(out, targets) * (float("inf") if calls["n"] == 2 else 1.0)
+    trainer.objective.loss = flaky
+    vote = trainer.preemption.vote_tensor
+    trainer.preemption.vote_tensor = lambda device: vote(device) + (trainer.step == 3)   # stop after step 4
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    grid = os.path.join(run, "samples", "step_00000004.png")
+    assert trainer.step == 4 and not os.path.exists(grid)
+    Trainer(load_config(None, tiny_overrides(tiny_shards, run, **over, **{"train.resume": "auto"}))).fit()
+    assert os.path.exists(grid)
+    assert [(r["step"], r["skipped_steps"]) for r in read_metrics(run)] == [(2, 1.0), (4, 1.0), (6, 1.0)]
+
+
 def test_the_logged_lr_is_the_rate_the_step_used(tiny_shards, tmp_path):
     """Row `step` logs the rate its last step (0-based step - 1) trained with: the schedule's factor at that step
     (it logged the next step's, and the last row a rate no step used)."""
