@@ -157,6 +157,18 @@ class RunDir:
         _HELD[path] = fd                                # held until the process exits (kill -9 included)
         return None
 
+    def append_metrics(self):
+        """metrics.jsonl opened for appending rows, after ending a last line that a kill cut mid-write (a row
+        appended onto it would be lost with it)."""
+        f = open(self.metrics, "a+b")
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.close()
+        return open(self.metrics, "a")
+
     def truncate_metrics(self, step: int) -> None:
         """Drop metrics rows logged after `step` (a run killed after its last save logged them; the resumed run
         logs those steps again). Atomic rewrite; nothing to do for a fresh file."""

@@ -7,12 +7,14 @@ panel per metric, one line per run, so runs can be compared without online wandb
 The rows are the ones a run appends to RUN/metrics.jsonl (`training/metrics.py`; evaluation results:
 `evaluation/evaluator.py`'s `log_result`). FID, sFID, IS, precision and recall are split by the number of samples
 they used (`eval/num_samples`), since they depend on it. x is "step" or "hours": wall-clock hours since the run's
-first row (rows carry `time`, Unix seconds). Rows without a metric are skipped for that panel; skipped steps (loss
+first training row (rows carry `time`, Unix seconds; an evaluation sits at the hour its step was trained). Rows without a metric are skipped for that panel; skipped steps (loss
 null) leave gaps. A run without metrics.jsonl is a FileNotFoundError, no metric to draw a ValueError (one sentence).
 """
 import json
 import os
 from typing import Optional
+
+import numpy as np
 
 from dit_scale.run_dir import RunDir
 
@@ -37,24 +39,30 @@ def read_rows(run: str) -> list:
 
 
 def series(rows: list, metric: str, x: str) -> dict:
-    """{label suffix: ([x], [y])} of one run: FID-like metrics split by the number of samples they used."""
-    start = min((r["time"] for r in rows if "time" in r), default=None)
+    """{label suffix: ([x], [y])} of one run, in step order with the last value of a step kept (an evaluation run
+    again, `launch/evaluate.py` over checkpoints in any order): FID-like metrics split by their sample count. With
+    x = "hours" a point sits where the training reached its step (the training rows' clock, interpolated), not
+    where a later `launch/evaluate.py` ran."""
+    clock = {r["step"]: r["time"] for r in rows if "loss" in r and "time" in r}     # training rows (last wins)
+    steps = sorted(clock)
     out = {}
     for r in rows:
         if metric not in r:
             continue
         if x == "hours":
-            if "time" not in r or start is None:
+            if steps:
+                xv = (float(np.interp(r["step"], steps, [clock[s] for s in steps])) - clock[steps[0]]) / 3600.0
+            elif "time" in r:
+                xv = (r["time"] - min(q["time"] for q in rows if "time" in q)) / 3600.0
+            else:
                 continue
-            xv = (r["time"] - start) / 3600.0
         else:
             xv = r["step"]
         n = r.get("eval/num_samples") if metric in SAMPLE_METRICS else None
         key = f" ({LABELS.get(metric, metric)}-{n})" if n is not None else ""
-        xs, ys = out.setdefault(key, ([], []))
-        xs.append(xv)
-        ys.append(float("nan") if r[metric] is None else r[metric])
-    return out
+        out.setdefault(key, {})[r["step"]] = (xv, float("nan") if r[metric] is None else r[metric])
+    return {key: ([points[s][0] for s in sorted(points)], [points[s][1] for s in sorted(points)])
+            for key, points in out.items()}
 
 
 def plot(runs: list, out: Optional[str], metrics: list, x: str = "step") -> str:

@@ -57,10 +57,10 @@ def metrics_row(result: dict, **extra) -> dict:
 
 def log_result(run_dir: str, step: int, row: dict) -> str:
     """Append `row` (metrics_row) as the run's metrics.jsonl line of checkpoint step `step`, with the wall clock."""
-    path = RunDir(run_dir).metrics
-    with open(path, "a") as f:
+    run = RunDir(run_dir)
+    with run.append_metrics() as f:
         f.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **row}) + "\n")
-    return path
+    return run.metrics
 
 
 def sample_images(model, objective, cfg, spec: SamplingSpec, decoder, num_samples: int, batch_size: int, rank: int,

@@ -192,7 +192,7 @@ class MetricsLogger:
         if not is_main:
             return
         run_dir.makedirs()
-        self.file = open(self.path, "a")
+        self.file = run_dir.append_metrics()
         self.total_steps, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
         if cfg.logging.progress_bar and sys.stderr.isatty():    # a terminal: a bar; a log file: one line per row
             from tqdm import tqdm
