@@ -241,7 +241,10 @@ class MetricsLogger:
             return
         if self.bar is not None:
             self.bar.close()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:                         # a full disk: the row that failed was reported when it was written
+            pass
         if self.wandb is not None:
             self.wandb.finish()
 

@@ -23,7 +23,7 @@ from dit_scale.checkpoint.rng import RNGStreams, seed_everything
 from dit_scale.config import save_config
 from dit_scale.data import build_loader, merge_states, split_rows, take_batches
 from dit_scale.data.loader import STATE_FORMAT
-from dit_scale.errors import ConfigError
+from dit_scale.errors import CheckpointError, ConfigError
 from dit_scale.evaluation.periodic import TrainingEvaluation
 from dit_scale.models.flops import count_params
 from dit_scale.optim import resolve_precision
@@ -266,7 +266,8 @@ class Trainer:
                     log.advance()
                     stop = self.preemption.agreed(self._stop_votes) and self.step < t.steps
                     if stop or self.step % cfg.logging.log_every == 0 or self.step == t.steps:
-                        log.log(self.step, self._interval_row(interval))
+                        row = self._interval_row(interval)
+                        self._write_on_main(lambda: log.log(self.step, row), f"while logging step {self.step}")
                     if stop:
                         self.streams.periodic_due = self._samples_due() or self.evaluation.due(self.step)
                         self._save_and_interrupt()
@@ -286,7 +287,8 @@ class Trainer:
         if self._samples_due():
             self.write_samples()
         if self.evaluation.due(self.step):
-            log.log(self.step, self.evaluation.run(self.step, self.engine))
+            row = self.evaluation.run(self.step, self.engine)
+            self._write_on_main(lambda: log.log(self.step, row), f"while logging step {self.step}'s evaluation")
 
     def _interval_row(self, interval: IntervalStats) -> dict:
         """The metrics row of the logging interval that ends now (collective); aborts after too many bad steps."""
@@ -377,8 +379,27 @@ class Trainer:
 
     def write_samples(self) -> str:
         """The decoded, titled class grid of this step (every rank samples: collective); its path on rank 0."""
-        with self.precision.autocast():                     # bf16 engines hold bf16 weights (DeepSpeed's module)
-            return self.evaluation.write_grid(self.engine, self.step, self.run.sample_grid(self.step))
+        def write():
+            with self.precision.autocast():                 # bf16 engines hold bf16 weights (DeepSpeed's module)
+                return self.evaluation.write_grid(self.engine, self.step, self.run.sample_grid(self.step))
+        return self._write_on_main(write, f"while writing step {self.step}'s sample grid")
+
+    def _write_on_main(self, write, when: str):
+        """Run `write` (every rank calls it; rank 0 writes a file). A full disk or an unwritable run directory there
+        stops every rank with one sentence naming the newest checkpoint (exit 2), rather than a traceback on rank 0
+        and a broken connection on the others."""
+        error, result = None, None
+        try:
+            result = write()
+        except OSError as e:
+            found = disk_error(self.run, e, when)
+            if not isinstance(found, CheckpointError):
+                raise
+            error = str(found)
+        error = agree(self.topo, error)
+        if error:
+            raise CheckpointError(error)
+        return result
 
     def write_expert_load(self):
         if self.topo.is_main and self._moe_counts is not None:

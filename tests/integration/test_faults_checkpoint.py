@@ -577,3 +577,29 @@ def test_the_sampling_tools_say_in_one_sentence_what_a_checkpoint_or_flag_lacks(
                                "--ref-samples", "1", "--no-log"], cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
     assert "--ref-samples=1 real images are too few" in one_line_error(evaluate)
+
+
+@pytest.mark.parametrize("what", ["metrics", "grid"])
+def test_a_full_disk_while_logging_or_drawing_is_one_sentence(tiny_shards, tmp_path, monkeypatch, what):
+    """A full disk when rank 0 appends a metrics row or writes a sample grid: one sentence naming the newest
+    checkpoint (exit 2 through launch/train.py), not a traceback (and, with several ranks, a broken connection on the
+    others); closing the metrics file afterwards does not raise a second time."""
+    import errno
+    from dit_scale.training import metrics
+    run = str(tmp_path / "run")
+    trainer = Trainer(load_config(None, tiny_overrides(tiny_shards, run, **{
+        "train.steps": 4, "train.checkpoint_every": 2, "logging.log_every": 1, "logging.sample_every": 3,
+        "logging.samples_per_class": 1, "diffusion.sample_steps": 1})))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if what == "metrics":
+        real_log = metrics.MetricsLogger.log
+        monkeypatch.setattr(metrics.MetricsLogger, "log", lambda self, step, values: (
+            real_log(self, step, values) if step < 3 else (_ for _ in ()).throw(full)))
+    else:
+        trainer.evaluation.write_grid = lambda *a, **k: (_ for _ in ()).throw(full)
+    with pytest.raises(CheckpointError) as caught:
+        trainer.fit()
+    message = str(caught.value)
+    when = "while logging step 3" if what == "metrics" else "while writing step 3's sample grid"
+    assert message.startswith("No space left on the disk holding") and when in message, message
+    assert "the newest complete checkpoint is" in message and "step_00000002" in message, message
