@@ -1,4 +1,5 @@
-"""A frozen DINOv2 teacher loaded from a local directory (transformers `Dinov2Model`), for online REPA / HASTE.
+"""A frozen DINOv2 teacher loaded from a local directory (transformers `Dinov2Model`, or
+`Dinov2WithRegistersModel` for a DINOv2-with-registers folder), for online REPA / HASTE.
 
     teacher = OnlineTeacher("weights/dinov2-base", grid=16, attn_layers=(4, 8), device=device)
     out = teacher(images)      # images [B, 3, H, W] in [-1, 1] -> {"feat": [B, grid², D], "attn": {layer: probs}}
@@ -15,20 +16,27 @@ counts its forwards (tests check that none run after `align.stop_step`).
 from __future__ import annotations
 
 import torch
+
+from dit_scale.errors import ConfigError
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TEACHER_TYPES = ("dinov2", "dinov2_with_registers")    # config.json model_type of the teachers this class runs
 
 
 class OnlineTeacher:
     def __init__(self, path: str, grid: int, attn_layers=(), device="cpu"):
-        from transformers import Dinov2Model          # optional dependency: only online teachers need it
+        from transformers import AutoConfig, AutoModel    # optional dependency: only online teachers need it
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         self.attn_layers = tuple(attn_layers)
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in TEACHER_TYPES:     # Dinov2Model would load a registers folder without its registers
+            raise ConfigError(f"align.teacher_path={path!r} holds a {model_type!r} model; the online teacher is a "
+                              f"DINOv2 ({' or '.join(TEACHER_TYPES)}): point it at a DINOv2 folder.")
         kwargs = {"attn_implementation": "eager"} if self.attn_layers else {}
-        self.model = Dinov2Model.from_pretrained(path, **kwargs).to(device).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(path, **kwargs).to(device).eval().requires_grad_(False)
         c = self.model.config
         self.patch_size, self.grid = int(c.patch_size), int(grid)
         self.num_prefix = 1 + int(getattr(c, "num_register_tokens", 0) or 0)

@@ -259,6 +259,31 @@ def test_online_teacher_features_and_maps(tiny_dino):
     assert aligner.teacher.calls == 1
 
 
+def test_a_dinov2_with_registers_teacher_keeps_its_registers_and_its_patch_tokens(tmp_path):
+    """A DINOv2-with-registers folder: loaded with its registers (Dinov2Model dropped them) and its features are its
+    patch tokens after the CLS and register tokens (4 patch tokens were cut); any other model type is one sentence."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(image_size=16, patch_size=4, hidden_size=TEACHER_DIM,
+                                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                                    num_register_tokens=4)
+    ref = transformers.Dinov2WithRegistersModel(config).eval()
+    ref.save_pretrained(tmp_path / "reg")
+    cfg = cfg_with("align.teacher=online", f"align.teacher_path={tmp_path / 'reg'}", "align.repa_weight=0.5",
+                   "align.repa_depth=2")
+    aligner = Aligner(cfg, "cpu")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        feat = ref(pixel_values=aligner.teacher.preprocess(x)).last_hidden_state[:, 5:]
+    torch.testing.assert_close(aligner.teacher_targets({}, x)["feat"], feat)
+    transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=TEACHER_DIM,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    from dit_scale.align.teacher import OnlineTeacher
+    with pytest.raises(ConfigError, match=r"align\.teacher_path=.* holds a 'vit' model"):
+        OnlineTeacher(str(tmp_path / "vit"), grid=4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # In the trainer
 # ----------------------------------------------------------------------------------------------------------------
