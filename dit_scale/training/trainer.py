@@ -62,6 +62,9 @@ class RankStreams:
         expect = {"x": (m.in_channels, m.input_size, m.input_size), "num_classes": m.num_classes}
         if m.conditioning == "text":        # caption features of the model's width and length; labels unused
             expect.update(num_classes=0, text_dim=m.text_dim, text_len=m.text_len)
+        a = self.cfg.align
+        if a.repa_weight > 0 and a.teacher == "shards":   # every source's teacher features, checked at start-up
+            expect.update(feat_dim=a.teacher_dim, feat_tokens=m.num_tokens)
         return build_loader(self.cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=seed,
                             expect=expect, uniforms=self.uniforms)
 

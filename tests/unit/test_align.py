@@ -1,6 +1,7 @@
 """Representation alignment: REPA, HASTE and SRA losses against direct computations, the heads' μP roles, the
 truncated EMA forward, gradients under masking, config errors, and the trainer (teacher stops at align.stop_step)."""
 import math
+import os
 
 import pytest
 import torch
@@ -305,10 +306,46 @@ class WithFeatures:
         return getattr(self.loader, name)
 
 
-def test_trainer_repa_from_shard_features_with_masking_and_mup(tiny_shards, tmp_path):
+@pytest.fixture(scope="module")
+def feature_shards(tiny_dino, tmp_path_factory):
+    """16×16 pixel shards of 4 classes with the tiny DINOv2's features (4×4 tokens of width 32), as build_shards
+    writes them."""
+    import numpy as np
+    from PIL import Image
+    from data_tools.build_shards import build_shards
+    root = tmp_path_factory.mktemp("feature_images")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        os.makedirs(root / f"c{c}")
+        for i in range(16):
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    out = str(tmp_path_factory.mktemp("feature_shards"))
+    build_shards(out, images=str(root), resolution=16, pixels=True, teacher=tiny_dino, patch_size=4,
+                 teacher_resolution=16, samples_per_shard=32, device="cpu", progress=False)
+    return out
+
+
+def test_shards_without_teacher_features_stop_repa_at_start_up(tiny_shards, feature_shards, tmp_path):
+    """REPA on shard features checks every source's features when the trainer starts (it found a source without
+    them only when its first sample came, maybe hours in, and mixed widths as a numpy traceback)."""
+    from dit_scale.training.trainer import Trainer
+    repa = {"align.repa_weight": 0.5, "align.repa_depth": 1, "align.projector_dim": 32, "train.steps": 1}
+    Trainer(load_config(None, tiny_overrides(feature_shards, str(tmp_path / "ok"), **repa,
+                                             **{"align.teacher_dim": TEACHER_DIM})))
+    mixed = [o for o in tiny_overrides(feature_shards, str(tmp_path / "mixed"), **repa,
+                                       **{"align.teacher_dim": TEACHER_DIM}) if not o.startswith("data.path=")]
+    with pytest.raises(ConfigError, match=r"holds no teacher features \(feat\.npy\)"):
+        Trainer(load_config(None, mixed + [f"data.sources=[{feature_shards},{tiny_shards}]", "data.weights=[0.97,0.03]",
+                                           "data.mode=resampled"]))
+    with pytest.raises(ConfigError, match="holds teacher features of dim 32 but the alignment head expects 16"):
+        Trainer(load_config(None, tiny_overrides(feature_shards, str(tmp_path / "dim"), **repa,
+                                                 **{"align.teacher_dim": 16})))
+
+
+def test_trainer_repa_from_shard_features_with_masking_and_mup(feature_shards, tmp_path):
     from dit_scale.training.metrics import read_metrics
     from dit_scale.training.trainer import Trainer
-    cfg = load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "run"), **{
+    cfg = load_config(None, tiny_overrides(feature_shards, str(tmp_path / "run"), **{
         "align.repa_weight": 0.5, "align.repa_depth": 1, "align.teacher_dim": TEACHER_DIM,
         "align.projector_dim": 32, "mask.ratio": 0.5, "mup.enabled": "true", "mup.base_width": 32,
         "train.steps": 4, "logging.log_every": 2}))
@@ -320,7 +357,7 @@ def test_trainer_repa_from_shard_features_with_masking_and_mup(tiny_shards, tmp_
     assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_denoise"] + rows[-1]["loss_moe"]
                                              + 0.5 * rows[-1]["loss_repa"], rel=1e-4)
 
-    bad = Trainer(load_config(None, tiny_overrides(tiny_shards, str(tmp_path / "bad"), **{
+    bad = Trainer(load_config(None, tiny_overrides(feature_shards, str(tmp_path / "bad"), **{
         "align.repa_weight": 0.5, "align.repa_depth": 1, "align.teacher_dim": TEACHER_DIM, "train.steps": 1})))
     bad.loader = WithFeatures(bad.loader, tokens=9)
     with pytest.raises(ConfigError, match="features' grid and width must match"):
