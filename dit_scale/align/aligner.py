@@ -23,12 +23,14 @@ TERMS = ("repa", "haste", "sra")
 
 
 @torch.no_grad()
-def ema_hidden(ema_model, x, t, y, depth: int, keep=None) -> torch.Tensor:
-    """The output of block `depth` of `ema_model` (eval mode, labels never dropped); the forward stops there."""
+def ema_hidden(ema_model, x, t, y, depth: int, keep=None, force_drop=None) -> torch.Tensor:
+    """The output of block `depth` of `ema_model` (eval mode; the condition dropped where `force_drop` [B] says, the
+    student's own dropout, else never); the forward stops there."""
     was_training = ema_model.training
     ema_model.eval()
     try:
-        force_drop = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        if force_drop is None:
+            force_drop = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         _, aux = ema_model(x, t, y, force_drop=force_drop, mask=keep, return_hidden=(depth,), stop_after=depth)
     finally:
         ema_model.train(was_training)
@@ -64,15 +66,17 @@ class Aligner:
     # Targets (no gradients)
     # ------------------------------------------------------------------------------------------------------------
 
-    def sra_target(self, ema, objective, targets, y, keep=None):
-        """SRA's target: the EMA model's block `sra_teacher_depth` at t - sra_t_gap (`objective.shifted_input`).
+    def sra_target(self, ema, objective, targets, y, keep=None, force_drop=None, gap_fraction=None):
+        """SRA's target (as SRA's code): the EMA model's block `sra_teacher_depth` at t - sra_t_gap · u, u ~ U(0, 1)
+        per sample (`gap_fraction` [B]; None: the whole gap), with the student's condition dropout (`force_drop`).
         `ema()` is a context manager yielding the EMA model (the engine's `sampling_module`). Call it before the
         online forward of the micro-batch (FSDP swaps the EMA weights into the live parameters meanwhile)."""
         if "sra" not in self.weights:
             return None
-        x_tp, t_p = objective.shifted_input(targets, self.cfg.sra_t_gap)
+        gap = self.cfg.sra_t_gap if gap_fraction is None else self.cfg.sra_t_gap * gap_fraction
+        x_tp, t_p = objective.shifted_input(targets, gap)
         with ema() as ema_model:
-            return ema_hidden(ema_model, x_tp, t_p, y, self.cfg.sra_teacher_depth, keep)
+            return ema_hidden(ema_model, x_tp, t_p, y, self.cfg.sra_teacher_depth, keep, force_drop)
 
     @torch.no_grad()
     def teacher_targets(self, batch, x, keep=None) -> dict:

@@ -197,10 +197,11 @@ class GaussianDiffusion:
             "x0": x0,
         }
 
-    def shifted_input(self, targets: Dict[str, torch.Tensor], gap: float):
+    def shifted_input(self, targets: Dict[str, torch.Tensor], gap):
         """(x_t', model time of t') on the same noise/data path `gap` × T steps less noisy (clamped at step 0),
-        `gap` a fraction of the time range as for flow (SRA's EMA target sees this input)."""
-        t = (targets["t"] - int(round(gap * self.num_timesteps))).clamp_min(0)
+        `gap` a fraction of the time range as for flow, a float or one per sample [B] (SRA's EMA target sees it)."""
+        steps = torch.as_tensor(gap, dtype=torch.float32, device=targets["t"].device) * self.num_timesteps
+        t = (targets["t"] - steps.round().long()).clamp_min(0)
         return self.q_sample(targets["x0"], t, targets["noise"]), t.float()
 
     def vlb_terms(self, eps: torch.Tensor, v: torch.Tensor, targets: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -112,9 +112,9 @@ class FlowMatching:
             "x0": x0,
         }
 
-    def shifted_input(self, targets: Dict[str, torch.Tensor], gap: float):
-        """(x_t', model time of t') on the same noise/data path at the less noisy t' = max(t - gap, 0), t in [0, 1]
-        (SRA's EMA target sees this input)."""
+    def shifted_input(self, targets: Dict[str, torch.Tensor], gap):
+        """(x_t', model time of t') on the same noise/data path at the less noisy t' = max(t - gap, 0), t in [0, 1],
+        `gap` a float or one per sample [B] (SRA's EMA target sees this input)."""
         t = (targets["t"] - gap).clamp_min(0.0)
         return self.interpolate(targets["x0"], targets["noise"], t), self.model_time(t)
 

@@ -15,7 +15,8 @@ Per micro-batch: the objective's t and noise (`training_targets`); with masking 
 every sample brings its own draws (`batch["uniform"]`, `batch["noise"]`: the loader draws them from the seed and the
 sample's global index, so a sample gets the same time, noise, mask and label / caption dropout on whichever rank and
 in whichever micro-batch it lands): uniform 0 is its time (`objective.t_from_uniform`), 1 its condition dropout,
-2… its token scores (the lowest are kept). A batch without them (benchmarks, the coordinate check) draws from
+2… its token scores (the lowest are kept), and with SRA one more, the fraction of `align.sra_t_gap` its EMA target
+steps back. A batch without them (benchmarks, the coordinate check) draws from
 `generator`; while alignment is on (`align.*` until `align.stop_step`) the aligner's
 targets are computed first (the SRA target is an EMA forward, which must not interleave with the online one), then
 its heads and attention maps are requested from the forward. `flops_per_image(step)` counts what that step runs.
@@ -89,9 +90,10 @@ class TrainingLoss:
 
     @property
     def uniforms_per_sample(self) -> int:
-        """Uniform draws a training sample carries (`batch["uniform"]`): its time, its condition dropout and one
-        score per token (its mask)."""
-        return 2 + self.args.num_tokens
+        """Uniform draws a training sample carries (`batch["uniform"]`): its time, its condition dropout, one
+        score per token (its mask) and, with SRA, its gap fraction."""
+        sra = self.aligner is not None and "sra" in self.aligner.weights
+        return 2 + self.args.num_tokens + int(sra)
 
     def _condition_dropout(self) -> float:
         return self.args.caption_dropout if self.args.conditioning == "text" else self.args.class_dropout
@@ -110,7 +112,7 @@ class TrainingLoss:
             u = batch["uniform"].to(self.device, non_blocking=True)
             noise = batch["noise"].to(self.device, non_blocking=True).to(x.dtype)
             targets = self.objective.training_targets(x, t=self.objective.t_from_uniform(u[:, 0]), noise=noise)
-            keep = keep_from_scores(u[:, 2:], ratio) if ratio > 0 else None
+            keep = keep_from_scores(u[:, 2:2 + self.args.num_tokens], ratio) if ratio > 0 else None
             if self._condition_dropout() > 0:
                 kwargs["force_drop"] = u[:, 1] < self._condition_dropout()
         else:
@@ -122,7 +124,12 @@ class TrainingLoss:
             kwargs.update(mask=keep, kept_only=kept_only)
         align_on = self.align_active(step)
         if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
-            sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep)
+            gap = None
+            if "sra" in self.aligner.weights:       # the sample's own fraction of the SRA gap
+                gap = (u[:, 2 + self.args.num_tokens] if "uniform" in batch else
+                       torch.rand(x.shape[0], generator=generator, device=generator.device).to(self.device))
+            sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep,
+                                                 force_drop=kwargs.get("force_drop"), gap_fraction=gap)
             teacher = self.aligner.teacher_targets(batch, x, keep)
             kwargs.update(self.aligner.forward_kwargs())
         out, aux = module(targets["x_t"], targets["t_model"], y, **kwargs)

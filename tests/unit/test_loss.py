@@ -105,3 +105,32 @@ class _Same:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_sra_target_has_the_students_dropout_and_the_samples_own_gap():
+    """As SRA's code: the EMA target sees the student's condition after dropout (it always saw the true label) at
+    t - gap · u with u the sample's own draw (the last uniform), not t - gap for every sample."""
+    from dit_scale.align.aligner import ema_hidden
+    from dit_scale.align.losses import sra_loss
+    cfg = tiny_cfg("model.class_dropout=0.5", "align.sra_weight=1.0", "align.sra_student_depth=1",
+                   "align.sra_teacher_depth=2", "align.sra_t_gap=0.4", "align.projector_dim=16")
+    built = build(cfg)
+    loss_fn = TrainingLoss.from_config(cfg, built.objective, built.args, "cpu")
+    n = built.args.num_tokens
+    assert loss_fn.uniforms_per_sample == 2 + n + 1
+    data = batch()
+    g = torch.Generator().manual_seed(3)
+    data["uniform"] = torch.rand(4, loss_fn.uniforms_per_sample, generator=g)
+    data["uniform"][:, 1] = torch.tensor([0.1, 0.9, 0.2, 0.8])        # samples 0 and 2 drop their label
+    data["noise"] = torch.randn(data["x"].shape, generator=g)
+    out = loss_fn(built.model, data, step=0, generator=torch.Generator().manual_seed(1),
+                  ema=lambda: _Same(built.model))
+    u = data["uniform"]
+    drop = torch.tensor([True, False, True, False])
+    targets = built.objective.training_targets(data["x"], t=built.objective.t_from_uniform(u[:, 0]),
+                                               noise=data["noise"])
+    t_ema = (targets["t"] - 0.4 * u[:, 2 + n]).clamp_min(0)
+    x_ema = built.objective.interpolate(data["x"], data["noise"], t_ema)
+    target = ema_hidden(built.model, x_ema, built.objective.model_time(t_ema), data["y"], 2, force_drop=drop)
+    _, aux = built.model(targets["x_t"], targets["t_model"], data["y"], force_drop=drop, heads=("sra",))
+    torch.testing.assert_close(out.terms["sra"], sra_loss(aux["heads"]["sra"], target))
