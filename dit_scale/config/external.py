@@ -21,12 +21,16 @@ def read_text_encoder_config(path: str) -> dict:
     OSError / ValueError when it is missing or not a T5 encoder / CLIP text model."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"its config.json holds a JSON {type(config).__name__}, not an object")
     model_type = config.get("model_type")
     if model_type not in ENCODER_CLASSES:
         raise ValueError(f"its config.json has model_type={model_type!r}, not a T5 encoder or a CLIP text model "
                          f"({', '.join(ENCODER_CLASSES)})")
     if model_type == "clip":                     # a whole CLIP model's config: the text tower's part
         config = config.get("text_config") or {}
+        if not isinstance(config, dict):
+            raise ValueError("its config.json's text_config is not a JSON object")
     width = config.get("d_model") or config.get("hidden_size")
     if not isinstance(width, int) or width < 1:
         raise ValueError("its config.json names no d_model / hidden_size")

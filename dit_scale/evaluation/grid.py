@@ -108,7 +108,8 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
     samples per prompt; `ema=False` takes the raw weights (an exported file holds one set); `grid_shift`,
     `sde_strength` and `guidance_interval` (low, high) replace the run's diffusion.grid_shift, .sde_strength and
     .guidance_low/high. Raises ConfigError or CheckpointError (one sentence) for an input error; a sampler or step
-    count the objective does not take is a ConfigError too."""
+    count the objective does not take is a ConfigError too, as is guidance (a cfg scale != 1) on a model trained
+    without caption / class dropout."""
     check_sampling_flags(sde_strength, guidance_interval)
     path = grid_checkpoint(run, ckpt)
     state = load_exported(path) if path.endswith(".safetensors") else load_checkpoint(path)
@@ -122,10 +123,16 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
             cfg.diffusion.sde_strength = float(sde_strength)
         if guidance_interval is not None:
             cfg.diffusion.guidance_low, cfg.diffusion.guidance_high = map(float, guidance_interval)
+    text = cfg.model.conditioning == "text"
+    scale = cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale
+    dropout = "caption_dropout" if text else "class_dropout"
+    if scale != 1.0 and cfg.model[dropout] == 0 and (text or cfg.model.num_classes):   # as config/validate.py
+        flag = f"--cfg-scale {scale}" if cfg_scale is not None else f"The run's diffusion.cfg_scale={scale}"
+        raise ConfigError(f"{flag} guides against the null {'caption' if text else 'class'}, which this model never "
+                          f"learned (it was trained with model.{dropout}=0); pass --cfg-scale 1.")
     device = pick_device(device)
     decoder = image_decoder(cfg, vae, device)
     manifest, _ = data_manifest(cfg.data)
-    text = cfg.model.conditioning == "text"
     class_ids = parse_classes(classes, cfg.model.num_classes) if not text else None
     table = prompt_table(cfg, prompts, text_encoder, manifest, device) if text else None
     if prompts and not text:
@@ -141,7 +148,6 @@ def sample_grid(*, run: Optional[str] = None, ckpt: Optional[str] = None, out: O
     per_class = per_class or cfg.logging.samples_per_class
     sampler = sampler or cfg.diffusion.sampler or DEFAULT_SAMPLER[cfg.diffusion.objective]
     steps = steps or cfg.diffusion.sample_steps
-    scale = cfg.diffusion.cfg_scale if cfg_scale is None else cfg_scale
     step = int(state.get("step", 0))
     out = out or default_out(path, state)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -101,13 +101,37 @@ class CaptionTable:
         return table
 
 
+PROMPT_FILE_SUFFIXES = (".txt", ".tsv", ".csv")
+
+
+def looks_like_a_path(item: str) -> bool:
+    """Whether a --prompts argument that names no file reads as a mistyped path rather than a prompt: it ends in
+    .txt / .tsv / .csv, or it is one word holding a path separator ("prompts/eval", "./p")."""
+    text = item.strip()
+    one_word = len(text.split()) == 1
+    return text.lower().endswith(PROMPT_FILE_SUFFIXES) or (one_word and ("/" in text or os.sep in text))
+
+
 def read_prompts(items: Sequence[str]) -> List[str]:
-    """--prompts arguments: each a file (one prompt per non-empty line, '#' comments skipped) or a prompt."""
+    """--prompts arguments: each an existing file (UTF-8, one prompt per non-empty line, '#' comments skipped) or a
+    prompt. An argument that names a folder, or that names no file but looks like a path (`looks_like_a_path`: a
+    .txt / .tsv / .csv name, or one word with a '/'), is a ConfigError rather than a prompt: a typo in a file's
+    name must not become the prompt."""
     prompts = []
     for item in items:
         if os.path.isfile(item):
-            with open(item, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+            try:
+                with open(item, encoding="utf-8") as f:
+                    prompts += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+            except UnicodeDecodeError:
+                raise ConfigError(f"--prompts file {item!r} is not UTF-8 text; save it as UTF-8, one prompt per "
+                                  f"line.") from None
+        elif os.path.isdir(item):
+            raise ConfigError(f"--prompts {item!r} is a folder; pass a file with one prompt per line, or the "
+                              f"prompt texts.")
+        elif looks_like_a_path(item):
+            raise ConfigError(f"--prompts {item!r} looks like a file path but no such file exists; check the "
+                              f"path (a prompt is read as text only when it does not look like a path).")
         elif item.strip():
             prompts.append(item.strip())
     if not prompts:

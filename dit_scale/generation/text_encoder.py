@@ -8,10 +8,12 @@ prompt's features are computed exactly as the training captions' were.
     read_text_encoder_config("/models/t5-v1_1-xxl")["width"]           # T without loading the weights
 
 Nothing is downloaded: the folder must hold config.json, the weights (safetensors, or a .bin that transformers reads
-with `torch.load(weights_only=True)`) and the tokenizer files (tokenizer.json / spiece.model). T5 checkpoints of a
-whole encoder-decoder load their encoder half. Captions are padded to `max_length` and longer ones truncated; the
-mask marks the real tokens (T5: the caption's tokens and its </s>). On a GPU the encoder runs in bfloat16 (T5 is
-not safe in float16); the features are returned in float32 and stored as float16 by the data tools.
+with `torch.load(weights_only=True)`) and the tokenizer files (tokenizer.json, spiece.model, or vocab.json and
+merges.txt: a folder without them is refused, as transformers would encode every word as <unk>); a folder that
+cannot be read is a one-sentence ConfigError. T5 checkpoints of a whole encoder-decoder load their encoder half.
+Captions are padded to `max_length` and longer ones truncated; the mask marks the real tokens (T5: the caption's
+tokens and its </s>). On a GPU the encoder runs in bfloat16 (T5 is not safe in float16); the features are returned
+in float32 and stored as float16 by the data tools.
 """
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ import torch
 
 from dit_scale.config.external import read_text_encoder_config
 from dit_scale.errors import ConfigError
+
+
+# Each set is enough for AutoTokenizer: a fast tokenizer's file, T5's sentencepiece model, CLIP's BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json + merges.txt")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    """Whether the folder `path` holds one of the TOKENIZER_FILES sets."""
+    return any(all(os.path.isfile(os.path.join(path, name)) for name in group.split(" + "))
+               for group in TOKENIZER_FILES)
 
 
 class TextEncoder:
@@ -37,6 +49,11 @@ class TextEncoder:
         if max_length < 1:
             raise ConfigError(f"The caption length for {field}={path!r} must be a positive number of tokens, got "
                               f"{max_length}.")
+        if not has_tokenizer_files(path):
+            # transformers would build an empty vocabulary: every word <unk>, every caption the same features
+            raise ConfigError(f"{field}={path!r} holds no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy "
+                              f"the encoder's tokenizer files into it (a diffusers checkpoint keeps them in its "
+                              f"tokenizer/ folder beside text_encoder/).")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")            # local folders only: never reach for the hub
         import transformers
         transformers.utils.logging.set_verbosity_error()
@@ -45,10 +62,11 @@ class TextEncoder:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = getattr(transformers, self.config["class"]).from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:
+        except Exception as e:      # damaged files fail with many types (SafetensorError, KeyError, UnpicklingError)
+            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200].rstrip(".")      # its first sentence
             raise ConfigError(f"{field}={path!r} cannot be loaded as a {self.config['class']} with its tokenizer "
-                              f"({str(e).splitlines()[0]}); the folder needs the weights and the tokenizer "
-                              f"files.") from None
+                              f"({type(e).__name__}: {why}); the folder needs intact weights (safetensors, or a .bin "
+                              f"of tensors only) and tokenizer files, as save_pretrained writes them.") from None
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
 
