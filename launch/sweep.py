@@ -10,6 +10,8 @@ another (`--parallel k`: k at a time), each as `sweep.py task OUT i`; `slurm` wr
 array whose task i runs slurm/train.sbatch for run i as `launch/submit.py`'s jobs do (USR1 before the time limit:
 save, exit 75, requeue; the wall-time guard), submits it with sbatch and prints the array's job id (`--dry-run`:
 only print the script). A run that already finished with exit code 0 is skipped, so `run` again resumes a sweep.
+`local` exits 0 when every run finished, 1 when one ended with another exit code (one line names them); Ctrl-C (SIGINT
+to the process group) lets the running runs save and exit 130, starts no more, and exits 130 (SIGTERM: 75).
 Each run writes `OUT/NAME/metrics.jsonl` and `exit_code`; its log is `OUT/NAME/train.log` (local) or
 `OUT/slurm-ARRAYID_i.out` (slurm).
 

@@ -6,10 +6,19 @@ runs slurm/train.sbatch for run i with the options of `launch/submit.py`'s jobs 
 seconds before the time limit the run saves and exits 75, the task requeues itself and resumes from that checkpoint; the
 wall-time guard train.max_wall_minutes; the exit code in OUT/NAME/exit_code, the log in OUT/slurm-ARRAYID_i.out. Either
 way a run whose exit code is 0 is not run again.
+
+Locally a stop signal (Ctrl-C's SIGINT, or SIGTERM / SIGUSR1 / SIGHUP) to the process group reaches the runs too: they
+save a checkpoint and exit 130 (SIGINT) or 75 (launch/train.py's rule). The runner and the tasks do not pass it on and
+kill nothing: they wait for the running runs to exit, each task writes its run's exit code, no further run starts and
+the runner exits with the same code (`run_local`). A second Ctrl-C ends the runs at once, unsaved (training's rule),
+and the runner with them. A run that ends with another non-zero code makes the runner exit 1, naming it. Running the
+same `run` again resumes: every run without exit code 0 runs again, from its checkpoint (its argv has
+train.resume=auto).
 """
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +27,7 @@ from typing import Dict, List
 from dit_scale.errors import ConfigError
 from dit_scale.run_dir import RunDir
 from dit_scale.sweep.spec import expand, load_sweep
+from dit_scale.training.preemption import EXIT_REQUEUE, EXIT_SIGINT, STOP_SIGNALS
 from dit_scale.training.slurm import ROOT, grace_seconds, preemption_options, wall_guard
 
 SWEEP_SCRIPT = os.path.join(ROOT, "launch", "sweep.py")
@@ -35,16 +45,44 @@ def read_manifest(out: str) -> dict:
         raise ConfigError(f"{path} cannot be read ({e}); run the sweep again into a new --out folder.") from None
 
 
+def remember_stop_signals(received: list) -> dict:
+    """Until `restore_signals`: SIGINT, SIGTERM, SIGUSR1 and SIGHUP append their number to `received` instead of
+    raising or ending this process (a signal to the process group reaches the runs too, and they save first).
+    Returns the previous handlers. A Python handler, not SIG_IGN: a child started meanwhile gets the default ones."""
+    def remember(signum, frame):
+        received.append(signum)
+    return {s: signal.signal(s, remember) for s in STOP_SIGNALS}
+
+
+def restore_signals(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def stop_code(signum: int) -> int:
+    """launch/train.py's exit code for a stop by `signum`: 130 after SIGINT (Ctrl-C), else 75."""
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_REQUEUE
+
+
 def task(out: str, index: int) -> int:
-    """Run one sweep entry (the local backend's process); writes OUT/NAME/train.log and OUT/NAME/exit_code."""
+    """Run one sweep entry (the local backend's process); appends to OUT/NAME/train.log, writes OUT/NAME/exit_code.
+    A stop signal does not end it: the run got it too (the process group); it waits for the run's exit code."""
     run = read_manifest(out)["runs"][index]
     run_dir = RunDir(os.path.join(out, run["name"]))
     if finished(out, run["name"]):          # a second `run` skips what is done
         print(f"[{run['name']}] already finished (exit code 0)")
         return 0
     run_dir.makedirs()
-    with open(run_dir.log, "w") as log:
-        code = subprocess.call([sys.executable] + run["argv"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    received: List[int] = []
+    previous = remember_stop_signals(received)
+    try:
+        if received:                        # stopped before the run started: nothing to save, nothing to record
+            return stop_code(received[0])
+        with open(run_dir.log, "a") as log:
+            proc = subprocess.Popen([sys.executable] + run["argv"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            code = proc.wait()              # through stop signals: the run saves and exits 130 / 75
+    finally:
+        restore_signals(previous)
     with open(run_dir.exit_code, "w") as f:
         f.write(f"{code}\n")
     return code
@@ -56,20 +94,44 @@ def finished(out: str, name: str) -> bool:
     return os.path.isfile(path) and open(path).read().strip() == "0"
 
 
-def run_local(out: str, runs: List[dict], parallel: int) -> None:
-    """The unfinished runs, `parallel` at a time, each a `launch/sweep.py task` process."""
+def run_local(out: str, runs: List[dict], parallel: int) -> int:
+    """The unfinished runs, `parallel` at a time, each a `launch/sweep.py task` process; the exit code: 0, 1 when a
+    run ended with a non-zero code, 130 / 75 when a stop signal (Ctrl-C / SIGTERM, ...) interrupted the sweep."""
     todo = [i for i, r in enumerate(runs) if not finished(out, r["name"])]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}, {parallel} at a time")
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)}, {parallel} at a time",
+          flush=True)
     active: Dict[int, subprocess.Popen] = {}
-    while todo or active:
-        while todo and len(active) < parallel:
-            i = todo.pop(0)
-            active[i] = subprocess.Popen([sys.executable, SWEEP_SCRIPT, "task", out, str(i)], cwd=ROOT)
-        for i, proc in list(active.items()):
-            if proc.poll() is not None:
-                print(f"[{runs[i]['name']}] exit code {proc.returncode}", flush=True)
-                del active[i]
-        time.sleep(0.5)
+    codes: Dict[int, int] = {}
+    received: List[int] = []
+    previous = remember_stop_signals(received)
+    try:
+        while (todo and not received) or active:
+            while todo and not received and len(active) < parallel:
+                i = todo.pop(0)
+                active[i] = subprocess.Popen([sys.executable, SWEEP_SCRIPT, "task", out, str(i)], cwd=ROOT)
+            for i, proc in list(active.items()):
+                if proc.poll() is not None:
+                    codes[i] = proc.returncode
+                    print(f"[{runs[i]['name']}] exit code {proc.returncode}", flush=True)
+                    del active[i]
+            if active:
+                time.sleep(0.5)
+    finally:
+        restore_signals(previous)
+    if received:
+        how = "save and exit" if received.count(signal.SIGINT) < 2 else "exit at once, unsaved (a second Ctrl-C)"
+        print(f"interrupted by {signal.Signals(received[0]).name}: waited for the running runs to {how} (exit codes "
+              f"above), {len(todo)} not started; run the same command again to resume: every run without exit code "
+              f"0 runs again, from its last checkpoint.", file=sys.stderr, flush=True)
+        return stop_code(received[0])
+    failed = [i for i, code in codes.items() if code != 0]
+    if failed:
+        names = ", ".join(f"{runs[i]['name']} (exit code {codes[i]})" for i in failed)
+        print(f"error: {len(failed)} of {len(runs)} runs failed: {names}; their logs: "
+              f"{os.path.join(out, 'NAME', RunDir.LOG)}; running the same command again retries them.",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def array_grace(sweep, out: str, runs: List[dict]) -> int:
@@ -118,8 +180,7 @@ def run_sweep(config: str, backend: str = "local", parallel: int = 1, dry_run: b
                    "overrides": list(sweep.overrides), "runs": runs}, f, indent=1)
     print(f"{len(runs)} runs ({len(runs) // len(sweep.widths)} points × widths {list(sweep.widths)}) in {out}")
     if backend == "local":
-        run_local(out, runs, parallel)
-        return 0
+        return run_local(out, runs, parallel)
     script = sbatch_script(sweep, out, runs, array_grace(sweep, out, runs))
     path = os.path.join(out, "sweep.sbatch")
     with open(path, "w") as f:

@@ -4,13 +4,17 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 
 from dit_scale.config import ConfigError, load_config
 from dit_scale import sweep as sweep_mod
+from dit_scale.sweep import run as sweep_run
 from launch.sweep import main as sweep_main
 from tiny import ROOT, tiny_overrides
 
@@ -195,3 +199,103 @@ def test_local_backend_runs_and_resumes(tiny_shards, tmp_path, capsys):
     assert [json.loads(x)["step"] for x in open(os.path.join(out, row["name"], "metrics.jsonl"))] == [1, 2]
     assert sweep_main(["run", "--config", path, "--backend", "local"]) == 0       # again: nothing to do
     assert "1 of 1 runs already finished; running 0" in capsys.readouterr().out
+
+
+# A fake `launch/train.py` for the local runner: argv[1] is its run directory. It says it started, then trains until
+# SIGINT / SIGTERM, on which it "saves" (takes a second, longer than the runner once waited before SIGKILL) and exits
+# 130 / 75 as launch/train.py does; an attempt that finds the save "resumes" and exits 0. `FAIL_CODE` in the run
+# directory: exit with that code at once; `finish` in the sweep's folder: exit 0 at once.
+FAKE_TRAIN = """
+import os, signal, sys, time
+run = sys.argv[1]
+print("attempt", flush=True)
+if os.path.exists(os.path.join(run, "FAIL_CODE")):
+    sys.exit(int(open(os.path.join(run, "FAIL_CODE")).read()))
+if os.path.exists(os.path.join(run, "saved")):
+    open(os.path.join(run, "resumed"), "w").close()
+    sys.exit(0)
+if os.path.exists(os.path.join(os.path.dirname(run), "finish")):
+    sys.exit(0)
+def stop(signum, frame):
+    time.sleep(1.0)
+    open(os.path.join(run, "saved"), "w").close()
+    os._exit(130 if signum == signal.SIGINT else 75)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(run, "started"), "w").close()
+time.sleep(300)
+"""
+
+
+def fake_runs(tmp_path, names):
+    """Runs of the fake training command (their run directories made, as `task` makes them)."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    out = tmp_path / "out"
+    for name in names:
+        (out / name).mkdir(parents=True)
+    return str(out), [{"name": n, "width": 32, "params": {}, "argv": [str(fake), str(out / n)]} for n in names]
+
+
+def start_local_runner(out, runs, parallel):
+    """`run_local` in its own process group (a terminal's foreground job), as `launch/sweep.py run` calls it."""
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump({"runs": runs}, f)
+    code = ("import sys; from dit_scale.sweep.run import read_manifest, run_local; "
+            "sys.exit(run_local(sys.argv[1], read_manifest(sys.argv[1])['runs'], int(sys.argv[2])))")
+    return subprocess.Popen([sys.executable, "-c", code, out, str(parallel)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 75)])
+def test_local_sweep_stopped_by_a_signal_lets_its_runs_save_then_resumes(tmp_path, sig, code):
+    """Ctrl-C (SIGINT to the process group) killed each running training 0.25 s later, before it saved, with no
+    exit code written and two tracebacks: now the runner and its tasks wait while the runs save, each task writes its
+    run's exit code, no further run starts, the runner says so in one line and exits 130 (75 after SIGTERM), and
+    the same command again resumes the stopped runs and starts the others."""
+    out, runs = fake_runs(tmp_path, ["a", "b", "c"])
+    runner = start_local_runner(out, runs, parallel=2)
+    started = [os.path.join(out, n, "started") for n in ("a", "b")]
+    deadline = time.monotonic() + 120
+    while not all(map(os.path.exists, started)) and runner.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(os.path.exists, started)), runner.communicate()
+    os.killpg(runner.pid, sig)
+    stdout, stderr = runner.communicate(timeout=120)
+    assert runner.returncode == code, stdout + stderr
+    for name in ("a", "b"):
+        assert os.path.exists(os.path.join(out, name, "saved")), stdout + stderr
+        assert open(os.path.join(out, name, "exit_code")).read() == f"{code}\n"
+        assert f"[{name}] exit code {code}" in stdout
+    assert not os.path.exists(os.path.join(out, "c", "exit_code"))            # not started after the signal
+    assert "Traceback" not in stdout + stderr
+    [line] = stderr.splitlines()
+    assert line.startswith(f"interrupted by {sig.name}: ") and "run the same command again to resume" in line
+
+    open(os.path.join(out, "finish"), "w").close()                             # c trains to its end
+    again = start_local_runner(out, runs, parallel=2)
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stdout + stderr
+    assert "0 of 3 runs already finished; running 3" in stdout
+    for name in ("a", "b"):
+        assert os.path.exists(os.path.join(out, name, "resumed"))
+        assert open(os.path.join(out, name, "train.log")).read() == "attempt\nattempt\n"   # both attempts kept
+    assert all(open(os.path.join(out, n, "exit_code")).read() == "0\n" for n in ("a", "b", "c"))
+
+
+def test_local_sweep_with_a_failed_run_exits_1_naming_it(tmp_path, monkeypatch, capfd):
+    """`launch/sweep.py run --backend local` exited 0 although a run failed: now 1, with one line naming the failed
+    runs and where their logs are; the next `run` retries only them."""
+    out, runs = fake_runs(tmp_path, ["ok", "bad"])
+    (tmp_path / "out" / "finish").touch()                           # ok exits 0 at once
+    (tmp_path / "out" / "bad" / "FAIL_CODE").write_text("3")
+    monkeypatch.setattr(sweep_run, "expand", lambda sweep: runs)
+    path = write_sweep(tmp_path, widths=[32], params={"optim.lr": [1e-3]})
+    assert sweep_main(["run", "--config", path, "--backend", "local"]) == 1
+    captured = capfd.readouterr()
+    assert "[bad] exit code 3" in captured.out and "[ok] exit code 0" in captured.out
+    [line] = captured.err.splitlines()
+    assert line == (f"error: 1 of 2 runs failed: bad (exit code 3); their logs: {out}/NAME/train.log; running the "
+                    f"same command again retries them.")
+    assert sweep_main(["run", "--config", path, "--backend", "local"]) == 1
+    assert "1 of 2 runs already finished; running 1" in capfd.readouterr().out
