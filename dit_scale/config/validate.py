@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dit_scale.config.external import read_teacher_config
 from dit_scale.config.schema import CHOICES
-from dit_scale.diffusion.sampler_names import SAMPLERS
+from dit_scale.diffusion.sampler_names import DEFAULT_SAMPLER, SAMPLERS, step_count_error
 from dit_scale.errors import ConfigError
 from dit_scale.models.args import num_kept
 
@@ -118,6 +118,13 @@ def validate(cfg: DictConfig) -> None:
     if d.sampler is not None and d.sampler not in SAMPLERS[d.objective]:
         _fail(f"diffusion.sampler={d.sampler!r} does not fit diffusion.objective={d.objective}; "
               f"choose one of: {', '.join(SAMPLERS[d.objective])}.")
+    if d.objective == "ddpm" and d.num_timesteps < 2:
+        _fail(f"diffusion.num_timesteps={d.num_timesteps} must be at least 2 (DiT: 1000).")
+    if d.objective == "ddpm":
+        error = step_count_error(d.sampler or DEFAULT_SAMPLER["ddpm"], d.sample_steps, d.num_timesteps)
+        if error:
+            _fail(f"diffusion.sample_steps={d.sample_steps}: {error}; set diffusion.sample_steps between 2 and "
+                  f"{d.num_timesteps}.")
     if not d.sde_strength >= 0.0:
         _fail(f"diffusion.sde_strength must be at least 0 (0: the sde sampler is the Euler ODE), got "
               f"{d.sde_strength}.")
@@ -311,6 +318,10 @@ def _validate_eval(cfg) -> None:
               f"choose one of: {', '.join(SAMPLERS[d.objective])}.")
     if e.steps is not None and e.steps < 1:
         _fail(f"eval.steps must be a positive integer or null (diffusion.sample_steps), got {e.steps}.")
+    if d.objective == "ddpm" and e.steps is not None:
+        error = step_count_error(e.sampler or d.sampler or DEFAULT_SAMPLER["ddpm"], e.steps, d.num_timesteps)
+        if error:
+            _fail(f"eval.steps={e.steps}: {error}; set eval.steps between 2 and {d.num_timesteps}.")
     if e.guide_channels is not None and not 1 <= e.guide_channels <= cfg.model.in_channels:
         _fail(f"eval.guide_channels={e.guide_channels} must be between 1 and model.in_channels="
               f"{cfg.model.in_channels}, or null (all).")

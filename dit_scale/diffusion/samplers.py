@@ -42,7 +42,7 @@ import torch
 
 from .ddpm import GaussianDiffusion, space_timesteps
 from .flow import FlowMatching
-from .sampler_names import DEFAULT_SAMPLER, SAMPLERS
+from .sampler_names import DEFAULT_SAMPLER, SAMPLERS, step_count_error
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -212,8 +212,9 @@ def _flow_sde(objective: FlowMatching, guide: _Guidance, noise: torch.Tensor, nu
 def _ddim(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
     """DDIM with eta = 0: x_prev = sqrt(abar_prev) * x0_pred + sqrt(1 - abar_prev) * eps_pred."""
     num_timesteps = objective.num_timesteps
-    if num_steps > num_timesteps:
-        raise ValueError(f"DDIM num_steps ({num_steps}) cannot exceed num_timesteps ({num_timesteps}).")
+    error = step_count_error("ddim", num_steps, num_timesteps)
+    if error:
+        raise ValueError(error + ".")
     steps = space_timesteps(num_timesteps, num_steps)[::-1]     # DiT's respacing (its rounding at ties too)
     # Plain Python floats (from the float64 schedule) so the loop never synchronises with the device.
     abar = objective.alphas_cumprod[torch.tensor(steps)].tolist()
@@ -241,9 +242,9 @@ def _randn(shape, generator: Generators, device, dtype) -> torch.Tensor:
 def _ancestral(objective: GaussianDiffusion, guide: _Guidance, noise: torch.Tensor, num_steps: int,
                generator: Generators) -> torch.Tensor:
     """DiT's p_sample_loop on the respaced process (see the module docstring)."""
-    if not 2 <= num_steps <= objective.num_timesteps:
-        raise ValueError(f"ancestral sampling needs 2 to num_timesteps ({objective.num_timesteps}) steps, "
-                         f"got {num_steps}.")
+    error = step_count_error("ancestral", num_steps, objective.num_timesteps)
+    if error:
+        raise ValueError(error + ".")
     spaced, steps = objective.respaced(num_steps)
     channels, batch = noise.shape[1], noise.shape[0]
     x = noise

@@ -39,6 +39,15 @@ def error_of(overrides, path=None):
     (["moe.router=hash"], "moe.router='hash' is not allowed; choose one of: token_choice, expert_choice."),
     (["diffusion.sampler=ddim"], "diffusion.sampler='ddim' does not fit diffusion.objective=flow; choose one of: "
                                  "euler, heun, sde."),
+    # DDPM step counts the samplers refuse: caught here, not at the first sample grid hours in (1 DDIM step
+    # returned the noise as the image)
+    (["diffusion.objective=ddpm", "diffusion.sample_steps=1"], "diffusion.sample_steps=1: ddim sampling needs 2 to "
+                                                               "num_timesteps (1000) steps, got 1; set"),
+    (["diffusion.objective=ddpm", "diffusion.num_timesteps=100", "diffusion.sampler=ancestral",
+      "diffusion.sample_steps=250"], "diffusion.sample_steps=250: ancestral sampling needs 2 to num_timesteps (100)"),
+    (["diffusion.objective=ddpm", "diffusion.num_timesteps=100", "eval.steps=250", "eval.sampler=ddim"],
+     "eval.steps=250: ddim sampling needs 2 to num_timesteps (100) steps, got 250; set eval.steps between 2 and 100."),
+    (["diffusion.objective=ddpm", "diffusion.num_timesteps=1"], "diffusion.num_timesteps=1 must be at least 2"),
     (["diffusion.sde_strength=-0.5"], "diffusion.sde_strength must be at least 0 (0: the sde sampler is the Euler "
                                       "ODE), got -0.5."),
     (["model.learn_sigma=true"], "model.learn_sigma=true only works with diffusion.objective=ddpm"),
