@@ -412,7 +412,7 @@ def _validate_model_parallel(cfg) -> None:
         if width % p.tp:
             _fail(f"{name} = {width} must be divisible by parallel.tp={p.tp} (tensor parallelism splits it).")
     if moe.num_experts and moe.router == "expert_choice":
-        _fail(f"moe.router=expert_choice picks each expert's tokens among each image's tokens, which {which} "
+        _fail(f"moe.router=expert_choice picks each expert's tokens among all of an image's tokens, which {which} "
               f"splits over ranks; use moe.router=token_choice with tensor or context parallelism.")
     if cfg.align.haste_weight > 0:
         _fail(f"align.haste_weight > 0 distils attention maps, whose heads {which} splits over ranks; use "
