@@ -216,9 +216,10 @@ def test_resume_applies_a_new_learning_rate_and_schedule(four_steps, tiny_shards
     said = proc.stdout + proc.stderr
     assert "optim.lr: 0.002 -> 0.0005" in said and "train.steps: 4 -> 6" in said
     rows = {r["step"]: r for r in read_metrics(run)}
-    # the quickstart's cosine (min_lr_ratio 0.1) over the new 6 steps, scaled to the new peak
-    assert rows[5]["lr"] == pytest.approx(5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(5 / 6 * math.pi))), rel=1e-6)
-    assert rows[6]["lr"] == pytest.approx(5e-4 * 0.1, rel=1e-6)
+    # the quickstart's cosine (min_lr_ratio 0.1) over the new 6 steps, scaled to the new peak; row s logs the rate
+    # of its step, 0-based s - 1
+    cosine = lambda i: 5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(i / 6 * math.pi)))     # noqa: E731
+    assert (rows[5]["lr"], rows[6]["lr"]) == pytest.approx((cosine(4), cosine(5)), rel=1e-6)
 
 
 @pytest.mark.parametrize("change, key", [({"model.depth": 3}, "model.depth"),
