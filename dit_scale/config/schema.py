@@ -98,7 +98,7 @@ class DataConfig:
     num_workers: int = 0                # loader worker processes per rank (0: all in the training process)
     partitions: int = 64                # streams of the global sample order; a multiple of the data-parallel size
     mode: str = "epoch"                 # epoch: each sample once per epoch | resampled: shards drawn with replacement
-    steps_per_epoch: int = 0            # batches per epoch per rank (0: manifest samples / (ranks * batch_size))
+    steps_per_epoch: int = 0            # resampled: an epoch of this many global batches (0: the manifest's samples)
     sources: List[str] = field(default_factory=list)     # several shard sets to mix (replaces path when set)
     weights: List[float] = field(default_factory=list)   # mixing weight per source (empty: equal)
     manifest: Optional[str] = None      # manifest.json for URL shards (default: the one next to local shards)

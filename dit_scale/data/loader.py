@@ -89,7 +89,7 @@ class ShardLoader:
                  seed: int = 0, dp_rank: int = 0, dp_size: int = 1, partitions: int = 1, mode: str = "epoch",
                  num_workers: int = 0, steps_per_epoch: int = 0, max_corrupt_fraction: float = 0.01,
                  max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT, num_classes: Optional[int] = None,
-                 uniforms: int = 0):
+                 uniforms: int = 0, grad_accum: int = 1):
         if batch_size < 1 or shuffle_buffer < 0 or seed < 0 or num_workers < 0 or partitions < 1 or uniforms < 0:
             raise ValueError("need data.batch_size >= 1, data.shuffle_buffer >= 0, data.num_workers >= 0, "
                              "data.partitions >= 1, seed >= 0, uniforms >= 0")
@@ -117,15 +117,18 @@ class ShardLoader:
         self.max_corrupt_fraction = max_corrupt_fraction
         counts = [src.num_samples for src in sources]
         self.total_samples = sum(counts) if all(c is not None for c in counts) else None
-        if steps_per_epoch <= 0 and self.total_samples is not None:
-            steps_per_epoch = max(1, self.total_samples // (dp_size * batch_size))
-        if mode == "resampled" and steps_per_epoch <= 0:
+        if mode == "resampled" and steps_per_epoch <= 0 and self.total_samples is None:
             raise ConfigError("data.mode=resampled needs data.steps_per_epoch > 0 when the shards have no "
                               "manifest.json with sample counts (%s)" % sources[0].name)
-        self.steps_per_epoch = steps_per_epoch
+        # resampled: an epoch's samples, the manifests' count or data.steps_per_epoch global batches (every
+        # micro-batch of every rank), never how the layout splits a step: the same order on any layout
+        global_batch = batch_size * grad_accum * dp_size
+        epoch_total = self.total_samples if steps_per_epoch <= 0 else steps_per_epoch * global_batch
         weight_sum = sum(src.weight for src in sources)
-        epoch_samples = [max(1, math.ceil(steps_per_epoch * batch_size * dp_size * src.weight / weight_sum
-                                          / partitions)) for src in sources] if mode == "resampled" else []
+        epoch_samples = [max(1, math.ceil(epoch_total * src.weight / weight_sum / partitions)) for src in sources] \
+            if mode == "resampled" else []
+        # this rank's batches per epoch (the `epoch` property)
+        self.steps_per_epoch = max(1, (epoch_total or 0) // (dp_size * batch_size))
         self.spec = StreamSpec(sources=sources, batch_size=batch_size, seed=seed, partitions=partitions,
                                dp_rank=dp_rank, dp_size=dp_size, mode=mode,
                                shuffle_buffer=-(-shuffle_buffer // partitions) if shuffle_buffer > 1 else 0,
@@ -487,7 +490,7 @@ def _check_text(src: SourceSpec, dim: Optional[int], length: Optional[int]) -> N
 
 
 def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expect: Optional[dict] = None,
-                 uniforms: int = 0) -> ShardLoader:
+                 uniforms: int = 0, grad_accum: int = 1) -> ShardLoader:
     """ShardLoader for a DataConfig-like `cfg` (path or sources/weights, batch_size, shuffle_buffer, hflip,
     image_key, num_workers, mode, steps_per_epoch, manifest, max_corrupt_fraction, max_consecutive_corrupt).
     `expect` may hold "x": (C, H, W), "feat_dim": D, "feat_tokens": N, "num_classes": K, "text_dim": T,
@@ -495,7 +498,8 @@ def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expe
     shards is a ConfigError. With K > 0 a label outside [0, K) is a corrupt sample; K = 0 trains unconditionally
     (labels ignored, every y is 0); without K labels are passed as stored. A `cfg` without `partitions` (a tool's
     ad-hoc config, not a run's) reads the global order as one stream. `uniforms` > 0: every sample carries its
-    own training draws ("uniform" [uniforms], "noise" like x), from (seed, its global index)."""
+    own training draws ("uniform" [uniforms], "noise" like x), from (seed, its global index). `grad_accum`: the
+    micro-batches of a step (a resampled epoch of data.steps_per_epoch steps holds that many global batches)."""
     sources_cfg = list(getattr(cfg, "sources", None) or [])
     weights = [float(w) for w in (getattr(cfg, "weights", None) or [])]
     image_key = str(getattr(cfg, "image_key", "auto"))
@@ -526,6 +530,7 @@ def build_loader(cfg, *, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, expe
                        hflip=bool(getattr(cfg, "hflip", False)), seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                        mode=str(getattr(cfg, "mode", "epoch")), num_workers=int(getattr(cfg, "num_workers", 0)),
                        steps_per_epoch=int(getattr(cfg, "steps_per_epoch", 0)), uniforms=uniforms,
+                       grad_accum=grad_accum,
                        partitions=int(getattr(cfg, "partitions", 1)),
                        max_corrupt_fraction=float(getattr(cfg, "max_corrupt_fraction", 0.01)),
                        max_consecutive_corrupt=int(getattr(cfg, "max_consecutive_corrupt", MAX_CONSECUTIVE_CORRUPT)),

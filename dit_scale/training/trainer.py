@@ -66,7 +66,7 @@ class RankStreams:
         if a.repa_weight > 0 and a.teacher == "shards":   # every source's teacher features, checked at start-up
             expect.update(feat_dim=a.teacher_dim, feat_tokens=m.num_tokens)
         return build_loader(self.cfg.data, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp_size, seed=seed,
-                            expect=expect, uniforms=self.uniforms)
+                            expect=expect, uniforms=self.uniforms, grad_accum=self.cfg.train.grad_accum)
 
     @property
     def global_batch(self) -> int:

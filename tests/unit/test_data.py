@@ -275,6 +275,21 @@ def test_resampled_mode_draws_shards_with_replacement(tmp_path):
     assert position(loader) == ([1], [5])
 
 
+def test_a_resampled_epoch_is_the_same_on_every_layout(tmp_path):
+    """An epoch's length comes from the manifest's sample count or from data.steps_per_epoch global batches, so
+    1 process × 2 micro-batches and 2 processes × 1 read the same order (it was batches per rank, which left out
+    train.grad_accum: 25 against 24 samples per partition, a different order from the 11th step)."""
+    directory = write_npy_shards(tmp_path, 5, 20)                       # 100 samples
+    spec = dict(batch_size=2, mode="resampled", steps_per_epoch=3, partitions=4)
+    one = build_loader(cfg(directory, **spec), dp_size=1, grad_accum=2)
+    two = [build_loader(cfg(directory, **spec), dp_rank=r, dp_size=2) for r in range(2)]
+    assert one.spec.epoch_samples == two[0].spec.epoch_samples == [3]    # 3 steps × 4 images / 4 partitions
+    n = 14                                                              # steps: past four epochs' ends
+    order = [i for b in take(one, 2 * n) for i in ids(b)]
+    both = [i for _ in range(n) for loader in two for b in take(loader, 1) for i in ids(b)]
+    assert sorted(order[:4 * n]) == sorted(both)
+
+
 def test_path_forms(synthetic):
     out, paths = synthetic
     for path in (out, out / "shard-*.tar", out / "shard-{000000..000002}.tar"):
