@@ -117,6 +117,14 @@ def restore_hyperparameters(optimizer, scheduler, configured: list) -> None:
         group["lr"] = base * factor(scheduler.last_epoch)
 
 
+def untie_steps(optimizer) -> None:
+    """Give every parameter its own AdamW step tensor after a load: a checkpoint may hold one tensor shared by all
+    entries (a CPU DeepSpeed checkpoint of an older dit_scale), which AdamW would advance once per parameter."""
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def base_lr(optimizer) -> float:
     """The schedule's current LR without the group multipliers."""
     g = optimizer.param_groups[0]

@@ -166,6 +166,28 @@ def test_deepspeed_resumes_from_a_local_checkpoint_state():
                                    rtol=1e-4, atol=1e-6)
 
 
+def ds_head_worker(rank, world):
+    return train_steps("deepspeed", 2, rank, world, torch.float32, steps=3)
+
+
+def test_adam_step_counts_survive_moves_between_deepspeed_and_one_process(reference_fp32):
+    """The Adam step count across engines: a ZeRO-2 state (step 3) resumed in one process continues exactly (on a
+    CPU its entries shared one step tensor, which AdamW then advanced once per parameter); a one-process state whose
+    first entry never had a gradient (step 0, as a mask token) resumes in ZeRO at the trained parameters' step (it
+    took the first entry's 0 and restarted the bias correction)."""
+    os.environ.pop("WORLD_SIZE", None)
+    head = run_distributed(ds_head_worker, 2)[0][3]
+    steps = [s["step"] for s in head["optimizer"]["state"].values()]
+    assert len({id(t) for t in steps}) == len(steps)                    # one tensor per entry
+    tail = train_steps("local", 1, 0, 1, torch.float32, start=head, first_step=3)
+    torch.testing.assert_close(torch.tensor(tail[0]), torch.tensor(reference_fp32[0][3:]), rtol=1e-5, atol=0)
+    assert {float(s["step"]) for s in tail[3]["optimizer"]["state"].values()} == {5.0}
+    local = train_steps("local", 1, 0, 1, torch.float32, steps=3)[3]
+    local["optimizer"]["state"][0]["step"] = torch.tensor(0.0)         # as a parameter without a gradient
+    for losses, _, _, state in run_distributed(ds_worker, 2, "deepspeed", 2, (), local, 3):
+        assert float(next(iter(state["optimizer"]["state"].values()))["step"]) == 5.0
+
+
 def test_deepspeed_zero3_dense_matches_local():
     os.environ.pop("WORLD_SIZE", None)
     ref = train_steps("local", 1, 0, 1, torch.float32, DENSE)

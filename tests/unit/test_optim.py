@@ -84,3 +84,21 @@ def test_precision_resolution():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError, match="fp16"):
         resolve_precision("fp16", cpu)
+
+
+def test_untie_steps_gives_each_parameter_its_own_step_count():
+    """A checkpoint whose entries share one step tensor (CPU DeepSpeed before the fix): after untie_steps one
+    optimizer step advances each count by 1 (shared, AdamW advanced it once per parameter)."""
+    from dit_scale.optim import untie_steps
+    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    shared = torch.tensor(3.0)
+    opt.load_state_dict({"state": {i: {"step": shared, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+                                   for i in range(3)},
+                         "param_groups": [{**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                                           "params": [0, 1, 2]}]})
+    untie_steps(opt)
+    for p in params:
+        p.grad = torch.ones(2)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [4.0, 4.0, 4.0]

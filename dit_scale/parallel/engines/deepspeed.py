@@ -235,7 +235,9 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
         for i, (name, p, e) in enumerate(zip(self.names, self.params, self.ema.tensors)):
             model[name] = self._full_hp(name, p, sharded=sharded)
             ema[name] = self._full_ema_value(name, p, e, sharded)
-            state[i] = {"step": self._step_count().cpu(), "exp_avg": self._full_hp(name, p, "exp_avg", sharded),
+            # each entry its own step tensor: on a CPU .cpu() returns the same one, which a one-process or FSDP
+            # resume would then advance once per parameter each step
+            state[i] = {"step": self._step_count().detach().cpu().clone(), "exp_avg": self._full_hp(name, p, "exp_avg", sharded),
                         "exp_avg_sq": self._full_hp(name, p, "exp_avg_sq", sharded)}
         for name, buf in persistent_buffers(self.model).items():
             model[name] = ema[name] = buf.detach().cpu()
@@ -269,8 +271,9 @@ class DeepSpeedEngineWrapper(ProcessGroupEngine):
                     for key in ("exp_avg", "exp_avg_sq"):
                         safe_set_full_optimizer_state(p, self._local_slice(name, s[key]).float(), key)
             load_buffers_(self.model, state["model"])
-            if opt_state:
-                step = next(iter(opt_state.values()))["step"]
+            if opt_state:   # ZeRO keeps one step count: the trained parameters' (one that never had a gradient,
+                # e.g. the mask token of a one-process or FSDP run, stayed at 0 and reset the bias correction)
+                step = max(torch.as_tensor(s["step"]).float() for s in opt_state.values())
                 for s in self.optimizer.state.values():
                     s["step"].copy_(step)
         self.ema.num_updates = int(state["ema_updates"])

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from dit_scale.compat import foreach_mul_
 from dit_scale.models.moe import MoEFFN
 from dit_scale.optim import (EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state,
-                             resolve_precision)
+                             resolve_precision, untie_steps)
 from dit_scale.parallel.engines.base import ProcessGroupEngine
 from dit_scale.parallel.expert_parallel import expert_param_names, scale_expert_grads_
 from dit_scale.parallel.materialize import is_meta, materialize_
@@ -232,6 +232,7 @@ class FSDPEngine(ProcessGroupEngine):
                                      "exp_avg": self._as_param(self._local_slice(name, s["exp_avg"], p), p),
                                      "exp_avg_sq": self._as_param(self._local_slice(name, s["exp_avg_sq"], p), p)}
         self.optimizer.load_state_dict(local)
+        untie_steps(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
     @staticmethod

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state
+from dit_scale.optim import EMA, build_optimizer, build_scheduler, guarded_step, init_adamw_state, untie_steps
 from dit_scale.parallel.engines.base import Engine
 from dit_scale.parallel.materialize import is_meta, materialize_
 from dit_scale.parallel.parallelize import parallelize
@@ -61,6 +61,7 @@ class LocalEngine(Engine):
         self.ema_model.load_state_dict(state["ema"])
         self.ema.num_updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
+        untie_steps(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
     @contextmanager
