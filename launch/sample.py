@@ -43,7 +43,7 @@ def main(argv=None):
     p.add_argument("--text-encoder", default=None, help="local T5 / CLIP text folder for the prompts (default: "
                                                         "model.text_encoder, else the shards' manifest's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: diffusion.sample_steps)")
-    p.add_argument("--sampler", default=None, help="euler | heun (flow), ddim | ancestral (ddpm); default: "
+    p.add_argument("--sampler", default=None, help="euler | heun | sde (flow), ddim | ancestral (ddpm); default: "
                                                    "diffusion.sampler")
     p.add_argument("--cfg-scale", type=float, default=None)
     p.add_argument("--guide-channels", type=int, default=None,
