@@ -93,7 +93,12 @@ class TrainingLoss:
         """Uniform draws a training sample carries (`batch["uniform"]`): its time, its condition dropout, one
         score per token (its mask) and, with SRA, its gap fraction."""
         sra = self.aligner is not None and "sra" in self.aligner.weights
-        return 2 + self.args.num_tokens + int(sra)
+        return self._gap_column + int(sra)
+
+    @property
+    def _gap_column(self) -> int:
+        """The column of `batch["uniform"]` after the token scores (2 … 2 + N - 1): SRA's gap fraction."""
+        return 2 + self.args.num_tokens
 
     def _condition_dropout(self) -> float:
         return self.args.caption_dropout if self.args.conditioning == "text" else self.args.class_dropout
@@ -112,7 +117,7 @@ class TrainingLoss:
             u = batch["uniform"].to(self.device, non_blocking=True)
             noise = batch["noise"].to(self.device, non_blocking=True).to(x.dtype)
             targets = self.objective.training_targets(x, t=self.objective.t_from_uniform(u[:, 0]), noise=noise)
-            keep = keep_from_scores(u[:, 2:2 + self.args.num_tokens], ratio) if ratio > 0 else None
+            keep = keep_from_scores(u[:, 2:self._gap_column], ratio) if ratio > 0 else None
             if self._condition_dropout() > 0:
                 kwargs["force_drop"] = u[:, 1] < self._condition_dropout()
         else:
@@ -126,7 +131,7 @@ class TrainingLoss:
         if align_on:   # targets first: the EMA forward (SRA) must not interleave with the online one
             gap = None
             if "sra" in self.aligner.weights:       # the sample's own fraction of the SRA gap
-                gap = (u[:, 2 + self.args.num_tokens] if "uniform" in batch else
+                gap = (u[:, self._gap_column] if "uniform" in batch else
                        torch.rand(x.shape[0], generator=generator, device=generator.device).to(self.device))
             sra_target = self.aligner.sra_target(ema, self.objective, targets, y, keep,
                                                  force_drop=kwargs.get("force_drop"), gap_fraction=gap)
