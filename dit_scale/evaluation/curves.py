@@ -7,8 +7,9 @@ panel per metric, one line per run, so runs can be compared without online wandb
 The rows are the ones a run appends to RUN/metrics.jsonl (`training/metrics.py`; evaluation results:
 `evaluation/evaluator.py`'s `log_result`). FID, sFID, IS, precision and recall are split by the number of samples
 they used (`eval/num_samples`), since they depend on it. x is "step" or "hours": wall-clock hours since the run's
-first training row (rows carry `time`, Unix seconds; an evaluation sits at the hour its step was trained). Rows without a metric are skipped for that panel; skipped steps (loss
-null) leave gaps. A run without metrics.jsonl is a FileNotFoundError, no metric to draw a ValueError (one sentence).
+first training row (rows carry `time`, Unix seconds; an evaluation sits at the hour its step was trained). Rows
+without a metric are skipped for that panel; skipped steps (loss null) leave gaps. A run without metrics.jsonl is a
+FileNotFoundError, no metric to draw a ValueError (one sentence).
 """
 import json
 import os
